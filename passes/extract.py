@@ -1,0 +1,154 @@
+"""Extraction: cut a module in split form into one IRModule per device plus its boundaries.
+
+The split form (see :mod:`splitc.passes.outline`) has piece functions tagged with a device and
+a ``main`` that only calls them. Extraction reads ``main`` to find every tensor that goes from
+one device to another (a *transfer*: name, shape, dtype, bytes), what the caller sends in and
+receives back, and the order pieces run in. Each device's module holds its pieces with their
+weights lifted out of the code into parameters, so a device folder is a library plus a weights
+file and weights can be replaced without recompiling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from splitc.errors import SplitcError
+
+from .ir import DEVICE_ATTR, TensorRef, const_array, main_block, output_vars, tensor_ref
+
+
+@dataclass(frozen=True)
+class PieceCall:
+    """One call of a piece: which device runs it and which tensors go in and out."""
+
+    name: str
+    device: int
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    num_weights: int
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """A tensor sent from device ``src`` to device ``dst``."""
+
+    tensor: TensorRef
+    src: int
+    dst: int
+
+
+@dataclass
+class Extracted:
+    """Everything a compiled plan needs from the split module."""
+
+    modules: dict[int, tvm.IRModule]
+    weights: dict[str, list[np.ndarray]]
+    pieces: list[PieceCall]
+    tensors: dict[str, TensorRef]
+    transfers: list[Transfer]
+    inputs: list[TensorRef]
+    outputs: list[TensorRef]
+    output_device: dict[str, int] = field(default_factory=dict)
+
+
+@relax.expr_functor.mutator
+class _LiftConstants(relax.PyExprMutator):
+    """Replace every constant of a function body by a new parameter, collecting the arrays."""
+
+    def __init__(self):
+        super().__init__()
+        self.params: list[relax.Var] = []
+        self.arrays: list[np.ndarray] = []
+
+    def visit_generic_const_(self, const):
+        var = relax.Var(f"w{len(self.params)}", const.ty)
+        self.params.append(var)
+        self.arrays.append(const_array(const))
+        return var
+
+
+def lift_weights(func: relax.Function) -> tuple[relax.Function, list[np.ndarray]]:
+    """``func`` with its constants turned into trailing parameters, and their values."""
+    lifter = _LiftConstants()
+    body = lifter.visit_expr(func.body)
+    params = list(func.params) + lifter.params
+    attrs = dict(func.attrs.items()) if func.attrs else {}
+    attrs["num_input"] = len(func.params)
+    new = relax.Function(params, body, func.ret_ty, func.is_pure).with_attrs(attrs)
+    return new, lifter.arrays
+
+
+def extract(mod: tvm.IRModule) -> Extracted:
+    """Cut a split-form module into per-device modules and the transfers between them."""
+    main = mod["main"]
+    device_of_piece: dict[str, int] = {}
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function) and func.attrs and DEVICE_ATTR in func.attrs:
+            device_of_piece[gv.name_hint] = int(func.attrs[DEVICE_ATTR])
+    if not device_of_piece:
+        raise SplitcError("the module is not in split form: no function has a device")
+
+    produced_on: dict[relax.Var, int] = {}
+    tensors: dict[str, TensorRef] = {}
+    pieces: list[PieceCall] = []
+    transfers: dict[tuple[str, int], Transfer] = {}
+    inputs = [tensor_ref(p) for p in main.params]
+    weights: dict[str, list[np.ndarray]] = {}
+    per_device: dict[int, dict[str, relax.Function]] = {}
+    tuple_outputs: dict[relax.Var, dict[int, str]] = {}
+    pending: dict[relax.Var, PieceCall] = {}
+
+    for b in main_block(mod).bindings:
+        value = b.value
+        if isinstance(value, relax.TupleGetItem):
+            tensors[b.var.name] = tensor_ref(b.var)
+            produced_on[b.var] = produced_on[value.tuple_value]
+            tuple_outputs.setdefault(value.tuple_value, {})[value.index] = b.var.name
+            continue
+        if not (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.GlobalVar)
+                and value.op.name_hint in device_of_piece):
+            raise SplitcError(f"main of a split module may only call pieces; {b.var.name} "
+                              "is computed in main")
+        name = value.op.name_hint
+        device = device_of_piece[name]
+        arg_names = []
+        for a in value.args:
+            if not isinstance(a, relax.Var):
+                raise SplitcError(f"piece {name} takes a non-variable argument")
+            arg_names.append(a.name)
+            src = produced_on.get(a)
+            if src is not None and src != device:
+                ref = tensor_ref(a)
+                transfers.setdefault((ref.name, device), Transfer(ref, src, device))
+        func, arrays = lift_weights(mod[name])
+        per_device.setdefault(device, {})[name] = func
+        weights[name] = arrays
+        produced_on[b.var] = device
+        call = PieceCall(name, device, tuple(arg_names), (), len(arrays))
+        if isinstance(b.var.ty, relax.TensorType):
+            tensors[b.var.name] = tensor_ref(b.var)
+            call = PieceCall(name, device, call.inputs, (b.var.name,), len(arrays))
+        else:
+            pending[b.var] = call
+        pieces.append(call)
+
+    for var, call in pending.items():  # a piece with several outputs: its projections' names
+        i = pieces.index(call)
+        names = tuple_outputs.get(var, {})
+        if sorted(names) != list(range(len(names))):
+            raise SplitcError(f"piece {call.name}: every output must be read in main")
+        pieces[i] = PieceCall(call.name, call.device, call.inputs,
+                              tuple(names[k] for k in range(len(names))), call.num_weights)
+
+    outs = [tensor_ref(v) for v in output_vars(main)]
+    modules = {}
+    for device, funcs in sorted(per_device.items()):
+        modules[device] = tvm.IRModule({tvm.ir.GlobalVar(n): f.with_attr("global_symbol", n)
+                                        for n, f in funcs.items()})
+    return Extracted(modules, weights, pieces, tensors, list(transfers.values()), inputs, outs,
+                     {o.name: produced_on[v] for o, v in zip(outs, output_vars(main),
+                                                              strict=True)})

@@ -1,0 +1,155 @@
+"""Small facts about Relax IR that every splitc pass needs, kept in one place.
+
+splitc's passes work on the *imported form* of a model: an IRModule whose ``main`` holds one
+dataflow block of operator calls, with weights bound as constants (what the ONNX and torch
+importers produce after ``FoldConstant``). :func:`main_block` checks that precondition.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from splitc.errors import SplitcError
+
+#: Function attribute naming the device a piece runs on (set by :mod:`splitc.passes.outline`).
+DEVICE_ATTR = "splitc.device"
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor that can cross a device boundary: its name, static shape and dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * tvm.DataType(self.dtype).bits // 8
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype,
+                "bytes": self.nbytes}
+
+
+def static_shape(expr: relax.Expr) -> tuple[int, ...]:
+    """Static shape of a tensor-typed expression; a dynamic dim is a user-facing error."""
+    ty = expr.ty
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        raise SplitcError(f"expected a tensor with a known shape, got {ty}")
+    dims = []
+    for d in ty.shape.values:
+        if not isinstance(d, tvm.tirx.IntImm):
+            raise SplitcError(f"tensor has a dynamic dimension {d}: pin input shapes "
+                              "(--input-shape NAME=1,3,224,224)")
+        dims.append(int(d))
+    return tuple(dims)
+
+
+def tensor_ref(var: relax.Var) -> TensorRef:
+    return TensorRef(var.name, static_shape(var), str(var.ty.dtype))
+
+
+def is_tensor(expr: relax.Expr) -> bool:
+    return isinstance(expr.ty, relax.TensorType)
+
+
+def main_block(mod: tvm.IRModule) -> relax.DataflowBlock:
+    """The single dataflow block of ``main``, or a :class:`SplitcError` naming what differs."""
+    func = mod["main"]
+    body = func.body
+    blocks = [b for b in body.blocks if len(b.bindings)]
+    if len(blocks) != 1 or not isinstance(blocks[0], relax.DataflowBlock):
+        raise SplitcError("splitc expects main to hold exactly one dataflow block "
+                          f"(found {len(blocks)} non-empty blocks)")
+    return blocks[0]
+
+
+def op_name(expr: relax.Expr) -> str:
+    """``"nn.conv2d"`` for a call to ``relax.nn.conv2d``; the expression kind otherwise."""
+    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+        return expr.op.name.removeprefix("relax.")
+    return type(expr).__name__
+
+
+def var_inputs(expr: relax.Expr) -> list[relax.Var]:
+    """The variables an expression reads, in argument order, without repeats."""
+    seen: dict[relax.Var, None] = {}
+
+    def walk(e):
+        if isinstance(e, relax.Var):
+            seen.setdefault(e)
+        elif isinstance(e, relax.Tuple):
+            for f in e.fields:
+                walk(f)
+        elif isinstance(e, relax.TupleGetItem):
+            walk(e.tuple_value)
+        elif isinstance(e, relax.Call):
+            for a in e.args:
+                walk(a)
+
+    walk(expr)
+    return list(seen)
+
+
+def substitute(expr: relax.Expr, vmap: Mapping[relax.Var, relax.Expr]) -> relax.Expr:
+    """``expr`` with the variables in ``vmap`` replaced (operator calls, tuples, projections)."""
+    if isinstance(expr, relax.Var):
+        return vmap.get(expr, expr)
+    if isinstance(expr, relax.Tuple):
+        return relax.Tuple([substitute(f, vmap) for f in expr.fields])
+    if isinstance(expr, relax.TupleGetItem):
+        return relax.TupleGetItem(substitute(expr.tuple_value, vmap), expr.index)
+    if isinstance(expr, relax.Call):
+        return relax.Call(expr.op, [substitute(a, vmap) for a in expr.args], expr.attrs,
+                          expr.ty_args)
+    return expr
+
+
+def constants(expr: relax.Expr) -> list[tvm.ir.Constant]:
+    """The constants (weights) an expression reads directly."""
+    out = []
+
+    def walk(e):
+        if isinstance(e, tvm.ir.Constant):
+            out.append(e)
+        elif isinstance(e, relax.Tuple):
+            for f in e.fields:
+                walk(f)
+        elif isinstance(e, relax.Call):
+            for a in e.args:
+                walk(a)
+
+    walk(expr)
+    return out
+
+
+def const_array(c: tvm.ir.Constant) -> np.ndarray:
+    return c.value.numpy()
+
+
+def const_nbytes(c: tvm.ir.Constant) -> int:
+    return math.prod(static_shape(c)) * tvm.DataType(str(c.ty.dtype)).bits // 8
+
+
+def users(bindings: Iterable[relax.VarBinding]) -> dict[relax.Var, list[relax.VarBinding]]:
+    """For each variable, the bindings that read it."""
+    out: dict[relax.Var, list[relax.VarBinding]] = {}
+    for b in bindings:
+        for v in var_inputs(b.value):
+            out.setdefault(v, []).append(b)
+    return out
+
+
+def output_vars(func: relax.Function) -> list[relax.Var]:
+    """The variables ``main`` returns (one, or the fields of a returned tuple)."""
+    body = func.body.body
+    if isinstance(body, relax.Tuple):
+        return [f for f in body.fields if isinstance(f, relax.Var)]
+    return [body] if isinstance(body, relax.Var) else []

@@ -1,0 +1,157 @@
+"""Outline: turn a device assignment of ``main``'s bindings into per-device piece functions.
+
+This is the one place where splitc decides what a *piece* is; every split strategy ends here.
+The split passes rewrite ``main`` (slicing convolutions, tiling rows) and say which device
+computes each binding; :class:`OutlinePieces` then groups the bindings into pieces.
+
+A piece is the largest run of one device's bindings that needs nothing from another device
+computed after the piece starts. Formally each binding gets a *round*: the highest round among
+its producers, plus one when the producer is on another device. One (device, round) pair is one
+piece. Edges between pieces only go to the same or a later round (later when they cross
+devices), so the pieces form a DAG and can run as soon as their inputs have arrived.
+
+The result, the *split form* of the module, is what :mod:`splitc.passes.extract` cuts apart::
+
+    @R.function
+    def dev0_p0(x: ...) -> ...:          # R.func_attr({"splitc.device": 0})
+        ...
+    @R.function
+    def main(x: ...) -> ...:
+        with R.dataflow():
+            a = cls.dev0_p0(x)
+            b = cls.dev1_p0(a)
+            R.output(b)
+        return b
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import tvm
+from tvm import relax
+
+from splitc.errors import SplitcError
+
+from .ir import DEVICE_ATTR, main_block, output_vars, substitute, var_inputs
+
+
+@dataclass(frozen=True)
+class PieceGroup:
+    """Bindings of one piece, with the variables that enter and leave it."""
+
+    name: str
+    device: int
+    bindings: tuple[relax.VarBinding, ...]
+    inputs: tuple[relax.Var, ...]
+    outputs: tuple[relax.Var, ...]
+
+
+def group_pieces(func: relax.Function, block: relax.DataflowBlock,
+                 device_of: Mapping[str, int]) -> list[PieceGroup]:
+    """Analysis half of the outline: the pieces, in an order in which they can run."""
+    bindings = list(block.bindings)
+    missing = [b.var.name for b in bindings if b.var.name not in device_of]
+    if missing:
+        raise SplitcError(f"no device assigned to {len(missing)} bindings, e.g. {missing[:5]}")
+    producer = {b.var: b for b in bindings}
+    rnd: dict[relax.Var, int] = {}
+    for b in bindings:
+        dev = device_of[b.var.name]
+        r = 0
+        for v in var_inputs(b.value):
+            if v in producer:
+                r = max(r, rnd[v] + (device_of[v.name] != dev))
+        rnd[b.var] = r
+
+    keys = sorted({(rnd[b.var], device_of[b.var.name]) for b in bindings})
+    per_device_count: dict[int, int] = {}
+    names = {}
+    for r, d in keys:
+        names[(r, d)] = f"dev{d}_p{per_device_count.get(d, 0)}"
+        per_device_count[d] = per_device_count.get(d, 0) + 1
+
+    members: dict[tuple[int, int], list[relax.VarBinding]] = {k: [] for k in keys}
+    for b in bindings:
+        members[(rnd[b.var], device_of[b.var.name])].append(b)
+
+    returned = set(output_vars(func))
+    read_by: dict[relax.Var, set[tuple[int, int]]] = {}
+    for b in bindings:
+        for v in var_inputs(b.value):
+            read_by.setdefault(v, set()).add((rnd[b.var], device_of[b.var.name]))
+
+    groups = []
+    for key in keys:
+        own = {b.var for b in members[key]}
+        inputs: dict[relax.Var, None] = {}
+        for b in members[key]:
+            for v in var_inputs(b.value):
+                if v not in own:
+                    inputs.setdefault(v)
+        outputs = tuple(b.var for b in members[key]
+                        if b.var in returned or read_by.get(b.var, set()) - {key})
+        groups.append(PieceGroup(names[key], key[1], tuple(members[key]), tuple(inputs),
+                                 outputs))
+    return groups
+
+
+def build_split_module(mod: tvm.IRModule, groups: list[PieceGroup]) -> tvm.IRModule:
+    """Rewrite half of the outline: one function per piece, ``main`` calling them in order."""
+    func = mod["main"]
+    bb = relax.BlockBuilder()
+    gvars = {}
+    for g in groups:
+        params = [relax.Var(v.name, v.ty) for v in g.inputs]
+        vmap: dict[relax.Var, relax.Expr] = dict(zip(g.inputs, params, strict=True))
+        with bb.function(g.name, params, attrs={DEVICE_ATTR: g.device}, private=False):
+            with bb.dataflow():
+                for b in g.bindings:
+                    emit = bb.emit_output if b.var in g.outputs else bb.emit
+                    vmap[b.var] = emit(substitute(b.value, vmap), name_hint=b.var.name)
+            outs = [vmap[v] for v in g.outputs]
+            gvars[g.name] = bb.emit_func_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))
+
+    params = [relax.Var(p.name, p.ty) for p in func.params]
+    vmap = dict(zip(func.params, params, strict=True))
+    attrs = {k: v for k, v in func.attrs.items()} if func.attrs else {}
+    returned = set(output_vars(func))
+    with bb.function("main", params, attrs=attrs):
+        with bb.dataflow():
+            for g in groups:
+                call = relax.Call(gvars[g.name], [vmap[v] for v in g.inputs])
+                if len(g.outputs) == 1:
+                    v = g.outputs[0]
+                    emit = bb.emit_output if v in returned else bb.emit
+                    vmap[v] = emit(call, name_hint=v.name)
+                    continue
+                tup = bb.emit(call, name_hint=g.name)
+                for i, v in enumerate(g.outputs):
+                    emit = bb.emit_output if v in returned else bb.emit
+                    vmap[v] = emit(relax.TupleGetItem(tup, i), name_hint=v.name)
+        bb.emit_func_output(substitute(func.body.body, vmap))
+    out = bb.get()
+    for gv, f in mod.functions.items():  # keep helper functions the importer may have added
+        if gv.name_hint != "main" and gv.name_hint not in out.get_global_vars():
+            out[gv] = f
+    return out
+
+
+@tvm.transform.module_pass(opt_level=0, name="splitc.OutlinePieces")
+class OutlinePieces:
+    """Group ``main``'s bindings into per-device piece functions.
+
+    Parameters
+    ----------
+    device_of : Mapping[str, int]
+        Device index of every binding of ``main``, keyed by the bound variable's name.
+    """
+
+    def __init__(self, device_of: Mapping[str, int]):
+        self.device_of = dict(device_of)
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        block = main_block(mod)
+        groups = group_pieces(mod["main"], block, self.device_of)
+        return build_split_module(mod, groups)

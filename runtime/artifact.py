@@ -1,0 +1,61 @@
+"""One device's artifact: its compiled library and weights, ready to run its pieces.
+
+Board-side code: imports numpy and the TVM runtime only (with ``TVM_USE_RUNTIME_LIB=1`` the
+TVM package loads without its compiler).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .plan import Piece, Plan, PlanError, sha256_file
+
+
+class DeviceArtifact:
+    """The pieces of one device, loaded once and run many times.
+
+    Parameters
+    ----------
+    folder : path
+        ``OUT/<device>``: ``plan.json``, the library and the weights file named there.
+    verify : bool
+        Check the library's and weights' SHA-256 against the plan before loading.
+    """
+
+    def __init__(self, folder: str | Path, *, verify: bool = True):
+        import tvm  # runtime only: with TVM_USE_RUNTIME_LIB=1 no compiler is loaded
+
+        self.folder = Path(folder)
+        self.plan = Plan.load(self.folder)
+        name = self.folder.name
+        self.device = self.plan.device(name)
+        lib_path, weights_path = self.folder / self.device.lib, self.folder / self.device.weights
+        for path, digest in ((lib_path, self.device.lib_sha256),
+                             (weights_path, self.device.weights_sha256)):
+            if not path.exists():
+                raise PlanError(f"{path} is missing: the artifact folder is incomplete")
+            if verify and digest and sha256_file(path) != digest:
+                raise PlanError(f"{path} does not match the plan's hash: it comes from another "
+                                "compile; copy this device's folder again")
+        self.pieces = {p.name: p for p in self.plan.pieces_on(name)}
+        lib = tvm.runtime.load_module(str(lib_path))
+        self._vm = tvm.runtime.vm.VirtualMachine(lib, tvm.cpu())
+        self._tensor = tvm.runtime.tensor
+        with np.load(weights_path) as stored:
+            self._weights = {
+                p.name: [self._tensor(stored[f"{p.name}/{i}"]) for i in range(p.num_weights)]
+                for p in self.pieces.values()}
+        self._funcs = {n: self._vm[n] for n in self.pieces}
+
+    def run(self, piece: str | Piece, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        """Run one piece on its input arrays; returns its outputs in the plan's order."""
+        p = self.pieces[piece if isinstance(piece, str) else piece.name]
+        if len(inputs) != len(p.inputs):
+            raise PlanError(f"piece {p.name} takes {len(p.inputs)} inputs, got {len(inputs)}")
+        args = [self._tensor(np.ascontiguousarray(x)) for x in inputs] + self._weights[p.name]
+        out = self._funcs[p.name](*args)
+        if len(p.outputs) == 1:
+            return [out.numpy()]
+        return [out[i].numpy() for i in range(len(p.outputs))]

@@ -1,0 +1,188 @@
+"""The plan: a plain value that says everything needed to run a split model.
+
+``splitc compile`` writes it as ``OUT/plan.json`` (and a copy in every device folder, so a
+board needs only its own folder). It round-trips through JSON; the runtime reads nothing else.
+This module is part of the board runtime: it imports only the standard library.
+
+Layout of ``plan.json`` (format ``splitc-plan/1``)::
+
+    format, strategy, versions {splitc, tvm}
+    model      {source, inputs: [Tensor], outputs: [Tensor]}
+    devices    [{name, target, index, dir, lib, weights, lib_sha256, weights_sha256}]
+    pieces     [{name, device, inputs: [tensor], outputs: [tensor], num_weights}]  # run order
+    tensors    {name: {shape, dtype, bytes}}
+    transfers  [{tensor, src, dst, bytes}]          # device -> device
+    inputs     [{name, tensor}]                     # model input name -> tensor name
+    outputs    [{name, tensor, device}]             # model output name -> tensor, its device
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+FORMAT = "splitc-plan/1"
+_BITS = {"float32": 32, "float16": 16, "float64": 64, "int8": 8, "uint8": 8, "int32": 32,
+         "int64": 64, "bool": 8, "bfloat16": 16}
+
+
+class PlanError(ValueError):
+    """A plan file that is missing, unreadable or inconsistent."""
+
+
+@dataclass(frozen=True)
+class Tensor:
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _BITS[self.dtype] // 8
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    target: str
+    index: int
+    dir: str
+    lib: str = "lib.so"
+    weights: str = "weights.npz"
+    lib_sha256: str = ""
+    weights_sha256: str = ""
+
+
+@dataclass(frozen=True)
+class Piece:
+    name: str
+    device: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    num_weights: int = 0
+
+
+@dataclass(frozen=True)
+class Transfer:
+    tensor: str
+    src: str
+    dst: str
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A model input or output: the user-facing name and the tensor it is in the plan."""
+
+    name: str
+    tensor: str
+    device: str = ""
+
+
+@dataclass(frozen=True)
+class Plan:
+    strategy: str
+    devices: tuple[Device, ...]
+    pieces: tuple[Piece, ...]
+    tensors: dict[str, Tensor]
+    transfers: tuple[Transfer, ...]
+    inputs: tuple[Endpoint, ...]
+    outputs: tuple[Endpoint, ...]
+    source: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+
+    # -- queries --------------------------------------------------------------------------
+    def device(self, name: str) -> Device:
+        for d in self.devices:
+            if d.name == name:
+                return d
+        raise PlanError(f"no device {name!r} in the plan (devices: "
+                        f"{', '.join(d.name for d in self.devices)})")
+
+    def pieces_on(self, device: str) -> list[Piece]:
+        return [p for p in self.pieces if p.device == device]
+
+    @property
+    def transfer_bytes(self) -> int:
+        return sum(t.nbytes for t in self.transfers)
+
+    def digest(self) -> str:
+        """A hash of the plan's content: every board must hold the same one."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+    # -- JSON -----------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "strategy": self.strategy,
+            "versions": dict(self.versions),
+            "model": {
+                "source": self.source,
+                "inputs": [self._io(e) for e in self.inputs],
+                "outputs": [self._io(e) for e in self.outputs],
+            },
+            "devices": [asdict(d) for d in self.devices],
+            "pieces": [{**asdict(p), "inputs": list(p.inputs), "outputs": list(p.outputs)}
+                       for p in self.pieces],
+            "tensors": {n: {"shape": list(t.shape), "dtype": t.dtype, "bytes": t.nbytes}
+                        for n, t in self.tensors.items()},
+            "transfers": [{"tensor": t.tensor, "src": t.src, "dst": t.dst, "bytes": t.nbytes}
+                          for t in self.transfers],
+            "inputs": [asdict(e) for e in self.inputs],
+            "outputs": [asdict(e) for e in self.outputs],
+        }
+
+    def _io(self, e: Endpoint) -> dict:
+        t = self.tensors[e.tensor]
+        return {"name": e.name, "shape": list(t.shape), "dtype": t.dtype}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Plan:
+        if d.get("format") != FORMAT:
+            raise PlanError(f"not a {FORMAT} plan (format: {d.get('format')!r})")
+        try:
+            return cls(
+                strategy=d["strategy"],
+                devices=tuple(Device(**x) for x in d["devices"]),
+                pieces=tuple(Piece(x["name"], x["device"], tuple(x["inputs"]),
+                                   tuple(x["outputs"]), x.get("num_weights", 0))
+                             for x in d["pieces"]),
+                tensors={n: Tensor(tuple(t["shape"]), t["dtype"]) for n, t in d["tensors"].items()},
+                transfers=tuple(Transfer(t["tensor"], t["src"], t["dst"], t["bytes"])
+                                for t in d["transfers"]),
+                inputs=tuple(Endpoint(**e) for e in d["inputs"]),
+                outputs=tuple(Endpoint(**e) for e in d["outputs"]),
+                source=d["model"].get("source", ""),
+                versions=d.get("versions", {}),
+            )
+        except (KeyError, TypeError) as e:
+            raise PlanError(f"plan is missing or has a malformed field: {e}") from e
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        """Read ``path`` (a plan.json, or a folder holding one)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "plan.json"
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except FileNotFoundError as e:
+            raise PlanError(f"no plan at {path}: run `splitc compile` first") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PlanError(f"{path} is not a readable plan: {e}") from e
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

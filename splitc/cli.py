@@ -1,0 +1,202 @@
+"""The ``splitc`` command line.
+
+Every command turns a user mistake (missing file, unknown device, bad shape...) into one line on
+stderr and exit code 2; a traceback means a bug in splitc.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from splitc.errors import SplitcError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Compile a model into per-device pieces and run them across a cluster.")
+
+ModelArg = Annotated[str, typer.Argument(
+    help="A zoo model name (see `splitc zoo`), an .onnx file, a .pt2 ExportedProgram, or "
+         "package.module:factory returning a torch module.")]
+ShapeOpt = Annotated[list[str] | None, typer.Option(
+    "--input-shape", help="Pin an input's shape: NAME=1,3,224,224 (repeatable).")]
+TinyOpt = Annotated[bool, typer.Option(
+    "--tiny", help="For zoo models: the narrow 32x32 variant with the same topology.")]
+
+
+def parse_shapes(items: list[str] | None) -> dict[str, tuple[int, ...]] | None:
+    """``["x=1,3,8,8"]`` → ``{"x": (1, 3, 8, 8)}``, or a SplitcError naming the bad item."""
+    if not items:
+        return None
+    shapes = {}
+    for item in items:
+        name, sep, dims = item.partition("=")
+        try:
+            shape = tuple(int(d) for d in dims.split(","))
+        except ValueError:
+            shape = ()
+        if not sep or not name or not shape or any(d <= 0 for d in shape):
+            raise SplitcError(f"--input-shape {item!r}: expected NAME=D1,D2,... with positive "
+                              "integers, e.g. input=1,3,224,224")
+        shapes[name] = shape
+    return shapes
+
+
+@app.command()
+def compile(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")],
+    devices: Annotated[str, typer.Option(
+        help="Comma-separated target names, one per device (see `splitc targets`).")] =
+        "host,host",
+    strategy: Annotated[str, typer.Option(
+        help="How to split: pipeline | channel | spatial.")] = "pipeline",
+    input_shape: ShapeOpt = None,
+    tiny: TinyOpt = False,
+) -> None:
+    """Split MODEL across devices and write one artifact folder per device plus plan.json."""
+    from splitc.compiler import compile_model
+
+    plan = compile_model(model, out, [d.strip() for d in devices.split(",") if d.strip()],
+                         strategy, input_shapes=parse_shapes(input_shape), tiny=tiny,
+                         log=lambda m: typer.echo(m, err=True))
+    typer.echo(f"wrote {out}/plan.json: {len(plan.devices)} devices, {len(plan.pieces)} "
+               f"pieces, {len(plan.transfers)} transfers, {plan.transfer_bytes:,} bytes "
+               "between devices per inference")
+
+
+@app.command()
+def run(
+    out: Annotated[Path, typer.Argument(help="A folder written by `splitc compile`.")],
+    input: Annotated[list[Path] | None, typer.Option(
+        "--input", help="Input .npy file(s), in the model's input order. Default: random.")]
+        = None,
+    output: Annotated[Path | None, typer.Option(help="Write the first output here (.npy).")]
+        = None,
+    check: Annotated[bool, typer.Option(
+        help="Compare with the original model (ONNX Runtime or torch).")] = False,
+    seed: Annotated[int, typer.Option(help="Seed for the random default input.")] = 0,
+) -> None:
+    """Run a compiled plan on its devices and print what crossed between them."""
+    import numpy as np
+
+    from splitc.runtime.local import LocalSession
+
+    session = LocalSession(out)
+    plan = session.plan
+    arrays = load_inputs(input, plan, seed)
+    outputs, stats = session.infer(*arrays)
+    typer.echo(f"ran {len(plan.pieces)} pieces on {len(plan.devices)} devices; "
+               f"{stats.transfer_bytes:,} bytes crossed between devices")
+    for endpoint, y in zip(plan.outputs, outputs, strict=True):
+        typer.echo(f"output {endpoint.name}: {y.dtype}{list(y.shape)}")
+    if output is not None:
+        np.save(output, outputs[0])
+        typer.echo(f"wrote {output}")
+    if check:
+        from splitc.compiler import load_reference
+
+        reference = load_reference(out).reference(arrays)
+        worst = 0.0
+        for y, r in zip(outputs, reference, strict=True):
+            err = float(np.abs(y - r).max())
+            scale = float(np.abs(r).max()) or 1.0
+            worst = max(worst, err / scale)
+            typer.echo(f"max abs error {err:.3g} (reference max abs {scale:.3g}, "
+                       f"relative {err / scale:.3g})")
+        if worst > 1e-4:
+            typer.echo("check FAILED: the split does not give the original's answer", err=True)
+            raise typer.Exit(1)
+        typer.echo("check passed: the split gives the original's answer (relative error ≤ 1e-4)")
+
+
+def load_inputs(paths: list[Path] | None, plan, seed: int):
+    """The model inputs: from .npy files, or seeded random values of the right shapes."""
+    import numpy as np
+
+    specs = [(e.name, plan.tensors[e.tensor]) for e in plan.inputs]
+    if not paths:
+        rng = np.random.default_rng(seed)
+        return [rng.standard_normal(t.shape).astype(t.dtype) for _, t in specs]
+    if len(paths) != len(specs):
+        raise SplitcError(f"the model takes {len(specs)} inputs "
+                          f"({', '.join(n for n, _ in specs)}), got {len(paths)} --input files")
+    arrays = []
+    for path, (name, t) in zip(paths, specs, strict=True):
+        try:
+            x = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            raise SplitcError(f"input file {path} does not exist") from None
+        except (ValueError, OSError) as e:
+            raise SplitcError(f"{path} is not a readable .npy file: {e}") from None
+        if tuple(x.shape) != t.shape:
+            raise SplitcError(f"{path}: input {name!r} must have shape {list(t.shape)}, "
+                              f"the file holds {list(x.shape)}")
+        arrays.append(x.astype(t.dtype, copy=False))
+    return arrays
+
+
+@app.command()
+def inspect(
+    target: Annotated[str, typer.Argument(help="A compiled output folder, or a model.")],
+    input_shape: ShapeOpt = None,
+    tiny: TinyOpt = False,
+) -> None:
+    """Show a plan's summary, or a model's layer table (FLOPs, params, activation sizes)."""
+    from splitc import report
+
+    path = Path(target)
+    if path.is_dir() and (path / "plan.json").exists():
+        from splitc.runtime.plan import Plan
+
+        typer.echo(report.plan_summary(Plan.load(path)))
+    else:
+        from splitc import importer
+
+        imported = importer.load(target, parse_shapes(input_shape), tiny=tiny)
+        typer.echo(report.layer_table(imported.mod))
+
+
+@app.command()
+def targets() -> None:
+    """List the targets splitc can compile for."""
+    from splitc import targets as registry
+
+    typer.echo(registry.describe_table())
+
+
+@app.command()
+def zoo() -> None:
+    """List the models built into splitc (usable wherever a model path is)."""
+    from splitc import zoo as models
+
+    for name in models.names():
+        typer.echo(name)
+
+
+def main() -> None:
+    from splitc.runtime.plan import PlanError
+
+    try:
+        app(standalone_mode=False)
+    except (SplitcError, PlanError) as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(1)
+    except Exception as e:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""``splitc compile``: model → Relax → split passes → one TVM artifact folder per device.
+
+The stages, each in its own module: :mod:`splitc.importer` (ONNX / torch.export → Relax),
+a split strategy from :mod:`splitc.passes` (plan, then rewrite into per-device pieces),
+:mod:`splitc.passes.extract` (one IRModule per device and the transfers), then a TVM build per
+device for its target (:mod:`splitc.targets`) and the plan written as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import tvm
+
+import splitc
+from splitc import importer
+from splitc import targets as target_registry
+from splitc.errors import SplitcError
+from splitc.passes.channel_split import ChannelSplit, plan_channel
+from splitc.passes.extract import Extracted, extract
+from splitc.passes.pipeline_split import PipelineSplit, plan_pipeline
+from splitc.passes.spatial_split import SpatialSplit, plan_spatial
+from splitc.runtime.plan import Device, Endpoint, Piece, Plan, Tensor, Transfer, sha256_file
+
+#: strategy name -> (analysis returning a plan value, pass applying it)
+STRATEGIES: dict[str, tuple[Callable, type]] = {
+    "pipeline": (plan_pipeline, PipelineSplit),
+    "channel": (plan_channel, ChannelSplit),
+    "spatial": (plan_spatial, SpatialSplit),
+}
+#: Where the compile records how to load the original model again (for ``splitc run --check``).
+REFERENCE_FILE = "reference.json"
+
+
+def split(mod: tvm.IRModule, strategy: str, n_devices: int) -> tvm.IRModule:
+    """Plan and apply one strategy: the module in split form."""
+    if strategy not in STRATEGIES:
+        raise SplitcError(f"unknown strategy {strategy!r}; choose one of "
+                          f"{', '.join(STRATEGIES)}")
+    planner, apply = STRATEGIES[strategy]
+    return apply(planner(mod, n_devices))(mod)
+
+
+def device_name(index: int) -> str:
+    return f"dev{index}"
+
+
+def build_plan(ex: Extracted, device_targets: list[str], strategy: str, source: str) -> Plan:
+    """The plan value for an extracted split (library hashes are filled in after the build)."""
+    names = {i: device_name(i) for i in range(len(device_targets))}
+    return Plan(
+        strategy=strategy,
+        devices=tuple(Device(names[i], t, i, names[i]) for i, t in enumerate(device_targets)),
+        pieces=tuple(Piece(p.name, names[p.device], p.inputs, p.outputs, p.num_weights)
+                     for p in ex.pieces),
+        tensors={n: Tensor(t.shape, t.dtype) for n, t in
+                 {**{t.name: t for t in ex.inputs}, **ex.tensors}.items()},
+        transfers=tuple(Transfer(t.tensor.name, names[t.src], names[t.dst], t.tensor.nbytes)
+                        for t in ex.transfers),
+        inputs=tuple(Endpoint(t.name, t.name) for t in ex.inputs),
+        outputs=tuple(Endpoint(t.name, t.name, names[ex.output_device[t.name]])
+                      for t in ex.outputs),
+        source=source,
+        versions={"splitc": splitc.__version__, "tvm": tvm.__version__},
+    )
+
+
+def compile_model(model: str, out_dir: str | Path, devices: list[str], strategy: str, *,
+                  input_shapes: dict[str, tuple[int, ...]] | None = None, tiny: bool = False,
+                  log: Callable[[str], None] = lambda _msg: None) -> Plan:
+    """Compile ``model`` for ``devices`` (target names) with ``strategy``; write ``out_dir``.
+
+    Returns the plan, also written to ``out_dir/plan.json`` and to every device folder.
+    """
+    if not devices:
+        raise SplitcError("give at least one device (--devices host,host)")
+    specs = [target_registry.get(d) for d in devices]  # unknown names fail before any work
+    if strategy not in STRATEGIES:
+        raise SplitcError(f"unknown strategy {strategy!r}; choose one of "
+                          f"{', '.join(STRATEGIES)}")
+    imported = importer.load(model, input_shapes, tiny=tiny)
+    log(f"imported {imported.source}")
+    split_mod = split(imported.mod, strategy, len(devices))
+    ex = extract(split_mod)
+    plan = build_plan(ex, devices, strategy, model if not tiny else f"{model} (tiny)")
+
+    out = Path(out_dir)
+    if out.exists():
+        if not (out / "plan.json").exists() and any(out.iterdir()):
+            raise SplitcError(f"{out} exists and is not a splitc output folder; "
+                              "choose another -o")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    built = []
+    for dev, spec in zip(plan.devices, specs, strict=True):
+        folder = out / dev.dir
+        folder.mkdir()
+        weights = {f"{p.name}/{i}": w for p in plan.pieces_on(dev.name)
+                   for i, w in enumerate(ex.weights[p.name])}
+        np.savez(folder / dev.weights, **weights)
+        module = ex.modules.get(dev.index)
+        if module is None:
+            raise SplitcError(f"the {strategy} split gives device {dev.name} nothing to do; "
+                              "use fewer devices")
+        log(f"building {dev.name} ({spec.name}): {len(module.functions)} pieces")
+        executable = tvm.compile(module, target=spec.tvm_target())
+        spec.export_library(executable, folder / dev.lib)
+        built.append(Device(dev.name, dev.target, dev.index, dev.dir, dev.lib, dev.weights,
+                            sha256_file(folder / dev.lib), sha256_file(folder / dev.weights)))
+    plan = Plan(**{**plan.__dict__, "devices": tuple(built)})
+    plan.save(out / "plan.json")
+    for dev in plan.devices:
+        plan.save(out / dev.dir / "plan.json")
+    source = {"model": model, "tiny": tiny,
+              "input_shapes": {k: list(v) for k, v in (input_shapes or {}).items()}}
+    (out / REFERENCE_FILE).write_text(json.dumps(source, indent=1))
+    return plan
+
+
+def load_reference(out_dir: str | Path) -> importer.ImportedModel:
+    """The original model of a compiled plan, to compare the split's answers against."""
+    path = Path(out_dir) / REFERENCE_FILE
+    if not path.exists():
+        raise SplitcError(f"{path} is missing: cannot find the original model to check against")
+    source = json.loads(path.read_text())
+    shapes = {k: tuple(v) for k, v in source["input_shapes"].items()} or None
+    return importer.load(source["model"], shapes, tiny=source["tiny"])

@@ -1,0 +1,16 @@
+"""The one error type a user sees: bad input, named cause, exit code 2 on the CLI."""
+
+
+class SplitcError(Exception):
+    """A problem with what the user gave splitc (file, model, device, strategy, shape).
+
+    The CLI prints the message without a traceback and exits with code 2.
+    """
+
+
+try:  # keep the type when raised inside a TVM pass (errors cross TVM's FFI by registered name)
+    import tvm_ffi
+
+    tvm_ffi.register_error(SplitcError)
+except ImportError:  # pragma: no cover - tvm_ffi ships with every TVM install
+    pass

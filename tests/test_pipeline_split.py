@@ -1,0 +1,148 @@
+"""Outline and pipeline split: before/expected TVMScript, and the planner's cut choice."""
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+from tvm.script import ir as I
+from tvm.script import relax as R
+
+from splitc.errors import SplitcError
+from splitc.passes.analysis import cut_points, profile
+from splitc.passes.outline import OutlinePieces
+from splitc.passes.pipeline_split import PipelinePlan, PipelineSplit, plan_pipeline
+
+
+@I.ir_module
+class Residual:
+    @R.function
+    def main(x: R.Tensor((1, 4), "float32"), y: R.Tensor((1, 4), "float32")):
+        with R.dataflow():
+            a = R.nn.relu(x)
+            b = R.add(a, y)
+            c = R.multiply(b, a)
+            d = R.nn.relu(c)
+            R.output(d)
+        return d
+
+
+class TestTwoStages:
+    """Cutting after ``a``: ``a`` crosses, ``y`` goes straight to the second device."""
+
+    plan = PipelinePlan(cuts=(0,), devices=(0, 1))
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def dev0_p0(x: R.Tensor((1, 4), "float32")) -> R.Tensor((1, 4), "float32"):
+            R.func_attr({"splitc.device": 0})
+            with R.dataflow():
+                a = R.nn.relu(x)
+                R.output(a)
+            return a
+
+        @R.function
+        def dev1_p0(a: R.Tensor((1, 4), "float32"),
+                    y: R.Tensor((1, 4), "float32")) -> R.Tensor((1, 4), "float32"):
+            R.func_attr({"splitc.device": 1})
+            with R.dataflow():
+                b = R.add(a, y)
+                c = R.multiply(b, a)
+                d = R.nn.relu(c)
+                R.output(d)
+            return d
+
+        @R.function
+        def main(x: R.Tensor((1, 4), "float32"), y: R.Tensor((1, 4), "float32")):
+            cls = Expected
+            with R.dataflow():
+                a = cls.dev0_p0(x)
+                d = cls.dev1_p0(a, y)
+                R.output(d)
+            return d
+
+    def test_rewrite(self):
+        after = PipelineSplit(self.plan)(Residual)
+        relax.analysis.well_formed(after)
+        tvm.ir.assert_structural_equal(after, self.Expected)
+
+
+class TestInsideResidual:
+    """A cut inside the residual sends both tensors the rest reads: a piece with two outputs."""
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def dev0_p0(x: R.Tensor((1, 4), "float32"), y: R.Tensor((1, 4), "float32")):
+            R.func_attr({"splitc.device": 0})
+            with R.dataflow():
+                a = R.nn.relu(x)
+                b = R.add(a, y)
+                R.output(a, b)
+            return (a, b)
+
+        @R.function
+        def dev1_p0(b: R.Tensor((1, 4), "float32"), a: R.Tensor((1, 4), "float32")):
+            R.func_attr({"splitc.device": 1})
+            with R.dataflow():
+                c = R.multiply(b, a)
+                d = R.nn.relu(c)
+                R.output(d)
+            return d
+
+        @R.function
+        def main(x: R.Tensor((1, 4), "float32"), y: R.Tensor((1, 4), "float32")):
+            cls = Expected
+            with R.dataflow():
+                dev0_p0 = cls.dev0_p0(x, y)
+                a = dev0_p0[0]
+                b = dev0_p0[1]
+                d = cls.dev1_p0(b, a)
+                R.output(d)
+            return d
+
+    def test_rewrite(self):
+        after = PipelineSplit(PipelinePlan(cuts=(1,), devices=(0, 1)))(Residual)
+        tvm.ir.assert_structural_equal(after, self.Expected)
+
+    def test_cut_points_name_what_crosses(self):
+        crossing = [[t.name for t in c.crossing] for c in cut_points(Residual)]
+        assert crossing == [["a"], ["a", "b"], ["c"]]
+
+
+def test_one_device_is_one_piece():
+    after = PipelineSplit(PipelinePlan(cuts=(), devices=(0,)))(Residual)
+    assert [gv.name_hint for gv in after.get_global_vars()] == ["dev0_p0", "main"] or \
+        sorted(gv.name_hint for gv in after.get_global_vars()) == ["dev0_p0", "main"]
+
+
+def test_planner_keeps_residual_whole():
+    """With equal costs, cuts with one crossing tensor are preferred over the residual's two."""
+    plan = plan_pipeline(Residual, 2)
+    assert plan.cuts in ((0,), (2,))
+
+
+def test_outline_needs_every_binding_assigned():
+    with pytest.raises(SplitcError, match="no device assigned"):
+        OutlinePieces({"a": 0})(Residual)
+
+
+def test_bad_plan_is_refused():
+    with pytest.raises(SplitcError, match="do not fit"):
+        PipelineSplit(PipelinePlan(cuts=(7,), devices=(0, 1)))(Residual)
+
+
+def test_profile_counts_flops_and_weights():
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 3, 8, 8), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            w = relax.const(np.ones((4, 3, 3, 3), "float32"))
+            y = bb.emit(relax.op.nn.conv2d(x, w, padding=1), name_hint="y")
+            z = bb.emit_output(relax.op.nn.relu(y), name_hint="z")
+        bb.emit_func_output(z)
+    rows = profile(bb.get())
+    assert rows[0].op == "nn.conv2d"
+    assert rows[0].flops == 2 * (4 * 8 * 8) * (3 * 3 * 3)
+    assert rows[0].weight_bytes == 4 * 3 * 3 * 3 * 4
+    assert rows[1].flops == 4 * 8 * 8 and rows[1].out_bytes == 4 * 8 * 8 * 4
