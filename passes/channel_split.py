@@ -63,10 +63,10 @@ def splittable(call: relax.Expr) -> bool:
     """A convolution or matmul whose weights are constants (so slices can be cut from them)."""
     name = op_name(call)
     if name == "nn.conv2d":
-        return isinstance(call.args[1], tvm.ir.Constant) and call.attrs.data_layout == "NCHW" \
+        return isinstance(call.args[1], tvm.ir.GenericConst) and call.attrs.data_layout == "NCHW" \
             and call.attrs.kernel_layout == "OIHW"
     if name == "matmul":
-        return isinstance(call.args[1], tvm.ir.Constant) and len(static_shape(call.args[1])) == 2
+        return isinstance(call.args[1], tvm.ir.GenericConst) and len(static_shape(call.args[1])) == 2
     return False
 
 
@@ -248,7 +248,7 @@ class _ChannelRewriter:
         a = axis - (out_rank - len(shape))
         if a < 0 or shape[a] == 1:
             return self.full_on(arg, k) if st is not None else arg
-        if isinstance(arg, tvm.ir.Constant):
+        if isinstance(arg, tvm.ir.GenericConst):
             return relax.const(np.take(const_array(arg), range(lo, hi), axis=a))
         return None
 

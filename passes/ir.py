@@ -112,12 +112,16 @@ def substitute(expr: relax.Expr, vmap: Mapping[relax.Var, relax.Expr]) -> relax.
     return expr
 
 
-def constants(expr: relax.Expr) -> list[tvm.ir.Constant]:
-    """The constants (weights) an expression reads directly."""
+def constants(expr: relax.Expr) -> list[tvm.ir.GenericConst]:
+    """The tensor constants (weights) an expression reads directly.
+
+    ``tvm.ir.GenericConst`` is the tensor constant; ``tvm.ir.Constant`` also covers the
+    integer immediates inside shapes, which are not weights.
+    """
     out = []
 
     def walk(e):
-        if isinstance(e, tvm.ir.Constant):
+        if isinstance(e, tvm.ir.GenericConst):
             out.append(e)
         elif isinstance(e, relax.Tuple):
             for f in e.fields:
@@ -130,11 +134,11 @@ def constants(expr: relax.Expr) -> list[tvm.ir.Constant]:
     return out
 
 
-def const_array(c: tvm.ir.Constant) -> np.ndarray:
+def const_array(c: tvm.ir.GenericConst) -> np.ndarray:
     return c.value.numpy()
 
 
-def const_nbytes(c: tvm.ir.Constant) -> int:
+def const_nbytes(c: tvm.ir.GenericConst) -> int:
     return math.prod(static_shape(c)) * tvm.DataType(str(c.ty.dtype)).bits // 8
 
 

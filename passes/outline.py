@@ -117,19 +117,26 @@ def build_split_module(mod: tvm.IRModule, groups: list[PieceGroup]) -> tvm.IRMod
     vmap = dict(zip(func.params, params, strict=True))
     attrs = {k: v for k, v in func.attrs.items()} if func.attrs else {}
     returned = set(output_vars(func))
+
+    def bind(name: str, value: relax.Expr, *, output: bool) -> relax.Var:
+        """Bind ``value`` to a variable named exactly ``name``: tensors keep their names
+        across pieces and ``main`` (the block builder would make them unique per module)."""
+        value = bb.normalize(value)
+        var = (relax.Var if output else relax.DataflowVar)(name, value.ty)
+        bb.emit_normalized(relax.VarBinding(var, value))
+        return var
+
     with bb.function("main", params, attrs=attrs):
         with bb.dataflow():
             for g in groups:
                 call = relax.Call(gvars[g.name], [vmap[v] for v in g.inputs])
                 if len(g.outputs) == 1:
                     v = g.outputs[0]
-                    emit = bb.emit_output if v in returned else bb.emit
-                    vmap[v] = emit(call, name_hint=v.name)
+                    vmap[v] = bind(v.name, call, output=v in returned)
                     continue
-                tup = bb.emit(call, name_hint=g.name)
+                tup = bind(g.name, call, output=False)
                 for i, v in enumerate(g.outputs):
-                    emit = bb.emit_output if v in returned else bb.emit
-                    vmap[v] = emit(relax.TupleGetItem(tup, i), name_hint=v.name)
+                    vmap[v] = bind(v.name, relax.TupleGetItem(tup, i), output=v in returned)
         bb.emit_func_output(substitute(func.body.body, vmap))
     out = bb.get()
     for gv, f in mod.functions.items():  # keep helper functions the importer may have added

@@ -1,0 +1,14 @@
+"""Shared test helpers: build and run a Relax module on this CPU."""
+
+import numpy as np
+import tvm
+from tvm import relax
+
+HOST = tvm.target.Target({"kind": "llvm"})
+
+
+def run_module(mod: tvm.IRModule, *inputs: np.ndarray) -> np.ndarray:
+    """Compile ``mod`` for the host and return ``main``'s (first) output as numpy."""
+    vm = relax.VirtualMachine(tvm.compile(mod, HOST), tvm.cpu())
+    out = vm["main"](*[tvm.runtime.tensor(x) for x in inputs])
+    return out.numpy() if hasattr(out, "numpy") else out[0].numpy()

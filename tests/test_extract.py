@@ -1,0 +1,70 @@
+"""Extraction: per-device modules with weights lifted out, and explicit transfers."""
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+from tvm.script import ir as I
+from tvm.script import relax as R
+
+from splitc.errors import SplitcError
+from splitc.passes.channel_split import ChannelSplit, plan_channel
+from splitc.passes.extract import extract
+from splitc.passes.ir import TensorRef
+from splitc.passes.pipeline_split import PipelinePlan, PipelineSplit
+
+from .test_channel_split import W1, W2, conv_relu_conv
+
+
+class TestPipelineExtract:
+    split = PipelineSplit(PipelinePlan(cuts=(1,), devices=(0, 1)))(conv_relu_conv())
+
+    @I.ir_module
+    class ExpectedDevice1:
+        @R.function
+        def dev1_p0(b: R.Tensor((1, 4, 4, 4), "float32"),
+                    w0: R.Tensor((2, 4, 1, 1), "float32")) -> R.Tensor((1, 2, 4, 4), "float32"):
+            R.func_attr({"splitc.device": 1, "num_input": 1})
+            with R.dataflow():
+                c = R.nn.relu(b)
+                d = R.nn.conv2d(c, w0)
+                R.output(d)
+            return d
+
+    def test_device_module(self):
+        ex = extract(self.split)
+        tvm.ir.assert_structural_equal(ex.modules[1], self.ExpectedDevice1)
+        np.testing.assert_array_equal(ex.weights["dev1_p0"][0], W2)
+        np.testing.assert_array_equal(ex.weights["dev0_p0"][0], W1)
+
+    def test_boundaries(self):
+        ex = extract(self.split)
+        assert [(p.name, p.device, p.inputs, p.outputs, p.num_weights) for p in ex.pieces] == [
+            ("dev0_p0", 0, ("x",), ("b",), 2), ("dev1_p0", 1, ("b",), ("d",), 1)]
+        [t] = ex.transfers
+        assert (t.tensor, t.src, t.dst) == (TensorRef("b", (1, 4, 4, 4), "float32"), 0, 1)
+        assert t.tensor.nbytes == 4 * 16 * 4
+        assert ex.inputs == [TensorRef("x", (1, 2, 4, 4), "float32")]
+        assert [o.name for o in ex.outputs] == ["d"] and ex.output_device == {"d": 1}
+
+
+def test_channel_transfers_are_the_all_gather():
+    ex = extract(ChannelSplit(plan_channel(conv_relu_conv(), 2))(conv_relu_conv()))
+    moves = sorted((t.src, t.dst, t.tensor.shape) for t in ex.transfers)
+    # c's halves go both ways (all-gather for the second conv); d's half comes back to device 0.
+    assert moves == [(0, 1, (1, 2, 4, 4)), (1, 0, (1, 1, 4, 4)), (1, 0, (1, 2, 4, 4))]
+    for mod in ex.modules.values():
+        relax.analysis.well_formed(mod)
+        for func in mod.functions.values():
+            assert not any(isinstance(c, tvm.ir.GenericConst) for c in _constants(func))
+
+
+def _constants(func):
+    found = []
+    relax.analysis.post_order_visit(func, lambda e: found.append(e))
+    return [e for e in found if isinstance(e, tvm.ir.GenericConst)]
+
+
+def test_unsplit_module_is_refused():
+    with pytest.raises(SplitcError, match="not in split form"):
+        extract(conv_relu_conv())
