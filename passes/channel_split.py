@@ -26,6 +26,7 @@ from splitc.errors import SplitcError
 
 from .ir import (
     const_array,
+    copy_helpers,
     main_block,
     op_name,
     output_vars,
@@ -288,7 +289,7 @@ class _ChannelRewriter:
                     self.device_of[out.name] = 0
                     results.append(out)
             self.bb.emit_func_output(results[0] if len(results) == 1 else relax.Tuple(results))
-        return self.bb.get()
+        return copy_helpers(mod, self.bb.get())
 
 
 @tvm.transform.module_pass(opt_level=0, name="splitc.ChannelSplit")

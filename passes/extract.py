@@ -147,8 +147,13 @@ def extract(mod: tvm.IRModule) -> Extracted:
     outs = [tensor_ref(v) for v in output_vars(main)]
     modules = {}
     for device, funcs in sorted(per_device.items()):
-        modules[device] = tvm.IRModule({tvm.ir.GlobalVar(n): f.with_attr("global_symbol", n)
-                                        for n, f in funcs.items()})
+        device_mod = tvm.IRModule({tvm.ir.GlobalVar(n): f.with_attr("global_symbol", n)
+                                   for n, f in funcs.items()})
+        for func in funcs.values():  # kernels the pieces call (e.g. call_tir from the importer)
+            for gv in relax.analysis.all_global_vars(func):
+                if gv.name_hint not in funcs:
+                    device_mod[gv] = mod[gv]
+        modules[device] = device_mod
     return Extracted(modules, weights, pieces, tensors, list(transfers.values()), inputs, outs,
                      {o.name: produced_on[v] for o, v in zip(outs, output_vars(main),
                                                               strict=True)})

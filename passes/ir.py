@@ -157,3 +157,16 @@ def output_vars(func: relax.Function) -> list[relax.Var]:
     if isinstance(body, relax.Tuple):
         return [f for f in body.fields if isinstance(f, relax.Var)]
     return [body] if isinstance(body, relax.Var) else []
+
+
+def copy_helpers(old: tvm.IRModule, new: tvm.IRModule) -> tvm.IRModule:
+    """``new`` plus the functions of ``old`` other than ``main`` that ``new`` lacks.
+
+    Importers may add kernels to the module (``call_tir`` targets); a pass that rebuilds
+    ``main`` with a fresh block builder keeps them with this.
+    """
+    names = {gv.name_hint for gv in new.get_global_vars()}
+    for gv, func in old.functions.items():
+        if gv.name_hint != "main" and gv.name_hint not in names:
+            new[gv] = func
+    return new

@@ -34,7 +34,7 @@ from tvm import relax
 
 from splitc.errors import SplitcError
 
-from .ir import DEVICE_ATTR, main_block, output_vars, substitute, var_inputs
+from .ir import DEVICE_ATTR, copy_helpers, main_block, output_vars, substitute, var_inputs
 
 
 @dataclass(frozen=True)
@@ -138,11 +138,7 @@ def build_split_module(mod: tvm.IRModule, groups: list[PieceGroup]) -> tvm.IRMod
                 for i, v in enumerate(g.outputs):
                     vmap[v] = bind(v.name, relax.TupleGetItem(tup, i), output=v in returned)
         bb.emit_func_output(substitute(func.body.body, vmap))
-    out = bb.get()
-    for gv, f in mod.functions.items():  # keep helper functions the importer may have added
-        if gv.name_hint != "main" and gv.name_hint not in out.get_global_vars():
-            out[gv] = f
-    return out
+    return copy_helpers(mod, bb.get())
 
 
 @tvm.transform.module_pass(opt_level=0, name="splitc.OutlinePieces")

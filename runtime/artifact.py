@@ -31,23 +31,27 @@ class DeviceArtifact:
         self.plan = Plan.load(self.folder)
         name = self.folder.name
         self.device = self.plan.device(name)
+        self.pieces = {p.name: p for p in self.plan.pieces_on(name)}
         lib_path, weights_path = self.folder / self.device.lib, self.folder / self.device.weights
-        for path, digest in ((lib_path, self.device.lib_sha256),
-                             (weights_path, self.device.weights_sha256)):
+        files = [(weights_path, self.device.weights_sha256)]
+        if self.pieces:  # a device the split left idle has no library
+            files.append((lib_path, self.device.lib_sha256))
+        for path, digest in files:
             if not path.exists():
                 raise PlanError(f"{path} is missing: the artifact folder is incomplete")
             if verify and digest and sha256_file(path) != digest:
                 raise PlanError(f"{path} does not match the plan's hash: it comes from another "
                                 "compile; copy this device's folder again")
-        self.pieces = {p.name: p for p in self.plan.pieces_on(name)}
-        lib = tvm.runtime.load_module(str(lib_path))
-        self._vm = tvm.runtime.vm.VirtualMachine(lib, tvm.cpu())
         self._tensor = tvm.runtime.tensor
+        self._funcs = {}
+        if self.pieces:
+            lib = tvm.runtime.load_module(str(lib_path))
+            vm = tvm.runtime.vm.VirtualMachine(lib, tvm.cpu())
+            self._funcs = {n: vm[n] for n in self.pieces}
         with np.load(weights_path) as stored:
             self._weights = {
                 p.name: [self._tensor(stored[f"{p.name}/{i}"]) for i in range(p.num_weights)]
                 for p in self.pieces.values()}
-        self._funcs = {n: self._vm[n] for n in self.pieces}
 
     def run(self, piece: str | Piece, inputs: list[np.ndarray]) -> list[np.ndarray]:
         """Run one piece on its input arrays; returns its outputs in the plan's order."""

@@ -76,17 +76,37 @@ def compile_model(model: str, out_dir: str | Path, devices: list[str], strategy:
 
     Returns the plan, also written to ``out_dir/plan.json`` and to every device folder.
     """
+    check_request(devices, strategy)
+    imported = importer.load(model, input_shapes, tiny=tiny)
+    log(f"imported {imported.source}")
+    source = {"model": model, "tiny": tiny,
+              "input_shapes": {k: list(v) for k, v in (input_shapes or {}).items()}}
+    return compile_imported(imported.mod, out_dir, devices, strategy, source=source, log=log)
+
+
+def check_request(devices: list[str], strategy: str) -> None:
+    """Refuse an empty device list, an unknown target or strategy before any work."""
     if not devices:
         raise SplitcError("give at least one device (--devices host,host)")
-    specs = [target_registry.get(d) for d in devices]  # unknown names fail before any work
+    for d in devices:
+        target_registry.get(d)
     if strategy not in STRATEGIES:
         raise SplitcError(f"unknown strategy {strategy!r}; choose one of "
                           f"{', '.join(STRATEGIES)}")
-    imported = importer.load(model, input_shapes, tiny=tiny)
-    log(f"imported {imported.source}")
-    split_mod = split(imported.mod, strategy, len(devices))
-    ex = extract(split_mod)
-    plan = build_plan(ex, devices, strategy, model if not tiny else f"{model} (tiny)")
+
+
+def compile_imported(mod: tvm.IRModule, out_dir: str | Path, devices: list[str], strategy: str,
+                     *, source: dict, log: Callable[[str], None] = lambda _msg: None) -> Plan:
+    """Split an imported module, build every device's piece library, write ``out_dir``.
+
+    ``source`` says how to load the original model again (``{"model", "tiny",
+    "input_shapes"}``); it is written to ``out_dir/reference.json`` for ``run --check``.
+    """
+    check_request(devices, strategy)
+    specs = [target_registry.get(d) for d in devices]
+    ex = extract(split(mod, strategy, len(devices)))
+    label = source["model"] + (" (tiny)" if source.get("tiny") else "")
+    plan = build_plan(ex, devices, strategy, label)
 
     out = Path(out_dir)
     if out.exists():
@@ -103,10 +123,12 @@ def compile_model(model: str, out_dir: str | Path, devices: list[str], strategy:
                    for i, w in enumerate(ex.weights[p.name])}
         np.savez(folder / dev.weights, **weights)
         module = ex.modules.get(dev.index)
-        if module is None:
-            raise SplitcError(f"the {strategy} split gives device {dev.name} nothing to do; "
-                              "use fewer devices")
-        log(f"building {dev.name} ({spec.name}): {len(module.functions)} pieces")
+        if module is None:  # e.g. a spatial split of a model with no row-local layers
+            log(f"warning: the {strategy} split gives {dev.name} nothing to do")
+            built.append(Device(dev.name, dev.target, dev.index, dev.dir, "", dev.weights, "",
+                                sha256_file(folder / dev.weights)))
+            continue
+        log(f"building {dev.name} ({spec.name}): {len(plan.pieces_on(dev.name))} pieces")
         executable = tvm.compile(module, target=spec.tvm_target())
         spec.export_library(executable, folder / dev.lib)
         built.append(Device(dev.name, dev.target, dev.index, dev.dir, dev.lib, dev.weights,
@@ -115,8 +137,6 @@ def compile_model(model: str, out_dir: str | Path, devices: list[str], strategy:
     plan.save(out / "plan.json")
     for dev in plan.devices:
         plan.save(out / dev.dir / "plan.json")
-    source = {"model": model, "tiny": tiny,
-              "input_shapes": {k: list(v) for k, v in (input_shapes or {}).items()}}
     (out / REFERENCE_FILE).write_text(json.dumps(source, indent=1))
     return plan
 
