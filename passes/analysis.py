@@ -78,6 +78,16 @@ def op_flops(call: relax.Expr, out_shape: tuple[int, ...]) -> int:
     return out_elems
 
 
+def function_flops(func: relax.Function) -> int:
+    """FLOPs of every tensor-valued binding in ``func`` (a piece, or ``main``)."""
+    total = 0
+    for block in func.body.blocks:
+        for b in block.bindings:
+            if is_tensor(b.var) and isinstance(b.value, relax.Call):
+                total += op_flops(b.value, static_shape(b.var))
+    return total
+
+
 def profile(mod: tvm.IRModule) -> list[BindingCost]:
     """Per-binding FLOPs, weight bytes and output activation bytes of ``main``, in order."""
     rows = []

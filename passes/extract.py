@@ -10,6 +10,7 @@ file and weights can be replaced without recompiling.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,6 +19,7 @@ from tvm import relax
 
 from splitc.errors import SplitcError
 
+from .analysis import function_flops
 from .ir import DEVICE_ATTR, TensorRef, const_array, main_block, output_vars, tensor_ref
 
 
@@ -30,6 +32,8 @@ class PieceCall:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     num_weights: int
+    flops: int = 0
+    weight_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -124,15 +128,18 @@ def extract(mod: tvm.IRModule) -> Extracted:
             if src is not None and src != device:
                 ref = tensor_ref(a)
                 transfers.setdefault((ref.name, device), Transfer(ref, src, device))
+        flops = function_flops(mod[name])
         func, arrays = lift_weights(mod[name])
+        wbytes = sum(a.nbytes for a in arrays)
         per_device.setdefault(device, {})[name] = func
         weights[name] = arrays
         produced_on[b.var] = device
-        call = PieceCall(name, device, tuple(arg_names), (), len(arrays))
+        outputs = ()
         if isinstance(b.var.ty, relax.TensorType):
             tensors[b.var.name] = tensor_ref(b.var)
-            call = PieceCall(name, device, call.inputs, (b.var.name,), len(arrays))
-        else:
+            outputs = (b.var.name,)
+        call = PieceCall(name, device, tuple(arg_names), outputs, len(arrays), flops, wbytes)
+        if not outputs:
             pending[b.var] = call
         pieces.append(call)
 
@@ -141,8 +148,7 @@ def extract(mod: tvm.IRModule) -> Extracted:
         names = tuple_outputs.get(var, {})
         if sorted(names) != list(range(len(names))):
             raise SplitcError(f"piece {call.name}: every output must be read in main")
-        pieces[i] = PieceCall(call.name, call.device, call.inputs,
-                              tuple(names[k] for k in range(len(names))), call.num_weights)
+        pieces[i] = dataclasses.replace(call, outputs=tuple(names[k] for k in range(len(names))))
 
     outs = [tensor_ref(v) for v in output_vars(main)]
     modules = {}

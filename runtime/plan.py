@@ -9,7 +9,8 @@ Layout of ``plan.json`` (format ``splitc-plan/1``)::
     format, strategy, versions {splitc, tvm}
     model      {source, inputs: [Tensor], outputs: [Tensor]}
     devices    [{name, target, index, dir, lib, weights, lib_sha256, weights_sha256}]
-    pieces     [{name, device, inputs: [tensor], outputs: [tensor], num_weights}]  # run order
+    pieces     [{name, device, inputs: [tensor], outputs: [tensor], num_weights, flops,
+                 weight_bytes}]                     # in an order they can run in
     tensors    {name: {shape, dtype, bytes}}
     transfers  [{tensor, src, dst, bytes}]          # device -> device
     inputs     [{name, tensor}]                     # model input name -> tensor name
@@ -62,6 +63,8 @@ class Piece:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     num_weights: int = 0
+    flops: int = 0
+    weight_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -150,7 +153,8 @@ class Plan:
                 strategy=d["strategy"],
                 devices=tuple(Device(**x) for x in d["devices"]),
                 pieces=tuple(Piece(x["name"], x["device"], tuple(x["inputs"]),
-                                   tuple(x["outputs"]), x.get("num_weights", 0))
+                                   tuple(x["outputs"]), x.get("num_weights", 0),
+                                   x.get("flops", 0), x.get("weight_bytes", 0))
                              for x in d["pieces"]),
                 tensors={n: Tensor(tuple(t["shape"]), t["dtype"]) for n, t in d["tensors"].items()},
                 transfers=tuple(Transfer(t["tensor"], t["src"], t["dst"], t["bytes"])

@@ -55,8 +55,8 @@ def build_plan(ex: Extracted, device_targets: list[str], strategy: str, source: 
     return Plan(
         strategy=strategy,
         devices=tuple(Device(names[i], t, i, names[i]) for i, t in enumerate(device_targets)),
-        pieces=tuple(Piece(p.name, names[p.device], p.inputs, p.outputs, p.num_weights)
-                     for p in ex.pieces),
+        pieces=tuple(Piece(p.name, names[p.device], p.inputs, p.outputs, p.num_weights,
+                           p.flops, p.weight_bytes) for p in ex.pieces),
         tensors={n: Tensor(t.shape, t.dtype) for n, t in
                  {**{t.name: t for t in ex.inputs}, **ex.tensors}.items()},
         transfers=tuple(Transfer(t.tensor.name, names[t.src], names[t.dst], t.tensor.nbytes)

@@ -49,8 +49,9 @@ def plan_summary(plan: Plan) -> str:
     for d in plan.devices:
         pieces = plan.pieces_on(d.name)
         lines.append(f"{d.name} ({d.target}): {len(pieces)} pieces, "
-                     f"{sum(p.num_weights for p in pieces)} weight tensors, lib {d.lib} "
-                     f"sha256 {d.lib_sha256[:12]}")
+                     f"{sum(p.flops for p in pieces) / 1e6:.1f} MFLOPs, "
+                     f"{human_bytes(sum(p.weight_bytes for p in pieces))} of weights, "
+                     f"lib {d.lib or '-'} sha256 {d.lib_sha256[:12] or '-'}")
     lines.append(f"transfers: {len(plan.transfers)}, {human_bytes(plan.transfer_bytes)} "
                  "per inference")
     for t in plan.transfers:
