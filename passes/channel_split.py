@@ -118,7 +118,7 @@ class _ChannelRewriter:
     # -- emission helpers ---------------------------------------------------------------
     def emit(self, value: relax.Expr, name: str, device: int) -> relax.Var:
         var = self.bb.emit(value, name_hint=name)
-        self.device_of[name] = device
+        self.device_of[var.name] = device
         return var
 
     def full_on(self, var: relax.Var, device: int) -> relax.Var:

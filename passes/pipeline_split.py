@@ -8,6 +8,7 @@ whenever the model has enough such cuts.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import tvm
@@ -45,16 +46,21 @@ class PipelinePlan:
 
 
 def plan_pipeline(mod: tvm.IRModule, n_devices: int, *,
-                  flops_per_second: float = DEFAULT_FLOPS,
+                  flops_per_second: float | Sequence[float] = DEFAULT_FLOPS,
                   bytes_per_second: float = DEFAULT_BYTES_PER_SECOND) -> PipelinePlan:
     """Cut ``main`` into ``n_devices`` stages, minimising the slowest stage.
 
-    A stage costs its FLOPs at ``flops_per_second`` plus the bytes it sends onward at
-    ``bytes_per_second``. Only cuts crossed by the fewest tensors the model allows are
-    considered while there are enough of them (so residual blocks are not cut).
+    Stage ``k`` runs on device ``k`` and costs its FLOPs at that device's speed
+    (``flops_per_second``: one figure for all, or one per device) plus the bytes it sends
+    onward at ``bytes_per_second``. Only cuts crossed by the fewest tensors the model allows
+    are considered while there are enough of them (so residual blocks are not cut).
     """
     if n_devices < 1:
         raise SplitcError("a pipeline needs at least one device")
+    speed = list(flops_per_second) if isinstance(flops_per_second, Sequence) else \
+        [flops_per_second] * n_devices
+    if len(speed) != n_devices:
+        raise SplitcError(f"{len(speed)} device speeds for {n_devices} devices")
     costs = profile(mod)
     if n_devices == 1:
         return PipelinePlan((), (0,))
@@ -70,31 +76,31 @@ def plan_pipeline(mod: tvm.IRModule, n_devices: int, *,
 
     prefix = [0.0]
     for c in costs:
-        prefix.append(prefix[-1] + c.flops / flops_per_second)
+        prefix.append(prefix[-1] + c.flops)
     end = len(costs) - 1
     points = [(c.index, c.nbytes / bytes_per_second) for c in candidates]
 
-    def stage_cost(lo: int, hi: int, send: float) -> float:  # bindings lo+1 .. hi
-        return prefix[hi + 1] - prefix[lo + 1] + send
+    def stage_cost(k: int, lo: int, hi: int, send: float) -> float:  # bindings lo+1 .. hi
+        return (prefix[hi + 1] - prefix[lo + 1]) / speed[k] + send
 
     # best[k][j]: slowest stage when the first k+1 stages end at candidate j.
     inf = float("inf")
     best = [[inf] * len(points) for _ in range(n_devices - 1)]
     back = [[-1] * len(points) for _ in range(n_devices - 1)]
     for j, (idx, send) in enumerate(points):
-        best[0][j] = stage_cost(-1, idx, send)
+        best[0][j] = stage_cost(0, -1, idx, send)
     for k in range(1, n_devices - 1):
         for j, (idx, send) in enumerate(points):
             for i in range(j):
                 prev = best[k - 1][i]
                 if prev == inf:
                     continue
-                value = max(prev, stage_cost(points[i][0], idx, send))
+                value = max(prev, stage_cost(k, points[i][0], idx, send))
                 if value < best[k][j]:
                     best[k][j], back[k][j] = value, i
     k = n_devices - 2
     last = min(range(len(points)),
-               key=lambda j: max(best[k][j], stage_cost(points[j][0], end, 0.0)))
+               key=lambda j: max(best[k][j], stage_cost(k + 1, points[j][0], end, 0.0)))
     chosen = [last]
     for kk in range(k, 0, -1):
         chosen.append(back[kk][chosen[-1]])

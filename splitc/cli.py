@@ -44,27 +44,92 @@ def parse_shapes(items: list[str] | None) -> dict[str, tuple[int, ...]] | None:
     return shapes
 
 
+ClusterOpt = Annotated[Path | None, typer.Option(
+    "--cluster", help="A cluster description (TOML or JSON): devices, memory caps, links.")]
+ObjectiveOpt = Annotated[str, typer.Option(
+    help="What --strategy auto minimises: latency (one request) or throughput (pipelined).")]
+
+
+def load_cluster(cluster: Path | None, devices: str | None):
+    from splitc.cluster import Cluster
+
+    if cluster is not None:
+        return Cluster.load(cluster)
+    names = [d.strip() for d in (devices or "host,host").split(",") if d.strip()]
+    if not names:
+        raise SplitcError("give at least one device (--devices host,host)")
+    return Cluster.uniform(names)
+
+
 @app.command()
 def compile(
     model: ModelArg,
     out: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")],
-    devices: Annotated[str, typer.Option(
-        help="Comma-separated target names, one per device (see `splitc targets`).")] =
-        "host,host",
+    devices: Annotated[str | None, typer.Option(
+        help="Comma-separated target names, one per device (see `splitc targets`); "
+             "default host,host. Ignored with --cluster.")] = None,
     strategy: Annotated[str, typer.Option(
-        help="How to split: pipeline | channel | spatial.")] = "pipeline",
+        help="How to split: pipeline | channel | spatial | auto (the cost model chooses).")]
+        = "pipeline",
+    cluster: ClusterOpt = None,
+    objective: ObjectiveOpt = "latency",
     input_shape: ShapeOpt = None,
     tiny: TinyOpt = False,
 ) -> None:
     """Split MODEL across devices and write one artifact folder per device plus plan.json."""
     from splitc.compiler import compile_model
 
-    plan = compile_model(model, out, [d.strip() for d in devices.split(",") if d.strip()],
-                         strategy, input_shapes=parse_shapes(input_shape), tiny=tiny,
+    plan = compile_model(model, out, strategy=strategy, cluster=load_cluster(cluster, devices),
+                         objective=objective, input_shapes=parse_shapes(input_shape), tiny=tiny,
                          log=lambda m: typer.echo(m, err=True))
-    typer.echo(f"wrote {out}/plan.json: {len(plan.devices)} devices, {len(plan.pieces)} "
-               f"pieces, {len(plan.transfers)} transfers, {plan.transfer_bytes:,} bytes "
-               "between devices per inference")
+    typer.echo(f"wrote {out}/plan.json: {plan.strategy} split, {len(plan.devices)} devices, "
+               f"{len(plan.pieces)} pieces, {len(plan.transfers)} transfers, "
+               f"{plan.transfer_bytes:,} bytes between devices per inference")
+
+
+@app.command()
+def plan(
+    model: ModelArg,
+    devices: Annotated[str | None, typer.Option(
+        help="Comma-separated target names (default host,host). Ignored with --cluster.")]
+        = None,
+    cluster: ClusterOpt = None,
+    objective: ObjectiveOpt = "latency",
+    explain: Annotated[bool, typer.Option(
+        help="Show every candidate with its predicted cost, and why the best won.")] = False,
+    input_shape: ShapeOpt = None,
+    tiny: TinyOpt = False,
+) -> None:
+    """Search for the best split of MODEL on a cluster (no compile)."""
+    from splitc import importer
+    from splitc.search import search
+
+    spec = load_cluster(cluster, devices)
+    imported = importer.load(model, parse_shapes(input_shape), tiny=tiny)
+    result = search(imported.mod, spec, objective=objective, source=model)
+    best = result.best
+    typer.echo(f"best: {best.label}: predicted latency {best.estimate.latency * 1e3:.2f} ms, "
+               f"throughput {best.estimate.throughput:.1f}/s, "
+               f"{best.estimate.transfer_bytes:,} bytes per inference")
+    if explain:
+        typer.echo(result.explain(spec))
+
+
+@app.command()
+def profile(
+    target: Annotated[str, typer.Option(help="The target to measure (runs here).")] = "host",
+    model: Annotated[str, typer.Option(help="The model whose layers are timed.")] = "resnet18",
+    tiny: TinyOpt = False,
+    output: Annotated[Path | None, typer.Option(
+        help="Where to store the table (default: where the cost model looks).")] = None,
+) -> None:
+    """Time compiled layers on this machine and store the speed table the cost model uses."""
+    from splitc import profiler
+
+    table = profiler.measure(model, target, tiny=tiny)
+    path = profiler.save(table, output)
+    typer.echo(profiler.describe(table))
+    typer.echo(f"wrote {path}")
 
 
 @app.command()
@@ -141,6 +206,9 @@ def load_inputs(paths: list[Path] | None, plan, seed: int):
 @app.command()
 def inspect(
     target: Annotated[str, typer.Argument(help="A compiled output folder, or a model.")],
+    draw: Annotated[Path | None, typer.Option(
+        help="For an output folder: draw devices, pieces and transfers to this .svg file.")]
+        = None,
     input_shape: ShapeOpt = None,
     tiny: TinyOpt = False,
 ) -> None:
@@ -151,8 +219,15 @@ def inspect(
     if path.is_dir() and (path / "plan.json").exists():
         from splitc.runtime.plan import Plan
 
-        typer.echo(report.plan_summary(Plan.load(path)))
+        plan_value = Plan.load(path)
+        typer.echo(report.plan_summary(plan_value))
+        if draw is not None:
+            from splitc.draw import draw as draw_plan
+
+            typer.echo(f"wrote {draw_plan(plan_value, draw)}")
     else:
+        if draw is not None:
+            raise SplitcError("--draw needs a compiled output folder (splitc compile ... -o OUT)")
         from splitc import importer
 
         imported = importer.load(target, parse_shapes(input_shape), tiny=tiny)

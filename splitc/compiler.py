@@ -8,6 +8,7 @@ device for its target (:mod:`splitc.targets`) and the plan written as JSON.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Callable
@@ -19,6 +20,7 @@ import tvm
 import splitc
 from splitc import importer
 from splitc import targets as target_registry
+from splitc.cluster import Cluster
 from splitc.errors import SplitcError
 from splitc.passes.channel_split import ChannelSplit, plan_channel
 from splitc.passes.extract import Extracted, extract
@@ -32,6 +34,8 @@ STRATEGIES: dict[str, tuple[Callable, type]] = {
     "channel": (plan_channel, ChannelSplit),
     "spatial": (plan_spatial, SpatialSplit),
 }
+#: The strategy name that asks the cost-model search to choose (see :mod:`splitc.search`).
+AUTO = "auto"
 #: Where the compile records how to load the original model again (for ``splitc run --check``).
 REFERENCE_FILE = "reference.json"
 
@@ -69,19 +73,38 @@ def build_plan(ex: Extracted, device_targets: list[str], strategy: str, source: 
     )
 
 
-def compile_model(model: str, out_dir: str | Path, devices: list[str], strategy: str, *,
+def compile_model(model: str, out_dir: str | Path, devices: list[str] | None = None,
+                  strategy: str = "pipeline", *,
                   input_shapes: dict[str, tuple[int, ...]] | None = None, tiny: bool = False,
+                  cluster: Cluster | None = None, objective: str = "latency",
                   log: Callable[[str], None] = lambda _msg: None) -> Plan:
-    """Compile ``model`` for ``devices`` (target names) with ``strategy``; write ``out_dir``.
+    """Compile ``model`` for ``devices`` (target names) or a ``cluster`` with ``strategy``
+    (``auto``: the cost-model search picks it); write ``out_dir``.
 
     Returns the plan, also written to ``out_dir/plan.json`` and to every device folder.
     """
-    check_request(devices, strategy)
+    if cluster is None:
+        check_request(devices or [], strategy)
+        cluster = Cluster.uniform(devices)
+    elif strategy != AUTO:
+        check_request(cluster.targets, strategy)
     imported = importer.load(model, input_shapes, tiny=tiny)
     log(f"imported {imported.source}")
     source = {"model": model, "tiny": tiny,
               "input_shapes": {k: list(v) for k, v in (input_shapes or {}).items()}}
-    return compile_imported(imported.mod, out_dir, devices, strategy, source=source, log=log)
+    label = model + (" (tiny)" if tiny else "")
+    if strategy == AUTO:
+        from splitc.search import search
+
+        result = search(imported.mod, cluster, objective=objective, source=label)
+        best = result.best
+        log(f"auto: chose {best.label} (predicted latency {best.estimate.latency * 1e3:.2f} ms,"
+            f" {best.estimate.transfer_bytes:,} bytes per inference)")
+        targets = [cluster.devices[i].target for i in best.devices]
+        return write_artifacts(best.extracted, out_dir, targets, best.strategy, source=source,
+                               log=log)
+    ex = extract(split(imported.mod, strategy, len(cluster.devices)))
+    return write_artifacts(ex, out_dir, cluster.targets, strategy, source=source, log=log)
 
 
 def check_request(devices: list[str], strategy: str) -> None:
@@ -90,21 +113,27 @@ def check_request(devices: list[str], strategy: str) -> None:
         raise SplitcError("give at least one device (--devices host,host)")
     for d in devices:
         target_registry.get(d)
-    if strategy not in STRATEGIES:
+    if strategy not in STRATEGIES and strategy != AUTO:
         raise SplitcError(f"unknown strategy {strategy!r}; choose one of "
-                          f"{', '.join(STRATEGIES)}")
+                          f"{', '.join([*STRATEGIES, AUTO])}")
 
 
 def compile_imported(mod: tvm.IRModule, out_dir: str | Path, devices: list[str], strategy: str,
                      *, source: dict, log: Callable[[str], None] = lambda _msg: None) -> Plan:
-    """Split an imported module, build every device's piece library, write ``out_dir``.
+    """Split an imported module with one exact strategy and write its artifacts."""
+    check_request(devices, strategy)
+    ex = extract(split(mod, strategy, len(devices)))
+    return write_artifacts(ex, out_dir, devices, strategy, source=source, log=log)
+
+
+def write_artifacts(ex: Extracted, out_dir: str | Path, devices: list[str], strategy: str, *,
+                    source: dict, log: Callable[[str], None] = lambda _msg: None) -> Plan:
+    """Build every device's piece library for its target and write ``out_dir``.
 
     ``source`` says how to load the original model again (``{"model", "tiny",
     "input_shapes"}``); it is written to ``out_dir/reference.json`` for ``run --check``.
     """
-    check_request(devices, strategy)
     specs = [target_registry.get(d) for d in devices]
-    ex = extract(split(mod, strategy, len(devices)))
     label = source["model"] + (" (tiny)" if source.get("tiny") else "")
     plan = build_plan(ex, devices, strategy, label)
 
@@ -133,7 +162,7 @@ def compile_imported(mod: tvm.IRModule, out_dir: str | Path, devices: list[str],
         spec.export_library(executable, folder / dev.lib)
         built.append(Device(dev.name, dev.target, dev.index, dev.dir, dev.lib, dev.weights,
                             sha256_file(folder / dev.lib), sha256_file(folder / dev.weights)))
-    plan = Plan(**{**plan.__dict__, "devices": tuple(built)})
+    plan = dataclasses.replace(plan, devices=tuple(built))
     plan.save(out / "plan.json")
     for dev in plan.devices:
         plan.save(out / dev.dir / "plan.json")

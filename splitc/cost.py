@@ -1,0 +1,153 @@
+"""The cost model, in one place.
+
+    piece seconds    = piece FLOPs / device FLOP/s + per-call overhead
+    transfer seconds = bytes / link bandwidth + link latency   (each sender's link is shared)
+    device memory    = its weights + its largest piece's inputs and outputs
+
+A plan is priced by simulating it: each device runs its pieces in plan order as soon as their
+inputs have arrived; each transfer waits for the sender's link. *Latency* is when the last
+output reaches the caller; the *period* (1 / throughput with requests pipelined) is the
+busiest device's or link's time per request.
+
+Device speed comes from, in order: the cluster file's ``gflops``; the table `splitc profile`
+measured for that target on this machine (for the host, measured on first use); the target's
+published peak times :data:`UNPROFILED_EFFICIENCY` (untuned TVM code reaches a small fraction
+of peak).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from splitc import targets as target_registry
+from splitc.cluster import Cluster, ClusterDevice
+from splitc.errors import SplitcError
+from splitc.runtime.plan import Plan
+
+#: Fraction of published peak that untuned TVM code reaches (measured here: ResNet-50 untuned
+#: runs ~80x slower than ONNX Runtime, which runs near peak).
+UNPROFILED_EFFICIENCY = 0.02
+#: Seconds a piece call costs besides its FLOPs when no profile says otherwise.
+DEFAULT_CALL_OVERHEAD = 50e-6
+
+
+def profile_dir() -> Path:
+    root = os.environ.get("SPLITC_CACHE") or Path.home() / ".cache" / "splitc"
+    return Path(root) / "profiles"
+
+
+@dataclass(frozen=True)
+class DeviceSpeed:
+    flops_per_second: float
+    call_overhead: float
+    source: str  # where the figure came from, for --explain
+
+
+def device_speed(device: ClusterDevice) -> DeviceSpeed:
+    """How fast ``device`` runs compiled pieces (see the module docstring for the order)."""
+    if device.gflops:
+        return DeviceSpeed(device.gflops * 1e9, DEFAULT_CALL_OVERHEAD, "cluster file")
+    path = profile_dir() / f"{device.target}.json"
+    if path.exists():
+        table = json.loads(path.read_text())
+        return DeviceSpeed(table["flops_per_second"], table.get("call_overhead",
+                                                                 DEFAULT_CALL_OVERHEAD),
+                           f"profile {path}")
+    spec = target_registry.get(device.target)
+    if spec.is_host:  # measurable right here: profile once and keep the table
+        from splitc import profiler
+
+        table = profiler.measure("resnet18", device.target, tiny=True)
+        path = profiler.save(table)
+        return DeviceSpeed(table["flops_per_second"], table["call_overhead"],
+                           f"profile {path} (measured now)")
+    peak = spec.peak_gflops
+    if not peak:
+        raise SplitcError(f"no speed known for target {device.target}: run `splitc profile "
+                          f"--target {device.target}` or give gflops in the cluster file")
+    return DeviceSpeed(peak * 1e9 * UNPROFILED_EFFICIENCY, DEFAULT_CALL_OVERHEAD,
+                       f"published peak {peak} GFLOP/s x {UNPROFILED_EFFICIENCY}")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What the cost model predicts for one plan on one cluster."""
+
+    latency: float
+    period: float
+    device_busy: dict[str, float]
+    device_memory: dict[str, float]
+    transfer_bytes: int
+
+    @property
+    def throughput(self) -> float:
+        return 1.0 / self.period if self.period else float("inf")
+
+
+def device_memory(plan: Plan) -> dict[str, float]:
+    """Weights plus the largest piece's inputs and outputs, per device (bytes)."""
+    out = {}
+    for d in plan.devices:
+        pieces = plan.pieces_on(d.name)
+        weights = sum(p.weight_bytes for p in pieces)
+        working = max((sum(plan.tensors[t].nbytes for t in (*p.inputs, *p.outputs))
+                       for p in pieces), default=0)
+        out[d.name] = float(weights + working)
+    return out
+
+
+def estimate(plan: Plan, cluster: Cluster, speeds: list[DeviceSpeed] | None = None,
+             *, client: str | None = None) -> Estimate:
+    """Simulate one request of ``plan`` on ``cluster`` (device ``i`` of the plan is the
+    cluster's device ``i``). The caller sits on the cluster's network (or at ``client``)."""
+    if len(plan.devices) != len(cluster.devices):
+        raise SplitcError(f"the plan has {len(plan.devices)} devices, the cluster "
+                          f"{len(cluster.devices)}")
+    speeds = speeds or [device_speed(d) for d in cluster.devices]
+    node = {d.name: c.name for d, c in zip(plan.devices, cluster.devices, strict=True)}
+    speed = {d.name: s for d, s in zip(plan.devices, speeds, strict=True)}
+
+    def link(a: str | None, b: str | None):
+        if a is None or b is None:
+            return cluster.network
+        return cluster.link(node[a], node[b])
+
+    ready: dict[tuple[str, str | None], float] = {}  # (tensor, where) -> time available
+    home: dict[str, str | None] = {}
+    for e in plan.inputs:
+        home[e.tensor] = None
+        ready[(e.tensor, None)] = 0.0
+    free = {d.name: 0.0 for d in plan.devices}
+    nic = {d.name: 0.0 for d in plan.devices}
+    nic[None] = 0.0
+    busy = {d.name: 0.0 for d in plan.devices}
+    link_busy = {d.name: 0.0 for d in plan.devices}
+
+    def arrive(tensor: str, dst: str | None) -> float:
+        if (tensor, dst) in ready:
+            return ready[(tensor, dst)]
+        src = home[tensor]
+        nbytes = plan.tensors[tensor].nbytes
+        lk = link(src, dst)
+        start = max(ready[(tensor, src)], nic[src])
+        nic[src] = start + nbytes / lk.bytes_per_second
+        if src is not None:
+            link_busy[src] += nbytes / lk.bytes_per_second
+        ready[(tensor, dst)] = start + lk.seconds(nbytes)
+        return ready[(tensor, dst)]
+
+    for p in plan.pieces:
+        start = max([free[p.device]] + [arrive(t, p.device) for t in p.inputs])
+        s = speed[p.device]
+        run = p.flops / s.flops_per_second + s.call_overhead
+        free[p.device] = start + run
+        busy[p.device] += run
+        for t in p.outputs:
+            home[t] = p.device
+            ready[(t, p.device)] = free[p.device]
+    latency = max(arrive(e.tensor, None) for e in plan.outputs)
+    period = max(list(busy.values()) + list(link_busy.values()))
+    return Estimate(latency, period, busy, device_memory(plan), plan.transfer_bytes)

@@ -1,0 +1,122 @@
+"""Cluster files, the cost model and the `auto` search."""
+
+import json
+
+import pytest
+
+from splitc import importer
+from splitc.cluster import Cluster, ClusterDevice, Link, parse_rate, parse_time
+from splitc.cost import DeviceSpeed, estimate
+from splitc.errors import SplitcError
+from splitc.runtime.plan import Device, Endpoint, Piece, Plan, Tensor, Transfer
+from splitc.search import search
+
+
+def test_cluster_file_units_and_links(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("""
+[[devices]]
+name = "pi"
+target = "rpi4"
+count = 2
+memory = "512MiB"
+
+[[devices]]
+target = "host"
+gflops = 20
+
+[network]
+bandwidth = "1Gbit"
+latency = "0.5ms"
+
+[[links]]
+between = ["pi1", "host"]
+bandwidth = "100Mbit/s"
+latency = "2ms"
+""")
+    c = Cluster.load(path)
+    assert [d.name for d in c.devices] == ["pi0", "pi1", "host"]
+    assert c.devices[0].memory == 512 * 2**20 and c.devices[2].gflops == 20
+    assert c.link("pi0", "pi1") == Link(125e6, 0.5e-3)
+    assert c.link("host", "pi1") == Link(12.5e6, 2e-3)
+    assert parse_rate("12.5MB/s") == 12.5e6 and parse_time("300us") == pytest.approx(3e-4)
+
+
+@pytest.mark.parametrize("text, words", [
+    ('[[devices]]\ntarget = "toaster"', ["toaster"]),
+    ('[network]\nbandwidth = "1Gbit"', ["devices"]),
+    ('[[devices]]\ntarget = "host"\n[network]\nbandwidth = "fast"', ["fast", "bandwidth"]),
+    ("this is not toml", ["not valid"]),
+])
+def test_bad_cluster_files(tmp_path, text, words):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(SplitcError) as e:
+        Cluster.load(path)
+    for w in words:
+        assert w in str(e.value)
+
+
+def two_stage_plan():
+    t = {"x": Tensor((1, 1000), "float32"), "a": Tensor((1, 250), "float32"),
+         "y": Tensor((1, 10), "float32")}
+    return Plan(
+        strategy="pipeline",
+        devices=(Device("dev0", "host", 0, "dev0"), Device("dev1", "host", 1, "dev1")),
+        pieces=(Piece("dev0_p0", "dev0", ("x",), ("a",), 1, flops=2_000_000, weight_bytes=800),
+                Piece("dev1_p0", "dev1", ("a",), ("y",), 1, flops=1_000_000, weight_bytes=400)),
+        tensors=t, transfers=(Transfer("a", "dev0", "dev1", 1000),),
+        inputs=(Endpoint("x", "x"),), outputs=(Endpoint("y", "y", "dev1"),))
+
+
+def test_estimate_is_the_stated_formula():
+    plan = two_stage_plan()
+    link = Link(1e6, 1e-3)
+    cluster = Cluster((ClusterDevice("a", "host", 1e9), ClusterDevice("b", "host", 1e9)), link)
+    speeds = [DeviceSpeed(1e9, 1e-4, "test"), DeviceSpeed(0.5e9, 1e-4, "test")]
+    est = estimate(plan, cluster, speeds)
+    send_x, send_a, send_y = link.seconds(4000), link.seconds(1000), link.seconds(40)
+    run0, run1 = 2e6 / 1e9 + 1e-4, 1e6 / 0.5e9 + 1e-4
+    assert est.latency == pytest.approx(send_x + run0 + send_a + run1 + send_y)
+    assert est.period == pytest.approx(max(run0, run1, 1000 / 1e6))
+    assert est.device_memory == {"dev0": 800 + 4000 + 1000, "dev1": 400 + 1000 + 40}
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    return importer.load("resnet18", tiny=True).mod
+
+
+def test_memory_cap_forces_a_split(resnet):
+    roomy = Cluster((ClusterDevice("a", "host", 2**30, 10), ClusterDevice("b", "host", 2**30, 10)),
+                    Link(125e6, 5e-4))
+    first = search(resnet, roomy)
+    weights = sum(p.weight_bytes for p in first.best.plan.pieces)
+    cap = 0.75 * weights  # no single device holds all the weights
+    tight = Cluster(tuple(ClusterDevice(d.name, d.target, cap, 10) for d in roomy.devices),
+                    roomy.network)
+    result = search(resnet, tight)
+    assert len(result.best.plan.devices) == 2
+    assert all(m <= cap for m in result.best.estimate.device_memory.values())
+    assert any(not c.fits and c.label.startswith("single") for c in result.candidates)
+    assert "over memory" in result.explain(tight)
+
+
+def test_cluster_too_small_says_by_how_much(resnet):
+    tiny = Cluster((ClusterDevice("a", "host", 1000, 10), ClusterDevice("b", "host", 1000, 10)),
+                   Link(125e6, 5e-4))
+    with pytest.raises(SplitcError, match=r"cannot hold the model.*by [0-9.,]+ MiB"):
+        search(resnet, tiny)
+
+
+def test_slow_link_prefers_a_single_device(resnet):
+    """On a very slow network nothing beats keeping every tensor at home."""
+    slow = Cluster((ClusterDevice("a", "host", 2**30, 10), ClusterDevice("b", "host", 2**30, 10)),
+                   Link(1e5, 0.05))
+    assert search(resnet, slow).best.label.startswith("single")
+
+
+def test_plan_json_from_auto_round_trips(resnet):
+    c = Cluster.uniform(["host", "host"])
+    best = search(resnet, c).best
+    assert Plan.from_dict(json.loads(best.plan.to_json())) == best.plan
