@@ -123,11 +123,14 @@ def tile_needs(bindings: list[relax.VarBinding], own: dict[relax.Var, Rows]
         if rows is None:
             continue
         call = b.value
+        windowed = op_name(call) in WINDOWED
         for arg in var_inputs(call):
             if not is_tensor(arg) or _height(arg) is None:
                 continue
             h = _height(arg)
-            if op_name(call) in WINDOWED and arg.same_as(call.args[0]):
+            if windowed and not arg.same_as(call.args[0]):
+                continue  # weights are not tiled
+            if windowed:
                 r = input_rows(call, rows, h)[0]
             elif h == 1:
                 continue  # broadcast along rows: the whole (one-row) tensor
@@ -288,8 +291,8 @@ class _SpatialRewriter:
             return relax.Tuple([self._tile_arg(f, call, rows, have, need, k) for f in arg.fields])
         if not isinstance(arg, relax.Var) and not isinstance(arg, tvm.ir.GenericConst):
             return arg
-        if op_name(call) in WINDOWED and not arg.same_as(call.args[0]):
-            return arg  # the weights
+        if op_name(call) in WINDOWED and not arg.same_as(call.args[0]):  # the weights
+            return self.whole_on(arg, k) if isinstance(arg, relax.Var) else arg
         h = _height(arg) if is_tensor(arg) else None
         if h is None or h == 1:
             return self.whole_on(arg, k) if isinstance(arg, relax.Var) else arg
