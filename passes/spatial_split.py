@@ -168,8 +168,9 @@ def tiled_flops(bindings, start, end, func, n) -> tuple[float, float]:
 
 def plan_spatial(mod: tvm.IRModule, n_devices: int) -> SpatialPlan:
     """Tile maximal runs of row-local layers, starting a new segment when the halo rows would
-    cost more than :data:`MAX_HALO_OVERHEAD` and skipping segments whose outputs have fewer
-    rows than devices or that hold no convolution or pooling."""
+    cost more than :data:`MAX_HALO_OVERHEAD`. A segment whose outputs have fewer rows than
+    devices is tiled over as many devices as it has rows; one with a single row, or with no
+    convolution or pooling, is left whole on device 0."""
     if n_devices < 1:
         raise SplitcError("a spatial split needs at least one device")
     func = mod["main"]
@@ -189,7 +190,7 @@ def plan_spatial(mod: tvm.IRModule, n_devices: int) -> SpatialPlan:
             end += 1
         outs = segment_outputs(bindings, i, end, func)
         windowed = any(op_name(b.value) in WINDOWED for b in bindings[i:end])
-        if windowed and outs and all(_height(v) >= n_devices for v in outs):
+        if windowed and outs and all(_height(v) >= min(2, n_devices) for v in outs):
             segments.append((i, end))
         i = end
     return SpatialPlan(n_devices, tuple(segments))

@@ -79,11 +79,28 @@ class TestTwoTiles:
         tvm.ir.assert_structural_equal(after, self.Expected)
 
 
-def test_too_short_for_the_devices_is_left_whole():
-    """Four rows cannot be tiled five ways: nothing is tiled, all runs on device 0."""
-    plan = plan_spatial(ConvRelu, 5)
+def test_fewer_rows_than_devices_uses_as_many_devices_as_rows():
+    """Four rows over five devices: four tiles of one row, the fifth device idle."""
+    after = SpatialSplit(plan_spatial(ConvRelu, 5))(ConvRelu)
+    devices = {int(f.attrs["splitc.device"]) for gv, f in after.functions.items()
+               if gv.name_hint != "main"}
+    assert devices == {0, 1, 2, 3}
+
+
+@I.ir_module
+class OneRow:
+    @R.function
+    def main(x: R.Tensor((1, 2, 1, 8), "float32"), w: R.Tensor((2, 2, 1, 3), "float32")):
+        with R.dataflow():
+            a = R.nn.conv2d(x, w, padding=[0, 1, 0, 1])
+            R.output(a)
+        return a
+
+
+def test_a_single_row_is_left_whole():
+    plan = plan_spatial(OneRow, 2)
     assert plan.segments == ()
-    after = SpatialSplit(plan)(ConvRelu)
+    after = SpatialSplit(plan)(OneRow)
     assert sorted(gv.name_hint for gv in after.get_global_vars()) == ["dev0_p0", "main"]
 
 
