@@ -1,15 +1,24 @@
 """Spatial split: a chain of row-local layers divided into row tiles, fused over several layers.
 
-As in DeepThings' fused tile partitioning: device ``k`` owns rows ``[a_k, b_k)`` of a segment's
-outputs and computes, layer by layer backwards, exactly the rows those need — its own rows
-plus *halo* rows that overlap its neighbours'. Inside a tile each convolution or pooling keeps
-the original padding only where the tile touches the image border, so the answer is exact.
-Between segments a device receives from each neighbour only the rows it lacks; layers that are
-not row-local (global pooling, reshapes, dense layers) run on device 0 on whole tensors.
+As in DeepThings' fused tile partitioning, device ``k`` owns rows ``[a_k, b_k)`` of a segment's
+outputs and computes, layer by layer, exactly the rows those need: its own rows plus *halo*
+rows that overlap its neighbours'. The rows a tile needs are propagated backwards through the
+segment (a tensor read by several ops needs the union); a convolution or pooling whose output
+rows are ``[a, b)`` reads input rows ``[a*s - pad_top, (b-1)*s - pad_top + (kh-1)*d + 1)``,
+clipped to the image. Inside a tile each convolution or pooling keeps the original padding only
+where its window runs past the image border (zero inside), so the answer is exact.
 
-Row-local ops: NCHW ``conv2d`` (any stride, padding, dilation, groups), NCHW max/avg pooling,
-elementwise ops (with per-channel constants or with another tensor of the same height), and
-channel concatenation.
+Between segments a device receives from each neighbour only the rows it lacks (sliced where
+they were computed, concatenated where they are used). A whole tensor that a tile reads only in
+part is sliced where it lives: a model input on the tile's device, anything else on device 0,
+so only the rows travel. Layers that are not row-local (global pooling, reshapes, dense layers)
+run on device 0 on whole tensors, gathering (concatenating along the rows) what they read.
+
+Row-local ops: NCHW ``conv2d`` (any stride, padding, dilation, groups), NCHW max/avg pooling
+(``ceil_mode`` too, except an average that counts padding where ``ceil_mode`` adds a window),
+elementwise ops whose other operands are per-channel (one row) or have the same rows, and
+concatenation along any axis but the rows. Tensors of one row inside a segment (say, the
+excitation of a squeeze-and-excitation block) are computed whole by every tile.
 
 :func:`plan_spatial` is the analysis (which binding ranges become tiled segments);
 :class:`SpatialSplit` applies a :class:`SpatialPlan` and hands the device assignment to
@@ -41,8 +50,11 @@ from .ir import (
 )
 from .outline import OutlinePieces
 
+#: Ops with a sliding window along the rows: their tiles read halo rows and re-pad.
 WINDOWED = {"nn.conv2d", "nn.max_pool2d", "nn.avg_pool2d"}
-#: A segment grows while its tiles' total FLOPs stay within this factor of the untiled FLOPs.
+#: A segment grows while its tiles together compute at most this factor of the FLOPs of the
+#: untiled segment (halo rows are recomputed by both neighbours; they grow with every fused
+#: layer), so recomputation stays within 25% and a longer chain becomes several segments.
 MAX_HALO_OVERHEAD = 1.25
 
 Rows = tuple[int, int]
@@ -50,23 +62,97 @@ Rows = tuple[int, int]
 
 @dataclass(frozen=True)
 class SpatialPlan:
-    """Binding ranges ``[start, end)`` of ``main`` to tile across ``n_devices`` row tiles."""
+    """Binding ranges of ``main`` to tile into ``n_devices`` row tiles.
+
+    Each segment ``(start, end)`` names bindings ``start .. end-1`` of ``main``'s block, all
+    row-local (:func:`row_local`). Device ``k`` owns the ``k``-th of ``min(n_devices, rows)``
+    near-equal row ranges of every tensor the segment hands on (:func:`segment_outputs`);
+    devices past a tensor's row count own none of it. Bindings in no segment run on device 0.
+    """
 
     n_devices: int
     segments: tuple[tuple[int, int], ...]
 
 
-def _height(expr) -> int | None:
+# -- row geometry ------------------------------------------------------------------------------
+def _height(expr: relax.Expr) -> int | None:
+    """Rows (H) of a 4-D tensor; None for anything else."""
+    if not is_tensor(expr):
+        return None
     shape = static_shape(expr)
     return shape[2] if len(shape) == 4 else None
+
+
+def _row_size(expr: relax.Expr) -> int | None:
+    """Size of the axis of an operand that broadcasts against the rows of an NCHW result (its
+    second-to-last); None for non-tensors, scalars and vectors."""
+    if not is_tensor(expr):
+        return None
+    shape = static_shape(expr)
+    return shape[-2] if len(shape) >= 2 else None
+
+
+def _window(call: relax.Call, axis: int) -> tuple[int, int, int, int, int]:
+    """(kernel, stride, dilation, pad before, pad after) of a conv or pool along the rows
+    (``axis`` 0) or columns (``axis`` 1)."""
+    a = call.attrs
+    if op_name(call) == "nn.conv2d":
+        kernel = static_shape(call.args[1])[2 + axis]
+    else:
+        kernel = int(a.pool_size[axis])
+    return (kernel, int(a.strides[axis]), int(a.dilation[axis]), int(a.padding[axis]),
+            int(a.padding[2 + axis]))
+
+
+def _floor_size(call: relax.Call, axis: int) -> int:
+    """Output size along ``axis`` of a windowed op without ``ceil_mode``."""
+    kernel, stride, dilation, before, after = _window(call, axis)
+    size = static_shape(call.args[0])[2 + axis]
+    return (size + before + after - (kernel - 1) * dilation - 1) // stride + 1
+
+
+def input_rows(call: relax.Call, out: Rows, in_height: int) -> tuple[Rows, int, int]:
+    """Input rows a windowed op needs for output rows ``out``, and the tile's top and bottom
+    padding: the window's overhang past the image border, none inside it."""
+    kernel, stride, dilation, pad, _ = _window(call, 0)
+    lo = out[0] * stride - pad
+    hi = (out[1] - 1) * stride - pad + (kernel - 1) * dilation + 1
+    return (max(lo, 0), min(hi, in_height)), max(0, -lo), max(0, hi - in_height)
+
+
+def _operands(call: relax.Call) -> list[relax.Expr]:
+    """The arguments of ``call`` with a tuple argument (``concat``'s) spread out."""
+    out = []
+    for a in call.args:
+        out.extend(a.fields if isinstance(a, relax.Tuple) else [a])
+    return out
+
+
+def _with_operands(call: relax.Call, operands: list[relax.Expr]) -> list[relax.Expr]:
+    """``call``'s argument list with its operands (as :func:`_operands` lists them) replaced."""
+    rest = iter(operands)
+    return [relax.Tuple([next(rest) for _ in a.fields]) if isinstance(a, relax.Tuple)
+            else next(rest) for a in call.args]
+
+
+def operand_rows(call: relax.Call, index: int, operand: relax.Expr, out: Rows) -> Rows | None:
+    """Rows of ``operand`` (operand ``index`` of ``call``) needed for output rows ``out``.
+
+    ``None`` means the operand has no rows (scalars, vectors, attributes). Weights and
+    per-channel operands (one row) are needed whole.
+    """
+    size = _row_size(operand)
+    if size is None:
+        return None
+    if op_name(call) in WINDOWED:
+        return input_rows(call, out, size)[0] if index == 0 else (0, size)
+    return (0, 1) if size == 1 else out
 
 
 def row_local(binding: relax.VarBinding) -> bool:
     """Whether output row ``r`` of this binding depends only on a window of input rows."""
     call, name = binding.value, op_name(binding.value)
-    if not isinstance(call, relax.Call) or not is_tensor(binding.var):
-        return False
-    if _height(binding.var) is None:
+    if not isinstance(call, relax.Call) or _height(binding.var) is None:
         return False
     if name == "nn.conv2d":
         a = call.attrs
@@ -75,38 +161,24 @@ def row_local(binding: relax.VarBinding) -> bool:
         a = call.attrs
         if a.layout != "NCHW" or a.out_layout != "NCHW":
             return False
-        # with ceil_mode, avg pooling that counts padding divides by a window we cannot rebuild
-        return not (name == "nn.avg_pool2d" and a.ceil_mode and a.count_include_pad)
+        # Tiles pool without ceil_mode, padding the last window instead. An average that counts
+        # padding would count that extra padding: only safe when ceil_mode adds no window.
+        shape = static_shape(binding.var)
+        return not (name == "nn.avg_pool2d" and a.ceil_mode and a.count_include_pad and
+                    (_floor_size(call, 0), _floor_size(call, 1)) != shape[2:])
     if name == "concat":
-        return int(call.attrs.axis) % 4 == 1
-    if name in UNARY_ELEMENTWISE or name in BINARY_ELEMENTWISE or name == "clip":
+        return int(call.attrs.axis) % 4 != 2
+    if name in UNARY_ELEMENTWISE or name in BINARY_ELEMENTWISE:
         out_h = _height(binding.var)
-        for arg in call.args:
-            if isinstance(arg, relax.Var) and is_tensor(arg):
-                shape = static_shape(arg)
-                if len(shape) != 4 or shape[2] not in (1, out_h):
-                    return False
+        for arg in _operands(call):
+            size = _row_size(arg)
+            if size is None or size == 1:
+                continue
+            # a tensor operand must line up row for row (constants can be sliced at any rank)
+            if size != out_h or (isinstance(arg, relax.Var) and _height(arg) is None):
+                return False
         return True
     return False
-
-
-def _window(call) -> tuple[int, int, int, int]:
-    """(kernel rows, stride, dilation, top padding) of a conv or pool along the height."""
-    a = call.attrs
-    if op_name(call) == "nn.conv2d":
-        kernel = static_shape(call.args[1])[2]
-    else:
-        kernel = int(a.pool_size[0])
-    return kernel, int(a.strides[0]), int(a.dilation[0]), int(a.padding[0])
-
-
-def input_rows(call, out: Rows, in_height: int) -> tuple[Rows, int, int]:
-    """Input rows a windowed op needs for output rows ``out``, and the tile's top and bottom
-    padding (the original's only where the window runs past the image border)."""
-    kernel, stride, dilation, pad = _window(call)
-    lo = out[0] * stride - pad
-    hi = (out[1] - 1) * stride - pad + (kernel - 1) * dilation + 1
-    return (max(lo, 0), min(hi, in_height)), max(0, -lo), max(0, hi - in_height)
 
 
 def _union(a: Rows | None, b: Rows) -> Rows:
@@ -116,61 +188,74 @@ def _union(a: Rows | None, b: Rows) -> Rows:
 def tile_needs(bindings: list[relax.VarBinding], own: dict[relax.Var, Rows]
                ) -> dict[relax.Var, Rows]:
     """Backwards through a segment: the rows of every tensor one tile must have, given the
-    rows ``own`` it must produce of the segment's outputs."""
+    rows ``own`` it must produce of the segment's outputs. Tensors read from outside the
+    segment are included (the rows the tile must receive)."""
     need: dict[relax.Var, Rows] = dict(own)
     for b in reversed(bindings):
         rows = need.get(b.var)
         if rows is None:
             continue
-        call = b.value
-        windowed = op_name(call) in WINDOWED
-        for arg in var_inputs(call):
-            if not is_tensor(arg) or _height(arg) is None:
-                continue
-            h = _height(arg)
-            if windowed and not arg.same_as(call.args[0]):
-                continue  # weights are not tiled
-            if windowed:
-                r = input_rows(call, rows, h)[0]
-            elif h == 1:
-                continue  # broadcast along rows: the whole (one-row) tensor
-            else:
-                r = rows
-            need[arg] = _union(need.get(arg), r)
+        for j, arg in enumerate(_operands(b.value)):
+            want = operand_rows(b.value, j, arg, rows)
+            if isinstance(arg, relax.Var) and want is not None:
+                need[arg] = _union(need.get(arg), want)
     return need
 
 
-def segment_outputs(bindings, start, end, func) -> list[relax.Var]:
+def segment_outputs(bindings: list[relax.VarBinding], start: int, end: int,
+                    func: relax.Function) -> list[relax.Var]:
     """Variables defined in ``bindings[start:end]`` and read after it (or returned)."""
-    inside = {b.var for b in bindings[start:end]}
     later = {v for b in bindings[end:] for v in var_inputs(b.value)} | set(output_vars(func))
-    return [b.var for b in bindings[start:end] if b.var in inside & later]
+    return [b.var for b in bindings[start:end] if b.var in later]
 
 
-def tiled_flops(bindings, start, end, func, n) -> tuple[float, float]:
-    """(FLOPs of all tiles together, FLOPs untiled) of one candidate segment."""
+def own_rows(outputs: list[relax.Var], n_devices: int, k: int) -> dict[relax.Var, Rows]:
+    """The rows device ``k`` owns of each segment output (none of one shorter than ``k+1``)."""
+    own = {}
+    for v in outputs:
+        bounds = even_bounds(_height(v), n_devices)
+        if k < len(bounds):
+            own[v] = bounds[k]
+    return own
+
+
+def tiled_flops(bindings: list[relax.VarBinding], start: int, end: int, func: relax.Function,
+                n_devices: int) -> tuple[float, float]:
+    """(FLOPs of all tiles together, FLOPs untiled) of the segment ``[start, end)``."""
     seg = bindings[start:end]
     outs = segment_outputs(bindings, start, end, func)
-    plain = tiled = 0.0
-    for k in range(n):
-        own = {v: even_bounds(_height(v), n)[k] for v in outs
-               if k < len(even_bounds(_height(v), n))}
-        need = tile_needs(seg, own)
-        for b in seg:
-            full = op_flops(b.value, static_shape(b.var))
-            if k == 0:
-                plain += full
+    full = [op_flops(b.value, static_shape(b.var)) for b in seg]
+    tiled = 0.0
+    for k in range(n_devices):
+        need = tile_needs(seg, own_rows(outs, n_devices, k))
+        for b, flops in zip(seg, full, strict=True):
             if b.var in need:
                 lo, hi = need[b.var]
-                tiled += full * (hi - lo) / _height(b.var)
-    return tiled, plain
+                tiled += flops * (hi - lo) / _height(b.var)
+    return tiled, float(sum(full))
+
+
+def _tileable(bindings, start, end, func) -> bool:
+    """A segment worth tiling: it has a windowed op and hands on only tensors of at least two
+    rows. One with fewer rows than devices is tiled over as many devices as it has rows (the
+    rest idle): ResNet-50's last stage has 7 rows at 224x224, and 7 tiles beat one device."""
+    outs = segment_outputs(bindings, start, end, func)
+    return (bool(outs) and all(_height(v) >= 2 for v in outs)
+            and any(op_name(b.value) in WINDOWED for b in bindings[start:end]))
 
 
 def plan_spatial(mod: tvm.IRModule, n_devices: int) -> SpatialPlan:
-    """Tile maximal runs of row-local layers, starting a new segment when the halo rows would
-    cost more than :data:`MAX_HALO_OVERHEAD`. A segment whose outputs have fewer rows than
-    devices is tiled over as many devices as it has rows; one with a single row, or with no
-    convolution or pooling, is left whole on device 0."""
+    """Cut the maximal runs of row-local bindings of ``main`` into tiled segments.
+
+    Rule: a segment starts at a row-local binding and takes the next ones while the tiles
+    together compute at most :data:`MAX_HALO_OVERHEAD` (1.25x) the FLOPs of the untiled
+    segment (FLOPs as :func:`splitc.passes.analysis.op_flops` counts them); the next binding
+    then starts a new segment. A segment is then shortened to its longest prefix that is worth
+    tiling (:func:`_tileable`: a convolution or pooling inside, every tensor it hands on at
+    least two rows tall); when none is, its first binding runs on device 0 and the search goes
+    on from the next. A segment whose outputs have fewer rows than devices is tiled over as
+    many devices as it has rows. One device tiles nothing.
+    """
     if n_devices < 1:
         raise SplitcError("a spatial split needs at least one device")
     func = mod["main"]
@@ -178,7 +263,7 @@ def plan_spatial(mod: tvm.IRModule, n_devices: int) -> SpatialPlan:
     local = [row_local(b) for b in bindings]
     segments = []
     i = 0
-    while i < len(bindings):
+    while n_devices > 1 and i < len(bindings):
         if not local[i]:
             i += 1
             continue
@@ -188,20 +273,52 @@ def plan_spatial(mod: tvm.IRModule, n_devices: int) -> SpatialPlan:
             if plain and tiled > MAX_HALO_OVERHEAD * plain:
                 break
             end += 1
-        outs = segment_outputs(bindings, i, end, func)
-        windowed = any(op_name(b.value) in WINDOWED for b in bindings[i:end])
-        if windowed and outs and all(_height(v) >= min(2, n_devices) for v in outs):
-            segments.append((i, end))
+        while end > i and not _tileable(bindings, i, end, func):
+            end -= 1
+        if end == i:
+            i += 1
+            continue
+        segments.append((i, end))
         i = end
     return SpatialPlan(n_devices, tuple(segments))
 
 
+# -- the rewrite -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Tile:
     own: Rows  # rows this tile is responsible for (the tiles' own rows partition the tensor)
-    have: Rows  # rows it computed (own plus halo needed inside its segment)
+    have: Rows  # rows it computed (own plus the halo needed inside its segment)
     var: relax.Var
     device: int
+
+
+def _row_slice(value: relax.Expr, lo: int, hi: int) -> relax.Expr:
+    return relax.op.strided_slice(value, axes=[2], begin=[lo], end=[hi])
+
+
+def _tile_call(call: relax.Call, args: list[relax.Expr], rows: Rows,
+               out_shape: tuple[int, ...]) -> relax.Expr:
+    """``call`` on tile operands ``args``, computing output rows ``rows``."""
+    name = op_name(call)
+    if name not in WINDOWED:
+        return relax.Call(call.op, args, call.attrs, call.ty_args)
+    a = call.attrs
+    _, top, bottom = input_rows(call, rows, _height(call.args[0]))
+    left, right = int(a.padding[1]), int(a.padding[3])
+    if name == "nn.conv2d":
+        return relax.op.nn.conv2d(
+            args[0], args[1], strides=a.strides, padding=[top, left, bottom, right],
+            dilation=a.dilation, groups=a.groups, data_layout=a.data_layout,
+            kernel_layout=a.kernel_layout, out_layout=a.out_layout, out_dtype=a.out_dtype)
+    if a.ceil_mode:  # pad the last column window instead (rows: input_rows already does)
+        kernel, stride, dilation, _, _ = _window(call, 1)
+        reach = (out_shape[3] - 1) * stride + (kernel - 1) * dilation + 1
+        right = max(right, reach - static_shape(call.args[0])[3] - left)
+    pool = relax.op.nn.max_pool2d if name == "nn.max_pool2d" else relax.op.nn.avg_pool2d
+    return pool(args[0], pool_size=a.pool_size, strides=a.strides,
+                padding=[top, left, bottom, right], dilation=a.dilation, ceil_mode=False,
+                count_include_pad=a.count_include_pad, layout=a.layout,
+                out_layout=a.out_layout)
 
 
 class _SpatialRewriter:
@@ -212,127 +329,106 @@ class _SpatialRewriter:
         self.bb = relax.BlockBuilder()
         self.whole: dict[relax.Var, tuple[relax.Var, int | None]] = {}  # var -> (new, device)
         self.tiles: dict[relax.Var, list[_Tile]] = {}
-        self.gathered: dict[tuple[relax.Var, int, Rows], relax.Var] = {}
+        self.received: dict[tuple[relax.Var, int, Rows], relax.Var] = {}
         self.device_of: dict[str, int] = {}
-        self.count = 0
+        self.reserved: set[str] = set()
 
-    def emit(self, value, name: str, device: int) -> relax.Var:
-        self.count += 1
-        unique = f"{name}_{self.count}" if name in self.device_of else name
-        var = self.bb.emit(value, name_hint=unique)
+    # -- emission helpers ---------------------------------------------------------------
+    def emit(self, value: relax.Expr, name: str, device: int, *, output: bool = False,
+             original: bool = False) -> relax.Var:
+        """Bind ``value`` on ``device`` under a name no other binding or parameter has.
+
+        ``original`` keeps an original binding's name; derived names avoid those."""
+        unique, i = name, 0
+        while unique in self.device_of or (unique in self.reserved and not original):
+            i += 1
+            unique = f"{name}_{i}"
+        var = (self.bb.emit_output if output else self.bb.emit)(value, name_hint=unique)
         self.device_of[var.name] = device
         return var
 
-    @staticmethod
-    def _slice(value, lo: int, hi: int, height: int):
-        if (lo, hi) == (0, height):
-            return None
-        return relax.op.strided_slice(value, axes=[2], begin=[lo], end=[hi])
-
     def rows_on(self, var: relax.Var, rows: Rows, device: int) -> relax.Var:
-        """Rows ``rows`` of ``var`` as a tensor usable on ``device``."""
+        """Rows ``rows`` of ``var`` (computed outside the current segment) on ``device``."""
+        if var not in self.tiles and rows == (0, _height(var)):
+            return self.whole[var][0]
         key = (var, device, rows)
-        if key in self.gathered:
-            return self.gathered[key]
-        if var in self.tiles:
+        if key in self.received:
+            return self.received[key]
+        if var in self.tiles:  # from each tile, the rows it owns that overlap (sliced there)
             parts = []
             for t in self.tiles[var]:
                 lo, hi = max(rows[0], t.own[0]), min(rows[1], t.own[1])
                 if lo >= hi:
                     continue
-                sliced = self._slice(t.var, lo - t.have[0], hi - t.have[0],
-                                     t.have[1] - t.have[0])
-                parts.append(t.var if sliced is None else
-                             self.emit(sliced, f"{var.name}_rows{device}", t.device))
+                parts.append(t.var if (lo, hi) == t.have else self.emit(
+                    _row_slice(t.var, lo - t.have[0], hi - t.have[0]),
+                    f"{var.name}_r{device}", t.device))
             out = parts[0] if len(parts) == 1 else self.emit(
                 relax.op.concat(parts, axis=2), f"{var.name}_g{device}", device)
-        else:
+        else:  # sliced where it lives, so only the rows travel (model inputs: at the tile)
             new, where = self.whole[var]
-            sliced = self._slice(new, rows[0], rows[1], _height(var))
-            # slice where the tensor lives, so only the rows travel (model inputs: at the tile)
-            out = new if sliced is None else self.emit(
-                sliced, f"{var.name}_rows{device}", device if where is None else where)
-        self.gathered[key] = out
+            out = self.emit(_row_slice(new, *rows), f"{var.name}_r{device}",
+                            device if where is None else where)
+        self.received[key] = out
         return out
 
     def whole_on(self, var: relax.Var, device: int) -> relax.Var:
+        """``var`` as a whole tensor usable on ``device`` (gathering its tiles there)."""
         if var in self.tiles:
             return self.rows_on(var, (0, _height(var)), device)
         return self.whole[var][0]
 
-    def segment(self, func, bindings, start, end) -> None:
+    def _tile_operand(self, arg: relax.Expr, want: Rows | None,
+                      have: dict[relax.Var, tuple[relax.Var, Rows]], k: int) -> relax.Expr:
+        """One operand of a tiled op on device ``k``: rows ``want`` of it (None: all)."""
+        if isinstance(arg, relax.Var):
+            if arg in have:  # computed by this tile: cut off rows this op does not read
+                var, got = have[arg]
+                if want is None or want == got:
+                    return var
+                return self.emit(_row_slice(var, want[0] - got[0], want[1] - got[0]),
+                                 f"{arg.name}_s{k}", k)
+            return self.whole_on(arg, k) if want is None else self.rows_on(arg, want, k)
+        if isinstance(arg, tvm.ir.GenericConst) and want is not None \
+                and want != (0, _row_size(arg)):
+            value = const_array(arg)
+            index = [slice(None)] * value.ndim
+            index[-2] = slice(*want)
+            return relax.const(np.ascontiguousarray(value[tuple(index)]))
+        return arg
+
+    # -- one segment ---------------------------------------------------------------------
+    def segment(self, func: relax.Function, bindings: list[relax.VarBinding], start: int,
+                end: int) -> None:
         n = self.plan.n_devices
         seg = bindings[start:end]
         outs = segment_outputs(bindings, start, end, func)
-        new_tiles: dict[relax.Var, list[_Tile]] = {v: [] for v in outs}
+        tiles: dict[relax.Var, list[_Tile]] = {v: [] for v in outs}
         for k in range(n):
-            own = {v: even_bounds(_height(v), n)[k] for v in outs
-                   if k < len(even_bounds(_height(v), n))}
+            own = own_rows(outs, n, k)
             if not own:
                 continue
             need = tile_needs(seg, own)
             have: dict[relax.Var, tuple[relax.Var, Rows]] = {}
             for b in seg:
-                if b.var not in need:
+                rows = need.get(b.var)
+                if rows is None:
                     continue
-                rows = need[b.var]
-                call = b.value
-                args = []
-                for arg in call.args:
-                    args.append(self._tile_arg(arg, call, rows, have, need, k))
-                value = self._tile_op(call, args, rows)
+                operands = [self._tile_operand(arg, operand_rows(b.value, j, arg, rows), have, k)
+                            for j, arg in enumerate(_operands(b.value))]
+                value = _tile_call(b.value, _with_operands(b.value, operands), rows,
+                                   static_shape(b.var))
                 have[b.var] = (self.emit(value, f"{b.var.name}_t{k}", k), rows)
-            for v in own:
-                new_tiles[v].append(_Tile(own[v], have[v][1], have[v][0], k))
-        self.tiles.update(new_tiles)
+            for v, rows in own.items():
+                tiles[v].append(_Tile(rows, have[v][1], have[v][0], k))
+        self.tiles.update(tiles)
 
-    def _tile_arg(self, arg, call, rows, have, need, k):
-        """One argument of a tiled op: the rows of it the op needs, on device ``k``."""
-        if isinstance(arg, relax.Tuple):  # concat
-            return relax.Tuple([self._tile_arg(f, call, rows, have, need, k) for f in arg.fields])
-        if not isinstance(arg, relax.Var) and not isinstance(arg, tvm.ir.GenericConst):
-            return arg
-        if op_name(call) in WINDOWED and not arg.same_as(call.args[0]):  # the weights
-            return self.whole_on(arg, k) if isinstance(arg, relax.Var) else arg
-        h = _height(arg) if is_tensor(arg) else None
-        if h is None or h == 1:
-            return self.whole_on(arg, k) if isinstance(arg, relax.Var) else arg
-        if op_name(call) in WINDOWED and arg.same_as(call.args[0]):
-            want = input_rows(call, rows, h)[0]
-        else:
-            want = rows
-        if isinstance(arg, tvm.ir.GenericConst):
-            return relax.const(np.ascontiguousarray(const_array(arg)[:, :, want[0]:want[1]]))
-        if arg in have:
-            var, got = have[arg]
-            sliced = self._slice(var, want[0] - got[0], want[1] - got[0], got[1] - got[0])
-            return var if sliced is None else self.emit(sliced, f"{arg.name}_s{k}", k)
-        return self.rows_on(arg, want, k)
-
-    @staticmethod
-    def _tile_op(call, args, rows):
-        name = op_name(call)
-        if name not in WINDOWED:
-            return relax.Call(call.op, args, call.attrs, call.ty_args)
-        h = _height(call.args[0])
-        _, top, bottom = input_rows(call, rows, h)
-        a = call.attrs
-        padding = [top, int(a.padding[1]), bottom, int(a.padding[3])]
-        if name == "nn.conv2d":
-            return relax.op.nn.conv2d(
-                args[0], args[1], strides=a.strides, padding=padding, dilation=a.dilation,
-                groups=a.groups, data_layout=a.data_layout, kernel_layout=a.kernel_layout,
-                out_layout=a.out_layout, out_dtype=a.out_dtype)
-        pool = relax.op.nn.max_pool2d if name == "nn.max_pool2d" else relax.op.nn.avg_pool2d
-        kwargs = {} if name == "nn.max_pool2d" else {"count_include_pad": a.count_include_pad}
-        return pool(args[0], pool_size=a.pool_size, strides=a.strides, padding=padding,
-                    dilation=a.dilation, ceil_mode=False, layout=a.layout,
-                    out_layout=a.out_layout, **kwargs)
-
+    # -- the whole function --------------------------------------------------------------
     def run(self, mod: tvm.IRModule) -> tvm.IRModule:
         func = mod["main"]
         bindings = list(main_block(mod).bindings)
-        starts = {s: e for s, e in self.plan.segments}
+        ends = dict(self.plan.segments)
+        self.reserved = {p.name for p in func.params} | {b.var.name for b in bindings}
         params = [relax.Var(p.name, p.ty) for p in func.params]
         attrs = dict(func.attrs.items()) if func.attrs else {}
         with self.bb.function("main", params, attrs=attrs):
@@ -341,22 +437,35 @@ class _SpatialRewriter:
             with self.bb.dataflow():
                 i = 0
                 while i < len(bindings):
-                    if i in starts:
-                        self.segment(func, bindings, i, starts[i])
-                        i = starts[i]
+                    if i in ends:
+                        self.segment(func, bindings, i, ends[i])
+                        i = ends[i]
                         continue
                     b = bindings[i]
                     vmap = {v: self.whole_on(v, 0) for v in var_inputs(b.value)
                             if v in self.whole or v in self.tiles}
-                    self.whole[b.var] = (self.emit(substitute(b.value, vmap), b.var.name, 0), 0)
+                    new = self.emit(substitute(b.value, vmap), b.var.name, 0, original=True)
+                    self.whole[b.var] = (new, 0)
                     i += 1
-                results = []
-                for v in output_vars(func):
-                    out = self.bb.emit_output(self.whole_on(v, 0), name_hint=f"{v.name}_out")
-                    self.device_of[out.name] = 0
-                    results.append(out)
+                results = [self.emit(self.whole_on(v, 0), f"{v.name}_out", 0, output=True)
+                           for v in output_vars(func)]
             self.bb.emit_func_output(results[0] if len(results) == 1 else relax.Tuple(results))
         return copy_helpers(mod, self.bb.get())
+
+
+def _check(plan: SpatialPlan, mod: tvm.IRModule) -> None:
+    """A plan's segments must be ordered, disjoint runs of row-local bindings of ``main``."""
+    bindings = list(main_block(mod).bindings)
+    last = 0
+    for start, end in plan.segments:
+        if not last <= start < end <= len(bindings):
+            raise SplitcError(f"spatial segment ({start}, {end}) is out of order or out of "
+                              f"range for {len(bindings)} bindings")
+        bad = [b.var.name for b in bindings[start:end] if not row_local(b)]
+        if bad:
+            raise SplitcError(f"spatial segment ({start}, {end}) holds bindings that are not "
+                              f"row-local: {bad[:5]}")
+        last = end
 
 
 @tvm.transform.module_pass(opt_level=0, name="splitc.SpatialSplit")
@@ -367,6 +476,12 @@ class SpatialSplit:
     ----------
     plan : SpatialPlan
         The binding ranges to tile and the number of devices.
+
+    Returns
+    -------
+    tvm.IRModule
+        The split form: one function per (device, round) piece and a ``main`` calling them
+        (see :mod:`splitc.passes.outline`).
     """
 
     def __init__(self, plan: SpatialPlan):
@@ -375,6 +490,7 @@ class SpatialSplit:
         self.plan = plan
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        _check(self.plan, mod)
         rewriter = _SpatialRewriter(self.plan)
         flat = rewriter.run(mod)
         return OutlinePieces(rewriter.device_of)(flat)
