@@ -38,3 +38,16 @@ def test_split_equals_onnxruntime(name, strategy, n, tmp_path):
     assert Plan.load(tmp_path / "out") == plan  # the plan round-trips through JSON
     for d in plan.devices:
         assert (tmp_path / "out" / d.dir / "plan.json").exists()
+
+
+def test_cross_compiled_artifacts_are_elf_for_their_boards(tmp_path):
+    """One plan over an x86 host, a Raspberry Pi 4 (aarch64) and a PYNQ-Z1 (armv7)."""
+    from splitc import targets
+
+    model = tiny("resnet18")
+    plan = compile_imported(model.mod, tmp_path / "out", ["host", "rpi4", "pynq-z1-arm"],
+                            "pipeline", source={"model": "resnet18", "tiny": True,
+                                                "input_shapes": {}})
+    machines = {d.target: targets.elf_machine(tmp_path / "out" / d.dir / d.lib)
+                for d in plan.devices}
+    assert machines == {"host": "x86_64", "rpi4": "aarch64", "pynq-z1-arm": "arm"}
