@@ -30,8 +30,12 @@ from splitc.runtime.plan import Plan
 #: Fraction of published peak that untuned TVM code reaches (measured here: ResNet-50 untuned
 #: runs ~80x slower than ONNX Runtime, which runs near peak).
 UNPROFILED_EFFICIENCY = 0.02
+#: Seconds the ZeroMQ runtime spends around each piece call (receiving, converting and sending
+#: its tensors), on top of the VM call itself. Measured with benchmarks/cluster.py on tiny
+#: models, where it dominates: a 55-piece channel split ran ~5 ms slower than predicted.
+RUNTIME_DISPATCH = 150e-6
 #: Seconds a piece call costs besides its FLOPs when no profile says otherwise.
-DEFAULT_CALL_OVERHEAD = 50e-6
+DEFAULT_CALL_OVERHEAD = 50e-6 + RUNTIME_DISPATCH
 
 
 def profile_dir() -> Path:
@@ -53,8 +57,8 @@ def device_speed(device: ClusterDevice) -> DeviceSpeed:
     path = profile_dir() / f"{device.target}.json"
     if path.exists():
         table = json.loads(path.read_text())
-        return DeviceSpeed(table["flops_per_second"], table.get("call_overhead",
-                                                                 DEFAULT_CALL_OVERHEAD),
+        return DeviceSpeed(table["flops_per_second"],
+                           table.get("call_overhead", 0.0) + RUNTIME_DISPATCH,
                            f"profile {path}")
     spec = target_registry.get(device.target)
     if spec.is_host:  # measurable right here: profile once and keep the table
@@ -62,7 +66,7 @@ def device_speed(device: ClusterDevice) -> DeviceSpeed:
 
         table = profiler.measure("resnet18", device.target, tiny=True)
         path = profiler.save(table)
-        return DeviceSpeed(table["flops_per_second"], table["call_overhead"],
+        return DeviceSpeed(table["flops_per_second"], table["call_overhead"] + RUNTIME_DISPATCH,
                            f"profile {path} (measured now)")
     peak = spec.peak_gflops
     if not peak:

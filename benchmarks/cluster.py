@@ -1,0 +1,282 @@
+"""Emulated-cluster benchmark: N single-core devices, side by side in one run.
+
+For one model and N devices it measures, in this order and on the same cores:
+
+* ONNX Runtime on one core (the single-board tool a user already has);
+* splitc on one device (untuned TVM, one worker);
+* the plain channel-parallel split (all-gather after every layer), the best pipeline split,
+  the spatial split, and ``--strategy auto``, each with one worker per device;
+
+and prints per row the measured latency (median of ``--requests`` sequential requests), the
+throughput with N requests in flight, bytes between devices per inference, the speedup over
+one device, the cost model's prediction and its error, and the ideal
+(FLOPs / sum of device speeds + bytes that must cross / bandwidth).
+
+Devices are worker processes pinned to their own core (``taskset``) with one TVM thread.
+Links: with ``--netns`` (root), each worker runs in its own network namespace behind a veth
+pair on a bridge, each veth shaped with ``tc tbf`` to ``--bandwidth``; this kernel has no
+``netem``, so no delay is added and the cost model is given the runtime's measured per-hop
+time as latency. Without ``--netns`` the workers talk over loopback, unshaped, and the cost
+model is given loopback figures. The header printed says which.
+
+    sudo .venv/bin/python benchmarks/cluster.py --model resnet50 -n 2 --netns
+    .venv/bin/python benchmarks/cluster.py --model resnet18 --tiny -n 2      # quick look
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TVM_NUM_THREADS", "1")  # before TVM starts its thread pool
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from contextlib import ExitStack  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from splitc import importer  # noqa: E402
+from splitc.cluster import Cluster, ClusterDevice, Link, parse_rate  # noqa: E402
+from splitc.compiler import compile_model  # noqa: E402
+from splitc.cost import RUNTIME_DISPATCH, DeviceSpeed, estimate  # noqa: E402
+from splitc.passes.analysis import profile as profile_bindings  # noqa: E402
+from splitc.runtime import connect  # noqa: E402
+from splitc.runtime.plan import Plan  # noqa: E402
+
+NETNS_PREFIX = "splitcb"
+SUBNET = "10.231.7"
+
+
+def sh(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+class Namespaces:
+    """N test hosts: namespaces on a bridge, each link shaped with tbf. Removed on close."""
+
+    def __init__(self, n: int, rate_bytes: float):
+        self.n, self.names = n, [f"{NETNS_PREFIX}{i}" for i in range(n)]
+        rate = f"{int(rate_bytes * 8)}bit"
+        self.cleanup()
+        sh("ip", "link", "add", f"{NETNS_PREFIX}br", "type", "bridge")
+        sh("ip", "addr", "add", f"{SUBNET}.254/24", "dev", f"{NETNS_PREFIX}br")
+        sh("ip", "link", "set", f"{NETNS_PREFIX}br", "up")
+        for i, ns in enumerate(self.names):
+            outer, inner = f"{NETNS_PREFIX}o{i}", f"{NETNS_PREFIX}i{i}"
+            sh("ip", "netns", "add", ns)
+            sh("ip", "link", "add", outer, "type", "veth", "peer", "name", inner)
+            sh("ip", "link", "set", inner, "netns", ns)
+            sh("ip", "link", "set", outer, "master", f"{NETNS_PREFIX}br")
+            sh("ip", "link", "set", outer, "up")
+            sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{SUBNET}.{i + 1}/24", "dev",
+               inner)
+            sh("ip", "netns", "exec", ns, "ip", "link", "set", inner, "up")
+            sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+            for dev, prefix in ((outer, ()), (inner, ("ip", "netns", "exec", ns))):
+                sh(*prefix, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate,
+                   "burst", "256kb", "latency", "50ms")
+
+    def address(self, i: int) -> str:
+        return f"{SUBNET}.{i + 1}"
+
+    def prefix(self, i: int) -> list[str]:
+        return ["ip", "netns", "exec", self.names[i]]
+
+    def cleanup(self) -> None:
+        for ns in self.names:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["ip", "link", "del", f"{NETNS_PREFIX}br"], capture_output=True)
+
+
+class Workers:
+    """One worker per device, pinned to its own core, started from the plan's folders."""
+
+    def __init__(self, out: Path, plan: Plan, nets: Namespaces | None, port0: int,
+                 cores: list[int]):
+        self.procs, self.endpoints = [], {}
+        for i, dev in enumerate(plan.devices):
+            if not plan.pieces_on(dev.name):
+                continue
+            host = nets.address(i) if nets else "127.0.0.1"
+            endpoint = f"tcp://{host}:{port0 + i}"
+            core = cores[i % len(cores)]
+            cmd = [*(nets.prefix(i) if nets else []), "taskset", "-c", str(core), "env",
+                   "TVM_NUM_THREADS=1", sys.executable, "-m", "splitc.runtime.worker",
+                   str(out / dev.dir), "--bind", endpoint]
+            self.procs.append(subprocess.Popen(cmd, stderr=subprocess.PIPE))
+            self.endpoints[dev.name] = endpoint
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def ort_latency(model: importer.ImportedModel, x, repeats: int) -> float:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(model.path), opts, providers=["CPUExecutionProvider"])
+    feed = dict(zip(model.input_names, x, strict=True))
+    sess.run(None, feed)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def measure(out: Path, x, reference, nets, port0, repeats, inflight, cores) -> dict:
+    plan = Plan.load(out)
+    workers = Workers(out, plan, nets, port0, cores)
+    try:
+        with connect(out, workers.endpoints, start_timeout=120, timeout=600) as session:
+            y = session.infer(*x)  # warm up, and check the answer
+            err = max(float(np.abs(a - b).max() / (np.abs(b).max() or 1))
+                      for a, b in zip(y, reference, strict=True))
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                session.infer(*x)
+                times.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            n = max(repeats, 2 * inflight)
+            list(session.infer_many([x] * n, inflight=inflight))
+            throughput = n / (time.perf_counter() - t)
+    finally:
+        workers.close()
+    return {"latency": statistics.median(times), "throughput": throughput, "rel_err": err,
+            "bytes": plan.transfer_bytes, "plan": plan}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="resnet50")
+    ap.add_argument("--tiny", action="store_true", help="the zoo model's tiny variant")
+    ap.add_argument("--image-size", type=int, default=None)
+    ap.add_argument("-n", "--devices", type=int, default=2)
+    ap.add_argument("--requests", type=int, default=5)
+    ap.add_argument("--bandwidth", default="1Gbit")
+    ap.add_argument("--netns", action="store_true", help="shape links in namespaces (root)")
+    ap.add_argument("--out", type=Path, default=None, help="keep artifacts and results here")
+    args = ap.parse_args()
+
+    n = args.devices
+    shapes = None
+    if args.image_size:
+        shapes = {"input": (1, 3, args.image_size, args.image_size)}
+    label = args.model + (" (tiny)" if args.tiny else "")
+    work = args.out or Path(tempfile.mkdtemp(prefix="splitc-cluster-"))
+    work.mkdir(parents=True, exist_ok=True)
+    model = importer.load(args.model, shapes, tiny=args.tiny)
+    x = model.random_inputs()
+    reference = model.reference(x)
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < n:
+        print(f"# warning: {n} devices on {len(cores)} cores: devices share cores")
+    os.sched_setaffinity(0, {cores[0]})  # ONNX Runtime and the profile: one core
+
+    from splitc import profiler
+
+    table = profiler.measure(args.model, "host", tiny=args.tiny, input_shapes=shapes, number=2)
+    speed = DeviceSpeed(table["flops_per_second"], table["call_overhead"] + RUNTIME_DISPATCH,
+                        "profile (1 core)")
+    bandwidth = parse_rate(args.bandwidth) if args.netns else 2e9
+    hop = 1e-4  # seconds per message; the runtime's per-hop goal, checked by hop_overhead.py
+    link = Link(bandwidth, hop)
+    cluster = Cluster(tuple(ClusterDevice(f"dev{i}", "host", 2**34, speed.flops_per_second / 1e9)
+                            for i in range(n)), link)
+    flops = sum(r.flops for r in profile_bindings(model.mod))
+
+    print(f"# cluster benchmark: {label}, input {list(x[0].shape)}, {n} devices x 1 core "
+          f"(taskset, TVM_NUM_THREADS=1), untuned TVM {table['flops_per_second'] / 1e9:.2f} "
+          f"GFLOP/s per core (profiled)")
+    if args.netns:
+        print(f"# links: namespaces on a bridge, each veth shaped with tc tbf to {args.bandwidth}"
+              "; no added delay (no netem in this kernel); cost model latency = 100 us/hop")
+    else:
+        print("# links: loopback (unshaped); cost model: 2 GB/s, 100 us/hop")
+    rows = []
+    ort = ort_latency(model, x, args.requests)
+    rows.append({"config": "ONNX Runtime, 1 core", "latency": ort, "throughput": 1 / ort,
+                 "bytes": 0, "rel_err": 0.0, "predicted": None})
+    with ExitStack() as stack:
+        nets = None
+        if args.netns:
+            nets = Namespaces(n, bandwidth)
+            stack.callback(nets.cleanup)
+        configs = [("splitc, 1 device", "pipeline", 1), ("channel-parallel", "channel", n),
+                   ("pipeline", "pipeline", n), ("spatial", "spatial", n), ("auto", "auto", n)]
+        for i, (name, strategy, devices) in enumerate(configs):
+            out = work / f"{strategy}-{devices}"
+            sub = Cluster(cluster.devices[:devices], link)
+            compile_model(args.model, out, strategy=strategy, cluster=sub, tiny=args.tiny,
+                          input_shapes=shapes)
+            r = measure(out, x, reference, nets, 5600 + 10 * i, args.requests, devices, cores)
+            plan = r.pop("plan")
+            pred = estimate(plan, Cluster(sub.devices[:len(plan.devices)], link),
+                            [speed] * len(plan.devices))
+            rows.append({"config": f"{name} ({plan.strategy}, {len(plan.devices)} dev)", **r,
+                         "predicted": pred.latency})
+    single = rows[1]["latency"]
+    must_cross = sum(t.nbytes for t in x) + sum(r.nbytes for r in reference)
+    ideal = flops / (n * speed.flops_per_second) + must_cross / bandwidth
+    print(f"{'config':<36} {'latency ms':>10} {'req/s':>7} {'speedup':>7} {'bytes/inf':>12} "
+          f"{'predicted':>9} {'pred err':>8} {'rel err':>8}")
+    errors = []
+    for r in rows:
+        pred = r["predicted"]
+        perr = "" if pred is None else f"{(pred - r['latency']) / r['latency'] * 100:+.0f}%"
+        if pred is not None:
+            errors.append(abs(pred - r["latency"]) / r["latency"])
+        print(f"{r['config']:<36} {r['latency'] * 1e3:>10.1f} {r['throughput']:>7.2f} "
+              f"{single / r['latency']:>6.2f}x {r['bytes']:>12,} "
+              f"{'' if pred is None else f'{pred * 1e3:.1f}':>9} {perr:>8} "
+              f"{r['rel_err']:>8.1e}")
+    print(f"ideal on {n} devices: {ideal * 1e3:.1f} ms ({single / ideal:.2f}x); goal for auto: "
+          f">= {0.8 * n:.1f}x over one device")
+    print(f"cost model mean abs error: {np.mean(errors) * 100:.1f}% over {len(errors)} rows "
+          "(goal <= 15%)")
+    (work / "results.json").write_text(json.dumps(rows, indent=1, default=str))
+    write_svg(rows, work / "results.svg", label, n)
+    print(f"# results: {work / 'results.json'}, plot: {work / 'results.svg'}")
+    return 0
+
+
+def write_svg(rows, path: Path, label: str, n: int) -> None:
+    """A horizontal bar chart of measured (and predicted) latency per configuration."""
+    top = max(max(r["latency"], r["predicted"] or 0) for r in rows)
+    bars = []
+    for i, r in enumerate(rows):
+        y = 40 + i * 34
+        w = 500 * r["latency"] / top
+        bars.append(f'<text x="10" y="{y + 15}" font-size="12">{r["config"]}</text>'
+                    f'<rect x="290" y="{y}" width="{w:.1f}" height="14" fill="#3367d6"/>'
+                    f'<text x="{295 + w:.1f}" y="{y + 12}" font-size="11">'
+                    f'{r["latency"] * 1e3:.1f} ms</text>')
+        if r["predicted"]:
+            pw = 500 * r["predicted"] / top
+            bars.append(f'<rect x="290" y="{y + 16}" width="{pw:.1f}" height="6" '
+                        'fill="#f4b400"/>')
+    height = 60 + len(rows) * 34
+    path.write_text(
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="900" height="{height}" '
+        f'font-family="sans-serif"><rect width="100%" height="100%" fill="white"/>'
+        f'<text x="10" y="22" font-size="14" font-weight="bold">{label}: latency on {n} '
+        f'single-core devices (blue measured, yellow predicted)</text>{"".join(bars)}</svg>')
+
+
+if __name__ == "__main__":
+    sys.exit(main())
