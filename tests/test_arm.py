@@ -1,0 +1,93 @@
+"""Real ARM execution: an x86 worker and an aarch64 worker (qemu-user, in an arm64 root
+filesystem holding only the board runtime) serve one plan, and the answer is the original's.
+
+Marker ``arm``; not in the default run. Build the root filesystem once with
+``scripts/arm-rootfs.sh`` (root, a few minutes), then ``pytest -m arm``. Timings under
+emulation mean nothing; only the answer is checked.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from splitc import importer
+from splitc.compiler import compile_imported
+from splitc.runtime import connect
+
+pytestmark = pytest.mark.arm
+
+REPO = Path(__file__).resolve().parents[1]
+ROOT = Path(os.environ.get("SPLITC_ARM_ROOT", REPO / ".cache" / "arm64-root"))
+
+
+@pytest.fixture(scope="module")
+def rootfs():
+    if not (ROOT / ".splitc-ready").exists():
+        pytest.skip(f"no arm64 root filesystem at {ROOT}: run scripts/arm-rootfs.sh")
+    if os.geteuid() != 0:
+        pytest.skip("chroot needs root")
+    mounts = []
+    for src in ("/proc", "/dev"):
+        target = ROOT / src.lstrip("/")
+        if not os.path.ismount(target):
+            subprocess.run(["mount", "--bind", src, str(target)], check=True)
+            mounts.append(target)
+    # the board-side package: splitc's runtime only (no compiler, no passes, no torch)
+    pkg = ROOT / "opt" / "splitc" / "splitc"
+    shutil.rmtree(pkg.parent, ignore_errors=True)
+    (pkg / "runtime").mkdir(parents=True)
+    for name in ("__init__.py", "errors.py"):
+        shutil.copy(REPO / "splitc" / name, pkg / name)
+    for f in (REPO / "runtime").glob("*.py"):
+        shutil.copy(f, pkg / "runtime" / f.name)
+    yield ROOT
+    for target in reversed(mounts):
+        subprocess.run(["umount", str(target)], check=False)
+
+
+def test_x86_and_aarch64_workers_in_one_plan(rootfs, tmp_path):
+    model = importer.load("resnet18", tiny=True)
+    out = tmp_path / "out"
+    plan = compile_imported(model.mod, out, ["host", "rpi4"], "pipeline",
+                            source={"model": "resnet18", "tiny": True, "input_shapes": {}})
+    board = rootfs / "tmp" / "splitc-arm"
+    shutil.rmtree(board, ignore_errors=True)
+    shutil.copytree(out / "dev1", board / "dev1")
+    endpoints = {"dev0": "tcp://127.0.0.1:5781", "dev1": "tcp://127.0.0.1:5782"}
+    x86 = subprocess.Popen([sys.executable, "-m", "splitc.runtime.worker", str(out / "dev0"),
+                            "--bind", endpoints["dev0"]], stderr=subprocess.PIPE)
+    arm = subprocess.Popen(
+        ["chroot", str(rootfs), "/usr/bin/env", "TVM_USE_RUNTIME_LIB=1",
+         "PYTHONPATH=/opt/splitc", "/opt/venv/bin/python", "-m", "splitc.runtime.worker",
+         "/tmp/splitc-arm/dev1", "--bind", endpoints["dev1"]], stderr=subprocess.PIPE)
+    try:
+        x = model.random_inputs(seed=3)
+        deadline = time.time() + 300
+        while True:  # the emulated worker takes a while to import numpy and TVM
+            try:
+                with connect(out, endpoints, start_timeout=60, timeout=120) as session:
+                    (y,) = session.infer(*x)
+                break
+            except Exception:
+                if time.time() > deadline or arm.poll() is not None:
+                    raise
+        (ref,) = model.reference(x)
+        assert np.abs(y - ref).max() <= 1e-4 * np.abs(ref).max()
+        assert plan.devices[1].target == "rpi4"
+        machine = subprocess.run(["chroot", str(rootfs), "/usr/bin/uname", "-m"],
+                                 capture_output=True, text=True).stdout.strip()
+        assert machine == "aarch64"
+    finally:
+        for p in (x86, arm):
+            p.terminate()
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(board, ignore_errors=True)
