@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from splitc import cli_runtime
 from splitc.errors import SplitcError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -132,51 +133,6 @@ def profile(
     typer.echo(f"wrote {path}")
 
 
-@app.command()
-def run(
-    out: Annotated[Path, typer.Argument(help="A folder written by `splitc compile`.")],
-    input: Annotated[list[Path] | None, typer.Option(
-        "--input", help="Input .npy file(s), in the model's input order. Default: random.")]
-        = None,
-    output: Annotated[Path | None, typer.Option(help="Write the first output here (.npy).")]
-        = None,
-    check: Annotated[bool, typer.Option(
-        help="Compare with the original model (ONNX Runtime or torch).")] = False,
-    seed: Annotated[int, typer.Option(help="Seed for the random default input.")] = 0,
-) -> None:
-    """Run a compiled plan on its devices and print what crossed between them."""
-    import numpy as np
-
-    from splitc.runtime.local import LocalSession
-
-    session = LocalSession(out)
-    plan = session.plan
-    arrays = load_inputs(input, plan, seed)
-    outputs, stats = session.infer(*arrays)
-    typer.echo(f"ran {len(plan.pieces)} pieces on {len(plan.devices)} devices; "
-               f"{stats.transfer_bytes:,} bytes crossed between devices")
-    for endpoint, y in zip(plan.outputs, outputs, strict=True):
-        typer.echo(f"output {endpoint.name}: {y.dtype}{list(y.shape)}")
-    if output is not None:
-        np.save(output, outputs[0])
-        typer.echo(f"wrote {output}")
-    if check:
-        from splitc.compiler import load_reference
-
-        reference = load_reference(out).reference(arrays)
-        worst = 0.0
-        for y, r in zip(outputs, reference, strict=True):
-            err = float(np.abs(y - r).max())
-            scale = float(np.abs(r).max()) or 1.0
-            worst = max(worst, err / scale)
-            typer.echo(f"max abs error {err:.3g} (reference max abs {scale:.3g}, "
-                       f"relative {err / scale:.3g})")
-        if worst > 1e-4:
-            typer.echo("check FAILED: the split does not give the original's answer", err=True)
-            raise typer.Exit(1)
-        typer.echo("check passed: the split gives the original's answer (relative error ≤ 1e-4)")
-
-
 def load_inputs(paths: list[Path] | None, plan, seed: int):
     """The model inputs: from .npy files, or seeded random values of the right shapes."""
     import numpy as np
@@ -249,6 +205,9 @@ def zoo() -> None:
 
     for name in models.names():
         typer.echo(name)
+
+
+cli_runtime.register(app)  # serve, run: the ZeroMQ runtime
 
 
 def main() -> None:
