@@ -1,0 +1,548 @@
+"""The client side of the ZeroMQ runtime: open a session on the workers, send model inputs,
+collect model outputs.
+
+>>> from splitc.runtime import connect
+>>> with connect("OUT") as session:                      # doctest: +SKIP
+...     (y,) = session.infer(x)                          # one local worker per device
+>>> session = connect("OUT", {"dev0": "tcp://10.0.0.2:5555",
+...                           "dev1": "tcp://10.0.0.3:5555"})  # doctest: +SKIP
+
+The client holds one DEALER socket per worker. It sends each model input only to the devices
+whose pieces read it and receives model outputs from the devices that produce them;
+intermediate tensors go from worker to worker (see :mod:`splitc.runtime.worker`). Every wait
+has a deadline; a worker whose connection drops (libzmq heartbeats, or a local process that
+exits) fails the session with an error naming the device and its endpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from splitc.errors import SplitcError
+
+from . import wire
+from .plan import Plan, PlanError
+
+#: Default seconds to wait for one request's outputs.
+REQUEST_TIMEOUT = 60.0
+#: Default seconds for workers to start (local ones) and answer the setup.
+START_TIMEOUT = 60.0
+
+
+class RuntimeFailure(SplitcError):
+    """A request or session failed on the cluster. ``device``/``endpoint`` name where."""
+
+    def __init__(self, message: str, *, device: str = "", endpoint: str = "",
+                 piece: str = "", rid: int | None = None):
+        super().__init__(message)
+        self.device, self.endpoint, self.piece, self.rid = device, endpoint, piece, rid
+
+
+class RemoteError(RuntimeFailure):
+    """A worker reported an error (a piece that raised, a message it refused)."""
+
+
+class WorkerLost(RuntimeFailure):
+    """A worker went away: its process exited or its connection dropped."""
+
+
+class RequestTimeout(RuntimeFailure):
+    """No answer within the deadline."""
+
+
+@dataclass
+class _Pending:
+    rid: int
+    started: float
+    deadline: float
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    error: RuntimeFailure | None = None
+    finished: float | None = None
+
+
+class Session:
+    """An open session on the workers of one plan. Use :func:`connect` to make one."""
+
+    def __init__(self, plan: Plan, endpoints: dict[str, str], *,
+                 timeout: float = REQUEST_TIMEOUT, local: _LocalWorkers | None = None):
+        self.plan = plan
+        self.digest = plan.digest()
+        self.endpoints = dict(endpoints)
+        self.timeout = timeout
+        self.id = secrets.token_hex(8)
+        self._local = local
+        self._ctx = zmq.Context()
+        self._socks: dict[str, zmq.Socket] = {}
+        self._monitors: dict[zmq.Socket, str] = {}
+        self._poller = zmq.Poller()
+        self._pending: dict[int, _Pending] = {}
+        self._next_rid = 0
+        self._lost: WorkerLost | None = None
+        self._ready: set[str] = set()
+        self._replies: dict[str, dict] = {}
+        #: tensor name -> how many times the client received it (model outputs only, if the
+        #: workers keep to the plan)
+        self.received: Counter = Counter()
+        #: seconds per request of the last :meth:`infer_many`
+        self.latencies: list[float] = []
+        self.bytes_sent = self.bytes_received = 0
+        self._closed = False
+        # routing: which devices read each model input, which device sends each output
+        self._input_devices = {
+            e.tensor: sorted({p.device for p in plan.pieces if e.tensor in p.inputs})
+            for e in plan.inputs}
+        producer = {t: p.device for p in plan.pieces for t in p.outputs}
+        self._outputs = [e.tensor for e in plan.outputs]
+        self._output_device = {t: producer[t] for t in self._outputs if t in producer}
+        self._specs = dict(plan.tensors)
+        self._inputs_of: dict[str, list[str]] = {}  # device -> model input tensors it reads
+        for tensor, devices in self._input_devices.items():
+            for dev in devices:
+                self._inputs_of.setdefault(dev, []).append(tensor)
+        # local workers are stopped even if the session is never closed
+        self._stop_local = weakref.finalize(self, local.stop) if local else lambda: None
+        for dev, endpoint in self.endpoints.items():
+            sock = wire.tune(self._ctx.socket(zmq.DEALER))
+            mon = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED)
+            self._socks[dev] = sock
+            self._monitors[mon] = dev
+            try:
+                sock.connect(endpoint)
+            except zmq.ZMQError as e:
+                self.close()
+                raise PlanError(f"the endpoint for {dev}, {endpoint!r}, is not one ZeroMQ can "
+                                f"connect to ({e}); write tcp://HOST:PORT") from None
+            self._poller.register(sock, zmq.POLLIN)
+            self._poller.register(mon, zmq.POLLIN)
+        self._dev_of = {s: d for d, s in self._socks.items()}
+
+    # -- opening ---------------------------------------------------------------------------
+    def _open(self, start_timeout: float) -> None:
+        """Ping every worker, then set the session up on all of them."""
+        deadline = time.monotonic() + start_timeout
+        for sock in self._socks.values():
+            wire.send(sock, wire.header(wire.PING, src=wire.CLIENT))
+        self._wait(lambda: len(self._replies) == len(self._socks), deadline,
+                   lambda: "no answer to ping from " + self._missing(self._replies))
+        for dev in self._socks:
+            pong = self._replies[dev]
+            if pong.get("device") != dev:
+                raise PlanError(f"the endpoint given for {dev}, {self.endpoints[dev]}, is served "
+                                f"by device {pong.get('device')!r}: check --endpoints")
+        for sock in self._socks.values():
+            wire.send(sock, self._head(wire.SETUP, peers=self.endpoints,
+                                       timeout=max(1.0, deadline - time.monotonic())))
+        self._wait(lambda: len(self._ready) == len(self._socks), deadline,
+                   lambda: "no answer to setup from " + self._missing(self._ready))
+
+    def _missing(self, have) -> str:
+        return ", ".join(f"{d} at {self.endpoints[d]}" for d in self._socks if d not in have)
+
+    # -- requests --------------------------------------------------------------------------
+    def infer(self, *inputs: np.ndarray, timeout: float | None = None) -> list[np.ndarray]:
+        """Run the plan on the model inputs (in the model's order); returns its outputs."""
+        rid = self.submit(*inputs, timeout=timeout)
+        return self.result(rid)
+
+    def infer_many(self, batches: Iterable[Sequence[np.ndarray]], inflight: int = 4, *,
+                   timeout: float | None = None) -> list[list[np.ndarray]]:
+        """Run many requests with up to ``inflight`` in flight at once (a pipeline keeps every
+        device busy); returns the outputs in the order of ``batches``. Per-request latencies
+        are left in :attr:`latencies`."""
+        if inflight < 1:
+            raise SplitcError("inflight must be at least 1")
+        todo = iter(enumerate(batches))
+        results: dict[int, list[np.ndarray]] = {}
+        latency: dict[int, float] = {}
+        running: dict[int, int] = {}  # rid -> index
+        exhausted = False
+        try:
+            while running or not exhausted:
+                while not exhausted and len(running) < inflight:
+                    item = next(todo, None)
+                    if item is None:
+                        exhausted = True
+                        break
+                    index, batch = item
+                    running[self.submit(*batch, timeout=timeout)] = index
+                if not running:
+                    break
+                self._wait(lambda: any(self._done(r) for r in running), None, None)
+                for rid in [r for r in running if self._done(r)]:
+                    p = self._pending[rid]
+                    index = running.pop(rid)
+                    results[index] = self.result(rid)
+                    latency[index] = p.finished - p.started
+        except BaseException:
+            for rid in running:
+                self._abandon(rid)
+            raise
+        self.latencies = [latency[i] for i in range(len(results))]
+        return [results[i] for i in range(len(results))]
+
+    def submit(self, *inputs: np.ndarray, timeout: float | None = None) -> int:
+        """Send one request's inputs; returns its id (collect it with :meth:`result`)."""
+        self._check_open()
+        plan = self.plan
+        if len(inputs) != len(plan.inputs):
+            raise PlanError(f"the model takes {len(plan.inputs)} inputs, got {len(inputs)}")
+        arrays = {}
+        for endpoint, x in zip(plan.inputs, inputs, strict=True):
+            x = np.asarray(x)
+            want = plan.tensors[endpoint.tensor]
+            if tuple(x.shape) != want.shape or str(x.dtype) != want.dtype:
+                raise PlanError(f"input {endpoint.name!r} must be {want.dtype}{list(want.shape)}"
+                                f", got {x.dtype}{list(x.shape)}")
+            arrays[endpoint.tensor] = x
+        rid = self._next_rid
+        self._next_rid += 1
+        now = time.monotonic()
+        self._pending[rid] = _Pending(rid, now, now + (self.timeout if timeout is None
+                                                       else timeout))
+        for dev, names in self._inputs_of.items():
+            try:
+                self.bytes_sent += wire.send(self._socks[dev], self._head(wire.TENSORS, rid=rid),
+                                             [arrays[n] for n in names], names,
+                                             flags=zmq.NOBLOCK)
+            except zmq.Again:
+                self._abandon(rid)
+                raise RequestTimeout(f"cannot send request {rid} to {dev} at "
+                                     f"{self.endpoints[dev]}: its queue is full",
+                                     device=dev, endpoint=self.endpoints[dev], rid=rid) from None
+        # outputs that are model inputs too come back without a trip
+        p = self._pending[rid]
+        for t in self._outputs:
+            if t in arrays:
+                p.outputs[t] = arrays[t]
+        return rid
+
+    def result(self, rid: int) -> list[np.ndarray]:
+        """Wait for request ``rid``; returns its outputs in the model's order."""
+        p = self._pending.get(rid)
+        if p is None:
+            raise SplitcError(f"no request {rid} in flight")
+        try:
+            self._wait(lambda: self._done(rid), None, None)
+        except BaseException:
+            self._abandon(rid)
+            raise
+        del self._pending[rid]
+        if p.error is not None:
+            self._drop(rid)
+            raise p.error
+        return [p.outputs[t] for t in self._outputs]
+
+    def _done(self, rid: int) -> bool:
+        p = self._pending[rid]
+        if p.error is None and len(p.outputs) < len(self._outputs) \
+                and time.monotonic() > p.deadline:
+            waiting = [t for t in self._outputs if t not in p.outputs]
+            devs = sorted({self._output_device.get(t, "?") for t in waiting})
+            p.error = RequestTimeout(
+                f"request {rid}: no answer in {p.deadline - p.started:.3g} s; still waiting for "
+                f"{', '.join(waiting)} from "
+                f"{', '.join(f'{d} at {self.endpoints.get(d)}' for d in devs)}",
+                device=devs[0], endpoint=self.endpoints.get(devs[0], ""), rid=rid)
+        return p.error is not None or len(p.outputs) == len(self._outputs)
+
+    def _abandon(self, rid: int) -> None:
+        if self._pending.pop(rid, None) is not None:
+            self._drop(rid)
+
+    def _drop(self, rid: int) -> None:
+        if self._lost is not None or self._closed:
+            return
+        for sock in self._socks.values():
+            try:
+                wire.send(sock, self._head(wire.DROP, rid=rid), flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
+    # -- counters --------------------------------------------------------------------------
+    def worker_stats(self, timeout: float = 10.0) -> dict[str, dict]:
+        """Every worker's counters: tensors and bytes received per source and sent per
+        destination (``"client"`` or a device), pieces run, errors."""
+        self._check_open()
+        self._replies.clear()
+        for sock in self._socks.values():
+            wire.send(sock, self._head(wire.STATS))
+        self._wait(lambda: len(self._replies) == len(self._socks),
+                   time.monotonic() + timeout,
+                   lambda: "no answer to stats from " + self._missing(self._replies))
+        return {d: self._replies[d] for d in self._socks}
+
+    def transfer_bytes(self) -> int:
+        """Bytes the workers sent each other so far (measured, not from the plan)."""
+        return sum(v["bytes"] for s in self.worker_stats().values()
+                   for dst, v in s["sent"].items() if dst != wire.CLIENT)
+
+    # -- the loop --------------------------------------------------------------------------
+    def _wait(self, ready, deadline: float | None, what) -> None:
+        """Handle incoming messages until ``ready()``; past ``deadline`` raise a timeout
+        (``what()`` says what was missing). A lost worker raises :class:`WorkerLost`."""
+        checked = 0.0
+        while True:
+            if self._lost is not None:
+                raise self._lost
+            if ready():
+                return
+            now = time.monotonic()
+            if deadline is not None and now > deadline:
+                raise RequestTimeout(what())
+            if now - checked > 0.05:
+                self._check_local()
+                checked = now
+            wait_ms = 100 if deadline is None else max(0, min(100, (deadline - now) * 1e3))
+            for sock, _ in self._poller.poll(wait_ms):
+                if sock in self._monitors:
+                    self._on_monitor(sock)
+                else:
+                    self._on_message(self._dev_of[sock], sock)
+
+    def _on_message(self, dev: str, sock: zmq.Socket) -> None:
+        while sock.getsockopt(zmq.EVENTS) & wire.POLLIN:
+            try:
+                msg = wire.recv(sock, specs=self._specs, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except wire.WireError as e:
+                self._fail_request(e.rid, RemoteError(
+                    f"bad message from {dev} at {self.endpoints[dev]}: {e}", device=dev,
+                    endpoint=self.endpoints[dev], rid=e.rid))
+                continue
+            kind = msg.kind
+            if kind == wire.PONG:
+                self._replies[dev] = msg.head
+            elif kind == wire.READY and msg.head.get("session") == self.id:
+                self._ready.add(dev)
+            elif kind == wire.STATS:
+                self._replies[dev] = msg.head["counters"]
+            elif kind == wire.ERROR:
+                where = msg.head.get("device") or dev
+                piece = msg.head.get("piece") or ""
+                rid = msg.head.get("rid")
+                text = (f"{where}" + (f" running {piece}" if piece else "")
+                        + (f" (request {rid})" if rid is not None else "")
+                        + f": {msg.head.get('message', '')}")
+                err = RemoteError(text, device=where, endpoint=self.endpoints.get(where, ""),
+                                  piece=piece, rid=rid)
+                if rid is None:
+                    raise err  # about the session itself (setup refused, peer unreachable)
+                self._fail_request(rid, err)  # ignored for a request already abandoned
+            elif kind == wire.TENSORS:
+                self._on_tensors(dev, msg)
+
+    def _on_tensors(self, dev: str, msg: wire.Message) -> None:
+        p = self._pending.get(msg.rid)
+        for name, a in zip(msg.names, msg.arrays, strict=True):
+            self.received[name] += 1
+            self.bytes_received += a.nbytes
+            if p is None:
+                continue  # an abandoned request
+            if self._output_device.get(name) != dev:
+                p.error = p.error or RemoteError(
+                    f"{dev} sent {name!r} to the client, which is not a model output it makes",
+                    device=dev, endpoint=self.endpoints[dev], rid=msg.rid)
+            p.outputs[name] = a
+        if p is not None and len(p.outputs) == len(self._outputs):
+            p.finished = time.monotonic()
+
+    def _fail_request(self, rid, err: RuntimeFailure) -> bool:
+        p = self._pending.get(rid) if rid is not None else None
+        if p is None:
+            return False
+        p.error = p.error or err
+        return True
+
+    def _on_monitor(self, mon: zmq.Socket) -> None:
+        dev = self._monitors[mon]
+        while True:
+            try:
+                event = recv_monitor_message(mon, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_DISCONNECTED and self._lost is None:
+                self._lose(dev, "its connection dropped")
+
+    def _check_local(self) -> None:
+        if self._local is None or self._lost is not None:
+            return
+        for dev, proc in self._local.procs.items():
+            code = proc.poll()
+            if code is not None:
+                self._lose(dev, f"its process exited with status {code}"
+                           + self._local.tail(dev))
+
+    def _lose(self, dev: str, why: str) -> None:
+        if self._local is not None and dev in self._local.procs:
+            code = self._local.procs[dev].poll()
+            if code is not None and "process exited" not in why:
+                why += f" (its process exited with status {code}){self._local.tail(dev)}"
+        self._lost = WorkerLost(f"worker {dev} at {self.endpoints[dev]} is gone: {why}",
+                                device=dev, endpoint=self.endpoints[dev])
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _head(self, kind: str, **fields) -> dict:
+        return wire.header(kind, src=wire.CLIENT, session=self.id, digest=self.digest,
+                           **fields)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SplitcError("the session is closed")
+        if self._lost is not None:
+            raise self._lost
+
+    def close(self) -> None:
+        """Close the sockets and stop the local workers this session started."""
+        if self._closed:
+            return
+        self._closed = True
+        for sock in self._socks.values():
+            try:
+                sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            sock.close(linger=0)
+        for mon in self._monitors:
+            mon.close(linger=0)
+        self._ctx.term()
+        self._stop_local()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _LocalWorkers:
+    """One ``python -m splitc.runtime.worker`` process per device, on 127.0.0.1, each with
+    ``TVM_NUM_THREADS`` = cores / devices unless the environment sets it."""
+
+    def __init__(self, out_dir: Path, plan: Plan, devices: list[str]):
+        self.tmp = Path(tempfile.mkdtemp(prefix="splitc-workers-"))
+        self.procs: dict[str, subprocess.Popen] = {}
+        env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1"}
+        # the workers share this machine: split its cores between them (TVM's thread pool
+        # would otherwise start one spinning thread per core in every worker)
+        env.setdefault("TVM_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(devices))))
+        for dev in devices:
+            folder = out_dir / plan.device(dev).dir
+            with open(self.tmp / f"{dev}.log", "wb") as logf:
+                self.procs[dev] = subprocess.Popen(
+                    [sys.executable, "-m", "splitc.runtime.worker", str(folder),
+                     "--bind", "tcp://127.0.0.1:*", "--announce", str(self.tmp / f"{dev}.ep")],
+                    stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, env=env)
+
+    def endpoints(self, timeout: float) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        found: dict[str, str] = {}
+        while len(found) < len(self.procs):
+            for dev, proc in self.procs.items():
+                if dev in found:
+                    continue
+                path = self.tmp / f"{dev}.ep"
+                if path.exists():
+                    found[dev] = path.read_text().strip()
+                elif proc.poll() is not None:
+                    raise WorkerLost(f"worker {dev} exited with status {proc.returncode} while "
+                                     f"starting{self.tail(dev)}", device=dev)
+            if len(found) < len(self.procs):
+                if time.monotonic() > deadline:
+                    late = [d for d in self.procs if d not in found]
+                    raise RequestTimeout(f"worker(s) {', '.join(late)} did not start within "
+                                         f"{timeout:.3g} s{self.tail(late[0])}", device=late[0])
+                time.sleep(0.02)
+        return found
+
+    def tail(self, dev: str, lines: int = 15) -> str:
+        try:
+            text = (self.tmp / f"{dev}.log").read_text(errors="replace").strip()
+        except OSError:
+            return ""
+        return ("; its output ends:\n" + "\n".join(text.splitlines()[-lines:])) if text else ""
+
+    def stop(self, timeout: float = 5.0) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def connect(plan_or_out_dir: Plan | str | Path, endpoints: dict[str, str] | None = None, *,
+            timeout: float = REQUEST_TIMEOUT, start_timeout: float = START_TIMEOUT) -> Session:
+    """Open a session on the workers of a compiled plan.
+
+    Parameters
+    ----------
+    plan_or_out_dir : Plan, or path
+        The plan, or the folder ``splitc compile`` wrote (or its ``plan.json``).
+    endpoints : dict, optional
+        ``{device: "tcp://host:port"}`` of running workers (``splitc serve``), for every device
+        that has pieces; workers connect to each other at these addresses too. Without it,
+        one local worker process per device is started on 127.0.0.1 (needs the folder) and
+        stopped by :meth:`Session.close`.
+    timeout : float
+        Seconds to wait for a request's outputs.
+    start_timeout : float
+        Seconds for the workers to start (local ones), answer a ping and set up the session.
+    """
+    if isinstance(plan_or_out_dir, Plan):
+        plan, out_dir = plan_or_out_dir, None
+    else:
+        path = Path(plan_or_out_dir)
+        plan = Plan.load(path)
+        out_dir = path if path.is_dir() else path.parent
+    active = [d.name for d in plan.devices if plan.pieces_on(d.name)]
+    local = None
+    if endpoints is None:
+        if out_dir is None:
+            raise PlanError("give the workers' endpoints, or the output folder to start local "
+                            "workers from")
+        local = _LocalWorkers(out_dir, plan, active)
+        try:
+            endpoints = local.endpoints(start_timeout)
+        except BaseException:
+            local.stop()
+            raise
+    else:
+        unknown = sorted(set(endpoints) - {d.name for d in plan.devices})
+        if unknown:
+            raise PlanError(f"endpoints name devices the plan does not have: "
+                            f"{', '.join(unknown)} (devices: "
+                            f"{', '.join(d.name for d in plan.devices)})")
+        missing = [d for d in active if d not in endpoints]
+        if missing:
+            raise PlanError(f"no endpoint for {', '.join(missing)} (give every device with "
+                            f"pieces: {', '.join(active)})")
+        endpoints = {d: endpoints[d] for d in active}
+    session = Session(plan, endpoints, timeout=timeout, local=local)
+    try:
+        session._open(start_timeout)
+    except BaseException:
+        session.close()
+        raise
+    return session

@@ -1,0 +1,328 @@
+"""The splitc wire format: what a client and the workers (``splitc serve``) send each other.
+
+Board-side code: imports numpy and pyzmq only. Nothing is ever pickled.
+
+Messages
+--------
+Every message is one ZeroMQ multipart message::
+
+    [routing id]        only on a ROUTER socket (added and removed by ZeroMQ's routing)
+    header              UTF-8 JSON object, at most MAX_HEADER bytes
+    frame 0 .. n-1      raw tensor bytes (C order, native little-endian), one per entry of
+                        header["tensors"]; no other kind carries frames
+
+Header fields (every message)::
+
+    v        1 (VERSION); anything else is refused
+    kind     one of KINDS (below)
+    src      who sends: "client" or a device name from the plan
+    session  the session id the client opened with ``setup`` ("" before one)
+    digest   the plan digest (``Plan.digest()``) the sender holds ("" on ``ping``)
+
+Kinds::
+
+    ping     anyone -> worker      liveness; answered with pong
+    pong     worker -> anyone      + device, digest, pid, pieces
+    setup    client -> worker      + peers {device: endpoint}, timeout (s): opens a session;
+                                     the worker refuses (error) if its plan digest differs,
+                                     then connects to the peers it sends to and pings them
+    ready    worker -> client      + device: the session is set up, peers answered
+    tensors  client/peer -> worker + rid, tensors [{name, dtype, shape}]: model inputs (from
+             worker -> client        the client), transfers (from a peer device), or model
+                                     outputs (to the client); one raw frame per entry
+    error    worker -> client      + rid (or null), device, piece (or ""), message
+    drop     client -> worker      + rid: forget a failed or abandoned request
+    stats    client -> worker      ask for counters; the worker answers with kind stats and
+             worker -> client        + device, counters {recv, sent, pieces_run, ...}
+
+Checks on receipt (:func:`recv`): header size, valid JSON object, version, known kind, integer
+``rid`` where one is needed, and for ``tensors``: each entry's dtype in DTYPES, shape a list of
+non-negative integers, and — when the receiver gives the plan's tensor specs — a name the plan
+knows with exactly the plan's shape and dtype; the frame count must equal the entries and each
+frame's byte length must equal ``prod(shape) * itemsize``. A failed check raises
+:class:`WireError` after the rest of the message has been drained; workers answer it with an
+``error`` message and keep serving.
+
+Copies
+------
+Frames of at least COPY_THRESHOLD bytes are sent with ``copy=False`` (ZeroMQ reads the numpy
+buffer in place; the array must not be changed until it is sent). With the plan's specs,
+frames are received with ``recv_into`` straight into a buffer allocated (or taken from a
+:class:`BufferPool`) before the read; without specs, the frame is received zero-copy and
+wrapped with ``np.frombuffer``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import zmq
+
+VERSION = 1
+#: The sender name of the client in ``src``.
+CLIENT = "client"
+#: Frames at least this large are sent without copying them into ZeroMQ.
+COPY_THRESHOLD = 64 * 1024
+#: A header longer than this is refused without being parsed.
+MAX_HEADER = 64 * 1024
+#: At most this many dimensions in a tensor's shape.
+MAX_RANK = 16
+#: libzmq heartbeats on every runtime connection: a peer silent this long is disconnected.
+HEARTBEAT_IVL_MS = 1000
+#: zmq.POLLIN as a plain int (the enum's ``&`` is slow on the hot path)
+POLLIN = int(zmq.POLLIN)
+HEARTBEAT_TIMEOUT_MS = 5000
+
+PING, PONG, SETUP, READY = "ping", "pong", "setup", "ready"
+TENSORS, ERROR, DROP, STATS = "tensors", "error", "drop", "stats"
+KINDS = frozenset({PING, PONG, SETUP, READY, TENSORS, ERROR, DROP, STATS})
+#: Kinds that carry a request id.
+WITH_RID = frozenset({TENSORS, DROP})
+#: The dtypes allowed on the wire (numpy names, as in the plan).
+DTYPES = frozenset({"float16", "float32", "float64", "int8", "int16", "int32", "int64",
+                    "uint8", "uint16", "uint32", "bool"})
+_NAME = {np.dtype(n): n for n in DTYPES}       # str(dtype) is slow on the hot path
+_ITEMSIZE = {n: np.dtype(n).itemsize for n in DTYPES}
+
+
+class WireError(ValueError):
+    """A message that breaks the wire format. ``head`` holds what could be parsed of its
+    header (for an error reply that names the request)."""
+
+    def __init__(self, message: str, head: dict | None = None):
+        super().__init__(message)
+        self.head = head or {}
+        self.route: bytes | None = None  # set by recv on a ROUTER: who sent it
+
+    @property
+    def rid(self) -> int | None:
+        rid = self.head.get("rid")
+        return rid if isinstance(rid, int) and not isinstance(rid, bool) else None
+
+
+class TensorSpec(Protocol):
+    """What a tensor must look like: anything with ``shape`` and ``dtype`` (a plan Tensor)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass
+class Message:
+    """One received message: its header, its arrays (in header order), and on a ROUTER the
+    routing id of the connection it came from."""
+
+    head: dict
+    arrays: list[np.ndarray] = field(default_factory=list)
+    route: bytes | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.head["kind"]
+
+    @property
+    def rid(self) -> int | None:
+        return self.head.get("rid")
+
+    @property
+    def src(self) -> str:
+        return self.head.get("src", "")
+
+    @property
+    def names(self) -> list[str]:
+        return [t["name"] for t in self.head.get("tensors", ())]
+
+    def named(self) -> dict[str, np.ndarray]:
+        return dict(zip(self.names, self.arrays, strict=True))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays)
+
+
+class BufferPool:
+    """Receive buffers reused across requests, per (shape, dtype); at most ``depth`` kept per
+    key. Only give back arrays nothing else refers to any more."""
+
+    def __init__(self, depth: int = 8):
+        self.depth = depth
+        self._free: dict[tuple, list[np.ndarray]] = defaultdict(list)
+
+    def take(self, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+        free = self._free.get((tuple(shape), dtype))
+        return free.pop() if free else np.empty(shape, dtype)
+
+    def give(self, array: np.ndarray) -> None:
+        free = self._free[(array.shape, str(array.dtype))]
+        if len(free) < self.depth:
+            free.append(array)
+
+
+def tune(sock: zmq.Socket) -> zmq.Socket:
+    """Options every runtime socket gets: no lingering on close, libzmq heartbeats (so a dead
+    peer's connection is dropped and seen as a disconnect)."""
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
+    return sock
+
+
+def header(kind: str, *, src: str, session: str = "", digest: str = "", **fields) -> dict:
+    """A header dict for ``kind`` (``tensors`` entries are added by :func:`send`)."""
+    return {"v": VERSION, "kind": kind, "src": src, "session": session, "digest": digest,
+            **fields}
+
+
+def send(sock: zmq.Socket, head: dict, arrays: Sequence[np.ndarray] = (),
+         names: Sequence[str] = (), *, route: bytes | None = None, flags: int = 0) -> int:
+    """Send ``head`` and, for a ``tensors`` message, the named arrays; returns tensor bytes.
+
+    ``route`` is the routing id to send to on a ROUTER socket. Frames of COPY_THRESHOLD bytes
+    or more are sent zero-copy: do not change those arrays afterwards.
+    """
+    # (not np.ascontiguousarray: it turns a 0-d array into 1-d)
+    arrays = [a if a.flags.c_contiguous else np.copy(a, order="C")
+              for a in map(np.asarray, arrays)]
+    if arrays or head.get("kind") == TENSORS:
+        head = {**head, "tensors": [
+            {"name": n, "dtype": _NAME.get(a.dtype) or str(a.dtype), "shape": list(a.shape)}
+            for n, a in zip(names, arrays, strict=True)]}
+    raw = json.dumps(head, separators=(",", ":")).encode()
+    if route is not None:
+        sock.send(route, flags | zmq.SNDMORE)
+    sock.send(raw, flags | (zmq.SNDMORE if arrays else 0))
+    for i, a in enumerate(arrays):
+        more = zmq.SNDMORE if i + 1 < len(arrays) else 0
+        # a flat byte view: works for 0-d and bool arrays alike
+        sock.send(a.reshape(-1).view(np.uint8), flags | more, copy=a.nbytes < COPY_THRESHOLD)
+    return sum(a.nbytes for a in arrays)
+
+
+def parse_header(raw: bytes) -> dict:
+    """Decode and check the fields every header must have (see the module docstring)."""
+    if len(raw) > MAX_HEADER:
+        raise WireError(f"header of {len(raw)} bytes is longer than {MAX_HEADER}")
+    try:
+        head = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WireError(f"header is not JSON: {e}") from None
+    if not isinstance(head, dict):
+        raise WireError("header is not a JSON object")
+    if head.get("v") != VERSION:
+        raise WireError(f"wire format version {head.get('v')!r}, this side speaks {VERSION}",
+                        head)
+    if head.get("kind") not in KINDS:
+        raise WireError(f"unknown message kind {head.get('kind')!r}", head)
+    for key in ("src", "session", "digest"):
+        if not isinstance(head.get(key, ""), str):
+            raise WireError(f"header field {key!r} must be a string", head)
+    if head["kind"] in WITH_RID:
+        rid = head.get("rid")
+        if not isinstance(rid, int) or isinstance(rid, bool) or rid < 0:
+            raise WireError(f"{head['kind']} message needs a request id (rid >= 0), "
+                            f"got {rid!r}", head)
+    return head
+
+
+def tensor_entries(head: dict, specs: Mapping[str, TensorSpec] | None
+                   ) -> list[tuple[str, tuple[int, ...], str]]:
+    """Check a ``tensors`` header's entries: (name, shape, dtype) for each frame to come."""
+    entries = head.get("tensors", [])
+    if head["kind"] != TENSORS:
+        if entries:
+            raise WireError(f"a {head['kind']} message carries no tensors", head)
+        return []
+    if not isinstance(entries, list) or not entries:
+        raise WireError("tensors message without a list of tensors", head)
+    out = []
+    for e in entries:
+        if not isinstance(e, dict) or not isinstance(e.get("name"), str):
+            raise WireError(f"malformed tensor entry {e!r}", head)
+        name, dtype, shape = e["name"], e.get("dtype"), e.get("shape")
+        if dtype not in DTYPES:
+            raise WireError(f"tensor {name!r}: dtype {dtype!r} is not allowed on the wire "
+                            f"(allowed: {', '.join(sorted(DTYPES))})", head)
+        if (not isinstance(shape, list) or len(shape) > MAX_RANK
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                           for d in shape)):
+            raise WireError(f"tensor {name!r}: malformed shape {shape!r}", head)
+        if specs is not None:
+            want = specs.get(name)
+            if want is None:
+                raise WireError(f"tensor {name!r} is not one this side receives", head)
+            if tuple(shape) != tuple(want.shape) or dtype != want.dtype:
+                raise WireError(f"tensor {name!r}: got {dtype}{shape}, the plan says "
+                                f"{want.dtype}{list(want.shape)}", head)
+        out.append((name, tuple(shape), dtype))
+    return out
+
+
+def _drain(sock: zmq.Socket) -> None:
+    while sock.getsockopt(zmq.RCVMORE):
+        sock.recv(copy=False)
+
+
+def recv(sock: zmq.Socket, *, route: bool = False,
+         specs: Mapping[str, TensorSpec] | None = None,
+         alloc: Callable[[tuple[int, ...], str], np.ndarray] | None = None,
+         flags: int = 0) -> Message:
+    """Receive and check one message (raises :class:`WireError`, the message drained).
+
+    ``route``: the socket is a ROUTER (the first frame is the sender's routing id).
+    ``specs``: the tensors this side accepts, by name (shape and dtype must match); their
+    frames are read with ``recv_into`` into ``alloc(shape, dtype)`` (default ``np.empty``).
+    Without specs, frames are wrapped zero-copy (read-only arrays).
+    """
+    route_id = sock.recv(flags) if route else None
+    try:
+        # the header is the first frame on a DEALER: it gets the caller's flags (NOBLOCK)
+        return _recv_rest(sock, route_id, specs, alloc or np.empty,
+                          0 if route else flags)
+    except WireError as e:
+        e.route = route_id
+        raise
+
+
+def _recv_rest(sock, route_id, specs, alloc, flags) -> Message:
+    if route_id is not None and not sock.getsockopt(zmq.RCVMORE):
+        raise WireError("message has a routing id and nothing else")
+    raw = sock.recv(flags)
+    try:
+        head = parse_header(raw)
+        entries = tensor_entries(head, specs)
+    except WireError:
+        _drain(sock)
+        raise
+    arrays = []
+    for i, (name, shape, dtype) in enumerate(entries):
+        if not sock.getsockopt(zmq.RCVMORE):
+            raise WireError(f"truncated message: {i} frames, the header announces "
+                            f"{len(entries)}", head)
+        nbytes = math.prod(shape) * _ITEMSIZE[dtype]
+        if specs is not None:
+            buf = alloc(shape, dtype)
+            got = sock.recv_into(buf.reshape(-1).view(np.uint8)) if nbytes else \
+                len(sock.recv())
+            arr = buf
+        else:
+            frame = sock.recv(copy=False)
+            got = len(frame.buffer)
+            arr = np.frombuffer(frame.buffer, dtype=dtype).reshape(shape) if got == nbytes \
+                else None
+        if got != nbytes:
+            _drain(sock)
+            raise WireError(f"tensor {name!r}: frame of {got} bytes, {dtype}{list(shape)} "
+                            f"needs {nbytes}", head)
+        arrays.append(arr)
+    if sock.getsockopt(zmq.RCVMORE):
+        _drain(sock)
+        raise WireError(f"message has more frames than the {len(entries)} its header "
+                        "announces", head)
+    return Message(head, arrays, route_id)

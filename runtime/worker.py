@@ -1,0 +1,510 @@
+"""``splitc serve``: one board's worker. Runs its device's pieces as their inputs arrive and
+sends each output straight to the devices that consume it (model outputs to the client).
+
+Board-side code: imports numpy, pyzmq and the TVM runtime only (run it with
+``TVM_USE_RUNTIME_LIB=1`` so ``import tvm`` loads no compiler). Start it with
+``python -m splitc.runtime.worker OUT/dev0 --bind tcp://0.0.0.0:5555`` or ``splitc serve``.
+
+Protocol (message layout in :mod:`splitc.runtime.wire`):
+
+1. The worker binds one ROUTER socket. Anyone may ``ping`` it (answered with ``pong``).
+2. A client opens a session with ``setup``: the plan digest (refused with an ``error`` naming
+   this device when it differs from this worker's plan) and the endpoint of every peer. The
+   worker connects a DEALER to each device it sends to, pings it, and answers ``ready`` once
+   every peer answered (an ``error`` naming the peer if one does not within the timeout).
+3. Per request id, ``tensors`` messages arrive: model inputs from the client, transfers from
+   peers. Whenever all inputs of one of its pieces are present for a request, the worker runs
+   it and sends each output to the devices the plan names (one message per destination), and
+   model outputs to the client. Several requests may be in flight; state is kept per id and
+   freed when the device's last piece for it has run (or on ``drop``).
+4. Anything wrong — a malformed message, an unknown tensor, a piece that raises — is answered
+   with an ``error`` (naming device, piece and request) and the worker keeps serving.
+5. SIGTERM or SIGINT: the worker closes its sockets and exits with status 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from . import wire
+from .artifact import DeviceArtifact
+
+log = logging.getLogger("splitc.worker")
+
+#: At most this many requests with partial inputs held at once.
+MAX_PENDING = 1024
+#: How many dropped request ids are remembered (late tensors for them are ignored).
+DROPPED_MEMORY = 4096
+
+
+class _Recent:
+    """A set that remembers only its ``size`` most recent members."""
+
+    def __init__(self, size: int):
+        self._order: deque = deque()
+        self._set: set = set()
+        self.size = size
+
+    def add(self, x) -> None:
+        if x not in self._set:
+            self._set.add(x)
+            self._order.append(x)
+            if len(self._order) > self.size:
+                self._set.discard(self._order.popleft())
+
+    def __contains__(self, x) -> bool:
+        return x in self._set
+
+
+@dataclass
+class _Request:
+    have: dict[str, np.ndarray] = field(default_factory=dict)
+    done: set[str] = field(default_factory=set)
+    received: list[np.ndarray] = field(default_factory=list)  # pool buffers to give back
+
+
+@dataclass
+class _Session:
+    id: str
+    client: bytes
+    peers: dict[str, zmq.Socket]
+    endpoints: dict[str, str]
+    waiting: set[str]                 # peers not yet answered our ping
+    deadline: float | None            # None once ready (or failed)
+    requests: dict[int, _Request] = field(default_factory=dict)
+    dropped: _Recent = field(default_factory=lambda: _Recent(DROPPED_MEMORY))
+
+
+class Worker:
+    """One device's pieces behind a ROUTER socket.
+
+    Parameters
+    ----------
+    folder : path
+        ``OUT/<device>``: the device's library, weights and plan.json.
+    bind : str
+        ZeroMQ endpoint to bind; a ``*`` port picks a free one (see ``endpoint``).
+    """
+
+    def __init__(self, folder: str | Path, bind: str = "tcp://127.0.0.1:5555"):
+        # DeviceArtifact uses tvm.runtime.vm, which only the compiler loads on its own
+        import tvm.runtime.vm  # noqa: F401
+
+        self.artifact = DeviceArtifact(folder)
+        self.plan = self.artifact.plan
+        self.device = self.artifact.device.name
+        self.digest = self.plan.digest()
+        self.pieces = self.plan.pieces_on(self.device)  # in run order
+        self.expect, self.routes = routing(self.plan, self.device)
+        self.specs = {n: self.plan.tensors[n] for n in self.expect}
+        self.pool = wire.BufferPool()
+        self.counters = {"recv": defaultdict(lambda: [0, 0]), "sent": defaultdict(lambda: [0, 0]),
+                         "pieces_run": 0, "requests_done": 0, "errors": 0, "compute_s": 0.0}
+        self.ctx = zmq.Context()
+        self.router = wire.tune(self.ctx.socket(zmq.ROUTER))
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        try:
+            self.router.bind(bind)
+        except zmq.ZMQError as e:
+            self.ctx.destroy(linger=0)
+            raise OSError(f"{self.device}: cannot bind {bind}: {e}") from None
+        self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.session: _Session | None = None
+        self.stopping = threading.Event()
+
+    # -- the loop --------------------------------------------------------------------------
+    def serve(self) -> None:
+        """Serve until :meth:`stop` (or a signal handler calling it)."""
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        registered: set[zmq.Socket] = set()
+        try:
+            while not self.stopping.is_set():
+                peers = set(self.session.peers.values()) if self.session else set()
+                for s in registered - peers:
+                    poller.unregister(s)
+                for s in peers - registered:
+                    poller.register(s, zmq.POLLIN)
+                registered = peers
+                events = dict(poller.poll(100))
+                if self.router in events:
+                    self._drain_router()
+                for s in peers & events.keys():
+                    if not s.closed:  # (a setup just now may have replaced the peers)
+                        self._on_peer_reply(s)
+                self._check_setup()
+        finally:
+            self.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def close(self) -> None:
+        if not self.ctx.closed:
+            self.ctx.destroy(linger=0)
+
+    def _drain_router(self, limit: int = 256) -> None:
+        for _ in range(limit):
+            if not self.router.getsockopt(zmq.EVENTS) & wire.POLLIN:
+                return  # (cheaper than waiting for zmq.Again)
+            try:
+                msg = wire.recv(self.router, route=True, specs=self.specs,
+                                alloc=self.pool.take, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except wire.WireError as e:
+                self._fail(f"bad message: {e}", rid=e.rid, route=e.route,
+                           to_client=self._ours(e.head, e.rid))
+                continue
+            try:
+                self._handle(msg)
+            except wire.WireError as e:
+                self._fail(f"refused {msg.kind} from {msg.src or '?'}: {e}", rid=e.rid,
+                           route=msg.route, to_client=self._ours(msg.head, e.rid))
+            except Exception as e:  # never let one message end the worker
+                log.exception("%s: handling %s failed", self.device, msg.kind)
+                self._fail(f"{type(e).__name__}: {e}", rid=msg.rid, route=msg.route,
+                           to_client=self._ours(msg.head, msg.rid))
+
+    def _ours(self, head: dict, rid) -> bool:
+        """Whether a refused message belongs to a request of the current session (so its
+        client must hear of it: that request cannot finish)."""
+        return (rid is not None and self.session is not None
+                and head.get("session") == self.session.id)
+
+    # -- messages --------------------------------------------------------------------------
+    def _handle(self, msg: wire.Message) -> None:
+        kind = msg.kind
+        if kind == wire.PING:
+            self._send(msg.route, wire.header(
+                wire.PONG, src=self.device, digest=self.digest,
+                session=self.session.id if self.session else "", device=self.device,
+                pid=os.getpid(), pieces=[p.name for p in self.pieces]))
+        elif kind == wire.SETUP:
+            self._setup(msg)
+        elif kind == wire.STATS:
+            self._send(msg.route, self._head(wire.STATS, counters=self.stats()))
+        elif kind in (wire.TENSORS, wire.DROP):
+            s = self.session
+            if s is None or msg.head.get("session") != s.id:
+                raise wire.WireError(f"{kind} for session {msg.head.get('session')!r}, but "
+                                     f"{self.device} is set up for "
+                                     f"{s.id if s else 'no session'!r}", msg.head)
+            if msg.head.get("digest") != self.digest:
+                raise wire.WireError(f"plan digest {msg.head.get('digest')!r} differs from "
+                                     f"{self.device}'s {self.digest}", msg.head)
+            if kind == wire.DROP:
+                self._forget(msg.rid)
+            else:
+                self._tensors(msg)
+        else:
+            raise wire.WireError(f"{self.device} does not take {kind} messages", msg.head)
+
+    def _setup(self, msg: wire.Message) -> None:
+        head = msg.head
+        if head.get("digest") != self.digest:
+            self._send(msg.route, self._head(
+                wire.ERROR, rid=None, device=self.device, piece="",
+                message=f"device {self.device} holds another plan (digest {self.digest}, the "
+                        f"client's is {head.get('digest')}): copy OUT/{self.artifact.device.dir}"
+                        " from the same compile"))
+            return
+        peers = head.get("peers")
+        if not isinstance(peers, dict) or not all(isinstance(v, str) for v in peers.values()):
+            raise wire.WireError("setup needs peers: {device: endpoint}", head)
+        needed = sorted({d for dsts in self.routes.values() for d in dsts if d != wire.CLIENT})
+        missing = [d for d in needed if d not in peers]
+        if missing:
+            raise wire.WireError(f"setup gives no endpoint for {', '.join(missing)}, which "
+                                 f"{self.device} sends to", head)
+        self._end_session()
+        sockets = {}
+        for d in needed:
+            sock = sockets[d] = wire.tune(self.ctx.socket(zmq.DEALER))
+            try:
+                sock.connect(peers[d])
+            except zmq.ZMQError as e:
+                for made in sockets.values():
+                    made.close(linger=0)
+                raise wire.WireError(f"{self.device} cannot connect to {d} at {peers[d]!r}: "
+                                     f"{e}", head) from None
+        timeout = float(head.get("timeout", 10.0))
+        self.session = _Session(head.get("session", ""), msg.route, sockets,
+                                {d: peers[d] for d in needed}, set(needed),
+                                time.monotonic() + timeout)
+        for sock in sockets.values():
+            wire.send(sock, wire.header(wire.PING, src=self.device), flags=zmq.NOBLOCK)
+        log.info("%s: session %s from client, peers %s", self.device, self.session.id,
+                 self.session.endpoints)
+        self._check_setup()
+
+    def _on_peer_reply(self, sock: zmq.Socket) -> None:
+        s = self.session
+        while True:
+            try:
+                msg = wire.recv(sock, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except wire.WireError as e:
+                log.warning("%s: bad reply from a peer: %s", self.device, e)
+                continue
+            peer = next((d for d, p in s.peers.items() if p is sock), "?")
+            if msg.kind == wire.PONG:
+                problem = ""
+                if msg.head.get("device") != peer:
+                    problem = f"is served by device {msg.head.get('device')!r}"
+                elif msg.head.get("digest") != self.digest:
+                    problem = (f"holds another plan (digest {msg.head.get('digest')}, "
+                               f"{self.device} has {self.digest})")
+                if problem and s.deadline is not None:
+                    s.deadline = None  # the session stays unusable: no ready
+                    self._fail(f"{self.device}'s peer {peer} at {s.endpoints.get(peer)} "
+                               f"{problem}", to_client=True)
+                s.waiting.discard(peer)
+            else:
+                log.warning("%s: %s from peer %s: %s", self.device, msg.kind, peer,
+                            msg.head.get("message", ""))
+
+    def _check_setup(self) -> None:
+        s = self.session
+        if s is None or s.deadline is None:
+            return
+        if not s.waiting:
+            s.deadline = None
+            self._send(s.client, self._head(wire.READY, device=self.device))
+        elif time.monotonic() > s.deadline:
+            s.deadline = None
+            unreachable = ", ".join(f"{d} at {s.endpoints[d]}" for d in sorted(s.waiting))
+            self._fail(f"{self.device} cannot reach {unreachable}: no answer to ping",
+                       to_client=True)
+
+    def _end_session(self) -> None:
+        if self.session is not None:
+            for sock in self.session.peers.values():
+                sock.close(linger=0)
+            for req in self.session.requests.values():
+                self._recycle(req)
+            self.session = None
+
+    # -- requests --------------------------------------------------------------------------
+    def _tensors(self, msg: wire.Message) -> None:
+        s, rid, src = self.session, msg.rid, msg.src
+        for name in msg.names:
+            if src not in self.expect[name]:
+                raise wire.WireError(f"{self.device} takes {name!r} from "
+                                     f"{' or '.join(sorted(self.expect[name]))}, not {src!r}",
+                                     msg.head)
+        counter = self.counters["recv"][src]
+        counter[0] += len(msg.arrays)
+        counter[1] += msg.nbytes
+        if rid in s.dropped:
+            for a in msg.arrays:
+                self.pool.give(a)
+            return
+        req = s.requests.get(rid)
+        if req is None:
+            if len(s.requests) >= MAX_PENDING:
+                raise wire.WireError(f"{self.device} holds {MAX_PENDING} unfinished requests "
+                                     "already", msg.head)
+            req = s.requests[rid] = _Request()
+        for name, a in zip(msg.names, msg.arrays, strict=True):
+            if name in req.have:
+                raise wire.WireError(f"request {rid}: {name!r} arrived twice", msg.head)
+            req.have[name] = a
+            req.received.append(a)
+        self._run_ready(rid, req)
+
+    def _run_ready(self, rid: int, req: _Request) -> None:
+        progress = True
+        while progress:
+            progress = False
+            for piece in self.pieces:
+                if piece.name in req.done or not all(t in req.have for t in piece.inputs):
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    outs = self.artifact.run(piece, [req.have[t] for t in piece.inputs])
+                except Exception as e:
+                    self._fail(f"{type(e).__name__}: {e}".strip(), rid=rid, piece=piece.name)
+                    self._forget(rid)
+                    return
+                self.counters["compute_s"] += time.perf_counter() - t0
+                self.counters["pieces_run"] += 1
+                req.done.add(piece.name)
+                req.have.update(zip(piece.outputs, outs, strict=True))
+                if not self._send_outputs(rid, piece.name, piece.outputs, outs):
+                    self._forget(rid)
+                    return
+                progress = True
+        if len(req.done) == len(self.pieces):
+            self.counters["requests_done"] += 1
+            self.session.requests.pop(rid, None)
+            self._recycle(req)
+
+    def _send_outputs(self, rid: int, piece: str, names, arrays) -> bool:
+        by_dst: dict[str, list[tuple[str, np.ndarray]]] = defaultdict(list)
+        for name, a in zip(names, arrays, strict=True):
+            for dst in self.routes.get(name, ()):
+                by_dst[dst].append((name, a))
+        s = self.session
+        for dst, items in by_dst.items():
+            head = self._head(wire.TENSORS, rid=rid)
+            names_, arrays_ = [n for n, _ in items], [a for _, a in items]
+            try:
+                if dst == wire.CLIENT:
+                    n = wire.send(self.router, head, arrays_, names_, route=s.client,
+                                  flags=zmq.NOBLOCK)
+                else:
+                    n = wire.send(s.peers[dst], head, arrays_, names_, flags=zmq.NOBLOCK)
+            except zmq.ZMQError as e:
+                where = "the client" if dst == wire.CLIENT else \
+                    f"{dst} at {s.endpoints[dst]}"
+                self._fail(f"cannot send {', '.join(names_)} to {where}: {e}", rid=rid,
+                           piece=piece)
+                return False
+            counter = self.counters["sent"][dst]
+            counter[0] += len(items)
+            counter[1] += n
+        return True
+
+    def _forget(self, rid: int) -> None:
+        s = self.session
+        s.dropped.add(rid)
+        req = s.requests.pop(rid, None)
+        if req is not None:
+            self._recycle(req)
+
+    def _recycle(self, req: _Request) -> None:
+        for a in req.received:
+            self.pool.give(a)
+        req.received.clear()
+
+    # -- replies ---------------------------------------------------------------------------
+    def _head(self, kind: str, **fields) -> dict:
+        return wire.header(kind, src=self.device, digest=self.digest,
+                           session=self.session.id if self.session else "", **fields)
+
+    def _send(self, route: bytes | None, head: dict) -> None:
+        if route is None:
+            log.warning("%s: nobody to send %s to: %s", self.device, head["kind"],
+                        head.get("message", ""))
+            return
+        try:
+            wire.send(self.router, head, route=route, flags=zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            log.warning("%s: could not send %s: %s", self.device, head["kind"], e)
+
+    def _fail(self, message: str, *, rid: int | None = None, piece: str = "",
+              route: bytes | None = None, to_client: bool | None = None) -> None:
+        """Report an error to ``route`` (who sent the offending message) and, for errors that
+        concern a request or the session (``to_client``, by default when there is a ``rid``
+        or a ``piece``), to the session's client."""
+        self.counters["errors"] += 1
+        where = f" running {piece}" if piece else ""
+        req = f" (request {rid})" if rid is not None else ""
+        log.warning("%s%s%s: %s", self.device, where, req, message)
+        head = self._head(wire.ERROR, rid=rid, device=self.device, piece=piece,
+                          message=message)
+        if to_client is None:
+            to_client = bool(piece) or rid is not None
+        targets = [route] if route is not None else []
+        if to_client and self.session is not None and self.session.client not in targets:
+            targets.append(self.session.client)
+        for r in targets:
+            self._send(r, head)
+
+    def stats(self) -> dict:
+        c = self.counters
+        return {"device": self.device,
+                "recv": {k: {"tensors": v[0], "bytes": v[1]} for k, v in c["recv"].items()},
+                "sent": {k: {"tensors": v[0], "bytes": v[1]} for k, v in c["sent"].items()},
+                "pieces_run": c["pieces_run"], "requests_done": c["requests_done"],
+                "errors": c["errors"], "compute_s": c["compute_s"],
+                "pending": len(self.session.requests) if self.session else 0}
+
+
+def routing(plan, device: str) -> tuple[dict[str, set[str]], dict[str, list[str]]]:
+    """For one device: which tensors it receives and from whom (``"client"`` or a device),
+    and where each tensor it produces goes (devices, and ``"client"`` for model outputs)."""
+    mine = plan.pieces_on(device)
+    produced = {t for p in mine for t in p.outputs}
+    consumed = {t for p in mine for t in p.inputs}
+    model_inputs = {e.tensor for e in plan.inputs}
+    expect: dict[str, set[str]] = defaultdict(set)
+    for t in consumed & model_inputs:
+        expect[t].add(wire.CLIENT)
+    routes: dict[str, list[str]] = defaultdict(list)
+    for tr in plan.transfers:
+        if tr.dst == device and tr.tensor in consumed:
+            expect[tr.tensor].add(tr.src)
+        if tr.src == device and tr.tensor in produced and tr.dst not in routes[tr.tensor]:
+            routes[tr.tensor].append(tr.dst)
+    for e in plan.outputs:
+        if e.tensor in produced and wire.CLIENT not in routes[e.tensor]:
+            routes[e.tensor].append(wire.CLIENT)
+    return dict(expect), dict(routes)
+
+
+def serve(device_folder: str | Path, bind: str = "tcp://127.0.0.1:5555", *,
+          announce: str | Path | None = None) -> None:
+    """Load ``device_folder`` and serve it on ``bind`` until SIGTERM or SIGINT.
+
+    ``announce``: a file to write the bound endpoint to once listening (for a ``*`` port).
+    """
+    worker = Worker(device_folder, bind)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, lambda *_: worker.stop())
+    try:
+        log.info("%s: %d pieces, listening on %s (plan %s)", worker.device,
+                 len(worker.pieces), worker.endpoint, worker.digest)
+        if announce is not None:
+            tmp = Path(f"{announce}.tmp")
+            tmp.write_text(worker.endpoint + "\n")
+            tmp.replace(announce)
+        worker.serve()
+    finally:
+        worker.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        log.info("%s: stopped", worker.device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    # A board has no torch; where one is installed, tvm_ffi imports it eagerly (seconds and
+    # hundreds of MB per worker) though the runtime never uses it.
+    sys.modules.setdefault("torch", None)
+    parser = argparse.ArgumentParser(prog="python -m splitc.runtime.worker",
+                                     description="Serve one device folder of a splitc plan.")
+    parser.add_argument("folder", help="OUT/<device> written by `splitc compile`")
+    parser.add_argument("--bind", default="tcp://127.0.0.1:5555",
+                        help="ZeroMQ endpoint to listen on (tcp://0.0.0.0:5555 for all "
+                             "interfaces; port * picks a free one)")
+    parser.add_argument("--announce", help="write the bound endpoint to this file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s splitc-worker %(message)s")
+    log.setLevel(logging.INFO)  # "listening on ...", sessions, errors
+    try:
+        serve(args.folder, args.bind, announce=args.announce)
+    except (OSError, ValueError) as e:  # PlanError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""``splitc serve`` and ``splitc run``: the ZeroMQ runtime on the command line.
+
+Register both on the main app with :func:`register` (or ``app.command()(serve)``). A board
+without typer can run the same worker with ``python -m splitc.runtime.worker``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from splitc.errors import SplitcError
+
+
+def serve(
+    device_folder: Annotated[Path, typer.Argument(
+        help="One device's folder from `splitc compile` (OUT/dev0): its library, weights "
+             "and plan.json.")],
+    bind: Annotated[str, typer.Option(
+        help="ZeroMQ endpoint to listen on; tcp://0.0.0.0:5555 listens on every interface.")]
+        = "tcp://127.0.0.1:5555",
+) -> None:
+    """Serve one device's pieces until SIGTERM or Ctrl-C (run this on every board).
+
+    Logs to stderr: where it listens, each session, and every error it reports.
+    """
+    import logging
+
+    from splitc.runtime.worker import serve as serve_worker
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s splitc-worker %(message)s")
+    logging.getLogger("splitc.worker").setLevel(logging.INFO)
+    try:
+        serve_worker(device_folder, bind)
+    except OSError as e:
+        raise SplitcError(str(e)) from None
+
+
+def parse_endpoints(text: str) -> dict[str, str]:
+    """``"dev0=tcp://a:5555,dev1=tcp://b:5555"`` → ``{"dev0": "tcp://a:5555", ...}``."""
+    endpoints = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        device, sep, endpoint = item.partition("=")
+        if not sep or not device.strip() or "://" not in endpoint:
+            raise SplitcError(f"--endpoints {item!r}: expected DEVICE=ENDPOINT items separated "
+                              "by commas, e.g. dev0=tcp://10.0.0.2:5555,dev1=tcp://10.0.0.3:5555")
+        endpoints[device.strip()] = endpoint.strip()
+    if not endpoints:
+        raise SplitcError("--endpoints is empty: give DEVICE=ENDPOINT items")
+    return endpoints
+
+
+def run(
+    out: Annotated[Path, typer.Argument(help="A folder written by `splitc compile`.")],
+    input: Annotated[list[Path] | None, typer.Option(
+        "--input", help="Input .npy file(s), in the model's input order. Default: random.")]
+        = None,
+    output: Annotated[Path | None, typer.Option(help="Write the first output here (.npy).")]
+        = None,
+    check: Annotated[bool, typer.Option(
+        help="Compare with the original model (ONNX Runtime or torch).")] = False,
+    endpoints: Annotated[str | None, typer.Option(
+        help="Running workers (`splitc serve`), e.g. dev0=tcp://10.0.0.2:5555,"
+             "dev1=tcp://10.0.0.3:5555. Default: one local worker process per device.")]
+        = None,
+    requests: Annotated[int, typer.Option(
+        min=1, help="Run this many requests and report latency percentiles and throughput.")]
+        = 1,
+    inflight: Annotated[int, typer.Option(
+        min=1, help="With --requests: how many requests are in flight at once.")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed for the random default input.")] = 0,
+    timeout: Annotated[float, typer.Option(
+        help="Seconds to wait for a request (and for workers to start).")] = 60.0,
+) -> None:
+    """Run a compiled plan on its devices over ZeroMQ; print what crossed between them."""
+    import numpy as np
+
+    from splitc.cli import load_inputs
+    from splitc.runtime.client import connect
+    from splitc.runtime.plan import Plan
+
+    plan = Plan.load(out)
+    arrays = load_inputs(input, plan, seed)
+    addresses = parse_endpoints(endpoints) if endpoints is not None else None
+    with connect(out, addresses, timeout=timeout, start_timeout=timeout) as session:
+        t0 = time.perf_counter()
+        results = session.infer_many([arrays] * requests, inflight=inflight)
+        elapsed = time.perf_counter() - t0
+        crossed = session.transfer_bytes()
+    outputs = results[0]
+    where = "on local workers" if addresses is None else "on " + ", ".join(
+        f"{d}={e}" for d, e in addresses.items())
+    typer.echo(f"ran {len(plan.pieces)} pieces on {len(plan.devices)} devices {where}; "
+               f"{crossed:,} bytes crossed between devices"
+               + (f" ({crossed // requests:,} per request)" if requests > 1 else ""))
+    for endpoint, y in zip(plan.outputs, outputs, strict=True):
+        typer.echo(f"output {endpoint.name}: {y.dtype}{list(y.shape)}")
+    if requests > 1:
+        ms = np.percentile(session.latencies, [50, 90, 99]) * 1e3
+        typer.echo(f"{requests} requests, {inflight} in flight: latency p50 {ms[0]:.2f} ms, "
+                   f"p90 {ms[1]:.2f} ms, p99 {ms[2]:.2f} ms; "
+                   f"throughput {requests / elapsed:.1f} requests/s")
+    if output is not None:
+        np.save(output, outputs[0])
+        typer.echo(f"wrote {output}")
+    if check:
+        from splitc.compiler import load_reference
+
+        reference = load_reference(out).reference(arrays)
+        worst = 0.0
+        for y, r in zip(outputs, reference, strict=True):
+            err = float(np.abs(y - r).max())
+            scale = float(np.abs(r).max()) or 1.0
+            worst = max(worst, err / scale)
+            typer.echo(f"max abs error {err:.3g} (reference max abs {scale:.3g}, "
+                       f"relative {err / scale:.3g})")
+        if worst > 1e-4:
+            typer.echo("check FAILED: the split does not give the original's answer", err=True)
+            raise typer.Exit(1)
+        typer.echo("check passed: the split gives the original's answer (relative error ≤ 1e-4)")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``serve`` and ``run`` to ``app``."""
+    app.command()(serve)
+    app.command()(run)
