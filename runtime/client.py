@@ -111,6 +111,8 @@ class Session:
         self._outputs = [e.tensor for e in plan.outputs]
         self._output_device = {t: producer[t] for t in self._outputs if t in producer}
         self._specs = dict(plan.tensors)
+        self._input_specs = [(e, tuple(plan.tensors[e.tensor].shape),
+                              np.dtype(plan.tensors[e.tensor].dtype)) for e in plan.inputs]
         self._inputs_of: dict[str, list[str]] = {}  # device -> model input tensors it reads
         for tensor, devices in self._input_devices.items():
             for dev in devices:
@@ -203,11 +205,10 @@ class Session:
         if len(inputs) != len(plan.inputs):
             raise PlanError(f"the model takes {len(plan.inputs)} inputs, got {len(inputs)}")
         arrays = {}
-        for endpoint, x in zip(plan.inputs, inputs, strict=True):
+        for (endpoint, shape, dtype), x in zip(self._input_specs, inputs, strict=True):
             x = np.asarray(x)
-            want = plan.tensors[endpoint.tensor]
-            if tuple(x.shape) != want.shape or str(x.dtype) != want.dtype:
-                raise PlanError(f"input {endpoint.name!r} must be {want.dtype}{list(want.shape)}"
+            if x.shape != shape or x.dtype != dtype:
+                raise PlanError(f"input {endpoint.name!r} must be {dtype}{list(shape)}"
                                 f", got {x.dtype}{list(x.shape)}")
             arrays[endpoint.tensor] = x
         rid = self._next_rid

@@ -73,11 +73,12 @@ COPY_THRESHOLD = 64 * 1024
 MAX_HEADER = 64 * 1024
 #: At most this many dimensions in a tensor's shape.
 MAX_RANK = 16
-#: libzmq heartbeats on every runtime connection: a peer silent this long is disconnected.
+#: libzmq heartbeats on every runtime connection (every HEARTBEAT_IVL_MS): a peer silent for
+#: HEARTBEAT_TIMEOUT_MS is disconnected, which the client sees as a lost worker.
 HEARTBEAT_IVL_MS = 1000
+HEARTBEAT_TIMEOUT_MS = 5000
 #: zmq.POLLIN as a plain int (the enum's ``&`` is slow on the hot path)
 POLLIN = int(zmq.POLLIN)
-HEARTBEAT_TIMEOUT_MS = 5000
 
 PING, PONG, SETUP, READY = "ping", "pong", "setup", "ready"
 TENSORS, ERROR, DROP, STATS = "tensors", "error", "drop", "stats"
@@ -159,7 +160,7 @@ class BufferPool:
         return free.pop() if free else np.empty(shape, dtype)
 
     def give(self, array: np.ndarray) -> None:
-        free = self._free[(array.shape, str(array.dtype))]
+        free = self._free[(array.shape, _NAME.get(array.dtype) or str(array.dtype))]
         if len(free) < self.depth:
             free.append(array)
 

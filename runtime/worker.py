@@ -130,21 +130,25 @@ class Worker:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         registered: set[zmq.Socket] = set()
+        session = None
         try:
             while not self.stopping.is_set():
-                peers = set(self.session.peers.values()) if self.session else set()
-                for s in registered - peers:
-                    poller.unregister(s)
-                for s in peers - registered:
-                    poller.register(s, zmq.POLLIN)
-                registered = peers
+                if self.session is not session:  # a setup replaced the peers
+                    session = self.session
+                    peers = set(session.peers.values()) if session else set()
+                    for s in registered - peers:
+                        poller.unregister(s)
+                    for s in peers - registered:
+                        poller.register(s, zmq.POLLIN)
+                    registered = peers
                 events = dict(poller.poll(100))
                 if self.router in events:
                     self._drain_router()
-                for s in peers & events.keys():
+                for s in registered & events.keys():
                     if not s.closed:  # (a setup just now may have replaced the peers)
                         self._on_peer_reply(s)
-                self._check_setup()
+                if self.session is not None and self.session.deadline is not None:
+                    self._check_setup()
         finally:
             self.close()
 
