@@ -26,6 +26,7 @@ class DeviceArtifact:
 
     def __init__(self, folder: str | Path, *, verify: bool = True):
         import tvm  # runtime only: with TVM_USE_RUNTIME_LIB=1 no compiler is loaded
+        import tvm.runtime.vm  # not imported by `import tvm` under TVM_USE_RUNTIME_LIB=1
 
         self.folder = Path(folder)
         self.plan = Plan.load(self.folder)

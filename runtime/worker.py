@@ -99,9 +99,6 @@ class Worker:
     """
 
     def __init__(self, folder: str | Path, bind: str = "tcp://127.0.0.1:5555"):
-        # DeviceArtifact uses tvm.runtime.vm, which only the compiler loads on its own
-        import tvm.runtime.vm  # noqa: F401
-
         self.artifact = DeviceArtifact(folder)
         self.plan = self.artifact.plan
         self.device = self.artifact.device.name

@@ -133,32 +133,6 @@ def profile(
     typer.echo(f"wrote {path}")
 
 
-def load_inputs(paths: list[Path] | None, plan, seed: int):
-    """The model inputs: from .npy files, or seeded random values of the right shapes."""
-    import numpy as np
-
-    specs = [(e.name, plan.tensors[e.tensor]) for e in plan.inputs]
-    if not paths:
-        rng = np.random.default_rng(seed)
-        return [rng.standard_normal(t.shape).astype(t.dtype) for _, t in specs]
-    if len(paths) != len(specs):
-        raise SplitcError(f"the model takes {len(specs)} inputs "
-                          f"({', '.join(n for n, _ in specs)}), got {len(paths)} --input files")
-    arrays = []
-    for path, (name, t) in zip(paths, specs, strict=True):
-        try:
-            x = np.load(path, allow_pickle=False)
-        except FileNotFoundError:
-            raise SplitcError(f"input file {path} does not exist") from None
-        except (ValueError, OSError) as e:
-            raise SplitcError(f"{path} is not a readable .npy file: {e}") from None
-        if tuple(x.shape) != t.shape:
-            raise SplitcError(f"{path}: input {name!r} must have shape {list(t.shape)}, "
-                              f"the file holds {list(x.shape)}")
-        arrays.append(x.astype(t.dtype, copy=False))
-    return arrays
-
-
 @app.command()
 def inspect(
     target: Annotated[str, typer.Argument(help="A compiled output folder, or a model.")],

@@ -78,7 +78,6 @@ def run(
     """Run a compiled plan on its devices over ZeroMQ; print what crossed between them."""
     import numpy as np
 
-    from splitc.cli import load_inputs
     from splitc.runtime.client import connect
     from splitc.runtime.plan import Plan
 
@@ -121,6 +120,32 @@ def run(
             typer.echo("check FAILED: the split does not give the original's answer", err=True)
             raise typer.Exit(1)
         typer.echo("check passed: the split gives the original's answer (relative error ≤ 1e-4)")
+
+
+def load_inputs(paths: list[Path] | None, plan, seed: int):
+    """The model inputs: from .npy files, or seeded random values of the right shapes."""
+    import numpy as np
+
+    specs = [(e.name, plan.tensors[e.tensor]) for e in plan.inputs]
+    if not paths:
+        rng = np.random.default_rng(seed)
+        return [rng.standard_normal(t.shape).astype(t.dtype) for _, t in specs]
+    if len(paths) != len(specs):
+        raise SplitcError(f"the model takes {len(specs)} inputs "
+                          f"({', '.join(n for n, _ in specs)}), got {len(paths)} --input files")
+    arrays = []
+    for path, (name, t) in zip(paths, specs, strict=True):
+        try:
+            x = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            raise SplitcError(f"input file {path} does not exist") from None
+        except (ValueError, OSError) as e:
+            raise SplitcError(f"{path} is not a readable .npy file: {e}") from None
+        if tuple(x.shape) != t.shape:
+            raise SplitcError(f"{path}: input {name!r} must have shape {list(t.shape)}, "
+                              f"the file holds {list(x.shape)}")
+        arrays.append(x.astype(t.dtype, copy=False))
+    return arrays
 
 
 def register(app: typer.Typer) -> None:
