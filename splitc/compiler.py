@@ -53,9 +53,16 @@ def device_name(index: int) -> str:
     return f"dev{index}"
 
 
-def build_plan(ex: Extracted, device_targets: list[str], strategy: str, source: str) -> Plan:
-    """The plan value for an extracted split (library hashes are filled in after the build)."""
+def build_plan(ex: Extracted, device_targets: list[str], strategy: str, source: str,
+               output_names: list[str] | None = None) -> Plan:
+    """The plan value for an extracted split (library hashes are filled in after the build).
+
+    ``output_names``: the model's names for its outputs (ONNX output names); default: the
+    names of the tensors in the plan.
+    """
     names = {i: device_name(i) for i in range(len(device_targets))}
+    if not output_names or len(output_names) != len(ex.outputs):
+        output_names = [t.name for t in ex.outputs]
     return Plan(
         strategy=strategy,
         devices=tuple(Device(names[i], t, i, names[i]) for i, t in enumerate(device_targets)),
@@ -66,8 +73,8 @@ def build_plan(ex: Extracted, device_targets: list[str], strategy: str, source: 
         transfers=tuple(Transfer(t.tensor.name, names[t.src], names[t.dst], t.tensor.nbytes)
                         for t in ex.transfers),
         inputs=tuple(Endpoint(t.name, t.name) for t in ex.inputs),
-        outputs=tuple(Endpoint(t.name, t.name, names[ex.output_device[t.name]])
-                      for t in ex.outputs),
+        outputs=tuple(Endpoint(n, t.name, names[ex.output_device[t.name]])
+                      for n, t in zip(output_names, ex.outputs, strict=True)),
         source=source,
         versions={"splitc": splitc.__version__, "tvm": tvm.__version__},
     )
@@ -91,7 +98,8 @@ def compile_model(model: str, out_dir: str | Path, devices: list[str] | None = N
     imported = importer.load(model, input_shapes, tiny=tiny)
     log(f"imported {imported.source}")
     source = {"model": model, "tiny": tiny,
-              "input_shapes": {k: list(v) for k, v in (input_shapes or {}).items()}}
+              "input_shapes": {k: list(v) for k, v in (input_shapes or {}).items()},
+              "output_names": list(imported.output_names)}
     label = model + (" (tiny)" if tiny else "")
     if strategy == AUTO:
         from splitc.search import search
@@ -135,7 +143,7 @@ def write_artifacts(ex: Extracted, out_dir: str | Path, devices: list[str], stra
     """
     specs = [target_registry.get(d) for d in devices]
     label = source["model"] + (" (tiny)" if source.get("tiny") else "")
-    plan = build_plan(ex, devices, strategy, label)
+    plan = build_plan(ex, devices, strategy, label, source.get("output_names"))
 
     out = Path(out_dir)
     if out.exists():

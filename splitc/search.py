@@ -83,7 +83,7 @@ class SearchResult:
         return "\n".join(lines)
 
 
-def _candidate(mod, label, strategy, split_mod, device_idx, cluster, speeds, source):
+def _candidate(label, strategy, split_mod, device_idx, cluster, speeds, source):
     from splitc.compiler import build_plan
 
     ex = extract(split_mod)
@@ -108,7 +108,7 @@ def search(mod: tvm.IRModule, cluster: Cluster, *, objective: str = "latency",
     cands: list[Candidate] = []
 
     def add(label, strategy, split_mod, idx):
-        cands.append(_candidate(mod, label, strategy, split_mod, idx, cluster, speeds, source))
+        cands.append(_candidate(label, strategy, split_mod, idx, cluster, speeds, source))
 
     fastest = max(everyone, key=lambda i: speeds[i].flops_per_second)
     for i in sorted({0, fastest}):
