@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from splitc import importer, zoo
+from splitc.compiler import compile_imported
 from splitc.runtime import connect
 from splitc.runtime.client import RuntimeFailure
 from splitc.runtime.local import LocalSession
@@ -199,3 +201,21 @@ def test_the_lab_is_cleaned_up(lab):
     assert not any(n in listed.split() for n in names)
     assert net.client_if not in subprocess.run(["ip", "link"], capture_output=True,
                                                text=True).stdout
+
+
+@pytest.mark.parametrize("strategy", ["pipeline", "channel", "spatial"])
+@pytest.mark.parametrize("name", zoo.names())
+def test_zoo_models_across_namespaced_hosts_equal_onnxruntime(lab, tmp_path, name, strategy):
+    """Every zoo model and exact strategy, one worker per test host behind a shaped link."""
+    model = importer.load(name, tiny=True)
+    out = tmp_path / "out"
+    plan = compile_imported(model.mod, out, ["host"] * 3, strategy,
+                            source={"model": name, "tiny": True, "input_shapes": {}})
+    net = lab(3)
+    endpoints = {d.name: net.start_worker(i, out / d.dir, tmp_path)
+                 for i, d in enumerate(plan.devices) if plan.pieces_on(d.name)}
+    x = model.random_inputs(seed=1)
+    with connect(plan, endpoints, timeout=60) as session:
+        got = session.infer(*x)
+    for y, r in zip(got, model.reference(x), strict=True):
+        assert np.abs(y - r).max() <= 1e-4 * np.abs(r).max()
