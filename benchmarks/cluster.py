@@ -40,6 +40,7 @@ from contextlib import ExitStack  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+from common import ort_latency  # noqa: E402
 
 from splitc import importer  # noqa: E402
 from splitc.cluster import Cluster, ClusterDevice, Link, parse_rate  # noqa: E402
@@ -120,22 +121,6 @@ class Workers:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 p.kill()
-
-
-def ort_latency(model: importer.ImportedModel, x, repeats: int) -> float:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(model.path), opts, providers=["CPUExecutionProvider"])
-    feed = dict(zip(model.input_names, x, strict=True))
-    sess.run(None, feed)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def measure(out: Path, x, reference, nets, port0, repeats, inflight, cores) -> dict:

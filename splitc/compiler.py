@@ -20,6 +20,7 @@ import tvm
 import splitc
 from splitc import importer
 from splitc import targets as target_registry
+from splitc.build import build
 from splitc.cluster import Cluster
 from splitc.errors import SplitcError
 from splitc.passes.channel_split import ChannelSplit, plan_channel
@@ -135,7 +136,8 @@ def compile_imported(mod: tvm.IRModule, out_dir: str | Path, devices: list[str],
 
 
 def write_artifacts(ex: Extracted, out_dir: str | Path, devices: list[str], strategy: str, *,
-                    source: dict, log: Callable[[str], None] = lambda _msg: None) -> Plan:
+                    source: dict, log: Callable[[str], None] = lambda _msg: None,
+                    schedules: bool = True) -> Plan:
     """Build every device's piece library for its target and write ``out_dir``.
 
     ``source`` says how to load the original model again (``{"model", "tiny",
@@ -152,24 +154,30 @@ def write_artifacts(ex: Extracted, out_dir: str | Path, devices: list[str], stra
                               "choose another -o")
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    built = []
+    built, pieces = [], {p.name: p for p in plan.pieces}
     for dev, spec in zip(plan.devices, specs, strict=True):
         folder = out / dev.dir
         folder.mkdir()
-        weights = {f"{p.name}/{i}": w for p in plan.pieces_on(dev.name)
-                   for i, w in enumerate(ex.weights[p.name])}
-        np.savez(folder / dev.weights, **weights)
         module = ex.modules.get(dev.index)
+        own = {p.name: ex.weights[p.name] for p in plan.pieces_on(dev.name)}
         if module is None:  # e.g. a spatial split of a model with no row-local layers
             log(f"warning: the {strategy} split gives {dev.name} nothing to do")
+            np.savez(folder / dev.weights)
             built.append(Device(dev.name, dev.target, dev.index, dev.dir, "", dev.weights, "",
                                 sha256_file(folder / dev.weights)))
             continue
-        log(f"building {dev.name} ({spec.name}): {len(plan.pieces_on(dev.name))} pieces")
-        executable = tvm.compile(module, target=spec.tvm_target())
+        log(f"building {dev.name} ({spec.name}): {len(own)} pieces"
+            + ("" if schedules else ", plain lowering (no default schedules)"))
+        executable, own = build(module, spec.tvm_target(), own, schedules=schedules,
+                               log=lambda msg, name=dev.name: log(f"  {name}: {msg}"))
+        np.savez(folder / dev.weights, **{f"{name}/{i}": w for name, ws in own.items()
+                                           for i, w in enumerate(ws)})
+        for name, ws in own.items():  # packed weights can differ in number from the originals
+            pieces[name] = dataclasses.replace(pieces[name], num_weights=len(ws))
         spec.export_library(executable, folder / dev.lib)
         built.append(Device(dev.name, dev.target, dev.index, dev.dir, dev.lib, dev.weights,
                             sha256_file(folder / dev.lib), sha256_file(folder / dev.weights)))
+    plan = dataclasses.replace(plan, pieces=tuple(pieces[p.name] for p in plan.pieces))
     plan = dataclasses.replace(plan, devices=tuple(built))
     plan.save(out / "plan.json")
     for dev in plan.devices:

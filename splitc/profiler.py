@@ -1,8 +1,8 @@
 """``splitc profile --target host``: measure how fast this machine runs compiled pieces.
 
 Every layer of a model becomes its own piece (the outline pass with one device per binding),
-the module is compiled once for the target, and each piece is timed with TVM's time evaluator
-on its real inputs. The table — FLOP/s per operator kind, overall FLOP/s and the fixed cost of
+the module is compiled once for the target (default schedules, as every artifact is), and
+each piece is timed with TVM's time evaluator on its real inputs. The table — FLOP/s per operator kind, overall FLOP/s and the fixed cost of
 a piece call — is what the cost model uses for that target.
 """
 
@@ -18,9 +18,9 @@ from tvm import relax
 
 from splitc import importer
 from splitc import targets as target_registry
+from splitc.build import CODEGEN, build
 from splitc.cost import profile_dir
 from splitc.errors import SplitcError
-from splitc.passes.analysis import function_flops
 from splitc.passes.extract import extract
 from splitc.passes.ir import main_block, op_name
 from splitc.passes.outline import OutlinePieces
@@ -42,13 +42,14 @@ def measure(model: str, target: str = "host", *, tiny: bool = False, number: int
         for gv, func in dev_mod.functions.items():
             if gv.name_hint not in [g.name_hint for g in module.get_global_vars()]:
                 module[gv] = func
-    vm = relax.VirtualMachine(tvm.compile(module, target=spec.tvm_target()), tvm.cpu())
+    executable, weights = build(module, spec.tvm_target(), ex.weights)
+    vm = relax.VirtualMachine(executable, tvm.cpu())
     env = {name: tvm.runtime.tensor(x) for name, x in
            zip(imported.input_names, imported.random_inputs(), strict=True)}
     kinds: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # kind -> [flops, seconds]
     overhead = []
     for p in ex.pieces:
-        args = [env[t] for t in p.inputs] + [tvm.runtime.tensor(w) for w in ex.weights[p.name]]
+        args = [env[t] for t in p.inputs] + [tvm.runtime.tensor(w) for w in weights[p.name]]
         out = vm[p.name](*args)
         outs = [out] if len(p.outputs) == 1 else [out[i] for i in range(len(p.outputs))]
         env.update(zip(p.outputs, outs, strict=True))
@@ -61,7 +62,7 @@ def measure(model: str, target: str = "host", *, tiny: bool = False, number: int
     total_flops = sum(v[0] for v in kinds.values())
     total_seconds = sum(v[1] for v in kinds.values())
     return {
-        "target": target, "model": model + (" (tiny)" if tiny else ""),
+        "target": target, "model": model + (" (tiny)" if tiny else ""), "codegen": CODEGEN,
         "flops_per_second": total_flops / total_seconds,
         "call_overhead": float(np.median(overhead)) if overhead else 0.0,
         "ops": {k: {"flops": f, "seconds": s, "flops_per_second": f / s if s else None}

@@ -12,3 +12,12 @@ def run_module(mod: tvm.IRModule, *inputs: np.ndarray) -> np.ndarray:
     vm = relax.VirtualMachine(tvm.compile(mod, HOST), tvm.cpu())
     out = vm["main"](*[tvm.runtime.tensor(x) for x in inputs])
     return out.numpy() if hasattr(out, "numpy") else out[0].numpy()
+
+
+def run_built(mod: tvm.IRModule, *inputs: np.ndarray, schedules: bool = True) -> np.ndarray:
+    """Like :func:`run_module`, through :func:`splitc.build.build` (packing and schedules)."""
+    from splitc.build import build
+
+    ex, _ = build(mod, HOST, schedules=schedules)
+    out = relax.VirtualMachine(ex, tvm.cpu())["main"](*[tvm.runtime.tensor(x) for x in inputs])
+    return out.numpy() if hasattr(out, "numpy") else out[0].numpy()

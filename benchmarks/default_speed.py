@@ -1,0 +1,141 @@
+"""Default-schedule speed: splitc's code against ONNX Runtime and torch on one core.
+
+For each model, in one process pinned to one core (``sched_setaffinity``, one thread each:
+``TVM_NUM_THREADS=1``, ``torch.set_num_threads(1)``, ONNX Runtime ``intra_op_num_threads=1``):
+
+* ONNX Runtime on the model's ONNX file (the zoo exports one; ``.onnx`` paths are used as is);
+* torch eager (zoo models only);
+* splitc with its default schedules (``splitc.build.build``: packed convolutions, scheduled
+  conv/matmul/pool, weights packed at compile time), no tuning;
+* splitc with TVM's plain lowering (what ``tvm.compile`` gives without schedules; slow, so
+  one run; ``--no-plain`` skips it).
+
+Latency is the median of ``--repeats`` runs after one warm-up. splitc's output is checked
+against ONNX Runtime's on the same input (max abs error printed). No tuning records are used:
+``splitc tune`` is not built yet, so the "with records" column of the issue is absent.
+
+    .venv/bin/python benchmarks/default_speed.py            # resnet50, mobilenet_v2, vgg16, 224
+    .venv/bin/python benchmarks/default_speed.py --models resnet18 --tiny --no-plain
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TVM_NUM_THREADS"] = "1"  # before TVM starts its thread pool
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+from common import ort_latency  # noqa: E402
+
+from splitc import importer, targets, zoo  # noqa: E402
+from splitc.build import build  # noqa: E402
+from splitc.passes.extract import lift_weights  # noqa: E402
+
+DEFAULT_MODELS = ["resnet50", "mobilenet_v2", "vgg16"]
+GOAL = 2.0  # splitc default schedules: at most 2x ONNX Runtime's latency
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def tvm_runner(model: importer.ImportedModel, x, *, schedules: bool):
+    import tvm
+    from tvm import relax
+
+    func, arrays = lift_weights(model.mod["main"])
+    start = time.perf_counter()
+    ex, weights = build(tvm.IRModule({"main": func}), targets.get("host").tvm_target(),
+                        {"main": arrays}, schedules=schedules)
+    build_s = time.perf_counter() - start
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    args = [tvm.runtime.tensor(a) for a in x] + [tvm.runtime.tensor(w) for w in weights["main"]]
+
+    def run():
+        out = vm["main"](*args)
+        return out.numpy() if hasattr(out, "numpy") else out[0].numpy()
+
+    return run, build_s
+
+
+def torch_latency(name: str, tiny: bool, x, repeats: int) -> float | None:
+    import torch
+
+    if name not in zoo.names():
+        return None
+    torch.set_num_threads(1)
+    module = zoo.build(name, tiny=tiny).eval()
+    inp = [torch.from_numpy(a) for a in x]
+    with torch.no_grad():
+        return median_seconds(lambda: module(*inp), repeats)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=DEFAULT_MODELS,
+                    help="zoo names or .onnx paths")
+    ap.add_argument("--tiny", action="store_true", help="the zoo models' tiny variants")
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--no-plain", action="store_true", help="skip the plain-lowering column")
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = ap.parse_args()
+
+    core = sorted(os.sched_getaffinity(0))[-1]
+    os.sched_setaffinity(0, {core})
+    spec = targets.get("host")
+    print(f"# one core (cpu {core}) of {platform.processor() or platform.machine()}, "
+          f"LLVM cpu {spec.tvm_target().attrs['mcpu']}; one thread for every runtime; median of {args.repeats} runs")
+    header = (f"{'model':<24} {'ORT ms':>8} {'torch ms':>9} {'plain ms':>9} {'splitc ms':>10} "
+              f"{'splitc/ORT':>10} {'goal':>6} {'build s':>8} {'max err':>9}")
+    print(header)
+    rows = []
+    for name in args.models:
+        model = importer.load(name, None, tiny=args.tiny)
+        x = model.random_inputs()
+        ref = model.reference(x)[0]
+        ort_s = ort_latency(model, x, args.repeats)
+        torch_s = torch_latency(name, args.tiny, x, args.repeats)
+        run, build_s = tvm_runner(model, x, schedules=True)
+        err = float(np.abs(run() - ref).max())
+        splitc_s = median_seconds(run, args.repeats)
+        plain_s = None
+        if not args.no_plain:
+            plain, _ = tvm_runner(model, x, schedules=False)
+            plain_s = median_seconds(plain, 1)
+        ratio = splitc_s / ort_s
+        row = {"model": name + (" (tiny)" if args.tiny else ""), "ort_ms": ort_s * 1e3,
+               "torch_ms": torch_s * 1e3 if torch_s else None,
+               "plain_ms": plain_s * 1e3 if plain_s else None, "splitc_ms": splitc_s * 1e3,
+               "splitc_over_ort": ratio, "meets_goal": ratio <= GOAL, "build_s": build_s,
+               "max_abs_err": err}
+        rows.append(row)
+
+        def ms(v):
+            return f"{v:.1f}" if v is not None else "-"
+
+        print(f"{row['model']:<24} {ms(row['ort_ms']):>8} {ms(row['torch_ms']):>9} "
+              f"{ms(row['plain_ms']):>9} {ms(row['splitc_ms']):>10} {ratio:>9.2f}x "
+              f"{'met' if ratio <= GOAL else 'MISSED':>6} {build_s:>8.1f} {err:>9.1e}",
+              flush=True)
+    print(f"# goal: splitc default schedules at most {GOAL:.0f}x ONNX Runtime on one core")
+    print(json.dumps(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

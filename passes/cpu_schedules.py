@@ -1,0 +1,276 @@
+"""Default CPU schedules: fast code for the FLOP-heavy ops without a tuning run.
+
+TVM 0.27 lowers convolutions and matmuls to plain loops unless MetaSchedule has tuned them.
+These rules, in the style of ``tvm.s_tir.dlight``, give every such loop nest a fixed schedule
+that is good on any CPU with fp32 SIMD (AVX2, NEON): register tiles whose innermost loop fills
+the target's vector lanes, reductions ordered so the accumulators stay in registers, the fused
+element-wise tail computed on each tile while it is hot, and the outer loops in parallel.
+
+- :class:`PackedConv2d`: ``NCHW[x]c`` convolutions (regular and depthwise, see
+  :mod:`splitc.passes.pack_layout`), with their fused epilogue.
+- :class:`Matmul`: dense / matmul, vectorised over the output columns.
+- :class:`PackedPool`: max pooling on ``NCHW[x]c`` tensors.
+
+Each rule returns ``None`` when the function is not its pattern, or when a schedule step
+does not apply: the function then keeps its plain lowering, which is slow but correct.
+:func:`legalize_conv2d` lowers packed convolutions to TE (the stock legalizer leaves them).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import tvm
+from tvm import relax, s_tir, te, tirx, topi
+from tvm.relax.transform.legalize_ops.nn import _nn_conv2d
+from tvm.s_tir import dlight
+from tvm.s_tir.dlight import ScheduleRule
+from tvm.target import Target
+
+log = logging.getLogger(__name__)
+_PACKED = re.compile(r"^NCHW(\d+)c$")
+CONV_BLOCKS = ("conv2d_NCHWc", "depthwise_conv2d_NCHWc")
+#: Accumulator vector registers a tile may use (AVX2 and NEON-armv7 have 16, aarch64 32).
+ACCUMULATORS = 12
+
+
+def vector_lanes(target: Target) -> int:
+    """fp32 lanes of the target's SIMD registers: 16 (AVX-512), 8 (AVX/AVX2), 4 otherwise."""
+    attrs = " ".join(str(a) for a in target.attrs.get("mattr", [])) + " " + \
+        str(target.attrs.get("mcpu", ""))
+    triple = str(target.attrs.get("mtriple", ""))
+    if triple.startswith(("aarch64", "arm")):
+        return 4
+    if "avx512" in attrs or any(c in attrs for c in ("skylake-avx512", "icelake", "sapphire",
+                                                     "cascadelake", "znver4", "znver5")):
+        return 16
+    return 8
+
+
+# -- legalization --------------------------------------------------------------------------------
+def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """Lower ``R.nn.conv2d`` in ``NCHW[x]c`` to TE; anything else goes to TVM's legalizer."""
+    a = call.attrs
+    din, dout = _PACKED.match(a.data_layout), _PACKED.match(a.out_layout)
+    if not (din and dout):
+        return _nn_conv2d(bb, call)
+    data, kernel = call.args
+    if int(a.groups) > 1:  # depthwise: PackConvLayout packs no other grouped convolution
+        return bb.call_te(_depthwise_nchwc, data, kernel, list(a.strides), list(a.padding),
+                          list(a.dilation), primfunc_name_hint="depthwise_conv2d_NCHWc")
+    return bb.call_te(topi.nn.conv2d_NCHWc, data, kernel, list(a.strides), list(a.padding),
+                      list(a.dilation), a.data_layout, a.out_layout, "float32",
+                      primfunc_name_hint="conv2d_NCHWc")
+
+
+def _depthwise_nchwc(data, kernel, strides, padding, dilation):
+    n, chunks, height, width, block = data.shape
+    kh, kw = int(kernel.shape[2]), int(kernel.shape[3])
+    (sh, sw), (dh, dw) = strides, dilation
+    top, left, bottom, right = padding
+    padded = topi.nn.pad(data, (0, 0, top, left, 0), (0, 0, bottom, right, 0), name="data_pad")
+    out_h = (height + top + bottom - (kh - 1) * dh - 1) // sh + 1
+    out_w = (width + left + right - (kw - 1) * dw - 1) // sw + 1
+    rh, rw = te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, kw), "rw")
+    return te.compute(
+        (n, chunks, out_h, out_w, block),
+        lambda b, c, y, x, k: te.sum(
+            padded[b, c, y * sh + rh * dh, x * sw + rw * dw, k] * kernel[c, 0, rh, rw, 0, k],
+            axis=[rh, rw]),
+        name="depthwise_conv2d_NCHWc")
+
+
+# -- shared steps ----------------------------------------------------------------------------------
+def _find_block(sch: s_tir.Schedule, names) -> s_tir.schedule.SBlockRV | None:
+    for name in names:
+        try:
+            return sch.get_sblock(name)
+        except Exception:  # noqa: BLE001 - get_sblock raises when the name is absent
+            continue
+    return None
+
+
+def _extent(sch: s_tir.Schedule, loop) -> int:
+    ext = sch.get(loop).extent
+    return int(ext) if isinstance(ext, tirx.IntImm) else -1
+
+
+def _largest_divisor(n: int, limit: int) -> int:
+    return max(d for d in range(1, max(1, min(n, limit)) + 1) if n % d == 0)
+
+
+def _epilogue(sch: s_tir.Schedule, block, at_loop) -> list:
+    """Inline the element-wise chain after ``block`` into its last op and compute that per tile.
+
+    Returns the loops of the tile's write-back (the last op, or a cache of ``block``'s output
+    when nothing follows it), innermost last.
+    """
+    chain, cur = [], block
+    while True:
+        consumers = sch.get_consumers(cur)
+        if len(consumers) != 1:
+            break
+        chain.append(consumers[0])
+        cur = consumers[0]
+    for blk in chain[:-1]:
+        sch.compute_inline(blk)
+    if chain:
+        last = chain[-1]
+    else:
+        last = sch.cache_write(block, 0, "global")
+    sch.reverse_compute_at(last, at_loop)
+    return sch.get_loops(last)
+
+
+def _parallel_pad(sch: s_tir.Schedule, name: str = "data_pad") -> None:
+    pad = _find_block(sch, [name])
+    if pad is None:
+        return
+    loops = sch.get_loops(pad)
+    sch.vectorize(loops[-1])
+    sch.parallel(sch.fuse(*loops[:3]))
+
+
+def _finish(func: tirx.PrimFunc, build) -> s_tir.Schedule | None:
+    sch = s_tir.Schedule(func)
+    try:
+        build(sch)
+    except (s_tir.ScheduleError, tvm.error.InternalError, ValueError) as err:
+        log.debug("default schedule not applied: %s", str(err).splitlines()[-1:])
+        return None
+    return sch
+
+
+# -- rules -----------------------------------------------------------------------------------------
+class PackedConv2d(ScheduleRule):
+    """``conv2d_NCHWc`` / ``depthwise_conv2d_NCHWc`` with its fused epilogue.
+
+    Loop order per tile (n, oc_chunk, oh, ow_outer parallel/serial):
+    ``ic_outer, kh, kw, ic_inner`` (reduction), ``ow_inner`` (unrolled, one accumulator
+    register each), ``oc_block`` (vector lanes). The padded input is a separate parallel stage.
+    """
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
+        del tunable
+        probe = s_tir.Schedule(func)
+        conv = _find_block(probe, CONV_BLOCKS)
+        if conv is None:
+            return None
+        depthwise = probe.get(conv).name_hint.startswith("depthwise")
+
+        def build(sch: s_tir.Schedule):
+            conv = _find_block(sch, CONV_BLOCKS)
+            loops = sch.get_loops(conv)
+            n, occ, oh, ow, ocb = loops[:5]
+            reduce = loops[5:]
+            lanes = _extent(sch, ocb)
+            reg = _largest_divisor(_extent(sch, ow), max(1, ACCUMULATORS * 8 // max(lanes, 8)))
+            owo, owi = sch.split(ow, [None, reg])
+            if depthwise:
+                order = list(reduce)
+            else:
+                ic, kh, kw = reduce
+                ic_block = _ic_block(sch, conv)
+                ico, ici = sch.split(ic, [None, ic_block])
+                order = [ico, kh, kw, ici]
+            sch.reorder(n, occ, oh, owo, *order, owi, ocb)
+            tail = _epilogue(sch, conv, owo)
+            sch.vectorize(tail[-1])
+            sch.unroll(owi)
+            sch.vectorize(ocb)
+            sch.parallel(sch.fuse(n, occ, oh))
+            init = sch.decompose_reduction(conv, order[0])
+            sch.vectorize(sch.get_loops(init)[-1])
+            _parallel_pad(sch)
+
+        return _finish(func, build)
+
+
+def _ic_block(sch: s_tir.Schedule, conv) -> int:
+    """The input's channel block: the last dimension of the conv's first read buffer."""
+    data = sch.get(conv).reads[0].source
+    return int(data.shape[-1])
+
+
+class Matmul(ScheduleRule):
+    """A matmul/dense block ``C[..., i, j] += A[..., i, k] * B[..., k, j]`` (B may be ``[j, k]``).
+
+    Tiles ``i`` by up to 4 rows and ``j`` by up to 4 vectors, reduction outside the tile.
+    """
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
+        del tunable
+        probe = s_tir.Schedule(func)
+        block = _matmul_block(probe)
+        if block is None:
+            return None
+        lanes = vector_lanes(target)
+        name = probe.get(block).name_hint
+
+        def build(sch: s_tir.Schedule):
+            blk = sch.get_sblock(name)
+            loops = sch.get_loops(blk)
+            *outer, i, j, k = loops
+            vec = _largest_divisor(_extent(sch, j), 4 * lanes)
+            rows = _largest_divisor(_extent(sch, i), max(1, ACCUMULATORS // max(1, vec // lanes)))
+            io, ii = sch.split(i, [None, rows])
+            jo, ji = sch.split(j, [None, vec])
+            sch.reorder(*outer, io, jo, k, ii, ji)
+            tail = _epilogue(sch, blk, jo)
+            sch.vectorize(tail[-1])
+            sch.unroll(ii)
+            sch.vectorize(ji)
+            sch.parallel(sch.fuse(*outer, io, jo))
+            init = sch.decompose_reduction(blk, k)
+            sch.vectorize(sch.get_loops(init)[-1])
+
+        return _finish(func, build)
+
+
+def _matmul_block(sch: s_tir.Schedule):
+    """The one reduction block with spatial iters ``..., i, j`` and one reduce iter ``k``."""
+    found = None
+    for blk in sch.get_child_blocks(sch.get_sblock("root")):
+        stmt = sch.get(blk)
+        kinds = [iv.iter_type for iv in stmt.iter_vars]
+        if not kinds or kinds[-1] != tirx.IterVar.CommReduce:
+            continue
+        if kinds.count(tirx.IterVar.CommReduce) != 1 or len(kinds) < 3:
+            continue
+        if not stmt.name_hint.startswith(("matmul", "T_matmul", "NT_matmul", "T_dense", "dense")):
+            continue
+        if found is not None:
+            return None
+        found = blk
+    return found
+
+
+class PackedPool(ScheduleRule):
+    """Max pooling on ``NCHW[x]c``: the window loops move outside the channel block."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
+        del tunable
+        probe = s_tir.Schedule(func)
+        pool = _find_block(probe, ["pool_max"])
+        if pool is None or len(probe.get_loops(pool)) != 7:
+            return None
+
+        def build(sch: s_tir.Schedule):
+            blk = sch.get_sblock("pool_max")
+            n, c, h, w, cb, rh, rw = sch.get_loops(blk)
+            sch.reorder(n, c, h, w, rh, rw, cb)
+            tail = _epilogue(sch, blk, w)
+            sch.vectorize(tail[-1])
+            sch.vectorize(cb)
+            sch.parallel(sch.fuse(n, c, h))
+            init = sch.decompose_reduction(blk, rh)
+            sch.vectorize(sch.get_loops(init)[-1])
+            _parallel_pad(sch, "pad_temp")
+
+        return _finish(func, build)
+
+
+def default_rules() -> list[ScheduleRule]:
+    """splitc's rules first, then dlight's CPU rules (softmax, norms, reductions, GEMV)."""
+    return [PackedConv2d(), Matmul(), PackedPool(), dlight.cpu.Reduction(), dlight.cpu.GEMV()]

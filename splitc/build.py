@@ -1,0 +1,232 @@
+"""Build Relax modules into fast executables for a target: splitc's one way to call TVM.
+
+``tvm.compile`` alone emits plain loops for convolutions and matmuls (TVM 0.27 has no default
+CPU schedules). :func:`build` adds what makes the code fast without tuning:
+
+1. :class:`~splitc.passes.pack_layout.PackConvLayout` packs convolutions ``NCHW[x]c`` for the
+   target's vector width;
+2. the weight layout changes this creates are lifted out of the piece functions
+   (``relax.transform.LiftTransformParams``) and applied once, here, to the weights — the
+   artifact stores weights already packed, so no inference pays for it;
+3. legalization with :func:`~splitc.passes.cpu_schedules.legalize_conv2d`, fusion, then the
+   default schedules (:func:`~splitc.passes.cpu_schedules.default_rules`) on every fused
+   function they match; the rest of TVM's CPU pipeline follows.
+
+``schedules=False`` gives TVM's plain lowering (the reference the schedules are tested
+against).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import tvm
+from tvm import relax, s_tir
+from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
+from tvm.s_tir import dlight
+
+from splitc.passes.cpu_schedules import default_rules, legalize_conv2d, vector_lanes
+from splitc.passes.pack_layout import PackConvLayout
+
+TRANSFORM_SUFFIX = "_transform_params"
+#: Names the code generation a speed profile was measured with; profiles of another are stale.
+CODEGEN = "default-schedules-1"
+
+
+def _schedule_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
+    return (cpu_pipeline.library_dispatch_passes(target)
+            + [relax.transform.LegalizeOps({"relax.nn.conv2d": legalize_conv2d}),
+               relax.transform.AnnotateTIROpPattern(),
+               relax.transform.FoldConstant(),
+               relax.transform.FuseOps(),
+               relax.transform.FuseTIR(),
+               dlight.ApplyDefaultSchedule(*default_rules())])
+
+
+def schedule(module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Legalize, fuse and apply the default schedules (no packing): the Relax+TIR module."""
+    with target:
+        return tvm.transform.Sequential(_schedule_passes(target))(module)
+
+
+def coverage(scheduled: tvm.IRModule) -> tuple[list[str], list[str]]:
+    """Names of the kernels with a reduction (conv, matmul, pool, ...) that got a default
+    schedule, and of those left with TVM's plain loops."""
+    done, plain = [], []
+    for gv, func in scheduled.functions_items():
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        if func.attrs and "tirx.is_scheduled" in func.attrs:
+            done.append(gv.name_hint)
+        elif _has_reduction(func):
+            plain.append(gv.name_hint)
+    return sorted(done), sorted(plain)
+
+
+def _has_reduction(func: tvm.tirx.PrimFunc) -> bool:
+    sch = s_tir.Schedule(func)
+    try:
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    except Exception:  # noqa: BLE001 - a function without a root block has no reduction
+        return False
+    return any(iv.iter_type == tvm.tirx.IterVar.CommReduce
+               for b in blocks for iv in sch.get(b).iter_vars)
+
+
+def relax_pipeline(target: tvm.target.Target,
+                   log: Callable[[str], None] | None = None) -> tvm.transform.Pass:
+    """TVM's CPU pipeline with splitc's conv legalization and default schedules."""
+
+    @tvm.transform.module_pass(opt_level=0, name="SplitcCPUPipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        mod = schedule(mod, target)
+        if log is not None:
+            done, plain = coverage(mod)
+            log(f"default schedules on {len(done)} of {len(done) + len(plain)} kernels with "
+                "a reduction" + (f"; plain loops: {', '.join(plain)}" if plain else ""))
+        with target:
+            return tvm.transform.Sequential(cpu_pipeline.dataflow_lower_passes(target)
+                                            + cpu_pipeline.finalize_passes(target))(mod)
+
+    return _pipeline
+
+
+def pack(module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Pack convolutions for ``target`` and lift the weight transforms into
+    ``<function>_transform_params`` functions."""
+    with target:
+        packed = PackConvLayout(vector_lanes(target))(module)
+        return relax.transform.LiftTransformParams()(packed)
+
+
+def build(module: tvm.IRModule, target: tvm.target.Target,
+          weights: Mapping[str, Sequence[np.ndarray]] | None = None, *,
+          schedules: bool = True, log: Callable[[str], None] | None = None,
+          ) -> tuple[tvm.runtime.Executable, dict[str, list[np.ndarray]]]:
+    """Compile ``module`` for ``target``; returns the executable and the weights it takes.
+
+    Parameters
+    ----------
+    module : IRModule
+        Relax functions. A function whose ``num_input`` attribute is set takes its weights as
+        the parameters after the first ``num_input``; ``weights[name]`` gives their values.
+    target : Target
+        What to compile for (``TargetSpec.tvm_target()``).
+    weights : mapping of function name to arrays, optional
+        The weights of the functions that take any.
+    schedules : bool
+        Pack convolutions and apply the default schedules (True), or use TVM's plain lowering.
+    log : callable, optional
+        Told how many kernels got a default schedule and which kept plain loops.
+
+    Returns
+    -------
+    executable, weights
+        ``weights[name]`` are the arrays to pass after the inputs of function ``name``: packed
+        to the layouts the executable expects when ``schedules`` is True.
+    """
+    weights = {k: list(v) for k, v in (weights or {}).items()}
+    if not schedules:
+        with target:
+            return tvm.compile(module, target=target), weights
+    lifted = pack(module, target)
+    transforms = {gv.name_hint.removesuffix(TRANSFORM_SUFFIX): gv
+                  for gv in lifted.get_global_vars() if gv.name_hint.endswith(TRANSFORM_SUFFIX)}
+    if transforms:
+        weights = _transform_weights(lifted, transforms, weights)
+        lifted = lifted.clone()
+        for gv in transforms.values():
+            del lifted[gv]
+    executable = tvm.compile(lifted, target=target, relax_pipeline=relax_pipeline(target, log))
+    return executable, weights
+
+
+def _transform_weights(mod: tvm.IRModule, transforms: Mapping[str, tvm.ir.GlobalVar],
+                       weights: dict[str, list[np.ndarray]]) -> dict[str, list[np.ndarray]]:
+    """Run the lifted ``*_transform_params`` functions once: in numpy when they only move
+    data (layout transforms, dims), else compiled for this machine's CPU."""
+    out = dict(weights)
+    compiled = []
+    for name, gv in transforms.items():
+        moved = _move_data(mod[gv], weights.get(name, []))
+        if moved is None:
+            compiled.append(name)
+        else:
+            out[name] = moved
+    if compiled:
+        host = tvm.target.Target({"kind": "llvm"})
+        only = tvm.IRModule({transforms[n]: mod[transforms[n]] for n in compiled})
+        vm = relax.VirtualMachine(tvm.compile(only, target=host), tvm.cpu())
+        for name in compiled:
+            args = [tvm.runtime.tensor(np.require(w, requirements="C"))
+                    for w in weights.get(name, [])]
+            out[name] = [np.asarray(r.numpy()) for r in vm[transforms[name].name_hint](args)]
+    return out
+
+
+class _Unsupported(Exception):
+    pass
+
+
+#: Largest tensor :func:`_move_data` rearranges with index arrays (8 bytes x rank per element).
+_MOVE_LIMIT = 1 << 24
+
+
+def _move_data(func: relax.Function, arrays: Sequence[np.ndarray]) -> list[np.ndarray] | None:
+    """Evaluate a transform-params function that only rearranges data; None if it does more."""
+    env: dict[relax.Var, object] = {func.params[0]: list(arrays)}
+    try:
+        for block in func.body.blocks:
+            for binding in block.bindings:
+                env[binding.var] = _move_value(binding.value, env)
+        result = _move_value(func.body.body, env)
+    except _Unsupported:
+        return None
+    return [np.ascontiguousarray(a) for a in result]
+
+
+def _move_value(expr: relax.Expr, env: dict) -> object:
+    if isinstance(expr, relax.Var):
+        return env[expr]
+    if isinstance(expr, relax.Tuple):
+        return [_move_value(f, env) for f in expr.fields]
+    if isinstance(expr, relax.TupleGetItem):
+        return _move_value(expr.tuple_value, env)[expr.index]
+    if not (isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op)):
+        raise _Unsupported(type(expr).__name__)
+    op, a = expr.op.name, expr.attrs
+    x = _move_value(expr.args[0], env)
+    if op == "relax.layout_transform" and a.pad_value is None and x.size <= _MOVE_LIMIT:
+        return _layout_transform(x, a.index_map, [int(d) for d in expr.ty.shape])
+    if op == "relax.expand_dims":
+        return np.expand_dims(x, tuple(int(i) for i in a.axis))
+    if op == "relax.permute_dims":
+        return np.transpose(x, None if a.axes is None else [int(i) for i in a.axes])
+    if op == "relax.reshape":
+        return np.reshape(x, [int(d) for d in expr.ty.shape])
+    raise _Unsupported(op)
+
+
+def _layout_transform(x: np.ndarray, index_map, out_shape: list[int]) -> np.ndarray:
+    """``out[index_map(i)] = x[i]`` for every index ``i`` of ``x`` (a bijective map)."""
+    if int(np.prod(out_shape)) != x.size:
+        raise _Unsupported("padding layout transform")
+    coords = dict(zip(index_map.initial_indices, np.indices(x.shape), strict=True))
+    out = np.empty(out_shape, dtype=x.dtype)
+    out[tuple(_index(e, coords) for e in index_map.final_indices)] = x
+    return out
+
+
+def _index(expr, coords):
+    """Evaluate an index expression (vars, integers, + - * // %) on numpy index arrays."""
+    if isinstance(expr, tvm.ir.Var):
+        return coords[expr]
+    if isinstance(expr, tvm.tirx.IntImm):
+        return int(expr.value)
+    ops = {tvm.tirx.FloorDiv: np.floor_divide, tvm.tirx.FloorMod: np.mod, tvm.tirx.Add: np.add,
+           tvm.tirx.Sub: np.subtract, tvm.tirx.Mul: np.multiply}
+    for kind, fn in ops.items():
+        if isinstance(expr, kind):
+            return fn(_index(expr.a, coords), _index(expr.b, coords))
+    raise _Unsupported(type(expr).__name__)

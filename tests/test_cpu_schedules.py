@@ -1,0 +1,107 @@
+"""Default CPU schedules give the plain lowering's answers, and really apply.
+
+Per op family, with odd shapes: channels that are not a multiple of the vector width, stride 2,
+asymmetric padding, depthwise and grouped convolutions, matmuls with odd sizes, pooling with
+padding. Each case is built twice through :func:`splitc.build.build` (default schedules, and
+TVM's plain lowering) and must agree; :func:`splitc.build.coverage` must show the heavy kernel
+scheduled, so a rule that silently stops matching fails here.
+"""
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from splitc.build import coverage, pack, schedule
+from splitc.passes.cpu_schedules import vector_lanes
+
+from .helpers import HOST, run_built
+
+
+def conv_module(c_in, c_out, size, kernel, stride, padding, groups=1, pool=False, bias=True):
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, c_in, size, size), "float32"))
+    w = relax.Var("w", relax.TensorType((c_out, c_in // groups, kernel, kernel), "float32"))
+    b = relax.Var("b", relax.TensorType((1, c_out, 1, 1), "float32"))
+    with bb.function("main", [x, w, b]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, w, strides=stride, padding=padding, groups=groups))
+            if bias:
+                y = bb.emit(relax.op.nn.relu(relax.op.add(y, b)))
+            if pool:
+                y = bb.emit(relax.op.nn.max_pool2d(y, pool_size=3, strides=2, padding=1))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def matmul_module(m, k, n, transpose=False):
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((m, k), "float32"))
+    w = relax.Var("w", relax.TensorType((n, k) if transpose else (k, n), "float32"))
+    b = relax.Var("b", relax.TensorType((n,), "float32"))
+    with bb.function("main", [x, w, b]):
+        with bb.dataflow():
+            wt = relax.op.permute_dims(w) if transpose else w
+            y = bb.emit(relax.op.add(relax.op.matmul(x, wt), b))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+CONVS = {
+    "3x3": (16, 16, 8, 3, 1, 1),
+    "stem-3ch-stride2": (3, 16, 17, 3, 2, 1),
+    "odd-channels": (12, 20, 9, 3, 1, 1),
+    "1x1": (16, 24, 7, 1, 1, 0),
+    "1x1-stride2": (16, 32, 8, 1, 2, 0),
+    "7x7-stride2-pad3": (3, 8, 20, 7, 2, 3),
+    "asymmetric-pad": (8, 8, 10, 3, 2, (0, 1, 1, 0)),
+    "no-bias-output": (8, 16, 6, 3, 1, 1),
+}
+
+
+@pytest.mark.parametrize("case", list(CONVS))
+def test_conv(case):
+    c_in, c_out, size, k, s, p = CONVS[case]
+    check(conv_module(c_in, c_out, size, k, s, p, bias=case != "no-bias-output"),
+          expect_scheduled=1)
+
+
+@pytest.mark.parametrize("channels,stride", [(24, 1), (24, 2), (12, 1), (20, 2)])
+def test_depthwise(channels, stride):
+    check(conv_module(channels, channels, 9, 3, stride, 1, groups=channels), expect_scheduled=1)
+
+
+def test_grouped_conv():
+    """Grouped (not depthwise) convolutions are not packed; dlight's reduction rule takes them."""
+    check(conv_module(16, 16, 8, 3, 1, 1, groups=4), expect_scheduled=1)
+
+
+def test_conv_then_pool():
+    check(conv_module(8, 16, 12, 3, 1, 1, pool=True), expect_scheduled=2)
+
+
+@pytest.mark.parametrize("m,k,n,transpose", [(1, 64, 1000, False), (1, 100, 10, True),
+                                             (5, 24, 10, False), (17, 48, 96, True)])
+def test_matmul(m, k, n, transpose):
+    check(matmul_module(m, k, n, transpose), expect_scheduled=1)
+
+
+def test_vector_lanes():
+    target = tvm.target.Target
+    assert vector_lanes(target({"kind": "llvm", "mcpu": "znver3"})) == 8
+    assert vector_lanes(target({"kind": "llvm", "mcpu": "skylake-avx512"})) == 16
+    assert vector_lanes(target({"kind": "llvm", "mtriple": "aarch64-linux-gnu",
+                                "mcpu": "cortex-a72"})) == 4
+
+
+def check(mod: tvm.IRModule, expect_scheduled: int) -> None:
+    rng = np.random.default_rng(1)
+    args = [rng.standard_normal([int(d) for d in p.ty.shape]).astype("float32")
+            for p in mod["main"].params]
+    fast = run_built(mod, *args)
+    plain = run_built(mod, *args, schedules=False)
+    np.testing.assert_allclose(fast, plain, rtol=1e-4, atol=1e-4)
+    done, _ = coverage(schedule(pack(mod, HOST), HOST))
+    assert len(done) == expect_scheduled, done

@@ -1,0 +1,41 @@
+"""The ARM builds' convolution kernels use NEON vector instructions (disassembly check)."""
+
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from splitc import targets
+from splitc.build import build
+
+from .test_cpu_schedules import conv_module
+
+CASES = {
+    # aarch64 (Raspberry Pi 4): fused multiply-add on four fp32 lanes of a 128-bit register.
+    "rpi4": ("aarch64-linux-gnu-objdump", r"\bfmla\s+v\d+\.4s"),
+    # armv7 (PYNQ-Z1's Cortex-A9, NEON without FMA): multiplies on 128-bit q registers (LLVM
+    # keeps vmul + vadd apart without fast-math, so no vmla).
+    "pynq-z1-arm": ("arm-linux-gnueabihf-objdump", r"\bv(?:mla|fma|mul)\.f32\s+q\d+"),
+}
+
+
+def kernel_disassembly(objdump: str, lib, name_part: str) -> str:
+    """The disassembly of every function whose symbol contains ``name_part``."""
+    text = subprocess.run([objdump, "-d", "--no-show-raw-insn", str(lib)], check=True,
+                          capture_output=True, text=True).stdout
+    sections = re.split(r"\n(?=[0-9a-f]+ <)", text)
+    return "\n".join(s for s in sections if name_part in s.split("\n", 1)[0])
+
+
+@pytest.mark.parametrize("target", list(CASES))
+def test_conv_hot_loop_is_neon(target, tmp_path):
+    objdump, pattern = CASES[target]
+    if shutil.which(objdump) is None:
+        pytest.skip(f"{objdump} is missing: run scripts/setup.sh")
+    spec = targets.get(target)
+    ex, _ = build(conv_module(16, 32, 8, 3, 1, 1), spec.tvm_target())
+    lib = spec.export_library(ex, tmp_path / "lib.so")
+    kernel = kernel_disassembly(objdump, lib, "conv2d_NCHWc")
+    assert kernel, "no conv2d_NCHWc kernel in the library"
+    assert len(re.findall(pattern, kernel)) >= 8, kernel[:3000]
