@@ -97,7 +97,8 @@ def main() -> int:
     os.sched_setaffinity(0, {core})
     spec = targets.get("host")
     print(f"# one core (cpu {core}) of {platform.processor() or platform.machine()}, "
-          f"LLVM cpu {spec.tvm_target().attrs['mcpu']}; one thread for every runtime; median of {args.repeats} runs")
+          f"LLVM cpu {spec.tvm_target().attrs['mcpu']}; one thread for every runtime; "
+          f"median of {args.repeats} runs")
     header = (f"{'model':<24} {'ORT ms':>8} {'torch ms':>9} {'plain ms':>9} {'splitc ms':>10} "
               f"{'splitc/ORT':>10} {'goal':>6} {'build s':>8} {'max err':>9}")
     print(header)

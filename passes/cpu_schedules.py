@@ -100,6 +100,20 @@ def _largest_divisor(n: int, limit: int) -> int:
     return max(d for d in range(1, max(1, min(n, limit)) + 1) if n % d == 0)
 
 
+def register_tile(extent: int, limit: int, slack: int = 0) -> int:
+    """How many outputs along one axis a tile keeps in registers (at most ``limit``, or the
+    whole axis when it is at most ``limit + slack``). A divisor of ``extent`` when a large one
+    exists; else the size that wastes least on the last, partial tile (prime widths such as
+    13 or 55 would otherwise get tiles of 1)."""
+    if extent <= limit + slack:
+        return extent
+    best = _largest_divisor(extent, limit)
+    if best >= limit // 2:
+        return best
+    return min(range(max(1, limit // 2), limit + 1),
+               key=lambda r: (-(-extent // r) * r - extent, -r))
+
+
 def _epilogue(sch: s_tir.Schedule, block, at_loop) -> list:
     """Inline the element-wise chain after ``block`` into its last op and compute that per tile.
 
@@ -136,10 +150,26 @@ def _finish(func: tirx.PrimFunc, build) -> s_tir.Schedule | None:
     sch = s_tir.Schedule(func)
     try:
         build(sch)
-    except (s_tir.ScheduleError, tvm.error.InternalError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - any failure leaves the plain (correct) loops
         log.debug("default schedule not applied: %s", str(err).splitlines()[-1:])
         return None
     return sch
+
+
+class Guarded(ScheduleRule):
+    """Another rule (dlight's) whose failure on an odd function leaves its plain loops, as
+    splitc's own rules do, instead of failing the build."""
+
+    def __init__(self, rule: ScheduleRule):
+        self.rule = rule
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
+        try:
+            return self.rule.apply(func, target, tunable)
+        except Exception as err:  # noqa: BLE001
+            log.debug("%s not applied: %s", type(self.rule).__name__,
+                      str(err).splitlines()[-1:])
+            return None
 
 
 # -- rules -----------------------------------------------------------------------------------------
@@ -165,7 +195,8 @@ class PackedConv2d(ScheduleRule):
             n, occ, oh, ow, ocb = loops[:5]
             reduce = loops[5:]
             lanes = _extent(sch, ocb)
-            reg = _largest_divisor(_extent(sch, ow), max(1, ACCUMULATORS * 8 // max(lanes, 8)))
+            # up to 14 accumulators + weight + broadcast: AVX2's and armv7 NEON's 16 registers
+            reg = register_tile(_extent(sch, ow), ACCUMULATORS, slack=2)
             owo, owi = sch.split(ow, [None, reg])
             if depthwise:
                 order = list(reduce)
@@ -213,7 +244,7 @@ class Matmul(ScheduleRule):
             loops = sch.get_loops(blk)
             *outer, i, j, k = loops
             vec = _largest_divisor(_extent(sch, j), 4 * lanes)
-            rows = _largest_divisor(_extent(sch, i), max(1, ACCUMULATORS // max(1, vec // lanes)))
+            rows = register_tile(_extent(sch, i), max(1, ACCUMULATORS // max(1, vec // lanes)))
             io, ii = sch.split(i, [None, rows])
             jo, ji = sch.split(j, [None, vec])
             sch.reorder(*outer, io, jo, k, ii, ji)
@@ -273,4 +304,5 @@ class PackedPool(ScheduleRule):
 
 def default_rules() -> list[ScheduleRule]:
     """splitc's rules first, then dlight's CPU rules (softmax, norms, reductions, GEMV)."""
-    return [PackedConv2d(), Matmul(), PackedPool(), dlight.cpu.Reduction(), dlight.cpu.GEMV()]
+    return [PackedConv2d(), Matmul(), PackedPool(), Guarded(dlight.cpu.Reduction()),
+            Guarded(dlight.cpu.GEMV())]

@@ -5,8 +5,9 @@ fills a vector register: each input value is broadcast once and multiplied into 
 register of weights. That needs the channels packed innermost: activations ``NCHW8c``
 (``[n, c // 8, h, w, c % 8]``) and weights ``OIHW8i8o``. This pass rewrites every 2-D
 convolution it can pack into that form and keeps the result packed through the ops that do
-not care about the channel order (element-wise ops, per-channel bias adds, max pooling, the
-next convolution), so layouts change only where the packed run ends. Weight layout changes
+not care about the channel order (element-wise ops, per-channel bias adds and batch-norm
+arithmetic, max and average pooling, channel concatenation of whole blocks, the next
+convolution), so layouts change only where the packed run ends. Weight layout changes
 are ``R.layout_transform`` of parameters: :func:`splitc.build.build` lifts them out and
 applies them once at compile time.
 
@@ -29,7 +30,8 @@ from splitc.passes.ir import static_shape, substitute, var_inputs
 _UNARY = {"relax.nn.relu", "relax.clip", "relax.sigmoid", "relax.nn.silu", "relax.tanh",
           "relax.nn.gelu"}
 #: Elementwise ops on two tensors of the same layout, or a tensor and a per-channel vector.
-_BINARY = {"relax.add", "relax.multiply", "relax.subtract", "relax.maximum", "relax.minimum"}
+_BINARY = {"relax.add", "relax.multiply", "relax.subtract", "relax.divide", "relax.maximum",
+           "relax.minimum"}
 
 
 @dataclass(frozen=True)
@@ -225,19 +227,33 @@ class _Rewriter:
                               value.attrs, value.ty_args), block
         if op in _BINARY:
             return self._binary(value)
-        if op == "relax.nn.max_pool2d" and value.attrs.layout == "NCHW" \
-                and value.attrs.out_layout == "NCHW":
+        if op in ("relax.nn.max_pool2d", "relax.nn.avg_pool2d") \
+                and (value.attrs.layout, value.attrs.out_layout) == ("NCHW", "NCHW"):
             block = self._packed_block(value.args[0])
             if block is None:
                 return None
             a = value.attrs
-            pool = relax.op.nn.max_pool2d(
+            pool = getattr(relax.op.nn, op.removeprefix("relax.nn."))(
                 self.packed[value.args[0]][0], pool_size=a.pool_size, strides=a.strides,
                 padding=a.padding, dilation=a.dilation, ceil_mode=a.ceil_mode,
                 count_include_pad=a.count_include_pad, layout=packed_layout(block),
                 out_layout=packed_layout(block))
             return pool, block
+        if op == "relax.concat":
+            return self._concat(value)
         return None
+
+    def _concat(self, value: relax.Call):
+        """Channel concatenation of packed tensors stays packed when every part's channels
+        are whole blocks."""
+        fields = value.args[0]
+        if not isinstance(fields, relax.Tuple) or int(value.attrs.axis) not in (1, -3):
+            return None
+        known = [b for b in map(self._packed_block, fields.fields) if b is not None]
+        if not known or any(_rank(f) != 4 or static_shape(f)[1] % known[0] for f in fields):
+            return None
+        parts = [self._packed_of(f, known[0]) for f in fields.fields]
+        return relax.op.concat(parts, axis=1), known[0]
 
     def _binary(self, value: relax.Call):
         lhs, rhs = value.args

@@ -59,7 +59,8 @@ class DeviceArtifact:
         p = self.pieces[piece if isinstance(piece, str) else piece.name]
         if len(inputs) != len(p.inputs):
             raise PlanError(f"piece {p.name} takes {len(p.inputs)} inputs, got {len(inputs)}")
-        args = [self._tensor(np.ascontiguousarray(x)) for x in inputs] + self._weights[p.name]
+        args = [self._tensor(np.require(x, requirements="C")) for x in inputs]  # 0-d stays 0-d
+        args += self._weights[p.name]
         out = self._funcs[p.name](*args)
         if len(p.outputs) == 1:
             return [out.numpy()]

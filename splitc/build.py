@@ -183,7 +183,7 @@ def _move_data(func: relax.Function, arrays: Sequence[np.ndarray]) -> list[np.nd
         result = _move_value(func.body.body, env)
     except _Unsupported:
         return None
-    return [np.ascontiguousarray(a) for a in result]
+    return [np.require(a, requirements="C") for a in result]  # keeps 0-d arrays 0-d
 
 
 def _move_value(expr: relax.Expr, env: dict) -> object:

@@ -699,9 +699,31 @@ def normalise_onnx(model: onnx.ModelProto,
         The static input shapes, one per real input.
     """
     shapes, _ = pin_inputs(model, input_shapes, label)
+    sums_to_adds(model)
     fold_constants(model, label)
     infer_shapes(model, label)
     return shapes
+
+
+def sums_to_adds(model: onnx.ModelProto) -> None:
+    """Rewrite every n-ary ``Sum`` as a chain of ``Add``s, in place (top-level graph).
+
+    TVM imports ``Sum`` as broadcast + stack + reduce-sum, which copies every operand into a
+    new tensor; ResNet-style exports use ``Sum`` for their residual adds.
+    """
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type != "Sum" or len(node.input) < 2:
+            nodes.append(node)
+            continue
+        acc = node.input[0]
+        for i, operand in enumerate(node.input[1:], start=1):
+            out = node.output[0] if i == len(node.input) - 1 else f"{node.output[0]}__sum{i}"
+            nodes.append(onnx.helper.make_node("Add", [acc, operand], [out],
+                                               name=f"{node.name}__add{i}"))
+            acc = out
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
 
 
 def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
@@ -769,6 +791,7 @@ def load_onnx(path: str | Path, input_shapes: Mapping[str, tuple[int, ...]] | No
     dtypes = [_onnx_dtype(i) for i in inputs]
     shapes, changed = pin_inputs(model, input_shapes, label)
     reference = OnnxReference(model.SerializeToString() if changed else path, names)
+    sums_to_adds(model)
     fold_constants(model, label)
     infer_shapes(model, label)
     check_onnx_ops(model, label)
@@ -1123,6 +1146,8 @@ def canonicalise(mod: tvm.IRModule) -> tvm.IRModule:
 def _finish_relax(mod: tvm.IRModule, label: str) -> tvm.IRModule:
     """Canonicalise, ``FoldConstant``, then insist that every tensor in ``main`` is static."""
     try:
+        # Inference batch norm becomes per-channel subtract/multiply/add on constants.
+        mod = relax.transform.DecomposeOpsForInference()(mod)
         mod = relax.transform.FoldConstant()(canonicalise(mod))
     except Exception as e:
         raise SplitcError(f"TVM could not fold constants of {label}: {type(e).__name__}: "

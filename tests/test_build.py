@@ -46,3 +46,25 @@ def test_build_with_weights_equals_plain():
         answers.append(vm["main"](*args).numpy())
     np.testing.assert_allclose(answers[0], answers[1], rtol=1e-5, atol=1e-5)
 
+
+
+def test_scalar_weight_stays_scalar():
+    """A 0-d weight passes through the weight transform as a 0-d array (not shape (1,))."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 8, 4, 4), "float32"))
+    w = relax.Var("w", relax.TensorType((8, 8, 1, 1), "float32"))
+    s = relax.Var("s", relax.TensorType((), "float32"))
+    with bb.function("main", [x, w, s], attrs={"num_input": 1}):
+        with bb.dataflow():
+            y = bb.emit(relax.op.multiply(relax.op.nn.conv2d(x, w), s))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    rng = np.random.default_rng(4)
+    xs = rng.standard_normal((1, 8, 4, 4)).astype("float32")
+    ws = [rng.standard_normal((8, 8, 1, 1)).astype("float32"), np.array(2.0, "float32")]
+    ex, packed = splitc_build.build(bb.get(), HOST, {"main": ws})
+    assert sorted(a.ndim for a in packed["main"]) == [0, 6]  # scalar as is, kernel packed
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](
+        *[tvm.runtime.tensor(a) for a in [xs, *packed["main"]]]).numpy()
+    want = 2.0 * np.einsum("oi,nihw->nohw", ws[0][:, :, 0, 0], xs)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -13,7 +13,7 @@ import tvm
 from tvm import relax
 
 from splitc.build import coverage, pack, schedule
-from splitc.passes.cpu_schedules import vector_lanes
+from splitc.passes.cpu_schedules import register_tile, vector_lanes
 
 from .helpers import HOST, run_built
 
@@ -58,6 +58,7 @@ CONVS = {
     "7x7-stride2-pad3": (3, 8, 20, 7, 2, 3),
     "asymmetric-pad": (8, 8, 10, 3, 2, (0, 1, 1, 0)),
     "no-bias-output": (8, 16, 6, 3, 1, 1),
+    "prime-width-partial-tile": (16, 24, 31, 3, 1, 1),
 }
 
 
@@ -86,6 +87,14 @@ def test_conv_then_pool():
                                              (5, 24, 10, False), (17, 48, 96, True)])
 def test_matmul(m, k, n, transpose):
     check(matmul_module(m, k, n, transpose), expect_scheduled=1)
+
+
+def test_register_tile():
+    assert register_tile(13, 12, slack=2) == 13      # whole row
+    assert register_tile(56, 12) == 8                # a divisor
+    assert register_tile(55, 12) == 11
+    assert register_tile(31, 12) == 8                # prime: 4 tiles, the last one partial
+    assert register_tile(1000, 3) == 2
 
 
 def test_vector_lanes():

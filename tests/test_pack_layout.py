@@ -122,3 +122,33 @@ def assert_same_answer(before: tvm.IRModule, after: tvm.IRModule) -> None:
             for p in before["main"].params]
     np.testing.assert_allclose(run_built(after, *args), run_module(before, *args),
                                rtol=1e-5, atol=1e-5)
+
+
+@I.ir_module
+class Fire:
+    """SqueezeNet-style: two convs concatenated on channels, batch-norm arithmetic, avg pool."""
+
+    @R.function
+    def main(x: R.Tensor((1, 16, 12, 12), "float32"), wa: R.Tensor((16, 16, 1, 1), "float32"),
+             wb: R.Tensor((8, 16, 3, 3), "float32"), m: R.Tensor((1, 24, 1, 1), "float32"),
+             v: R.Tensor((1, 24, 1, 1), "float32")):
+        with R.dataflow():
+            a = R.nn.conv2d(x, wa)
+            b = R.nn.conv2d(x, wb, padding=[1, 1, 1, 1])
+            c = R.concat((a, b), axis=1)
+            n = R.divide(R.subtract(c, m), v)
+            p = R.nn.avg_pool2d(n, pool_size=[2, 2], strides=[2, 2])
+            R.output(p)
+        return p
+
+
+def test_concat_and_avg_pool_stay_packed():
+    packed = PackConvLayout(8)(Fire)
+    ops = [b.value.op.name for b in packed["main"].body.blocks[0].bindings
+           if isinstance(b.value, relax.Call) and isinstance(b.value.op, tvm.ir.Op)]
+    assert "relax.concat" in ops and "relax.nn.avg_pool2d" in ops
+    unpacks = [b for b in packed["main"].body.blocks[0].bindings
+               if isinstance(b.value, relax.Call) and b.value.ty.ndim == 4
+               and b.value.op == tvm.ir.Op.get("relax.layout_transform")]
+    assert len(unpacks) == 1, packed.script()  # only the output leaves the packed layout
+    assert_same_answer(Fire, packed)
