@@ -67,7 +67,8 @@ def splittable(call: relax.Expr) -> bool:
         return isinstance(call.args[1], tvm.ir.GenericConst) and call.attrs.data_layout == "NCHW" \
             and call.attrs.kernel_layout == "OIHW"
     if name == "matmul":
-        return isinstance(call.args[1], tvm.ir.GenericConst) and len(static_shape(call.args[1])) == 2
+        weight = call.args[1]
+        return isinstance(weight, tvm.ir.GenericConst) and len(static_shape(weight)) == 2
     return False
 
 

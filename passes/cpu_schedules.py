@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import re
 
-import tvm
 from tvm import relax, s_tir, te, tirx, topi
 from tvm.relax.transform.legalize_ops.nn import _nn_conv2d
 from tvm.s_tir import dlight
@@ -194,7 +193,6 @@ class PackedConv2d(ScheduleRule):
             loops = sch.get_loops(conv)
             n, occ, oh, ow, ocb = loops[:5]
             reduce = loops[5:]
-            lanes = _extent(sch, ocb)
             # up to 14 accumulators + weight + broadcast: AVX2's and armv7 NEON's 16 registers
             reg = register_tile(_extent(sch, ow), ACCUMULATORS, slack=2)
             owo, owi = sch.split(ow, [None, reg])
