@@ -3,7 +3,8 @@
 Every layer of a model becomes its own piece (the outline pass with one device per binding),
 the module is compiled once for the target (default schedules, as every artifact is), and
 each piece is timed with TVM's time evaluator on its real inputs. The table — FLOP/s per
-operator kind, overall FLOP/s and the fixed cost of a piece call — is what the cost model uses for that target.
+operator kind, overall FLOP/s and the fixed cost of a piece call — is what the cost model
+uses for that target.
 """
 
 from __future__ import annotations
