@@ -14,7 +14,7 @@ Latency is the median of ``--repeats`` runs after one warm-up. splitc's output i
 against ONNX Runtime's on the same input (max abs error printed). No tuning records are used:
 ``splitc tune`` is not built yet, so the "with records" column of the issue is absent.
 
-    .venv/bin/python benchmarks/default_speed.py            # resnet50, mobilenet_v2, vgg16, 224
+    .venv/bin/python benchmarks/default_speed.py --light    # + real-world ONNX graphs
     .venv/bin/python benchmarks/default_speed.py --models resnet18 --tiny --no-plain
 """
 
@@ -39,6 +39,7 @@ from splitc.build import build  # noqa: E402
 from splitc.passes.extract import lift_weights  # noqa: E402
 
 DEFAULT_MODELS = ["resnet50", "mobilenet_v2", "vgg16"]
+LIGHT = ["resnet50", "densenet121", "squeezenet", "inception_v1"]
 GOAL = 2.0  # splitc default schedules: at most 2x ONNX Runtime's latency
 
 
@@ -86,12 +87,21 @@ def torch_latency(name: str, tiny: bool, x, repeats: int) -> float | None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=DEFAULT_MODELS,
-                    help="zoo names or .onnx paths")
+                    help="zoo names or .onnx paths (e.g. the onnx package's real-world "
+                         "light_*.onnx files: --light)")
+    ap.add_argument("--light", action="store_true",
+                    help="add the light_*.onnx models the onnx package ships (ResNet-50, "
+                         "DenseNet-121, SqueezeNet, Inception-v1: real exported graphs)")
     ap.add_argument("--tiny", action="store_true", help="the zoo models' tiny variants")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--no-plain", action="store_true", help="skip the plain-lowering column")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = ap.parse_args()
+    if args.light:
+        import onnx
+
+        light = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+        args.models += [str(light / f"light_{m}.onnx") for m in LIGHT]
 
     core = sorted(os.sched_getaffinity(0))[-1]
     os.sched_setaffinity(0, {core})
@@ -117,7 +127,8 @@ def main() -> int:
             plain, _ = tvm_runner(model, x, schedules=False)
             plain_s = median_seconds(plain, 1)
         ratio = splitc_s / ort_s
-        row = {"model": name + (" (tiny)" if args.tiny else ""), "ort_ms": ort_s * 1e3,
+        label = Path(name).stem if name.endswith(".onnx") else name
+        row = {"model": label + (" (tiny)" if args.tiny else ""), "ort_ms": ort_s * 1e3,
                "torch_ms": torch_s * 1e3 if torch_s else None,
                "plain_ms": plain_s * 1e3 if plain_s else None, "splitc_ms": splitc_s * 1e3,
                "splitc_over_ort": ratio, "meets_goal": ratio <= GOAL, "build_s": build_s,
