@@ -19,6 +19,7 @@ against).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import tvm
@@ -28,26 +29,41 @@ from tvm.s_tir import dlight
 
 from splitc.passes.cpu_schedules import default_rules, legalize_conv2d, vector_lanes
 from splitc.passes.pack_layout import PackConvLayout
+from splitc.tuning import apply_database
 
 TRANSFORM_SUFFIX = "_transform_params"
 #: Names the code generation a speed profile was measured with; profiles of another are stale.
 CODEGEN = "default-schedules-1"
 
 
-def _schedule_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
+def legalize_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
+    """Lower Relax ops to fused TIR kernels, not yet scheduled (what tuning sees)."""
     return (cpu_pipeline.library_dispatch_passes(target)
             + [relax.transform.LegalizeOps({"relax.nn.conv2d": legalize_conv2d}),
                relax.transform.AnnotateTIROpPattern(),
                relax.transform.FoldConstant(),
                relax.transform.FuseOps(),
-               relax.transform.FuseTIR(),
-               dlight.ApplyDefaultSchedule(*default_rules())])
+               relax.transform.FuseTIR()])
 
 
-def schedule(module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """Legalize, fuse and apply the default schedules (no packing): the Relax+TIR module."""
+def schedule(module: tvm.IRModule, target: tvm.target.Target, tuning_db: Path | None = None,
+             log: Callable[[str], None] | None = None) -> tvm.IRModule:
+    """Legalize, fuse, apply tuning records (if a database is given), then the default
+    schedules to what is left (no packing): the Relax+TIR module."""
     with target:
-        return tvm.transform.Sequential(_schedule_passes(target))(module)
+        mod = tvm.transform.Sequential(legalize_passes(target))(module)
+        tuned: list[str] = []
+        if tuning_db is not None:
+            mod = apply_database(tuning_db)(mod)
+            tuned, _ = coverage(mod)
+        mod = dlight.ApplyDefaultSchedule(*default_rules())(mod)
+    if log is not None:
+        done, plain = coverage(mod)
+        source = (f"{len(tuned)} from tuning records in {tuning_db}, the rest default"
+                  if tuning_db is not None else "default schedules")
+        log(f"scheduled {len(done)} of {len(done) + len(plain)} kernels with a reduction "
+            f"({source})" + (f"; plain loops: {', '.join(plain)}" if plain else ""))
+    return mod
 
 
 def coverage(scheduled: tvm.IRModule) -> tuple[list[str], list[str]]:
@@ -74,17 +90,14 @@ def _has_reduction(func: tvm.tirx.PrimFunc) -> bool:
                for b in blocks for iv in sch.get(b).iter_vars)
 
 
-def relax_pipeline(target: tvm.target.Target,
-                   log: Callable[[str], None] | None = None) -> tvm.transform.Pass:
-    """TVM's CPU pipeline with splitc's conv legalization and default schedules."""
+def relax_pipeline(target: tvm.target.Target, log: Callable[[str], None] | None = None,
+                   tuning_db: Path | None = None) -> tvm.transform.Pass:
+    """TVM's CPU pipeline with splitc's conv legalization, tuning records and default
+    schedules."""
 
     @tvm.transform.module_pass(opt_level=0, name="SplitcCPUPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        mod = schedule(mod, target)
-        if log is not None:
-            done, plain = coverage(mod)
-            log(f"default schedules on {len(done)} of {len(done) + len(plain)} kernels with "
-                "a reduction" + (f"; plain loops: {', '.join(plain)}" if plain else ""))
+        mod = schedule(mod, target, tuning_db, log)
         with target:
             return tvm.transform.Sequential(cpu_pipeline.dataflow_lower_passes(target)
                                             + cpu_pipeline.finalize_passes(target))(mod)
@@ -103,6 +116,7 @@ def pack(module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
 def build(module: tvm.IRModule, target: tvm.target.Target,
           weights: Mapping[str, Sequence[np.ndarray]] | None = None, *,
           schedules: bool = True, log: Callable[[str], None] | None = None,
+          tuning_db: Path | None = None,
           ) -> tuple[tvm.runtime.Executable, dict[str, list[np.ndarray]]]:
     """Compile ``module`` for ``target``; returns the executable and the weights it takes.
 
@@ -119,6 +133,9 @@ def build(module: tvm.IRModule, target: tvm.target.Target,
         Pack convolutions and apply the default schedules (True), or use TVM's plain lowering.
     log : callable, optional
         Told how many kernels got a default schedule and which kept plain loops.
+    tuning_db : Path, optional
+        A tuning database folder for this target (:func:`splitc.tuning.database_for`):
+        kernels with a record get their best one, the rest the default schedules.
 
     Returns
     -------
@@ -138,7 +155,8 @@ def build(module: tvm.IRModule, target: tvm.target.Target,
         lifted = lifted.clone()
         for gv in transforms.values():
             del lifted[gv]
-    executable = tvm.compile(lifted, target=target, relax_pipeline=relax_pipeline(target, log))
+    executable = tvm.compile(lifted, target=target,
+                             relax_pipeline=relax_pipeline(target, log, tuning_db))
     return executable, weights
 
 

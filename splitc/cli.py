@@ -76,13 +76,17 @@ def compile(
     objective: ObjectiveOpt = "latency",
     input_shape: ShapeOpt = None,
     tiny: TinyOpt = False,
+    tuning_db: Annotated[Path | None, typer.Option(
+        help="Folder of tuning databases (`splitc tune --db`); kernels with a record use it, "
+             "the rest the default schedules. Default: the databases shipped with splitc.")]
+        = None,
 ) -> None:
     """Split MODEL across devices and write one artifact folder per device plus plan.json."""
     from splitc.compiler import compile_model
 
     plan = compile_model(model, out, strategy=strategy, cluster=load_cluster(cluster, devices),
                          objective=objective, input_shapes=parse_shapes(input_shape), tiny=tiny,
-                         log=lambda m: typer.echo(m, err=True))
+                         tuning_db=tuning_db, log=lambda m: typer.echo(m, err=True))
     typer.echo(f"wrote {out}/plan.json: {plan.strategy} split, {len(plan.devices)} devices, "
                f"{len(plan.pieces)} pieces, {len(plan.transfers)} transfers, "
                f"{plan.transfer_bytes:,} bytes between devices per inference")
@@ -131,6 +135,44 @@ def profile(
     path = profiler.save(table, output)
     typer.echo(profiler.describe(table))
     typer.echo(f"wrote {path}")
+
+
+@app.command()
+def tune(
+    model: ModelArg,
+    db: Annotated[Path, typer.Option(
+        help="Folder of tuning databases; records go to DB/<target key>/ (resumable).")],
+    target: Annotated[str, typer.Option(help="The target to tune for (runs here).")] = "host",
+    trials: Annotated[int, typer.Option(
+        help="MetaSchedule trials over all kernels (0: only measure the default schedules).")]
+        = 64,
+    input_shape: ShapeOpt = None,
+    tiny: TinyOpt = False,
+) -> None:
+    """Tune MODEL's kernels on this machine; `splitc compile --tuning-db DB` then uses them.
+
+    Each kernel's default schedule is measured and kept as a record first, so a database never
+    makes a kernel slower than the default schedules. Records match kernels by structure, so
+    they serve every model and split piece with the same kernel.
+    """
+    import tvm
+
+    from splitc import importer, tuning
+    from splitc import targets as registry
+    from splitc.passes.extract import lift_weights
+
+    if trials < 0:
+        raise SplitcError("--trials must be 0 or more")
+    spec = registry.get(target)
+    imported = importer.load(model, parse_shapes(input_shape), tiny=tiny)
+    func, _ = lift_weights(imported.mod["main"])
+    rows = tuning.tune(tvm.IRModule({"main": func}), spec, db, trials,
+                       log=lambda m: typer.echo(m, err=True))
+    typer.echo(f"{'kernel':<48} {'default':>11} {'best':>11}")
+    for r in rows:
+        typer.echo(f"{r['kernel'][:48]:<48} {tuning._ms(r['default_s']):>11} "
+                   f"{tuning._ms(r['best_s']):>11}")
+    typer.echo(f"wrote {Path(db) / tuning.target_key(spec)}")
 
 
 @app.command()

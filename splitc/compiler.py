@@ -28,6 +28,7 @@ from splitc.passes.extract import Extracted, extract
 from splitc.passes.pipeline_split import PipelineSplit, plan_pipeline
 from splitc.passes.spatial_split import SpatialSplit, plan_spatial
 from splitc.runtime.plan import Device, Endpoint, Piece, Plan, Tensor, Transfer, sha256_file
+from splitc.tuning import database_for
 
 #: strategy name -> (analysis returning a plan value, pass applying it)
 STRATEGIES: dict[str, tuple[Callable, type]] = {
@@ -85,6 +86,7 @@ def compile_model(model: str, out_dir: str | Path, devices: list[str] | None = N
                   strategy: str = "pipeline", *,
                   input_shapes: dict[str, tuple[int, ...]] | None = None, tiny: bool = False,
                   cluster: Cluster | None = None, objective: str = "latency",
+                  tuning_db: str | Path | None = None,
                   log: Callable[[str], None] = lambda _msg: None) -> Plan:
     """Compile ``model`` for ``devices`` (target names) or a ``cluster`` with ``strategy``
     (``auto``: the cost-model search picks it); write ``out_dir``.
@@ -111,9 +113,10 @@ def compile_model(model: str, out_dir: str | Path, devices: list[str] | None = N
             f" {best.estimate.transfer_bytes:,} bytes per inference)")
         targets = [cluster.devices[i].target for i in best.devices]
         return write_artifacts(best.extracted, out_dir, targets, best.strategy, source=source,
-                               log=log)
+                               log=log, tuning_db=tuning_db)
     ex = extract(split(imported.mod, strategy, len(cluster.devices)))
-    return write_artifacts(ex, out_dir, cluster.targets, strategy, source=source, log=log)
+    return write_artifacts(ex, out_dir, cluster.targets, strategy, source=source, log=log,
+                           tuning_db=tuning_db)
 
 
 def check_request(devices: list[str], strategy: str) -> None:
@@ -137,13 +140,14 @@ def compile_imported(mod: tvm.IRModule, out_dir: str | Path, devices: list[str],
 
 def write_artifacts(ex: Extracted, out_dir: str | Path, devices: list[str], strategy: str, *,
                     source: dict, log: Callable[[str], None] = lambda _msg: None,
-                    schedules: bool = True) -> Plan:
+                    schedules: bool = True, tuning_db: str | Path | None = None) -> Plan:
     """Build every device's piece library for its target and write ``out_dir``.
 
     ``source`` says how to load the original model again (``{"model", "tiny",
     "input_shapes"}``); it is written to ``out_dir/reference.json`` for ``run --check``.
     """
     specs = [target_registry.get(d) for d in devices]
+    databases = {s.name: database_for(s, tuning_db) for s in specs}
     label = source["model"] + (" (tiny)" if source.get("tiny") else "")
     plan = build_plan(ex, devices, strategy, label, source.get("output_names"))
 
@@ -169,7 +173,8 @@ def write_artifacts(ex: Extracted, out_dir: str | Path, devices: list[str], stra
         log(f"building {dev.name} ({spec.name}): {len(own)} pieces"
             + ("" if schedules else ", plain lowering (no default schedules)"))
         executable, own = build(module, spec.tvm_target(), own, schedules=schedules,
-                               log=lambda msg, name=dev.name: log(f"  {name}: {msg}"))
+                               log=lambda msg, name=dev.name: log(f"  {name}: {msg}"),
+                               tuning_db=databases[spec.name])
         np.savez(folder / dev.weights, **{f"{name}/{i}": w for name, ws in own.items()
                                            for i, w in enumerate(ws)})
         for name, ws in own.items():  # packed weights can differ in number from the originals

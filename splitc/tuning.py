@@ -1,0 +1,169 @@
+"""Tuning records: ``splitc tune`` fills a MetaSchedule database, every build can use one.
+
+A tuning database is a folder per target (``<root>/<key>/database_*.json``, the key names the
+target and, for the host, its CPU: records measured on one CPU mean nothing on another).
+Records are keyed by the kernel's structure (op, shapes, dtype), so a record tuned for one
+model serves every model and every split piece with the same kernel.
+
+:func:`tune` extracts the kernels of a model exactly as :func:`splitc.build.build` compiles
+them (packed layouts, fused), and before searching commits each kernel's **default schedule**
+as a measured record. MetaSchedule then keeps whichever is fastest, so applying a database
+never makes a kernel slower than the default schedules, however few trials were run.
+
+At build time (:func:`database_for`), a database given with ``--tuning-db`` is used, else the
+one shipped in ``splitc/tuning_db/`` for that target key, if any; kernels without a record
+keep their default schedule. Tuning measures on this machine: the host only (boards need an
+RPC runner, not built yet).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import tvm
+from tvm import relax
+
+from splitc import targets as target_registry
+from splitc.errors import SplitcError
+
+#: Databases the project ships, one folder per target key.
+SHIPPED = Path(__file__).parent / "tuning_db"
+
+
+def target_key(spec: target_registry.TargetSpec) -> str:
+    """The database folder name for a target: ``rpi4``; the host with its CPU: ``host-znver3``."""
+    if spec.is_host:
+        return f"{spec.name}-{spec.tvm_target().attrs['mcpu']}"
+    return spec.name
+
+
+def database_for(spec: target_registry.TargetSpec, root: str | Path | None = None
+                 ) -> Path | None:
+    """The database folder a build for ``spec`` uses: under ``root`` if given, else shipped."""
+    for base in ([Path(root)] if root else []) + [SHIPPED]:
+        folder = base / target_key(spec)
+        if (folder / "database_tuning_record.json").exists():
+            return folder
+    if root:
+        raise SplitcError(f"{root} holds no tuning records for target {spec.name} "
+                          f"(expected {Path(root) / target_key(spec)}/database_*.json; "
+                          f"`splitc tune --target {spec.name} --db {root}` makes them)")
+    return None
+
+
+def kernels(module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """The fused, not yet scheduled kernels of ``module`` as a build compiles them."""
+    from splitc.build import TRANSFORM_SUFFIX, legalize_passes, pack
+
+    lifted = pack(module, target)
+    lifted = tvm.IRModule({gv: f for gv, f in lifted.functions_items()
+                           if not gv.name_hint.endswith(TRANSFORM_SUFFIX)})
+    with target:
+        return tvm.transform.Sequential(legalize_passes(target))(lifted)
+
+
+def tune(module: tvm.IRModule, spec: target_registry.TargetSpec, root: str | Path,
+         trials: int, log: Callable[[str], None] = print) -> list[dict]:
+    """Tune the kernels of ``module`` for ``spec`` on this machine into ``root/<key>``.
+
+    Returns one row per tuned kernel: name, default-schedule seconds, best seconds after
+    tuning. Resumable: records already in the folder are kept and built on.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    from splitc.passes.cpu_schedules import default_rules
+
+    if not spec.is_host:
+        raise SplitcError(f"tuning measures on the device; {spec.name} code does not run here "
+                          "(tuning through RPC on the board is not built yet)")
+    target = spec.tvm_target()
+    work = Path(root) / target_key(spec)
+    work.mkdir(parents=True, exist_ok=True)
+    fused = kernels(module, target)
+    tasks = [t for t in ms.relax_integration.extract_tasks(fused, target)
+             if _heavy(t.dispatched[0]["main"])]
+    if not tasks:
+        raise SplitcError("the model has no kernel with a reduction to tune")
+    database = ms.database.JSONDatabase(work_dir=str(work))
+    builder = ms.builder.LocalBuilder(max_workers=1, timeout_sec=120, f_build=build_kernel)
+    runner = ms.runner.LocalRunner(timeout_sec=60)
+    baselines = _commit_defaults([t.dispatched[0] for t in tasks], target, database, builder,
+                                 runner, default_rules())
+    rows = []
+    for task, baseline in zip(tasks, baselines, strict=True):
+        rows.append({"kernel": task.task_name, "default_s": baseline})
+        log(f"  {task.task_name}: default schedule {_ms(baseline)}")
+    if trials > 0:
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            tasks, work_dir=str(work))
+        start = time.perf_counter()
+        ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work),
+                           max_trials_global=trials, num_trials_per_iter=min(64, trials),
+                           builder=builder, runner=runner, database=database)
+        log(f"tuned {len(tasks)} kernels, {trials} trials in {time.perf_counter() - start:.0f} s")
+    for row, task in zip(rows, tasks, strict=True):
+        best = database.get_top_k(database.commit_workload(task.dispatched[0]), 1)
+        row["best_s"] = _seconds(best[0]) if best else None
+    return rows
+
+
+def _heavy(func: tvm.tirx.PrimFunc) -> bool:
+    from splitc.build import _has_reduction
+
+    return _has_reduction(func)
+
+
+def build_kernel(mod, target, _params=None):
+    """MetaSchedule's default build without ``import tvm.s_tir.tensor_intrin`` (which parses
+    every GPU and int8 intrinsic: ~30 s per builder process; fp32 CPU kernels use none)."""
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+
+def _commit_defaults(mods, target, database, builder, runner, rules) -> list[float | None]:
+    """Measure each kernel's default schedule the way MetaSchedule measures its candidates,
+    and commit it as a tuning record; the seconds, or None where it has none or failed."""
+    from tvm.s_tir import meta_schedule as ms
+
+    schedules = []
+    for mod in mods:
+        sch = next((s for s in (r.apply(mod["main"], target, False) for r in rules)
+                    if s is not None), None)
+        schedules.append(sch if isinstance(sch, tvm.s_tir.Schedule) else None)
+    todo = [i for i, sch in enumerate(schedules) if sch is not None]
+    built = builder.build([ms.builder.BuilderInput(schedules[i].mod, target) for i in todo])
+    inputs, ran = [], []
+    for i, b in zip(todo, built, strict=True):
+        if not b.error_msg:
+            args_info = ms.arg_info.ArgInfo.from_prim_func(mods[i]["main"])
+            inputs.append(ms.runner.RunnerInput(b.artifact_path, "cpu", args_info))
+            ran.append(i)
+    seconds: list[float | None] = [None] * len(mods)
+    for i, future in zip(ran, runner.run(inputs), strict=True):
+        result = future.result()
+        if result.error_msg or not result.run_secs:
+            continue
+        secs = [float(s) for s in result.run_secs]
+        database.commit_tuning_record(ms.database.TuningRecord(
+            schedules[i].trace, database.commit_workload(mods[i]), secs, target,
+            ms.arg_info.ArgInfo.from_prim_func(mods[i]["main"])))
+        seconds[i] = sum(secs) / len(secs)
+    return seconds
+
+
+def _seconds(record) -> float | None:
+    secs = [float(s) for s in record.run_secs] if record.run_secs else []
+    return sum(secs) / len(secs) if secs and max(secs) < 1e9 else None
+
+
+def _ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1e3:.3f} ms"
+
+
+def apply_database(folder: Path) -> tvm.transform.Pass:
+    """The pass that schedules every kernel with a record in ``folder`` from its best one."""
+    return relax.transform.MetaScheduleApplyDatabase(str(folder))

@@ -1,0 +1,77 @@
+"""Tuning databases: default schedules kept as records, reuse across models, same answers."""
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from splitc import targets
+from splitc.build import build
+from splitc.errors import SplitcError
+from splitc.tuning import database_for, target_key, tune
+
+from .test_cpu_schedules import conv_module
+
+HOST = targets.get("host")
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory):
+    """A database tuned (4 MetaSchedule trials) on a conv + bias + ReLU model."""
+    root = tmp_path_factory.mktemp("db")
+    rows = tune(conv_module(16, 16, 8, 3, 1, 1), HOST, root, trials=4, log=lambda _m: None)
+    return root, rows
+
+
+def test_default_schedule_is_a_record(db):
+    """Every kernel's default schedule was measured and stored: the best record is never
+    slower than it, however few trials ran."""
+    _, rows = db
+    assert rows and all(r["default_s"] is not None for r in rows)
+    assert all(r["best_s"] <= r["default_s"] for r in rows)
+
+
+def test_compile_with_database_gives_same_answer(db):
+    root, _ = db
+    folder = database_for(HOST, root)
+    assert folder == root / target_key(HOST)
+    log = []
+    # Another model holding the same conv kernel (different first layer): records match by
+    # kernel structure, not by model.
+    mod = conv_module(16, 16, 8, 3, 1, 1)
+    rng = np.random.default_rng(5)
+    args = [rng.standard_normal([int(d) for d in p.ty.shape]).astype("float32")
+            for p in mod["main"].params]
+    answers = []
+    for tuning_db in (folder, None):
+        ex, _ = build(mod, HOST.tvm_target(), tuning_db=tuning_db, log=log.append)
+        vm = relax.VirtualMachine(ex, tvm.cpu())
+        answers.append(vm["main"](*[tvm.runtime.tensor(a) for a in args]).numpy())
+    np.testing.assert_allclose(answers[0], answers[1], rtol=1e-5, atol=1e-5)
+    assert "1 from tuning records" in log[0], log
+
+
+def test_database_without_records_for_target_is_refused(tmp_path):
+    with pytest.raises(SplitcError, match="no tuning records for target rpi4"):
+        database_for(targets.get("rpi4"), tmp_path)
+
+
+def test_tuning_a_board_target_here_is_refused(tmp_path):
+    with pytest.raises(SplitcError, match="does not run here"):
+        tune(conv_module(8, 8, 4, 3, 1, 1), targets.get("rpi4"), tmp_path, trials=0)
+
+
+def test_cli_tune_then_compile_uses_records(tmp_path):
+    from .test_cli import assert_user_error, splitc
+
+    r = splitc("tune", "mlp", "--tiny", "--db", tmp_path / "db", "--trials", "0")
+    assert r.returncode == 0, r.stderr
+    assert "fused_matmul" in r.stdout and "wrote" in r.stdout
+    r = splitc("compile", "mlp", "--tiny", "-o", tmp_path / "out", "--devices", "host",
+               "--tuning-db", tmp_path / "db")
+    assert r.returncode == 0, r.stderr
+    assert "from tuning records" in r.stderr
+    assert_user_error(splitc("tune", "mlp", "--tiny", "--db", tmp_path, "--trials", "-1"),
+                      "--trials")
+    assert_user_error(splitc("compile", "mlp", "--tiny", "-o", tmp_path / "o2",
+                             "--tuning-db", tmp_path / "empty"), "no tuning records")
