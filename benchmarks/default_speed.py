@@ -11,8 +11,8 @@ For each model, in one process pinned to one core (``sched_setaffinity``, one th
   one run; ``--no-plain`` skips it).
 
 Latency is the median of ``--repeats`` runs after one warm-up. splitc's output is checked
-against ONNX Runtime's on the same input (max abs error printed). No tuning records are used:
-``splitc tune`` is not built yet, so the "with records" column of the issue is absent.
+against ONNX Runtime's on the same input (max abs error printed). With ``--tuning-db DIR``
+(from ``splitc tune --db DIR``) a "tuned" column adds splitc with those records.
 
     .venv/bin/python benchmarks/default_speed.py --light    # + real-world ONNX graphs
     .venv/bin/python benchmarks/default_speed.py --models resnet18 --tiny --no-plain
@@ -37,6 +37,7 @@ from common import ort_latency  # noqa: E402
 from splitc import importer, targets, zoo  # noqa: E402
 from splitc.build import build  # noqa: E402
 from splitc.passes.extract import lift_weights  # noqa: E402
+from splitc.tuning import database_for  # noqa: E402
 
 DEFAULT_MODELS = ["resnet50", "mobilenet_v2", "vgg16"]
 LIGHT = ["resnet50", "densenet121", "squeezenet", "inception_v1"]
@@ -53,14 +54,14 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def tvm_runner(model: importer.ImportedModel, x, *, schedules: bool):
+def tvm_runner(model: importer.ImportedModel, x, *, schedules: bool, tuning_db=None):
     import tvm
     from tvm import relax
 
     func, arrays = lift_weights(model.mod["main"])
     start = time.perf_counter()
     ex, weights = build(tvm.IRModule({"main": func}), targets.get("host").tvm_target(),
-                        {"main": arrays}, schedules=schedules)
+                        {"main": arrays}, schedules=schedules, tuning_db=tuning_db)
     build_s = time.perf_counter() - start
     vm = relax.VirtualMachine(ex, tvm.cpu())
     args = [tvm.runtime.tensor(a) for a in x] + [tvm.runtime.tensor(w) for w in weights["main"]]
@@ -96,6 +97,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--no-plain", action="store_true", help="skip the plain-lowering column")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    ap.add_argument("--tuning-db", type=Path, default=None,
+                    help="add a column: splitc with this tuning database (splitc tune --db)")
     args = ap.parse_args()
     if args.light:
         import onnx
@@ -110,6 +113,7 @@ def main() -> int:
           f"LLVM cpu {spec.tvm_target().attrs['mcpu']}; one thread for every runtime; "
           f"median of {args.repeats} runs")
     header = (f"{'model':<24} {'ORT ms':>8} {'torch ms':>9} {'plain ms':>9} {'splitc ms':>10} "
+              f"{'tuned ms':>9} "
               f"{'splitc/ORT':>10} {'goal':>6} {'build s':>8} {'max err':>9}")
     print(header)
     rows = []
@@ -122,6 +126,11 @@ def main() -> int:
         run, build_s = tvm_runner(model, x, schedules=True)
         err = float(np.abs(run() - ref).max())
         splitc_s = median_seconds(run, args.repeats)
+        tuned_s = None
+        if args.tuning_db:
+            tuned, _ = tvm_runner(model, x, schedules=True,
+                                  tuning_db=database_for(targets.get("host"), args.tuning_db))
+            tuned_s = median_seconds(tuned, args.repeats)
         plain_s = None
         if not args.no_plain:
             plain, _ = tvm_runner(model, x, schedules=False)
@@ -131,6 +140,7 @@ def main() -> int:
         row = {"model": label + (" (tiny)" if args.tiny else ""), "ort_ms": ort_s * 1e3,
                "torch_ms": torch_s * 1e3 if torch_s else None,
                "plain_ms": plain_s * 1e3 if plain_s else None, "splitc_ms": splitc_s * 1e3,
+               "tuned_ms": tuned_s * 1e3 if tuned_s else None,
                "splitc_over_ort": ratio, "meets_goal": ratio <= GOAL, "build_s": build_s,
                "max_abs_err": err}
         rows.append(row)
@@ -139,7 +149,8 @@ def main() -> int:
             return f"{v:.1f}" if v is not None else "-"
 
         print(f"{row['model']:<24} {ms(row['ort_ms']):>8} {ms(row['torch_ms']):>9} "
-              f"{ms(row['plain_ms']):>9} {ms(row['splitc_ms']):>10} {ratio:>9.2f}x "
+              f"{ms(row['plain_ms']):>9} {ms(row['splitc_ms']):>10} {ms(row['tuned_ms']):>9} "
+              f"{ratio:>9.2f}x "
               f"{'met' if ratio <= GOAL else 'MISSED':>6} {build_s:>8.1f} {err:>9.1e}",
               flush=True)
     print(f"# goal: splitc default schedules at most {GOAL:.0f}x ONNX Runtime on one core")
