@@ -3,7 +3,7 @@
 For one model and N devices it measures, in this order and on the same cores:
 
 * ONNX Runtime on one core (the single-board tool a user already has);
-* splitc on one device (untuned TVM, one worker);
+* splitc on one device (default schedules, one worker);
 * the plain channel-parallel split (all-gather after every layer), the best pipeline split,
   the spatial split, and ``--strategy auto``, each with one worker per device;
 
@@ -186,7 +186,7 @@ def main() -> int:
     flops = sum(r.flops for r in profile_bindings(model.mod))
 
     print(f"# cluster benchmark: {label}, input {list(x[0].shape)}, {n} devices x 1 core "
-          f"(taskset, TVM_NUM_THREADS=1), untuned TVM {table['flops_per_second'] / 1e9:.2f} "
+          f"(taskset, TVM_NUM_THREADS=1), splitc {table['flops_per_second'] / 1e9:.2f} "
           f"GFLOP/s per core (profiled)")
     if args.netns:
         print(f"# links: namespaces on a bridge, each veth shaped with tc tbf to {args.bandwidth}"

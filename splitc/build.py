@@ -33,7 +33,7 @@ from splitc.tuning import apply_database
 
 TRANSFORM_SUFFIX = "_transform_params"
 #: Names the code generation a speed profile was measured with; profiles of another are stale.
-CODEGEN = "default-schedules-1"
+CODEGEN = "default-schedules-2"
 
 
 def legalize_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
