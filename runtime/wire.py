@@ -219,8 +219,9 @@ def parse_header(raw: bytes) -> dict:
     if head.get("v") != VERSION:
         raise WireError(f"wire format version {head.get('v')!r}, this side speaks {VERSION}",
                         head)
-    if head.get("kind") not in KINDS:
-        raise WireError(f"unknown message kind {head.get('kind')!r}", head)
+    kind = head.get("kind")
+    if not isinstance(kind, str) or kind not in KINDS:  # (a dict is not even hashable)
+        raise WireError(f"unknown message kind {str(kind)[:100]!r}", head)
     for key in ("src", "session", "digest"):
         if not isinstance(head.get(key, ""), str):
             raise WireError(f"header field {key!r} must be a string", head)
@@ -247,7 +248,7 @@ def tensor_entries(head: dict, specs: Mapping[str, TensorSpec] | None
         if not isinstance(e, dict) or not isinstance(e.get("name"), str):
             raise WireError(f"malformed tensor entry {e!r}", head)
         name, dtype, shape = e["name"], e.get("dtype"), e.get("shape")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise WireError(f"tensor {name!r}: dtype {dtype!r} is not allowed on the wire "
                             f"(allowed: {', '.join(sorted(DTYPES))})", head)
         if (not isinstance(shape, list) or len(shape) > MAX_RANK

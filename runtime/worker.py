@@ -169,6 +169,11 @@ class Worker:
                 self._fail(f"bad message: {e}", rid=e.rid, route=e.route,
                            to_client=self._ours(e.head, e.rid))
                 continue
+            except Exception:  # a check the wire missed: drop the message, keep serving
+                log.exception("%s: unreadable message dropped", self.device)
+                while self.router.getsockopt(zmq.RCVMORE):
+                    self.router.recv(copy=False)
+                continue
             try:
                 self._handle(msg)
             except wire.WireError as e:
