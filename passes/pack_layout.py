@@ -43,9 +43,13 @@ class ConvPacking:
     depthwise: bool = False
 
     @property
+    def kernel_in_block(self) -> int:
+        """Input channels per kernel block: a depthwise kernel has one input channel."""
+        return 1 if self.depthwise else self.in_block
+
+    @property
     def kernel_layout(self) -> str:
-        return (f"OIHW1i{self.out_block}o" if self.depthwise
-                else f"OIHW{self.in_block}i{self.out_block}o")
+        return f"OIHW{self.kernel_in_block}i{self.out_block}o"
 
 
 def channel_block(channels: int, lanes: int) -> int:
@@ -270,8 +274,7 @@ class _Rewriter:
 
 
 def _kernel_map(p: ConvPacking):
-    ib = 1 if p.depthwise else p.in_block  # a depthwise kernel has one input channel
-    ob = p.out_block
+    ib, ob = p.kernel_in_block, p.out_block
     return lambda o, i, h, w: (o // ob, i // ib, h, w, i % ib, o % ob)
 
 

@@ -75,12 +75,13 @@ def coverage(scheduled: tvm.IRModule) -> tuple[list[str], list[str]]:
             continue
         if func.attrs and "tirx.is_scheduled" in func.attrs:
             done.append(gv.name_hint)
-        elif _has_reduction(func):
+        elif has_reduction(func):
             plain.append(gv.name_hint)
     return sorted(done), sorted(plain)
 
 
-def _has_reduction(func: tvm.tirx.PrimFunc) -> bool:
+def has_reduction(func: tvm.tirx.PrimFunc) -> bool:
+    """Whether a (not yet scheduled) kernel has a reduction block: the ones worth scheduling."""
     sch = s_tir.Schedule(func)
     try:
         blocks = sch.get_child_blocks(sch.get_sblock("root"))
@@ -111,6 +112,16 @@ def pack(module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     with target:
         packed = PackConvLayout(vector_lanes(target))(module)
         return relax.transform.LiftTransformParams()(packed)
+
+
+def split_transforms(lifted: tvm.IRModule) -> tuple[tvm.IRModule, dict[str, tvm.ir.GlobalVar]]:
+    """``lifted`` without its ``*_transform_params`` functions, and those functions by the
+    name of the function whose weights they transform."""
+    transforms = {gv.name_hint.removesuffix(TRANSFORM_SUFFIX): gv
+                  for gv in lifted.get_global_vars() if gv.name_hint.endswith(TRANSFORM_SUFFIX)}
+    rest = tvm.IRModule({gv: f for gv, f in lifted.functions_items()
+                         if gv not in transforms.values()})
+    return rest, transforms
 
 
 def build(module: tvm.IRModule, target: tvm.target.Target,
@@ -148,14 +159,10 @@ def build(module: tvm.IRModule, target: tvm.target.Target,
         with target:
             return tvm.compile(module, target=target), weights
     lifted = pack(module, target)
-    transforms = {gv.name_hint.removesuffix(TRANSFORM_SUFFIX): gv
-                  for gv in lifted.get_global_vars() if gv.name_hint.endswith(TRANSFORM_SUFFIX)}
+    pieces, transforms = split_transforms(lifted)
     if transforms:
         weights = _transform_weights(lifted, transforms, weights)
-        lifted = lifted.clone()
-        for gv in transforms.values():
-            del lifted[gv]
-    executable = tvm.compile(lifted, target=target,
+    executable = tvm.compile(pieces, target=target,
                              relax_pipeline=relax_pipeline(target, log, tuning_db))
     return executable, weights
 
@@ -236,15 +243,17 @@ def _layout_transform(x: np.ndarray, index_map, out_shape: list[int]) -> np.ndar
     return out
 
 
+_INDEX_OPS = {tvm.tirx.FloorDiv: np.floor_divide, tvm.tirx.FloorMod: np.mod,
+              tvm.tirx.Add: np.add, tvm.tirx.Sub: np.subtract, tvm.tirx.Mul: np.multiply}
+
+
 def _index(expr, coords):
     """Evaluate an index expression (vars, integers, + - * // %) on numpy index arrays."""
     if isinstance(expr, tvm.ir.Var):
         return coords[expr]
     if isinstance(expr, tvm.tirx.IntImm):
         return int(expr.value)
-    ops = {tvm.tirx.FloorDiv: np.floor_divide, tvm.tirx.FloorMod: np.mod, tvm.tirx.Add: np.add,
-           tvm.tirx.Sub: np.subtract, tvm.tirx.Mul: np.multiply}
-    for kind, fn in ops.items():
+    for kind, fn in _INDEX_OPS.items():
         if isinstance(expr, kind):
             return fn(_index(expr.a, coords), _index(expr.b, coords))
     raise _Unsupported(type(expr).__name__)

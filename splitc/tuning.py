@@ -55,13 +55,11 @@ def database_for(spec: target_registry.TargetSpec, root: str | Path | None = Non
 
 def kernels(module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """The fused, not yet scheduled kernels of ``module`` as a build compiles them."""
-    from splitc.build import TRANSFORM_SUFFIX, legalize_passes, pack
+    from splitc.build import legalize_passes, pack, split_transforms
 
-    lifted = pack(module, target)
-    lifted = tvm.IRModule({gv: f for gv, f in lifted.functions_items()
-                           if not gv.name_hint.endswith(TRANSFORM_SUFFIX)})
+    pieces, _ = split_transforms(pack(module, target))
     with target:
-        return tvm.transform.Sequential(legalize_passes(target))(lifted)
+        return tvm.transform.Sequential(legalize_passes(target))(pieces)
 
 
 def tune(module: tvm.IRModule, spec: target_registry.TargetSpec, root: str | Path,
@@ -73,6 +71,7 @@ def tune(module: tvm.IRModule, spec: target_registry.TargetSpec, root: str | Pat
     """
     from tvm.s_tir import meta_schedule as ms
 
+    from splitc.build import has_reduction
     from splitc.passes.cpu_schedules import default_rules
 
     if not spec.is_host:
@@ -83,7 +82,7 @@ def tune(module: tvm.IRModule, spec: target_registry.TargetSpec, root: str | Pat
     work.mkdir(parents=True, exist_ok=True)
     fused = kernels(module, target)
     tasks = [t for t in ms.relax_integration.extract_tasks(fused, target)
-             if _heavy(t.dispatched[0]["main"])]
+             if has_reduction(t.dispatched[0]["main"])]
     if not tasks:
         raise SplitcError("the model has no kernel with a reduction to tune")
     database = ms.database.JSONDatabase(work_dir=str(work))
@@ -107,12 +106,6 @@ def tune(module: tvm.IRModule, spec: target_registry.TargetSpec, root: str | Pat
         best = database.get_top_k(database.commit_workload(task.dispatched[0]), 1)
         row["best_s"] = _seconds(best[0]) if best else None
     return rows
-
-
-def _heavy(func: tvm.tirx.PrimFunc) -> bool:
-    from splitc.build import _has_reduction
-
-    return _has_reduction(func)
 
 
 def build_kernel(mod, target, _params=None):
