@@ -99,7 +99,7 @@ class Workers:
     """One worker per device, pinned to its own core, started from the plan's folders."""
 
     def __init__(self, out: Path, plan: Plan, nets: Namespaces | None, port0: int,
-                 cores: list[int]):
+                 cores: list[int], keys: Path | None):
         self.procs, self.endpoints = [], {}
         for i, dev in enumerate(plan.devices):
             if not plan.pieces_on(dev.name):
@@ -109,7 +109,8 @@ class Workers:
             core = cores[i % len(cores)]
             cmd = [*(nets.prefix(i) if nets else []), "taskset", "-c", str(core), "env",
                    "TVM_NUM_THREADS=1", sys.executable, "-m", "splitc.runtime.worker",
-                   str(out / dev.dir), "--bind", endpoint]
+                   str(out / dev.dir), "--bind", endpoint,
+                   *(["--keys", str(keys / dev.name)] if keys else ["--insecure"])]
             self.procs.append(subprocess.Popen(cmd, stderr=subprocess.PIPE))
             self.endpoints[dev.name] = endpoint
 
@@ -123,11 +124,13 @@ class Workers:
                 p.kill()
 
 
-def measure(out: Path, x, reference, nets, port0, repeats, inflight, cores) -> dict:
+def measure(out: Path, x, reference, nets, port0, repeats, inflight, cores,
+            keys: Path | None) -> dict:
     plan = Plan.load(out)
-    workers = Workers(out, plan, nets, port0, cores)
+    workers = Workers(out, plan, nets, port0, cores, keys)
     try:
-        with connect(out, workers.endpoints, start_timeout=120, timeout=600) as session:
+        with connect(out, workers.endpoints, start_timeout=120, timeout=600,
+                     keys=keys / "client" if keys else None, insecure=True) as session:
             y = session.infer(*x)  # warm up, and check the answer
             err = max(float(np.abs(a - b).max() / (np.abs(b).max() or 1))
                       for a, b in zip(y, reference, strict=True))
@@ -155,6 +158,8 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=5)
     ap.add_argument("--bandwidth", default="1Gbit")
     ap.add_argument("--netns", action="store_true", help="shape links in namespaces (root)")
+    ap.add_argument("--curve", action="store_true",
+                    help="encrypt every link with CurveZMQ (default: plaintext, --insecure)")
     ap.add_argument("--out", type=Path, default=None, help="keep artifacts and results here")
     args = ap.parse_args()
 
@@ -197,6 +202,13 @@ def main() -> int:
     ort = ort_latency(model, x, args.requests)
     rows.append({"config": "ONNX Runtime, 1 core", "latency": ort, "throughput": 1 / ort,
                  "bytes": 0, "rel_err": 0.0, "predicted": None})
+    keys = None
+    if args.curve:
+        from splitc.runtime import security
+
+        keys = work / "keys"
+        security.generate(keys, [f"dev{i}" for i in range(n)] + ["client"], force=True)
+        print("# every link encrypted and authenticated with CurveZMQ")
     with ExitStack() as stack:
         nets = None
         if args.netns:
@@ -209,7 +221,8 @@ def main() -> int:
             sub = Cluster(cluster.devices[:devices], link)
             compile_model(args.model, out, strategy=strategy, cluster=sub, tiny=args.tiny,
                           input_shapes=shapes)
-            r = measure(out, x, reference, nets, 5600 + 10 * i, args.requests, devices, cores)
+            r = measure(out, x, reference, nets, 5600 + 10 * i, args.requests, devices, cores,
+                        keys)
             plan = r.pop("plan")
             pred = estimate(plan, Cluster(sub.devices[:len(plan.devices)], link),
                             [speed] * len(plan.devices))

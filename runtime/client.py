@@ -9,9 +9,20 @@ collect model outputs.
 
 The client holds one DEALER socket per worker. It sends each model input only to the devices
 whose pieces read it and receives model outputs from the devices that produce them;
-intermediate tensors go from worker to worker (see :mod:`splitc.runtime.worker`). Every wait
-has a deadline; a worker whose connection drops (libzmq heartbeats, or a local process that
-exits) fails the session with an error naming the device and its endpoint.
+intermediate tensors go from worker to worker (see :mod:`splitc.runtime.worker`).
+
+Faults. Every wait has a deadline, and every request carries its deadline to the workers. A
+worker whose connection drops — killed, frozen or unplugged: libzmq heartbeats notice within
+``wire.HEARTBEAT_IVL_MS + wire.HEARTBEAT_TIMEOUT_MS`` — or whose local process exits is marked
+down: every request in flight fails at once with :class:`WorkerLost` naming the device and
+its endpoint, and new requests fail fast while it is down. The client keeps pinging it; when
+it answers again (restarted by hand or by ``splitc serve --restart``) and holds the same
+compile, the session is set up afresh on every worker and requests succeed again. With
+``retries`` a failed request is sent again once the session is back.
+
+Security: with a key folder (``keys``), every connection is CurveZMQ-encrypted and the workers
+admit only known keys (:mod:`splitc.runtime.security`); off loopback that is required unless
+``insecure``.
 """
 
 from __future__ import annotations
@@ -36,7 +47,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from splitc.errors import SplitcError
 
-from . import wire
+from . import security, wire
 from .plan import Plan, PlanError
 
 #: Default seconds to wait for one request's outputs.
@@ -66,6 +77,20 @@ class RequestTimeout(RuntimeFailure):
     """No answer within the deadline."""
 
 
+class AuthFailure(RuntimeFailure):
+    """A worker refused this client's CURVE handshake (wrong, missing or unexpected keys)."""
+
+
+#: Faults a retry can cure (a worker that comes back; a request that was too slow).
+RETRYABLE = (WorkerLost, RequestTimeout)
+#: While a worker is down the client pings it this often (seconds).
+PING_EVERY = 0.25
+#: A setup (after a worker came back) not answered this fast is sent again (seconds).
+RESETUP_EVERY = 5.0
+_MONITOR = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+
+
 @dataclass
 class _Pending:
     rid: int
@@ -80,29 +105,43 @@ class Session:
     """An open session on the workers of one plan. Use :func:`connect` to make one."""
 
     def __init__(self, plan: Plan, endpoints: dict[str, str], *,
-                 timeout: float = REQUEST_TIMEOUT, local: _LocalWorkers | None = None):
+                 timeout: float = REQUEST_TIMEOUT, local: _LocalWorkers | None = None,
+                 keys: str | Path | None = None, insecure: bool = False, retries: int = 0):
         self.plan = plan
         self.digest = plan.digest()
         self.endpoints = dict(endpoints)
         self.timeout = timeout
+        self.retries = retries
         self.id = secrets.token_hex(8)
         self._local = local
+        self._closed = False
+        self.curve = security.Curve(keys, security.CLIENT) if keys else None
+        security.require(list(self.endpoints.values()), self.curve, insecure, "connect to")
         self._ctx = zmq.Context()
         self._socks: dict[str, zmq.Socket] = {}
         self._monitors: dict[zmq.Socket, str] = {}
         self._poller = zmq.Poller()
         self._pending: dict[int, _Pending] = {}
         self._next_rid = 0
-        self._lost: WorkerLost | None = None
+        #: devices that are down now, with the error their requests failed with
+        self._down: dict[str, RuntimeFailure] = {}
+        self._stale = False          # a worker was lost: set the session up again when back
+        self._opening = True
+        self._setup_sent = self._pinged = self._ticked = 0.0
+        self._down_since: dict[str, float] = {}
+        self._shook: set[str] = set()  # devices whose connection finished its handshake
         self._ready: set[str] = set()
         self._replies: dict[str, dict] = {}
+        #: (monotonic time, device or "*", what): losses, returns, sessions set up again
+        self.events: list[tuple[float, str, str]] = []
+        #: requests sent again after a retryable failure
+        self.retried = 0
         #: tensor name -> how many times the client received it (model outputs only, if the
         #: workers keep to the plan)
         self.received: Counter = Counter()
         #: seconds per request of the last :meth:`infer_many`
         self.latencies: list[float] = []
         self.bytes_sent = self.bytes_received = 0
-        self._closed = False
         # routing: which devices read each model input, which device sends each output
         self._input_devices = {
             e.tensor: sorted({p.device for p in plan.pieces if e.tensor in p.inputs})
@@ -121,12 +160,20 @@ class Session:
         self._stop_local = weakref.finalize(self, local.stop) if local else lambda: None
         for dev, endpoint in self.endpoints.items():
             sock = wire.tune(self._ctx.socket(zmq.DEALER))
-            mon = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED)
+            # read everything the workers send: a full queue would stop libzmq reading the
+            # connection, heartbeats included, and a live worker would look dead
+            sock.setsockopt(zmq.RCVHWM, 0)
+            mon = sock.get_monitor_socket(_MONITOR)
             self._socks[dev] = sock
             self._monitors[mon] = dev
             try:
+                if self.curve is not None:
+                    self.curve.dial(sock, dev)
                 sock.connect(endpoint)
-            except zmq.ZMQError as e:
+            except (zmq.ZMQError, security.KeyProblem) as e:
+                if isinstance(e, security.KeyProblem):
+                    self.close()
+                    raise
                 self.close()
                 raise PlanError(f"the endpoint for {dev}, {endpoint!r}, is not one ZeroMQ can "
                                 f"connect to ({e}); write tcp://HOST:PORT") from None
@@ -141,38 +188,93 @@ class Session:
         for sock in self._socks.values():
             wire.send(sock, wire.header(wire.PING, src=wire.CLIENT))
         self._wait(lambda: len(self._replies) == len(self._socks), deadline,
-                   lambda: "no answer to ping from " + self._missing(self._replies))
+                   lambda: "no answer to ping from " + self._missing(self._replies), strict=True)
         for dev in self._socks:
-            pong = self._replies[dev]
-            if pong.get("device") != dev:
-                raise PlanError(f"the endpoint given for {dev}, {self.endpoints[dev]}, is served "
-                                f"by device {pong.get('device')!r}: check --endpoints")
+            problem = self._check_pong(dev, self._replies[dev])
+            if problem:
+                raise PlanError(problem)
         for sock in self._socks.values():
             wire.send(sock, self._head(wire.SETUP, peers=self.endpoints,
                                        timeout=max(1.0, deadline - time.monotonic())))
         self._wait(lambda: len(self._ready) == len(self._socks), deadline,
-                   lambda: "no answer to setup from " + self._missing(self._ready))
+                   lambda: "no answer to setup from " + self._missing(self._ready), strict=True)
+        self._opening = False
+
+    def _check_pong(self, dev: str, pong: dict) -> str:
+        """What is wrong with the worker that answered for ``dev`` ("" if nothing): another
+        device behind the endpoint, or another compile (plan, library or weights)."""
+        if pong.get("device") != dev:
+            return (f"the endpoint given for {dev}, {self.endpoints[dev]}, is served by device "
+                    f"{pong.get('device')!r}: check --endpoints")
+        if pong.get("digest") != self.digest:
+            d = self.plan.device(dev)
+            differ = [f"{what} {str(got)[:12]}… (this plan's: {want[:12]}…)"
+                      for what, got, want in (("library", pong.get("lib_sha256"), d.lib_sha256),
+                                              ("weights", pong.get("weights_sha256"),
+                                               d.weights_sha256)) if got != want]
+            return (f"device {dev} at {self.endpoints[dev]} holds another compile (plan "
+                    f"{pong.get('digest')}, this client's is {self.digest})"
+                    + (": its " + ", ".join(differ) if differ else "")
+                    + f". Copy OUT/{d.dir} from the same compile to it")
+        return ""
+
+    @property
+    def ready(self) -> bool:
+        """Every worker is up and set up for this session."""
+        return (not self._down and not self._stale and not self._closed
+                and len(self._ready) == len(self._socks))
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait until every worker is up and set up again (after a fault); raise the loss if
+        that does not happen within ``timeout`` seconds (default: the request timeout)."""
+        self._check_open()
+        timeout = self.timeout if timeout is None else timeout
+        try:
+            self._wait(lambda: self.ready, time.monotonic() + timeout,
+                       lambda: f"the workers were not ready within {timeout:.3g} s")
+        except RequestTimeout:
+            if self._down:
+                dev, err = next(iter(self._down.items()))
+                raise type(err)(f"{err} (not back within {timeout:.3g} s)", device=dev,
+                                endpoint=self.endpoints[dev]) from None
+            raise
 
     def _missing(self, have) -> str:
         return ", ".join(f"{d} at {self.endpoints[d]}" for d in self._socks if d not in have)
 
     # -- requests --------------------------------------------------------------------------
-    def infer(self, *inputs: np.ndarray, timeout: float | None = None) -> list[np.ndarray]:
-        """Run the plan on the model inputs (in the model's order); returns its outputs."""
-        rid = self.submit(*inputs, timeout=timeout)
-        return self.result(rid)
+    def infer(self, *inputs: np.ndarray, timeout: float | None = None,
+              retries: int | None = None) -> list[np.ndarray]:
+        """Run the plan on the model inputs (in the model's order); returns its outputs.
+
+        ``retries`` (default: the session's): how many times a request that failed because
+        a worker was lost or too slow is sent again, each time once the session is back."""
+        retries = self.retries if retries is None else retries
+        for attempt in range(retries + 1):
+            try:
+                return self.result(self.submit(*inputs, timeout=timeout))
+            except RETRYABLE:
+                if attempt == retries:
+                    raise
+            self.retried += 1
+            self.wait_ready(timeout)
+        raise AssertionError("unreachable")
 
     def infer_many(self, batches: Iterable[Sequence[np.ndarray]], inflight: int = 4, *,
-                   timeout: float | None = None) -> list[list[np.ndarray]]:
+                   timeout: float | None = None,
+                   retries: int | None = None) -> list[list[np.ndarray]]:
         """Run many requests with up to ``inflight`` in flight at once (a pipeline keeps every
         device busy); returns the outputs in the order of ``batches``. Per-request latencies
-        are left in :attr:`latencies`."""
+        are left in :attr:`latencies`. ``retries``: as for :meth:`infer`, per request."""
         if inflight < 1:
             raise SplitcError("inflight must be at least 1")
+        retries = self.retries if retries is None else retries
         todo = iter(enumerate(batches))
         results: dict[int, list[np.ndarray]] = {}
         latency: dict[int, float] = {}
         running: dict[int, int] = {}  # rid -> index
+        inputs: dict[int, Sequence[np.ndarray]] = {}  # index -> its batch, while running
+        attempts: Counter = Counter()
         exhausted = False
         try:
             while running or not exhausted:
@@ -182,6 +284,7 @@ class Session:
                         exhausted = True
                         break
                     index, batch = item
+                    inputs[index] = batch
                     running[self.submit(*batch, timeout=timeout)] = index
                 if not running:
                     break
@@ -189,8 +292,18 @@ class Session:
                 for rid in [r for r in running if self._done(r)]:
                     p = self._pending[rid]
                     index = running.pop(rid)
-                    results[index] = self.result(rid)
+                    try:
+                        results[index] = self.result(rid)
+                    except RETRYABLE:
+                        if attempts[index] >= retries:
+                            raise
+                        attempts[index] += 1
+                        self.retried += 1
+                        self.wait_ready(timeout)
+                        running[self.submit(*inputs[index], timeout=timeout)] = index
+                        continue
                     latency[index] = p.finished - p.started
+                    del inputs[index]
         except BaseException:
             for rid in running:
                 self._abandon(rid)
@@ -199,8 +312,21 @@ class Session:
         return [results[i] for i in range(len(results))]
 
     def submit(self, *inputs: np.ndarray, timeout: float | None = None) -> int:
-        """Send one request's inputs; returns its id (collect it with :meth:`result`)."""
+        """Send one request's inputs; returns its id (collect it with :meth:`result`).
+
+        Raises the loss at once while a worker is down; waits (up to ``timeout``) while the
+        session is being set up again after a worker came back."""
         self._check_open()
+        timeout = self.timeout if timeout is None else timeout
+        if self._down:
+            self._poll(0)  # (news of a return may be waiting)
+        if self._down:
+            dev, err = next(iter(self._down.items()))
+            down_for = time.monotonic() - self._down_since[dev]
+            raise type(err)(f"{err} (down for {down_for:.2f} s; reconnecting)", device=dev,
+                            endpoint=self.endpoints[dev])
+        if not self.ready:
+            self.wait_ready(timeout)
         plan = self.plan
         if len(inputs) != len(plan.inputs):
             raise PlanError(f"the model takes {len(plan.inputs)} inputs, got {len(inputs)}")
@@ -214,11 +340,11 @@ class Session:
         rid = self._next_rid
         self._next_rid += 1
         now = time.monotonic()
-        self._pending[rid] = _Pending(rid, now, now + (self.timeout if timeout is None
-                                                       else timeout))
+        self._pending[rid] = _Pending(rid, now, now + timeout)
         for dev, names in self._inputs_of.items():
             try:
-                self.bytes_sent += wire.send(self._socks[dev], self._head(wire.TENSORS, rid=rid),
+                head = self._head(wire.TENSORS, rid=rid, ttl=round(timeout, 4))
+                self.bytes_sent += wire.send(self._socks[dev], head,
                                              [arrays[n] for n in names], names,
                                              flags=zmq.NOBLOCK)
             except zmq.Again:
@@ -267,8 +393,8 @@ class Session:
             self._drop(rid)
 
     def _drop(self, rid: int) -> None:
-        if self._lost is not None or self._closed:
-            return
+        if self._closed or self._stale:
+            return  # (a session set up again has forgotten every old request anyway)
         for sock in self._socks.values():
             try:
                 wire.send(sock, self._head(wire.DROP, rid=rid), flags=zmq.NOBLOCK)
@@ -285,7 +411,8 @@ class Session:
             wire.send(sock, self._head(wire.STATS))
         self._wait(lambda: len(self._replies) == len(self._socks),
                    time.monotonic() + timeout,
-                   lambda: "no answer to stats from " + self._missing(self._replies))
+                   lambda: "no answer to stats from " + self._missing(self._replies),
+                   strict=True)
         return {d: self._replies[d] for d in self._socks}
 
     def transfer_bytes(self) -> int:
@@ -294,27 +421,58 @@ class Session:
                    for dst, v in s["sent"].items() if dst != wire.CLIENT)
 
     # -- the loop --------------------------------------------------------------------------
-    def _wait(self, ready, deadline: float | None, what) -> None:
+    def _wait(self, ready, deadline: float | None, what, *, strict: bool = False) -> None:
         """Handle incoming messages until ``ready()``; past ``deadline`` raise a timeout
-        (``what()`` says what was missing). A lost worker raises :class:`WorkerLost`."""
-        checked = 0.0
+        (``what()`` says what was missing). ``strict``: a worker that is down raises its
+        loss (requests fail one by one instead)."""
         while True:
-            if self._lost is not None:
-                raise self._lost
+            if strict and self._down:
+                raise next(iter(self._down.values()))
             if ready():
                 return
             now = time.monotonic()
             if deadline is not None and now > deadline:
                 raise RequestTimeout(what())
-            if now - checked > 0.05:
-                self._check_local()
-                checked = now
-            wait_ms = 100 if deadline is None else max(0, min(100, (deadline - now) * 1e3))
-            for sock, _ in self._poller.poll(wait_ms):
-                if sock in self._monitors:
-                    self._on_monitor(sock)
-                else:
-                    self._on_message(self._dev_of[sock], sock)
+            self._poll(100 if deadline is None else max(0, min(100, (deadline - now) * 1e3)))
+
+    def _poll(self, wait_ms: float) -> None:
+        """One round: housekeeping (local processes, pings to workers that are down, a setup
+        not answered), then the messages and socket events that arrive within ``wait_ms``."""
+        now = time.monotonic()
+        if now - self._ticked > 0.05:
+            self._ticked = now
+            self._check_local()
+            if self._down and now - self._pinged > PING_EVERY:
+                self._pinged = now
+                for dev in self._down:
+                    try:
+                        wire.send(self._socks[dev], wire.header(wire.PING, src=wire.CLIENT),
+                                  flags=zmq.NOBLOCK)
+                    except zmq.ZMQError:
+                        pass
+            if (not self._down and self._stale) or (
+                    not self._opening and not self._down and len(self._ready) < len(self._socks)
+                    and now - self._setup_sent > RESETUP_EVERY):
+                self._resetup()
+        for sock, _ in self._poller.poll(wait_ms):
+            if sock in self._monitors:
+                self._on_monitor(sock)
+            else:
+                self._on_message(self._dev_of[sock], sock)
+
+    def _resetup(self) -> None:
+        """Every worker is up again: open a new session on all of them (the old one's
+        requests have failed already; their late tensors are refused as another session's)."""
+        self.id = secrets.token_hex(8)
+        self._stale = False
+        self._ready.clear()
+        self._setup_sent = time.monotonic()
+        for sock in self._socks.values():
+            try:
+                wire.send(sock, self._head(wire.SETUP, peers=self.endpoints,
+                                           timeout=RESETUP_EVERY), flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
 
     def _on_message(self, dev: str, sock: zmq.Socket) -> None:
         while sock.getsockopt(zmq.EVENTS) & wire.POLLIN:
@@ -330,8 +488,12 @@ class Session:
             kind = msg.kind
             if kind == wire.PONG:
                 self._replies[dev] = msg.head
+                if dev in self._down:
+                    self._back(dev, msg.head)
             elif kind == wire.READY and msg.head.get("session") == self.id:
                 self._ready.add(dev)
+                if not self._opening and len(self._ready) == len(self._socks):
+                    self.events.append((time.monotonic(), "*", "session set up again"))
             elif kind == wire.STATS:
                 self._replies[dev] = msg.head["counters"]
             elif kind == wire.ERROR:
@@ -343,8 +505,15 @@ class Session:
                         + f": {msg.head.get('message', '')}")
                 err = RemoteError(text, device=where, endpoint=self.endpoints.get(where, ""),
                                   piece=piece, rid=rid)
-                if rid is None:
-                    raise err  # about the session itself (setup refused, peer unreachable)
+                if rid is None:  # about the session itself (setup refused, peer unreachable)
+                    if msg.head.get("session") not in ("", self.id):
+                        continue  # an older session's
+                    if self._opening:
+                        raise err
+                    # while recovering: try again once the device answers pings
+                    self._lose(dev, f"setting the session up again failed: "
+                               f"{msg.head.get('message', '')}")
+                    continue
                 self._fail_request(rid, err)  # ignored for a request already abandoned
             elif kind == wire.TENSORS:
                 self._on_tensors(dev, msg)
@@ -378,25 +547,74 @@ class Session:
                 event = recv_monitor_message(mon, flags=zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if event["event"] == zmq.EVENT_DISCONNECTED and self._lost is None:
+            kind = event["event"]
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._shook.add(dev)
+            elif kind == zmq.EVENT_DISCONNECTED and self.curve is not None \
+                    and dev not in self._shook:
+                # a CURVE server that cannot decrypt our hello just closes the connection
+                self._lose(dev, f"it closed the connection during the CurveZMQ handshake: "
+                           f"the public key this client holds for {dev} is not the one it "
+                           "serves with (keys from another `splitc keys` run?)", AuthFailure)
+            elif kind == zmq.EVENT_DISCONNECTED and self._opening and dev not in self._shook:
+                self._lose(dev, "it closed the connection during the handshake: it probably "
+                           "requires CurveZMQ keys (started with --keys); give this client "
+                           "--keys KEYDIR/client", AuthFailure)
+            elif kind == zmq.EVENT_DISCONNECTED:
+                self._shook.discard(dev)
                 self._lose(dev, "its connection dropped")
+            elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self._lose(dev, "it refused this client's key (CurveZMQ authentication "
+                           "failed): give --keys the client folder written by the same "
+                           "`splitc keys` run as the worker's", AuthFailure)
+            elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+                self._lose(dev, "the security handshake failed: one side uses CurveZMQ keys "
+                           "and the other does not (give both --keys, or neither)",
+                           AuthFailure)
 
     def _check_local(self) -> None:
-        if self._local is None or self._lost is not None:
+        if self._local is None:
             return
         for dev, proc in self._local.procs.items():
             code = proc.poll()
-            if code is not None:
+            if code is not None and dev not in self._down:
                 self._lose(dev, f"its process exited with status {code}"
                            + self._local.tail(dev))
 
-    def _lose(self, dev: str, why: str) -> None:
+    def _lose(self, dev: str, why: str, kind: type[RuntimeFailure] = WorkerLost) -> None:
+        """Mark ``dev`` down: fail every request in flight (naming it) and set the session up
+        again once it answers pings."""
+        if self._closed or (dev in self._down and (kind is WorkerLost
+                                                   or isinstance(self._down[dev], kind))):
+            return
         if self._local is not None and dev in self._local.procs:
             code = self._local.procs[dev].poll()
             if code is not None and "process exited" not in why:
                 why += f" (its process exited with status {code}){self._local.tail(dev)}"
-        self._lost = WorkerLost(f"worker {dev} at {self.endpoints[dev]} is gone: {why}",
-                                device=dev, endpoint=self.endpoints[dev])
+        where = f"worker {dev} at {self.endpoints[dev]}"
+        text = f"{where} is gone: {why}" if kind is WorkerLost else f"{where}: {why}"
+        now = time.monotonic()
+        self._down[dev] = kind(text, device=dev, endpoint=self.endpoints[dev])
+        self._down_since.setdefault(dev, now)
+        self._stale = True
+        self._ready.clear()
+        self.events.append((now, dev, why))
+        for p in self._pending.values():
+            if p.error is None and len(p.outputs) < len(self._outputs):
+                p.error = kind(f"request {p.rid}: {text}", device=dev,
+                               endpoint=self.endpoints[dev], rid=p.rid)
+
+    def _back(self, dev: str, pong: dict) -> None:
+        """A device that was down answered a ping."""
+        problem = self._check_pong(dev, pong)
+        if problem:  # came back as something else: stays down, saying why
+            self._down[dev] = WorkerLost(f"worker {dev} came back, but {problem}",
+                                         device=dev, endpoint=self.endpoints[dev])
+            return
+        del self._down[dev]
+        since = self._down_since.pop(dev)
+        self.events.append((time.monotonic(), dev,
+                            f"back after {time.monotonic() - since:.2f} s"))
 
     # -- helpers ---------------------------------------------------------------------------
     def _head(self, kind: str, **fields) -> dict:
@@ -406,8 +624,6 @@ class Session:
     def _check_open(self) -> None:
         if self._closed:
             raise SplitcError("the session is closed")
-        if self._lost is not None:
-            raise self._lost
 
     def close(self) -> None:
         """Close the sockets and stop the local workers this session started."""
@@ -436,7 +652,8 @@ class _LocalWorkers:
     """One ``python -m splitc.runtime.worker`` process per device, on 127.0.0.1, each with
     ``TVM_NUM_THREADS`` = cores / devices unless the environment sets it."""
 
-    def __init__(self, out_dir: Path, plan: Plan, devices: list[str]):
+    def __init__(self, out_dir: Path, plan: Plan, devices: list[str],
+                 keys: str | Path | None = None):
         self.tmp = Path(tempfile.mkdtemp(prefix="splitc-workers-"))
         self.procs: dict[str, subprocess.Popen] = {}
         env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1"}
@@ -448,7 +665,8 @@ class _LocalWorkers:
             with open(self.tmp / f"{dev}.log", "wb") as logf:
                 self.procs[dev] = subprocess.Popen(
                     [sys.executable, "-m", "splitc.runtime.worker", str(folder),
-                     "--bind", "tcp://127.0.0.1:*", "--announce", str(self.tmp / f"{dev}.ep")],
+                     "--bind", "tcp://127.0.0.1:*", "--announce", str(self.tmp / f"{dev}.ep"),
+                     *(["--keys", str(keys)] if keys else [])],
                     stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, env=env)
 
     def endpoints(self, timeout: float) -> dict[str, str]:
@@ -494,7 +712,9 @@ class _LocalWorkers:
 
 
 def connect(plan_or_out_dir: Plan | str | Path, endpoints: dict[str, str] | None = None, *,
-            timeout: float = REQUEST_TIMEOUT, start_timeout: float = START_TIMEOUT) -> Session:
+            timeout: float = REQUEST_TIMEOUT, start_timeout: float = START_TIMEOUT,
+            keys: str | Path | None = None, insecure: bool = False,
+            retries: int = 0) -> Session:
     """Open a session on the workers of a compiled plan.
 
     Parameters
@@ -510,6 +730,16 @@ def connect(plan_or_out_dir: Plan | str | Path, endpoints: dict[str, str] | None
         Seconds to wait for a request's outputs.
     start_timeout : float
         Seconds for the workers to start (local ones), answer a ping and set up the session.
+    keys : path, optional
+        A key folder from ``splitc keys`` holding ``client.key_secret`` and the devices'
+        public keys: every connection is CurveZMQ-encrypted and authenticated. Required
+        for endpoints off loopback unless ``insecure``. Local workers get the same folder
+        (the one ``splitc keys`` wrote holds every device's secret key).
+    insecure : bool
+        Allow endpoints off loopback without keys (tensors cross the network in the clear).
+    retries : int
+        Default for :meth:`Session.infer`: how often a request failed by a lost worker or a
+        timeout is sent again once the session is back.
     """
     if isinstance(plan_or_out_dir, Plan):
         plan, out_dir = plan_or_out_dir, None
@@ -518,12 +748,16 @@ def connect(plan_or_out_dir: Plan | str | Path, endpoints: dict[str, str] | None
         plan = Plan.load(path)
         out_dir = path if path.is_dir() else path.parent
     active = [d.name for d in plan.devices if plan.pieces_on(d.name)]
+    if retries < 0:
+        raise SplitcError("retries must be 0 or more")
+    if keys is not None:
+        security.Curve(keys, security.CLIENT)  # a bad folder is reported before anything starts
     local = None
     if endpoints is None:
         if out_dir is None:
             raise PlanError("give the workers' endpoints, or the output folder to start local "
                             "workers from")
-        local = _LocalWorkers(out_dir, plan, active)
+        local = _LocalWorkers(out_dir, plan, active, keys)
         try:
             endpoints = local.endpoints(start_timeout)
         except BaseException:
@@ -540,7 +774,13 @@ def connect(plan_or_out_dir: Plan | str | Path, endpoints: dict[str, str] | None
             raise PlanError(f"no endpoint for {', '.join(missing)} (give every device with "
                             f"pieces: {', '.join(active)})")
         endpoints = {d: endpoints[d] for d in active}
-    session = Session(plan, endpoints, timeout=timeout, local=local)
+    try:
+        session = Session(plan, endpoints, timeout=timeout, local=local, keys=keys,
+                          insecure=insecure, retries=retries)
+    except BaseException:
+        if local is not None:
+            local.stop()
+        raise
     try:
         session._open(start_timeout)
     except BaseException:

@@ -22,14 +22,18 @@ Header fields (every message)::
 Kinds::
 
     ping     anyone -> worker      liveness; answered with pong
-    pong     worker -> anyone      + device, digest, pid, pieces
+    pong     worker -> anyone      + device, digest, pid, pieces, lib_sha256, weights_sha256
+                                     (the client refuses a worker holding another compile)
     setup    client -> worker      + peers {device: endpoint}, timeout (s): opens a session;
                                      the worker refuses (error) if its plan digest differs,
                                      then connects to the peers it sends to and pings them
     ready    worker -> client      + device: the session is set up, peers answered
     tensors  client/peer -> worker + rid, tensors [{name, dtype, shape}]: model inputs (from
              worker -> client        the client), transfers (from a peer device), or model
-                                     outputs (to the client); one raw frame per entry
+                                     outputs (to the client); one raw frame per entry;
+                                     + ttl (s, optional): the request's deadline, as seconds
+                                     left when sent (boards' clocks differ); a worker skips
+                                     the pieces of a request whose deadline has passed
     error    worker -> client      + rid (or null), device, piece (or ""), message
     drop     client -> worker      + rid: forget a failed or abandoned request
     stats    client -> worker      ask for counters; the worker answers with kind stats and
@@ -73,10 +77,14 @@ COPY_THRESHOLD = 64 * 1024
 MAX_HEADER = 64 * 1024
 #: At most this many dimensions in a tensor's shape.
 MAX_RANK = 16
-#: libzmq heartbeats on every runtime connection (every HEARTBEAT_IVL_MS): a peer silent for
-#: HEARTBEAT_TIMEOUT_MS is disconnected, which the client sees as a lost worker.
-HEARTBEAT_IVL_MS = 1000
-HEARTBEAT_TIMEOUT_MS = 5000
+#: libzmq heartbeats on every runtime connection (a ZMTP PING every HEARTBEAT_IVL_MS, answered
+#: by the peer's I/O thread, so a worker busy computing still answers): a peer from which no
+#: complete message arrives for HEARTBEAT_TIMEOUT_MS after a PING is disconnected, which the
+#: client sees as a lost worker. A frozen, dead or unplugged worker is so detected within
+#: IVL + TIMEOUT = 1.6 s. The same bound limits the slowest link: one frame must cross it in
+#: under HEARTBEAT_TIMEOUT_MS (150 MB at 1 Gbit/s, 15 MB at 100 Mbit/s).
+HEARTBEAT_IVL_MS = 400
+HEARTBEAT_TIMEOUT_MS = 1200
 #: zmq.POLLIN as a plain int (the enum's ``&`` is slow on the hot path)
 POLLIN = int(zmq.POLLIN)
 
@@ -230,6 +238,10 @@ def parse_header(raw: bytes) -> dict:
         if not isinstance(rid, int) or isinstance(rid, bool) or rid < 0:
             raise WireError(f"{head['kind']} message needs a request id (rid >= 0), "
                             f"got {rid!r}", head)
+    ttl = head.get("ttl")
+    if ttl is not None and (not isinstance(ttl, (int, float)) or isinstance(ttl, bool)
+                            or not math.isfinite(ttl)):
+        raise WireError(f"ttl must be a number of seconds, got {str(ttl)[:100]!r}", head)
     return head
 
 

@@ -18,8 +18,17 @@ Protocol (message layout in :mod:`splitc.runtime.wire`):
    model outputs to the client. Several requests may be in flight; state is kept per id and
    freed when the device's last piece for it has run (or on ``drop``).
 4. Anything wrong — a malformed message, an unknown tensor, a piece that raises — is answered
-   with an ``error`` (naming device, piece and request) and the worker keeps serving.
-5. SIGTERM or SIGINT: the worker closes its sockets and exits with status 0.
+   with an ``error`` (naming device, piece and request) and the worker keeps serving. A frame
+   larger than the worker's limit (by default its largest input tensor) is not read at all:
+   ZeroMQ closes that connection, so a flood cannot grow the worker (its receive queue holds
+   at most RCVHWM messages per connection, and at most MAX_PENDING requests are held).
+5. A request whose deadline (``ttl``) has passed is forgotten instead of computed: after a
+   freeze, a worker does not work through a backlog nobody waits for.
+6. With a key folder (``--keys``, see :mod:`splitc.runtime.security`) every connection is
+   CurveZMQ-encrypted and only trusted keys get in; off loopback that is the default.
+7. SIGTERM or SIGINT: the worker closes its sockets and exits with status 0. With
+   ``--restart`` a supervisor process restarts the worker whenever it dies, on the same
+   endpoint; clients reconnect by themselves.
 """
 
 from __future__ import annotations
@@ -28,7 +37,9 @@ import argparse
 import logging
 import os
 import signal
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import defaultdict, deque
@@ -38,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from . import wire
+from . import security, wire
 from .artifact import DeviceArtifact
 
 log = logging.getLogger("splitc.worker")
@@ -47,6 +58,12 @@ log = logging.getLogger("splitc.worker")
 MAX_PENDING = 1024
 #: How many dropped request ids are remembered (late tensors for them are ignored).
 DROPPED_MEMORY = 4096
+#: Messages queued per incoming connection before ZeroMQ stops reading from it.
+RCVHWM = 64
+#: Default frame limit: twice the largest tensor the device receives, at least this. Frames
+#: up to the limit are read and, if wrong, answered with an error; larger ones close the
+#: connection unread.
+MIN_MESSAGE_LIMIT = 1 << 20
 
 
 class _Recent:
@@ -73,6 +90,7 @@ class _Request:
     have: dict[str, np.ndarray] = field(default_factory=dict)
     done: set[str] = field(default_factory=set)
     received: list[np.ndarray] = field(default_factory=list)  # pool buffers to give back
+    expires: float | None = None      # monotonic deadline, from the first message's ttl
 
 
 @dataclass
@@ -96,9 +114,16 @@ class Worker:
         ``OUT/<device>``: the device's library, weights and plan.json.
     bind : str
         ZeroMQ endpoint to bind; a ``*`` port picks a free one (see ``endpoint``).
+    keys : path, optional
+        Key folder for CurveZMQ (``splitc keys``); required off loopback unless ``insecure``.
+    max_message_bytes : int, optional
+        Frames larger than this close the sender's connection unread. Default: twice the
+        largest tensor this device receives, at least MIN_MESSAGE_LIMIT.
     """
 
-    def __init__(self, folder: str | Path, bind: str = "tcp://127.0.0.1:5555"):
+    def __init__(self, folder: str | Path, bind: str = "tcp://127.0.0.1:5555", *,
+                 keys: str | Path | None = None, insecure: bool = False,
+                 max_message_bytes: int | None = None):
         self.artifact = DeviceArtifact(folder)
         self.plan = self.artifact.plan
         self.device = self.artifact.device.name
@@ -108,14 +133,24 @@ class Worker:
         self.specs = {n: self.plan.tensors[n] for n in self.expect}
         self.pool = wire.BufferPool()
         self.counters = {"recv": defaultdict(lambda: [0, 0]), "sent": defaultdict(lambda: [0, 0]),
-                         "pieces_run": 0, "requests_done": 0, "errors": 0, "compute_s": 0.0}
+                         "pieces_run": 0, "requests_done": 0, "errors": 0, "expired": 0,
+                         "compute_s": 0.0}
+        self.curve = security.Curve(keys, self.device) if keys else None
+        self.insecure = insecure
+        security.require([bind], self.curve, insecure, f"bind {self.device} to")
+        self.max_message_bytes = max_message_bytes or max(
+            [MIN_MESSAGE_LIMIT, *(2 * t.nbytes for t in self.specs.values())])
         self.ctx = zmq.Context()
         self.router = wire.tune(self.ctx.socket(zmq.ROUTER))
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.router.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
+        self.router.setsockopt(zmq.RCVHWM, RCVHWM)
         try:
+            if self.curve is not None:
+                self.curve.serve(self.ctx, self.router)
             self.router.bind(bind)
         except zmq.ZMQError as e:
-            self.ctx.destroy(linger=0)
+            self.close()
             raise OSError(f"{self.device}: cannot bind {bind}: {e}") from None
         self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         self.session: _Session | None = None
@@ -153,6 +188,8 @@ class Worker:
         self.stopping.set()
 
     def close(self) -> None:
+        if self.curve is not None:
+            self.curve.stop()
         if not self.ctx.closed:
             self.ctx.destroy(linger=0)
 
@@ -197,7 +234,9 @@ class Worker:
             self._send(msg.route, wire.header(
                 wire.PONG, src=self.device, digest=self.digest,
                 session=self.session.id if self.session else "", device=self.device,
-                pid=os.getpid(), pieces=[p.name for p in self.pieces]))
+                pid=os.getpid(), pieces=[p.name for p in self.pieces],
+                lib_sha256=self.artifact.device.lib_sha256,
+                weights_sha256=self.artifact.device.weights_sha256))
         elif kind == wire.SETUP:
             self._setup(msg)
         elif kind == wire.STATS:
@@ -221,8 +260,9 @@ class Worker:
     def _setup(self, msg: wire.Message) -> None:
         head = msg.head
         if head.get("digest") != self.digest:
-            self._send(msg.route, self._head(
-                wire.ERROR, rid=None, device=self.device, piece="",
+            self._send(msg.route, wire.header(
+                wire.ERROR, src=self.device, digest=self.digest,
+                session=head.get("session", ""), rid=None, device=self.device, piece="",
                 message=f"device {self.device} holds another plan (digest {self.digest}, the "
                         f"client's is {head.get('digest')}): copy OUT/{self.artifact.device.dir}"
                         " from the same compile"))
@@ -240,8 +280,12 @@ class Worker:
         for d in needed:
             sock = sockets[d] = wire.tune(self.ctx.socket(zmq.DEALER))
             try:
+                security.require([peers[d]], self.curve, self.insecure,
+                                 f"send from {self.device} to {d} at")
+                if self.curve is not None:
+                    self.curve.dial(sock, d)
                 sock.connect(peers[d])
-            except zmq.ZMQError as e:
+            except (zmq.ZMQError, security.KeyProblem) as e:
                 for made in sockets.values():
                     made.close(linger=0)
                 raise wire.WireError(f"{self.device} cannot connect to {d} at {peers[d]!r}: "
@@ -325,6 +369,9 @@ class Worker:
                 raise wire.WireError(f"{self.device} holds {MAX_PENDING} unfinished requests "
                                      "already", msg.head)
             req = s.requests[rid] = _Request()
+            ttl = msg.head.get("ttl")
+            if ttl is not None:
+                req.expires = time.monotonic() + ttl
         for name, a in zip(msg.names, msg.arrays, strict=True):
             if name in req.have:
                 raise wire.WireError(f"request {rid}: {name!r} arrived twice", msg.head)
@@ -339,6 +386,10 @@ class Worker:
             for piece in self.pieces:
                 if piece.name in req.done or not all(t in req.have for t in piece.inputs):
                     continue
+                if req.expires is not None and time.monotonic() > req.expires:
+                    self.counters["expired"] += 1  # the client gave up on it already
+                    self._forget(rid)
+                    return
                 t0 = time.perf_counter()
                 try:
                     outs = self.artifact.run(piece, [req.have[t] for t in piece.inputs])
@@ -350,7 +401,7 @@ class Worker:
                 self.counters["pieces_run"] += 1
                 req.done.add(piece.name)
                 req.have.update(zip(piece.outputs, outs, strict=True))
-                if not self._send_outputs(rid, piece.name, piece.outputs, outs):
+                if not self._send_outputs(rid, piece.name, piece.outputs, outs, req.expires):
                     self._forget(rid)
                     return
                 progress = True
@@ -359,14 +410,16 @@ class Worker:
             self.session.requests.pop(rid, None)
             self._recycle(req)
 
-    def _send_outputs(self, rid: int, piece: str, names, arrays) -> bool:
+    def _send_outputs(self, rid: int, piece: str, names, arrays,
+                      expires: float | None) -> bool:
         by_dst: dict[str, list[tuple[str, np.ndarray]]] = defaultdict(list)
         for name, a in zip(names, arrays, strict=True):
             for dst in self.routes.get(name, ()):
                 by_dst[dst].append((name, a))
         s = self.session
+        ttl = {} if expires is None else {"ttl": round(expires - time.monotonic(), 4)}
         for dst, items in by_dst.items():
-            head = self._head(wire.TENSORS, rid=rid)
+            head = self._head(wire.TENSORS, rid=rid, **ttl)
             names_, arrays_ = [n for n, _ in items], [a for _, a in items]
             try:
                 if dst == wire.CLIENT:
@@ -437,7 +490,7 @@ class Worker:
                 "recv": {k: {"tensors": v[0], "bytes": v[1]} for k, v in c["recv"].items()},
                 "sent": {k: {"tensors": v[0], "bytes": v[1]} for k, v in c["sent"].items()},
                 "pieces_run": c["pieces_run"], "requests_done": c["requests_done"],
-                "errors": c["errors"], "compute_s": c["compute_s"],
+                "errors": c["errors"], "expired": c["expired"], "compute_s": c["compute_s"],
                 "pending": len(self.session.requests) if self.session else 0}
 
 
@@ -464,29 +517,92 @@ def routing(plan, device: str) -> tuple[dict[str, set[str]], dict[str, list[str]
 
 
 def serve(device_folder: str | Path, bind: str = "tcp://127.0.0.1:5555", *,
-          announce: str | Path | None = None) -> None:
+          announce: str | Path | None = None, keys: str | Path | None = None,
+          insecure: bool = False, max_message_bytes: int | None = None) -> None:
     """Load ``device_folder`` and serve it on ``bind`` until SIGTERM or SIGINT.
 
     ``announce``: a file to write the bound endpoint to once listening (for a ``*`` port).
+    ``keys``, ``insecure``, ``max_message_bytes``: see :class:`Worker`.
     """
-    worker = Worker(device_folder, bind)
+    worker = Worker(device_folder, bind, keys=keys, insecure=insecure,
+                    max_message_bytes=max_message_bytes)
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, lambda *_: worker.stop())
     try:
-        log.info("%s: %d pieces, listening on %s (plan %s)", worker.device,
-                 len(worker.pieces), worker.endpoint, worker.digest)
+        log.info("%s: %d pieces, listening on %s (plan %s, %s, frames up to %d bytes)",
+                 worker.device, len(worker.pieces), worker.endpoint, worker.digest,
+                 "CURVE-encrypted" if worker.curve else "unencrypted",
+                 worker.max_message_bytes)
         if announce is not None:
-            tmp = Path(f"{announce}.tmp")
-            tmp.write_text(worker.endpoint + "\n")
-            tmp.replace(announce)
+            _announce(announce, worker.endpoint)
         worker.serve()
     finally:
         worker.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         log.info("%s: stopped", worker.device)
+
+
+def _announce(path: str | Path, endpoint: str) -> None:
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(endpoint + "\n")
+    tmp.replace(path)
+
+
+#: A worker that ran at least this long before dying is restarted at once; one that dies
+#: sooner waits RESTART_BACKOFF, doubling up to RESTART_BACKOFF_MAX (a crash loop).
+STABLE_S, RESTART_BACKOFF, RESTART_BACKOFF_MAX = 10.0, 0.25, 5.0
+
+
+def supervise(worker_args: list[str], bind: str, announce: str | Path | None = None) -> int:
+    """``--restart``: run the worker (``python -m splitc.runtime.worker WORKER_ARGS``) as a child
+    and start it again, on the same endpoint, whenever it dies — killed, crashed or out of
+    memory. A worker that fails to start (status 2: bad folder, bad keys, port in use) is not
+    retried. SIGTERM or SIGINT stop the child and the supervisor (status 0)."""
+    stopping = threading.Event()
+    child: list[subprocess.Popen] = []
+
+    def stop(*_):
+        stopping.set()
+        if child and child[0].poll() is None:
+            child[0].send_signal(signal.SIGTERM)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+    endpoint, restarts, backoff = bind, 0, RESTART_BACKOFF
+    with tempfile.TemporaryDirectory(prefix="splitc-supervise-") as tmp:
+        child_announce = Path(tmp) / "endpoint"
+        while not stopping.is_set():
+            child_announce.unlink(missing_ok=True)
+            started = time.monotonic()
+            child[:] = [subprocess.Popen(
+                [sys.executable, "-m", "splitc.runtime.worker", *worker_args, "--bind",
+                 endpoint, "--announce", str(child_announce)])]
+            announced = False
+            while child[0].poll() is None:
+                if not announced and child_announce.exists():
+                    announced = True
+                    endpoint = child_announce.read_text().strip()  # a * port, now fixed
+                    if announce is not None:
+                        _announce(announce, endpoint)
+                time.sleep(0.05)
+            code = child[0].returncode
+            if stopping.is_set():
+                break
+            if code == 2 and not announced:
+                log.error("worker could not start (status 2): not restarting")
+                return 2
+            lived = time.monotonic() - started
+            backoff = RESTART_BACKOFF if lived >= STABLE_S else min(backoff * 2,
+                                                                     RESTART_BACKOFF_MAX)
+            restarts += 1
+            log.warning("worker (pid %d) exited with status %s after %.1f s; restarting on "
+                        "%s in %.2f s (restart %d)", child[0].pid, code, lived, endpoint,
+                        backoff, restarts)
+            stopping.wait(backoff)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -500,13 +616,32 @@ def main(argv: list[str] | None = None) -> int:
                         help="ZeroMQ endpoint to listen on (tcp://0.0.0.0:5555 for all "
                              "interfaces; port * picks a free one)")
     parser.add_argument("--announce", help="write the bound endpoint to this file")
+    parser.add_argument("--keys", help="key folder from `splitc keys` (CurveZMQ); required "
+                                       "off loopback unless --insecure")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow serving off loopback without encryption")
+    parser.add_argument("--max-message-bytes", type=int, default=None,
+                        help="close connections that send larger frames (default: twice the "
+                             "largest tensor this device receives, at least 1 MiB)")
+    parser.add_argument("--restart", action="store_true",
+                        help="restart the worker on the same endpoint whenever it dies")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s splitc-worker %(message)s")
     log.setLevel(logging.INFO)  # "listening on ...", sessions, errors
+    if args.restart:
+        rest = [args.folder]
+        if args.keys:
+            rest += ["--keys", args.keys]
+        if args.insecure:
+            rest.append("--insecure")
+        if args.max_message_bytes:
+            rest += ["--max-message-bytes", str(args.max_message_bytes)]
+        return supervise(rest, args.bind, args.announce)
     try:
-        serve(args.folder, args.bind, announce=args.announce)
-    except (OSError, ValueError) as e:  # PlanError is a ValueError
+        serve(args.folder, args.bind, announce=args.announce, keys=args.keys,
+              insecure=args.insecure, max_message_bytes=args.max_message_bytes)
+    except (OSError, ValueError) as e:  # PlanError and KeyProblem are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -22,21 +22,70 @@ def serve(
     bind: Annotated[str, typer.Option(
         help="ZeroMQ endpoint to listen on; tcp://0.0.0.0:5555 listens on every interface.")]
         = "tcp://127.0.0.1:5555",
+    keys: Annotated[Path | None, typer.Option(
+        help="This device's key folder from `splitc keys` (KEYDIR/<device>): encrypt every "
+             "connection and admit only known keys. Required off loopback.")] = None,
+    insecure: Annotated[bool, typer.Option(
+        help="Serve off loopback without keys: tensors cross the network in the clear.")]
+        = False,
+    restart: Annotated[bool, typer.Option(
+        help="Restart the worker on the same endpoint whenever it dies (clients reconnect "
+             "by themselves).")] = False,
+    max_message_bytes: Annotated[int | None, typer.Option(
+        help="Close connections that send larger frames (default: twice the largest tensor "
+             "this device receives, at least 1 MiB).")] = None,
 ) -> None:
     """Serve one device's pieces until SIGTERM or Ctrl-C (run this on every board).
 
     Logs to stderr: where it listens, each session, and every error it reports.
     """
-    import logging
+    from splitc.runtime import worker
 
-    from splitc.runtime.worker import serve as serve_worker
+    argv = [str(device_folder), "--bind", bind]
+    argv += ["--keys", str(keys)] if keys else []
+    argv += ["--insecure"] if insecure else []
+    argv += ["--restart"] if restart else []
+    argv += ["--max-message-bytes", str(max_message_bytes)] if max_message_bytes else []
+    code = worker.main(argv)
+    if code:
+        raise typer.Exit(code)
 
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s splitc-worker %(message)s")
-    logging.getLogger("splitc.worker").setLevel(logging.INFO)
-    try:
-        serve_worker(device_folder, bind)
-    except OSError as e:
-        raise SplitcError(str(e)) from None
+
+def keys(
+    keydir: Annotated[Path, typer.Argument(help="Folder to write the keys to.")],
+    plan: Annotated[Path | None, typer.Option(
+        help="A folder from `splitc compile`: make keys for its devices and the client.")]
+        = None,
+    names: Annotated[str | None, typer.Option(
+        help="Comma-separated names to make keys for instead (device names, and client).")]
+        = None,
+    force: Annotated[bool, typer.Option(help="Replace keys that exist.")] = False,
+) -> None:
+    """Make CurveZMQ key pairs: one per device and one for the client.
+
+    Writes KEYDIR/<name>/ for each: its own secret key and every public key. Copy
+    KEYDIR/<device> to that device's board and start it with `splitc serve --keys`; give the
+    client `--keys KEYDIR/client`. Anyone without one of these keys is refused before anything
+    runs, and no tensor crosses the network in the clear.
+    """
+    from splitc.runtime import security
+    from splitc.runtime.plan import Plan
+
+    if (plan is None) == (names is None):
+        raise SplitcError("give --plan OUT (keys for its devices and the client) or --names")
+    if plan is not None:
+        who = [d.name for d in Plan.load(plan).devices] + [security.CLIENT]
+    else:
+        who = [n.strip() for n in names.split(",") if n.strip()]
+        bad = [n for n in who if not n.replace("-", "").replace("_", "").isalnum()]
+        if not who or bad:
+            raise SplitcError(f"--names: give names made of letters, digits, - and _ "
+                              f"(bad: {', '.join(bad) or 'none given'})")
+    folders = security.generate(keydir, who, force=force)
+    for name, folder in folders.items():
+        typer.echo(f"{name:>10}: {folder}")
+    typer.echo(f"copy each device's folder to its board (`splitc serve OUT/<device> --keys "
+               f"{keydir}/<device>`); the client uses --keys {folders.get('client', keydir)}")
 
 
 def parse_endpoints(text: str) -> dict[str, str]:
@@ -74,6 +123,15 @@ def run(
     seed: Annotated[int, typer.Option(help="Seed for the random default input.")] = 0,
     timeout: Annotated[float, typer.Option(
         help="Seconds to wait for a request (and for workers to start).")] = 60.0,
+    keys: Annotated[Path | None, typer.Option(
+        help="The client's key folder from `splitc keys` (KEYDIR/client): CurveZMQ on every "
+             "connection. Required for endpoints off loopback.")] = None,
+    insecure: Annotated[bool, typer.Option(
+        help="Connect to endpoints off loopback without keys (tensors in the clear).")]
+        = False,
+    retries: Annotated[int, typer.Option(
+        min=0, help="Send a request again, up to this many times, when a worker was lost or "
+                    "it timed out (once the workers are back).")] = 0,
 ) -> None:
     """Run a compiled plan on its devices over ZeroMQ; print what crossed between them."""
     import numpy as np
@@ -84,7 +142,8 @@ def run(
     plan = Plan.load(out)
     arrays = load_inputs(input, plan, seed)
     addresses = parse_endpoints(endpoints) if endpoints is not None else None
-    with connect(out, addresses, timeout=timeout, start_timeout=timeout) as session:
+    with connect(out, addresses, timeout=timeout, start_timeout=timeout, keys=keys,
+                 insecure=insecure, retries=retries) as session:
         t0 = time.perf_counter()
         results = session.infer_many([arrays] * requests, inflight=inflight)
         elapsed = time.perf_counter() - t0
@@ -92,6 +151,8 @@ def run(
     outputs = results[0]
     where = "on local workers" if addresses is None else "on " + ", ".join(
         f"{d}={e}" for d, e in addresses.items())
+    if session.retried:
+        typer.echo(f"{session.retried} request(s) sent again after a fault")
     typer.echo(f"ran {len(plan.pieces)} pieces on {len(plan.devices)} devices {where}; "
                f"{crossed:,} bytes crossed between devices"
                + (f" ({crossed // requests:,} per request)" if requests > 1 else ""))
@@ -149,6 +210,7 @@ def load_inputs(paths: list[Path] | None, plan, seed: int):
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``serve`` and ``run`` to ``app``."""
+    """Add ``serve``, ``run`` and ``keys`` to ``app``."""
     app.command()(serve)
     app.command()(run)
+    app.command()(keys)

@@ -279,8 +279,9 @@ def test_a_worker_with_another_plan_refuses_and_names_its_device(outs, tmp_path)
     other = json.loads((out / "dev1" / "plan.json").read_text())
     other["model"]["source"] = "another compile"
     (out / "dev1" / "plan.json").write_text(json.dumps(other))
-    # Either the client's check or dev0's check of its peer can see it first; both name dev1.
-    with pytest.raises(RemoteError, match=r"dev1\b.* holds another plan"):
+    # the client checks every worker's plan digest in its pong, before any setup
+    with pytest.raises(PlanError, match=r"device dev1 at tcp://\S+ holds another compile "
+                                        r"\(plan \w+, this client's is \w+\)"):
         connect(out, start_timeout=20)
 
 
