@@ -1,0 +1,252 @@
+"""Fault benchmark: what the runtime does when a worker is killed, frozen, unplugged or
+restarted in the middle of a stream of requests.
+
+Two workers (``splitc serve --restart``, so a dead one comes back by itself), one client sending
+requests with ``inflight`` in flight. For each fault kind, a fresh session streams requests for
+a few seconds; the fault hits worker dev1 one second in and, where it has an end (a frozen
+process thawed, a link plugged back in), ends ``--outage`` seconds later. Printed per fault:
+
+* detect: seconds from the fault to the client marking dev1 down (goal <= 2 s);
+* answered / failed with an error / lost requests (goal: 0 lost; every answer is checked
+  against the unsplit model), and requests refused at once while dev1 was down;
+* recover: seconds from the fault's end (the thaw, the link back up; for kill and restart the
+  moment the client saw dev1 down) to the first answer to a request sent after it — for kill
+  and restart that includes the supervisor starting a new worker;
+* the same stream again with ``retries=2``: failed requests are sent again once dev1 is back.
+
+As root the workers run in network namespaces behind tbf-shaped veths with CurveZMQ on every
+link, and the link fault is ``ip link set down`` (this kernel has no netem for ``loss 100%``;
+a downed link drops every packet the same way). Without root: loopback, no link fault.
+
+    sudo .venv/bin/python benchmarks/faults.py            # all four faults
+    .venv/bin/python benchmarks/faults.py                 # loopback: kill, stop, restart
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import psutil
+from cluster import NETNS_PREFIX, Namespaces
+
+from splitc import importer
+from splitc.compiler import compile_model
+from splitc.runtime import connect, security
+from splitc.runtime.client import RuntimeFailure, WorkerLost
+from splitc.runtime.plan import Plan
+
+FAULTS = ["kill -9", "SIGSTOP", "link down", "restart"]
+
+
+class Board:
+    """``python -m splitc.runtime.worker FOLDER --restart`` (in a namespace when given)."""
+
+    def __init__(self, folder: Path, endpoint: str, prefix: list[str], extra: list[str]):
+        self.endpoint = endpoint
+        self.proc = subprocess.Popen(
+            [*prefix, "env", "TVM_USE_RUNTIME_LIB=1", "TVM_NUM_THREADS=1", sys.executable,
+             "-m", "splitc.runtime.worker", str(folder), "--bind", endpoint, "--restart",
+             *extra], stderr=subprocess.DEVNULL)
+
+    def worker(self) -> psutil.Process:
+        """The serving process (the supervisor's child)."""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            for p in psutil.Process(self.proc.pid).children(recursive=True):
+                cmd = p.cmdline()
+                if "splitc.runtime.worker" in cmd and "--restart" not in cmd:
+                    return p
+            time.sleep(0.05)
+        raise RuntimeError("no worker process under the supervisor")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def stream(session, x, want, fault, inject, heal, seconds: float, inflight: int,
+           retries: int) -> dict:
+    """Send requests for ``seconds``; ``inject()`` one second in, ``heal()`` (if any)
+    ``fault['heal_at']`` seconds later, on timers (the client may be waiting meanwhile).
+    Returns counts and times."""
+    start = time.monotonic()
+    at: dict[str, float] = {}
+
+    def run(what, action):
+        at[what] = time.monotonic()
+        action()
+
+    timers = [threading.Timer(1.0, run, ("injected", inject))]
+    if heal:
+        timers.append(threading.Timer(1.0 + fault["heal_at"], run, ("healed", heal)))
+    for t in timers:
+        t.start()
+    pending: deque = deque()  # (rid, attempt, sent)
+    answered = failed = refused = wrong = requests = 0
+    first_answer_after = None
+    errors: dict[str, int] = {}
+    while True:
+        now = time.monotonic()
+        sending = now < start + seconds
+        while sending and len(pending) < inflight:
+            try:
+                pending.append((session.submit(*x), 0, time.monotonic()))
+                requests += 1
+            except WorkerLost:
+                refused += 1
+                try:
+                    session.wait_ready(0.05)
+                except RuntimeFailure:
+                    pass
+                break
+        if not pending:
+            if sending:
+                continue
+            break
+        rid, attempt, sent = pending.popleft()
+        try:
+            y = session.result(rid)
+        except RuntimeFailure as first:
+            err = first
+            if attempt < retries:
+                try:
+                    session.wait_ready(20)
+                    pending.appendleft((session.submit(*x), attempt + 1, time.monotonic()))
+                    continue
+                except RuntimeFailure as again:
+                    err = again
+            failed += 1
+            errors[type(err).__name__] = errors.get(type(err).__name__, 0) + 1
+            continue
+        ok = all(np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+                 for a, b in zip(y, want, strict=True))
+        answered += ok
+        wrong += not ok
+        # recovered: the first answer to a request sent after the fault ended (the thaw, the
+        # link back up) and after the client saw dev1 down
+        seen = [t for t, dev, _ in session.events if dev == "dev1"]
+        end = max(at.get("healed" if heal else "injected", np.inf), seen[0] if seen else np.inf)
+        if first_answer_after is None and sent > end:
+            first_answer_after = time.monotonic() - end
+    for t in timers:
+        t.join()
+    injected = at["injected"]
+    lost_events = [t for t, dev, _ in session.events if dev == "dev1" and t >= injected]
+    return {"detect": (lost_events[0] - injected) if lost_events else None,
+            "answered": answered, "wrong": wrong, "failed": failed, "refused": refused,
+            "lost": requests - answered - wrong - failed - len(pending),
+            "errors": errors, "recover": first_answer_after}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet18")
+    ap.add_argument("--seconds", type=float, default=7.0, help="stream length per fault")
+    ap.add_argument("--outage", type=float, default=3.0,
+                    help="seconds a frozen worker or a downed link stays so")
+    ap.add_argument("--inflight", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=None, help="keep the artifacts here")
+    args = ap.parse_args()
+
+    root = os.geteuid() == 0
+    work = args.out or Path(tempfile.mkdtemp(prefix="splitc-faults-"))
+    out = work / "out"
+    model = importer.load(args.model, tiny=True)
+    compile_model(args.model, out, ["host", "host"], "pipeline", tiny=True)
+    plan = Plan.load(out)
+    x = model.random_inputs(seed=0)
+    want = model.reference(x)
+    keys = work / "keys"
+    security.generate(keys, ["dev0", "dev1", "client"], force=True)
+
+    nets = Namespaces(2, 125e6) if root else None  # 1 Gbit/s links
+    boards = {}
+    try:
+        for i, dev in enumerate(plan.devices):
+            host = nets.address(i) if nets else "127.0.0.1"
+            boards[dev.name] = Board(out / dev.dir, f"tcp://{host}:{5700 + i}",
+                                     nets.prefix(i) if nets else [],
+                                     ["--keys", str(keys / dev.name)])
+        endpoints = {d: b.endpoint for d, b in boards.items()}
+        where = ("2 namespaces, 1 Gbit/s tbf links, CurveZMQ on" if nets else
+                 "loopback, CurveZMQ on")
+        print(f"# fault benchmark: {args.model} (tiny), pipeline over 2 workers ({where}), "
+              f"{args.inflight} requests in flight, {args.seconds:g} s per stream, fault at "
+              f"1 s, outage {args.outage:g} s")
+
+        def link(up: bool):
+            inner = f"{NETNS_PREFIX}i1"  # dev1's end of its veth
+            subprocess.run([*nets.prefix(1), "ip", "link", "set", inner,
+                            "up" if up else "down"], check=True)
+
+        state = {}
+
+        def stop_worker():
+            state["p"] = boards["dev1"].worker()
+            state["p"].send_signal(signal.SIGSTOP)
+
+        faults = {
+            "kill -9": (lambda: boards["dev1"].worker().send_signal(signal.SIGKILL), None),
+            "SIGSTOP": (stop_worker, lambda: state["p"].send_signal(signal.SIGCONT)),
+            "link down": (lambda: link(False), lambda: link(True)),
+            "restart": (lambda: boards["dev1"].worker().send_signal(signal.SIGTERM), None),
+        }
+        rows = []
+        for name in FAULTS:
+            if name == "link down" and nets is None:
+                continue
+            inject, heal = faults[name]
+            for retries in (0, 2):
+                with connect(out, endpoints, timeout=10, start_timeout=60,
+                             keys=keys / "client") as session:
+                    session.infer(*x)
+                    r = stream(session, x, want, {"heal_at": args.outage}, inject, heal,
+                               args.seconds, args.inflight, retries)
+                    session.wait_ready(30)
+                    r["after"] = bool(np.allclose(session.infer(*x)[0], want[0], rtol=1e-4,
+                                                  atol=1e-5 * np.abs(want[0]).max()))
+                rows.append((name, retries, r))
+                time.sleep(0.5)
+
+        def f(v):
+            return "-" if v is None else f"{v:.2f}"
+
+        print()
+        print("| fault | retries | detect (s) | answered | failed with error | lost | wrong | "
+              "refused while down | recover (s) | good answer after |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for name, retries, r in rows:
+            errs = ", ".join(f"{k} {v}" for k, v in r["errors"].items())
+            print(f"| {name} | {retries} | {f(r['detect'])} | {r['answered']} | {r['failed']}"
+                  f"{f' ({errs})' if errs else ''} | {r['lost']} | {r['wrong']} | "
+                  f"{r['refused']} | "
+                  f"{f(r['recover'])} | {'yes' if r['after'] else 'NO'} |")
+        print()
+        print("lost = requests sent - answered - wrong - failed with an error: the stream "
+              "waits for every request's outcome, bounded by its 10 s deadline.")
+        worst = max((r["detect"] or 0) for _, _, r in rows)
+        print(f"worst detection {worst:.2f} s (goal 2 s): "
+              f"{'met' if worst <= 2.0 else 'MISSED'}")
+    finally:
+        for b in boards.values():
+            b.stop()
+        if nets is not None:
+            nets.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
