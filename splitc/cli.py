@@ -70,7 +70,8 @@ def compile(
         help="Comma-separated target names, one per device (see `splitc targets`); "
              "default host,host. Ignored with --cluster.")] = None,
     strategy: Annotated[str, typer.Option(
-        help="How to split: pipeline | channel | spatial | auto (the cost model chooses).")]
+        help="How to split: pipeline | channel | spatial | auto (the cost model chooses) | "
+             "branch (approximate: one branch per device, recover with `splitc finetune`).")]
         = "pipeline",
     cluster: ClusterOpt = None,
     objective: ObjectiveOpt = "latency",
@@ -80,16 +81,97 @@ def compile(
         help="Folder of tuning databases (`splitc tune --db`); kernels with a record use it, "
              "the rest the default schedules. Default: the databases shipped with splitc.")]
         = None,
+    sync: Annotated[str, typer.Option(
+        help="--strategy branch: which candidate layers stay sync points (exchange "
+             "activations): all (exact) | none (fewest bytes) | a weight-mass budget in [0, 1] "
+             "(cut the layers that save the most bytes per weight dropped).")] = "none",
 ) -> None:
     """Split MODEL across devices and write one artifact folder per device plus plan.json."""
     from splitc.compiler import compile_model
 
     plan = compile_model(model, out, strategy=strategy, cluster=load_cluster(cluster, devices),
                          objective=objective, input_shapes=parse_shapes(input_shape), tiny=tiny,
-                         tuning_db=tuning_db, log=lambda m: typer.echo(m, err=True))
+                         tuning_db=tuning_db, sync=parse_sync(sync),
+                         log=lambda m: typer.echo(m, err=True))
     typer.echo(f"wrote {out}/plan.json: {plan.strategy} split, {len(plan.devices)} devices, "
                f"{len(plan.pieces)} pieces, {len(plan.transfers)} transfers, "
                f"{plan.transfer_bytes:,} bytes between devices per inference")
+
+
+def parse_sync(text: str) -> str | float:
+    if text in ("all", "none"):
+        return text
+    try:
+        budget = float(text)
+    except ValueError:
+        budget = -1.0
+    if not 0.0 <= budget <= 1.0:
+        raise SplitcError(f"--sync {text!r}: give all, none, or a budget between 0 and 1")
+    return budget
+
+
+@app.command()
+def finetune(
+    out: Annotated[Path, typer.Argument(help="A folder from `splitc compile --strategy branch`.")],
+    data: Annotated[str, typer.Option(
+        help="Training data: a .npz with x (and y labels), a folder of .npz/.npy files, or "
+             "module:function returning a torch Dataset.")],
+    epochs: Annotated[int, typer.Option(min=1)] = 30,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 2e-3,
+    batch: Annotated[int, typer.Option(min=1)] = 64,
+    max_accuracy_drop: Annotated[float, typer.Option(
+        help="Points of held-out top-1 the branch model may lose against the original; more "
+             "fails the command (exit 1), the weights are still written.")] = 1.0,
+    seed: int = 0,
+) -> None:
+    """Distil the original model into a branch plan's branches and rebuild its artifacts.
+
+    The original model is the teacher; the branch model (the plan's rewrite of it) the
+    student. 20 % of the data is held out to report accuracy before and after. Uses a GPU
+    when torch sees one.
+    """
+    import json
+
+    import numpy as np
+
+    from splitc.compiler import (
+        REFERENCE_FILE,
+        STUDENT_FILE,
+        BranchReference,
+        compile_branch,
+        load_reference,
+    )
+    from splitc.finetune import TorchProgram, distill, load_data
+    from splitc.runtime.plan import Plan
+
+    reference = load_reference(out)
+    if not isinstance(reference, BranchReference):
+        raise SplitcError(f"{out} is not a branch plan: compile with --strategy branch first")
+    x, y = load_data(data)
+    want = tuple(int(d) for d in reference.original.mod["main"].params[0].ty.shape.values)
+    if tuple(x.shape[1:]) != want[1:]:
+        raise SplitcError(f"training inputs have shape {list(x.shape[1:])} per example, the "
+                          f"model takes {list(want[1:])}")
+    if y is not None and len(y) != len(x):
+        raise SplitcError(f"{len(x)} inputs but {len(y)} labels")
+    student = reference.program()
+    report = distill(TorchProgram(reference.original.mod), student, x, y, epochs=epochs, lr=lr,
+                     batch=batch, seed=seed, log=lambda m: typer.echo(m, err=True))
+    plan = Plan.load(out)
+    source = json.loads((out / REFERENCE_FILE).read_text())
+    compile_branch(reference.original.mod, out, [d.target for d in plan.devices], "none",
+                   source=source, student=student.to_module(), plan=reference.plan,
+                   log=lambda m: typer.echo(m, err=True))
+    np.savez(out / STUDENT_FILE, **{k: v.detach().numpy() for k, v in student.weights.items()})
+    drop = (report.teacher - report.after) * 100
+    typer.echo(f"{report.metric}: original {report.teacher:.4f}, branch model before "
+               f"{report.before:.4f}, after {report.after:.4f} (drop {drop:.2f} points); "
+               f"wrote {out}")
+    if drop > max_accuracy_drop:
+        typer.echo(f"the branch model loses {drop:.2f} points, more than --max-accuracy-drop "
+                   f"{max_accuracy_drop}: keep more sync points (--sync all, or a smaller "
+                   "budget) or train longer", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -239,10 +321,8 @@ def main() -> None:
     except typer.Abort:
         typer.echo("aborted", err=True)
         sys.exit(1)
-    except Exception as e:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(e, click.ClickException):
+    except Exception as e:  # click usage errors (typer's) carry their own exit code
+        if callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int):
             e.show()
             sys.exit(e.exit_code)
         raise

@@ -38,6 +38,13 @@ STRATEGIES: dict[str, tuple[Callable, type]] = {
 }
 #: The strategy name that asks the cost-model search to choose (see :mod:`splitc.search`).
 AUTO = "auto"
+#: The approximate strategy: K nearly independent branches (see :mod:`splitc.passes.branch`),
+#: accuracy recovered by ``splitc finetune``.
+BRANCH = "branch"
+#: Where a branch compile records its branch plan (``splitc finetune`` and ``run --check``).
+BRANCH_FILE = "branch.json"
+#: Trained constants of the branch model, written by ``splitc finetune``.
+STUDENT_FILE = "student.npz"
 #: Where the compile records how to load the original model again (for ``splitc run --check``).
 REFERENCE_FILE = "reference.json"
 
@@ -86,12 +93,14 @@ def compile_model(model: str, out_dir: str | Path, devices: list[str] | None = N
                   strategy: str = "pipeline", *,
                   input_shapes: dict[str, tuple[int, ...]] | None = None, tiny: bool = False,
                   cluster: Cluster | None = None, objective: str = "latency",
-                  tuning_db: str | Path | None = None,
+                  tuning_db: str | Path | None = None, sync: str | float = "none",
                   log: Callable[[str], None] = lambda _msg: None) -> Plan:
     """Compile ``model`` for ``devices`` (target names) or a ``cluster`` with ``strategy``
     (``auto``: the cost-model search picks it); write ``out_dir``.
 
     Returns the plan, also written to ``out_dir/plan.json`` and to every device folder.
+    ``sync`` (strategy ``branch`` only): which candidate layers stay sync points — ``"all"``,
+    ``"none"``, or a weight-mass budget in [0, 1] (see :func:`splitc.passes.branch.choose_sync`).
     """
     if cluster is None:
         check_request(devices or [], strategy)
@@ -114,9 +123,42 @@ def compile_model(model: str, out_dir: str | Path, devices: list[str] | None = N
         targets = [cluster.devices[i].target for i in best.devices]
         return write_artifacts(best.extracted, out_dir, targets, best.strategy, source=source,
                                log=log, tuning_db=tuning_db)
+    if strategy == BRANCH:
+        return compile_branch(imported.mod, out_dir, cluster.targets, sync, source=source,
+                              log=log, tuning_db=tuning_db)
     ex = extract(split(imported.mod, strategy, len(cluster.devices)))
     return write_artifacts(ex, out_dir, cluster.targets, strategy, source=source, log=log,
                            tuning_db=tuning_db)
+
+
+def compile_branch(mod: tvm.IRModule, out_dir: str | Path, targets: list[str],
+                   sync: str | float | frozenset, *, source: dict,
+                   log: Callable[[str], None] = lambda _msg: None,
+                   tuning_db: str | Path | None = None, student: tvm.IRModule | None = None,
+                   plan=None) -> Plan:
+    """Branch-rewrite ``mod`` for ``len(targets)`` devices, channel-split it (branch k on
+    device k; transfers only at sync points) and write the artifacts and ``branch.json``.
+    ``student``/``plan``: an already rewritten (e.g. distilled) module and its branch plan."""
+    from splitc.passes.branch import BranchRewrite, analyse, plan_branches, sync_candidates
+
+    k = len(targets)
+    if plan is None:
+        ana = analyse(mod, k)
+        plan = plan_branches(mod, k, sync, analysis=ana)
+        cands = {c.layer: c for c in sync_candidates(ana)}
+        kept = sorted(set(cands) - plan.branched)
+        log(f"branch: {k} branches; {len(plan.branched)} of {len(cands)} candidate layers cut "
+            f"into branches, {len(kept)} kept as sync points"
+            + (f" ({', '.join(kept)})" if kept else "")
+            + f"; weight mass dropped {sum(cands[c].dropped_mass for c in plan.branched):.2f} "
+            f"layer(s)' worth")
+    if student is None:
+        student = BranchRewrite(plan)(mod)
+    ex = extract(split(student, "channel", k))
+    result = write_artifacts(ex, out_dir, targets, BRANCH, source=source, log=log,
+                             tuning_db=tuning_db)
+    (Path(out_dir) / BRANCH_FILE).write_text(plan.to_json())
+    return result
 
 
 def check_request(devices: list[str], strategy: str) -> None:
@@ -125,9 +167,11 @@ def check_request(devices: list[str], strategy: str) -> None:
         raise SplitcError("give at least one device (--devices host,host)")
     for d in devices:
         target_registry.get(d)
-    if strategy not in STRATEGIES and strategy != AUTO:
+    if strategy not in STRATEGIES and strategy not in (AUTO, BRANCH):
         raise SplitcError(f"unknown strategy {strategy!r}; choose one of "
-                          f"{', '.join([*STRATEGIES, AUTO])}")
+                          f"{', '.join([*STRATEGIES, AUTO, BRANCH])}")
+    if strategy == BRANCH and len(devices) < 2:
+        raise SplitcError("the branch strategy needs at least 2 devices (one per branch)")
 
 
 def compile_imported(mod: tvm.IRModule, out_dir: str | Path, devices: list[str], strategy: str,
@@ -191,11 +235,48 @@ def write_artifacts(ex: Extracted, out_dir: str | Path, devices: list[str], stra
     return plan
 
 
-def load_reference(out_dir: str | Path) -> importer.ImportedModel:
-    """The original model of a compiled plan, to compare the split's answers against."""
+def load_reference(out_dir: str | Path):
+    """What a compiled plan must compute, to compare the split's answers against: the original
+    model, or for a branch plan the branch model (with its distilled weights, if any) —
+    anything with ``reference(inputs) -> outputs``."""
     path = Path(out_dir) / REFERENCE_FILE
     if not path.exists():
         raise SplitcError(f"{path} is missing: cannot find the original model to check against")
     source = json.loads(path.read_text())
     shapes = {k: tuple(v) for k, v in source["input_shapes"].items()} or None
-    return importer.load(source["model"], shapes, tiny=source["tiny"])
+    original = importer.load(source["model"], shapes, tiny=source["tiny"])
+    if not (Path(out_dir) / BRANCH_FILE).exists():
+        return original
+    return BranchReference(out_dir, original)
+
+
+class BranchReference:
+    """The branch model of a branch plan, run with torch (:mod:`splitc.finetune`)."""
+
+    def __init__(self, out_dir: str | Path, original: importer.ImportedModel):
+        from splitc.passes.branch import BranchPlan, BranchRewrite
+
+        out = Path(out_dir)
+        self.plan = BranchPlan.from_json((out / BRANCH_FILE).read_text())
+        self.original = original
+        self.student_mod = BranchRewrite(self.plan)(original.mod)
+        self.trained = out / STUDENT_FILE
+
+    def program(self):
+        import torch
+
+        from splitc.finetune import TorchProgram
+
+        program = TorchProgram(self.student_mod)
+        if self.trained.exists():
+            with np.load(self.trained) as stored:
+                program.weights.load_state_dict({k: torch.from_numpy(stored[k])
+                                                 for k in stored.files})
+        return program
+
+    def reference(self, inputs) -> list[np.ndarray]:
+        import torch
+
+        with torch.no_grad():
+            out = self.program().eval()(*[torch.from_numpy(np.asarray(x)) for x in inputs])
+        return [o.numpy() for o in out]
