@@ -51,6 +51,7 @@ from .ir import (
     op_name,
     output_vars,
     static_shape,
+    substitute,
     tensor_ref,
     var_inputs,
 )
@@ -445,7 +446,7 @@ class BranchRewrite:
     def _rewrite(self, b, perm, vmap) -> relax.Expr:
         call, var = b.value, b.var
         if not isinstance(call, relax.Call):
-            return _substitute(call, vmap)
+            return substitute(call, vmap)
         args = [vmap.get(a, a) if isinstance(a, relax.Var) else a for a in call.args]
         name = op_name(call)
         po = perm(var)
@@ -490,12 +491,6 @@ class BranchRewrite:
                 new.append(a)
             args = new
         return relax.Call(call.op, args, call.attrs, call.ty_args)
-
-
-def _substitute(expr, vmap):
-    from .ir import substitute
-
-    return substitute(expr, vmap)
 
 
 __all__ = ["Analysis", "BranchPlan", "BranchRewrite", "Candidate", "analyse", "choose_sync",

@@ -58,6 +58,11 @@ class Extracted:
     outputs: list[TensorRef]
     output_device: dict[str, int] = field(default_factory=dict)
 
+    @property
+    def transfer_bytes(self) -> int:
+        """Bytes the devices send each other per inference."""
+        return sum(t.tensor.nbytes for t in self.transfers)
+
 
 @relax.expr_functor.mutator
 class _LiftConstants(relax.PyExprMutator):

@@ -300,7 +300,7 @@ def distill(teacher: TorchProgram, student: TorchProgram, x: np.ndarray,
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss)
+            total += float(loss.detach())
         sched.step()
         if progress:
             done = (epoch + 1) / epochs

@@ -1,0 +1,195 @@
+"""Branch rewrite: channel spaces and permutations consistent across residual adds
+(before/expected TVMScript), a plan with every sync point kept equals the original, the split
+of a branch plan sends bytes only at sync points, and distillation through the torch view
+of the module recovers the teacher."""
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from tvm import relax
+from tvm.script import ir as I
+from tvm.script import relax as R
+
+from splitc import importer
+from splitc.errors import SplitcError
+from splitc.finetune import TorchProgram, distill
+from splitc.passes.branch import BranchRewrite, analyse, plan_branches, sync_candidates
+from splitc.passes.channel_split import ChannelSplit, plan_channel
+from splitc.passes.extract import extract
+
+from .helpers import run_module
+
+RNG = np.random.default_rng(0)
+BIG, SMALL = 1.0, 0.01
+# w2 couples channels of equal parity, so the best 2-way partition of the residual stream is
+# {0, 2} | {1, 3}; w3 (to the model's output, whose order is fixed: {0, 1} | {2, 3}) agrees
+W1 = RNG.standard_normal((4, 4, 1, 1)).astype("float32")
+B1 = RNG.standard_normal((1, 4, 1, 1)).astype("float32")
+W2 = np.fromfunction(lambda o, i, h, w: np.where(o % 2 == i % 2, BIG, SMALL),
+                     (4, 4, 3, 3)).astype("float32")
+W3 = np.fromfunction(lambda o, i, h, w: np.where(o // 2 == i % 2, BIG, SMALL),
+                     (4, 4, 1, 1)).astype("float32")
+PERM = [0, 2, 1, 3]
+
+
+def bind(mod, **arrays) -> tvm.IRModule:
+    return relax.transform.BindParams("main", {k: tvm.runtime.tensor(v)
+                                               for k, v in arrays.items()})(mod)
+
+
+@I.ir_module
+class Before:
+    @R.function
+    def main(x: R.Tensor((1, 4, 6, 6), "float32"), w1: R.Tensor((4, 4, 1, 1), "float32"),
+             b1: R.Tensor((1, 4, 1, 1), "float32"), w2: R.Tensor((4, 4, 3, 3), "float32"),
+             w3: R.Tensor((4, 4, 1, 1), "float32")):
+        R.func_attr({"num_input": 1})
+        with R.dataflow():
+            a = R.nn.conv2d(x, w1)
+            b = R.add(a, b1)
+            r = R.nn.relu(b)
+            c = R.nn.conv2d(r, w2, padding=[1, 1, 1, 1])
+            d = R.add(c, r)  # the residual: c, r (and b, a, d) share one channel space
+            e = R.nn.conv2d(d, w3)
+            R.output(e)
+        return e
+
+
+@I.ir_module
+class Expected:
+    @R.function
+    def main(x: R.Tensor((1, 4, 6, 6), "float32"), w1: R.Tensor((4, 4, 1, 1), "float32"),
+             b1: R.Tensor((1, 4, 1, 1), "float32"), w2: R.Tensor((4, 2, 3, 3), "float32"),
+             w3: R.Tensor((4, 2, 1, 1), "float32")):
+        R.func_attr({"num_input": 1})
+        with R.dataflow():
+            a = R.nn.conv2d(x, w1)        # output channels permuted
+            b = R.add(a, b1)              # the bias permuted with them
+            r = R.nn.relu(b)
+            c = R.nn.conv2d(r, w2, padding=[1, 1, 1, 1], groups=2)  # cut into 2 branches
+            d = R.add(c, r)
+            e = R.nn.conv2d(d, w3, groups=2)
+            R.output(e)
+        return e
+
+
+def blocks(w: np.ndarray, k: int = 2) -> np.ndarray:
+    co, ci = w.shape[0] // k, w.shape[1] // k
+    return np.concatenate([w[g * co:(g + 1) * co, g * ci:(g + 1) * ci] for g in range(k)])
+
+
+def before() -> tvm.IRModule:
+    return bind(Before, w1=W1, b1=B1, w2=W2, w3=W3)
+
+
+def test_partition_follows_the_weights_and_the_residual_add():
+    ana = analyse(before(), 2)
+    space = {v: ana.space[v] for v in "abcdr"}
+    assert len(set(space.values())) == 1  # one space through the residual add
+    assert list(ana.perms[space["c"]]) == PERM
+    assert list(ana.perms[ana.space["e"]]) == [0, 1, 2, 3]  # the model's output: fixed
+    cands = {c.layer: c for c in sync_candidates(ana)}
+    assert set(cands) == {"c", "e"}
+    # with the chosen permutation only the SMALL couplings fall outside the blocks
+    assert cands["c"].dropped_mass == pytest.approx(8 * SMALL / (8 * SMALL + 8 * BIG), rel=1e-5)
+
+
+def test_rewrite_before_expected():
+    plan = plan_branches(before(), 2, "none")
+    assert plan.branched == {"c", "e"}
+    for v in "abcdr":
+        assert plan.perms[v] == tuple(PERM)
+    expected = bind(Expected, w1=W1[PERM], b1=B1[:, PERM], w2=blocks(W2[PERM][:, PERM]),
+                    w3=blocks(W3[:, PERM]))
+    tvm.ir.assert_structural_equal(BranchRewrite(plan)(before()), expected)
+
+
+def test_every_sync_point_kept_equals_the_original():
+    mod = before()
+    x = RNG.standard_normal((1, 4, 6, 6)).astype("float32")
+    plan = plan_branches(mod, 2, "all")
+    assert plan.branched == frozenset() and plan.perms  # permuted, nothing cut
+    np.testing.assert_allclose(run_module(BranchRewrite(plan)(mod), x), run_module(mod, x),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_a_plan_round_trips_through_json_and_bad_sync_names_are_refused():
+    plan = plan_branches(before(), 2, {"c"})
+    assert plan.branched == {"e"}
+    assert type(plan).from_json(plan.to_json()) == plan
+    with pytest.raises(SplitcError, match="not branch candidates: zz"):
+        plan_branches(before(), 2, {"zz"})
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnext50_32x4d", "mobilenet_v2"])
+@pytest.mark.parametrize("k", [2, 4])
+def test_zoo_branch_plans(name, k):
+    """Every sync point kept: the original's answer. None kept: the split sends at most a
+    tenth of the channel-parallel bytes."""
+    model = importer.load(name, tiny=True)
+    x = model.random_inputs(seed=0)
+    ana = analyse(model.mod, k)
+    exact = BranchRewrite(plan_branches(model.mod, k, "all", analysis=ana))(model.mod)
+    ref = model.reference(x)[0]
+    got = run_module(exact, *x)
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+    cut = BranchRewrite(plan_branches(model.mod, k, "none", analysis=ana))(model.mod)
+    branch_bytes = extract(ChannelSplit(plan_channel(cut, k))(cut)).transfer_bytes
+    channel_bytes = extract(ChannelSplit(plan_channel(model.mod, k))(model.mod)).transfer_bytes
+    assert branch_bytes <= 0.1 * channel_bytes, (branch_bytes, channel_bytes)
+    # the torch view computes what TVM computes
+    with torch.no_grad():
+        view = TorchProgram(cut)(*[torch.from_numpy(a) for a in x])[0].numpy()
+    np.testing.assert_allclose(view, run_module(cut, *x), rtol=1e-4, atol=1e-4)
+
+
+def test_distillation_recovers_the_teacher():
+    model = importer.load("resnet18", tiny=True)
+    cut = BranchRewrite(plan_branches(model.mod, 2, "none"))(model.mod)
+    x = np.random.default_rng(1).standard_normal((400, 3, 32, 32)).astype("float32")
+    teacher, student = TorchProgram(model.mod), TorchProgram(cut)
+    report = distill(teacher, student, x, epochs=8, progress=False, log=lambda _m: None)
+    assert report.before < 0.5 and report.after >= 0.9, report
+    trained = student.to_module()
+    with torch.no_grad():
+        want = student(torch.from_numpy(x[:1]))[0].numpy()
+    np.testing.assert_allclose(run_module(trained, x[:1]), want, rtol=1e-4, atol=1e-5)
+
+
+def test_cli_compile_finetune_run(tmp_path):
+    """The user's path: compile --strategy branch, finetune on .npz data, run --check (which
+    compares the distributed run with the distilled branch model)."""
+    import subprocess
+    import sys
+
+    def splitc(*args):
+        return subprocess.run([sys.executable, "-m", "splitc.cli", *map(str, args)],
+                              capture_output=True, text=True, timeout=600)
+
+    out = tmp_path / "out"
+    bad = splitc("compile", "resnet18", "--tiny", "--strategy", "branch", "--devices", "host",
+                 "-o", out)
+    assert bad.returncode == 2 and "at least 2 devices" in bad.stderr
+    bad = splitc("compile", "resnet18", "--tiny", "--strategy", "branch", "--sync", "lots",
+                 "-o", out)
+    assert bad.returncode == 2 and "--sync 'lots'" in bad.stderr
+    done = splitc("compile", "resnet18", "--tiny", "--strategy", "branch", "--devices",
+                  "host,host", "-o", out)
+    assert done.returncode == 0, done.stderr
+    assert "branch: 2 branches; 19 of 19 candidate layers cut" in done.stderr
+    assert (out / "branch.json").exists()
+    x = np.random.default_rng(0).standard_normal((200, 3, 32, 32)).astype("float32")
+    np.savez(tmp_path / "data.npz", x=x)
+    np.savez(tmp_path / "wrong.npz", x=x[:, :, :16])
+    bad = splitc("finetune", out, "--data", tmp_path / "wrong.npz")
+    assert bad.returncode == 2 and "the model takes [3, 32, 32]" in bad.stderr
+    tuned = splitc("finetune", out, "--data", tmp_path / "data.npz", "--epochs", "6",
+                   "--max-accuracy-drop", "100")
+    assert tuned.returncode == 0, tuned.stderr
+    assert "top-1 agreement with the teacher: original 1.0000, branch model before" \
+        in tuned.stdout
+    assert (out / "student.npz").exists()
+    check = splitc("run", out, "--check")
+    assert check.returncode == 0, check.stderr
+    assert "the split gives the branch model's answer" in check.stdout
