@@ -85,13 +85,23 @@ def compile(
         help="--strategy branch: which candidate layers stay sync points (exchange "
              "activations): all (exact) | none (fewest bytes) | a weight-mass budget in [0, 1] "
              "(cut the layers that save the most bytes per weight dropped).")] = "none",
+    calibration: Annotated[str | None, typer.Option(
+        help="--strategy branch: training data (.npz with x and y, a folder, or "
+             "module:function). Searches the sync points instead of --sync: the fewest bytes "
+             "whose distilled branch model stays within --max-accuracy-drop.")] = None,
+    max_accuracy_drop: Annotated[float, typer.Option(
+        help="With --calibration: points of held-out top-1 the branch model may lose.")]
+        = 1.0,
+    epochs: Annotated[int, typer.Option(
+        min=1, help="With --calibration: distillation epochs per policy tried.")] = 30,
 ) -> None:
     """Split MODEL across devices and write one artifact folder per device plus plan.json."""
     from splitc.compiler import compile_model
 
     plan = compile_model(model, out, strategy=strategy, cluster=load_cluster(cluster, devices),
                          objective=objective, input_shapes=parse_shapes(input_shape), tiny=tiny,
-                         tuning_db=tuning_db, sync=parse_sync(sync),
+                         tuning_db=tuning_db, sync=parse_sync(sync), calibration=calibration,
+                         max_accuracy_drop=max_accuracy_drop, epochs=epochs,
                          log=lambda m: typer.echo(m, err=True))
     typer.echo(f"wrote {out}/plan.json: {plan.strategy} split, {len(plan.devices)} devices, "
                f"{len(plan.pieces)} pieces, {len(plan.transfers)} transfers, "
@@ -132,14 +142,13 @@ def finetune(
     """
     import json
 
-    import numpy as np
-
     from splitc.compiler import (
         REFERENCE_FILE,
-        STUDENT_FILE,
         BranchReference,
+        check_examples,
         compile_branch,
         load_reference,
+        save_student,
     )
     from splitc.finetune import TorchProgram, distill, load_data
     from splitc.runtime.plan import Plan
@@ -148,12 +157,7 @@ def finetune(
     if not isinstance(reference, BranchReference):
         raise SplitcError(f"{out} is not a branch plan: compile with --strategy branch first")
     x, y = load_data(data)
-    want = tuple(int(d) for d in reference.original.mod["main"].params[0].ty.shape.values)
-    if tuple(x.shape[1:]) != want[1:]:
-        raise SplitcError(f"training inputs have shape {list(x.shape[1:])} per example, the "
-                          f"model takes {list(want[1:])}")
-    if y is not None and len(y) != len(x):
-        raise SplitcError(f"{len(x)} inputs but {len(y)} labels")
+    check_examples(reference.original.mod, x, y)
     student = reference.program()
     report = distill(TorchProgram(reference.original.mod), student, x, y, epochs=epochs, lr=lr,
                      batch=batch, seed=seed, log=lambda m: typer.echo(m, err=True))
@@ -162,7 +166,7 @@ def finetune(
     compile_branch(reference.original.mod, out, [d.target for d in plan.devices], "none",
                    source=source, student=student.to_module(), plan=reference.plan,
                    log=lambda m: typer.echo(m, err=True))
-    np.savez(out / STUDENT_FILE, **{k: v.detach().numpy() for k, v in student.weights.items()})
+    save_student(out, student)
     drop = (report.teacher - report.after) * 100
     typer.echo(f"{report.metric}: original {report.teacher:.4f}, branch model before "
                f"{report.before:.4f}, after {report.after:.4f} (drop {drop:.2f} points); "

@@ -94,13 +94,18 @@ def compile_model(model: str, out_dir: str | Path, devices: list[str] | None = N
                   input_shapes: dict[str, tuple[int, ...]] | None = None, tiny: bool = False,
                   cluster: Cluster | None = None, objective: str = "latency",
                   tuning_db: str | Path | None = None, sync: str | float = "none",
-                  log: Callable[[str], None] = lambda _msg: None) -> Plan:
+                  calibration: str | Path | None = None, max_accuracy_drop: float = 1.0,
+                  epochs: int = 30, log: Callable[[str], None] = lambda _msg: None) -> Plan:
     """Compile ``model`` for ``devices`` (target names) or a ``cluster`` with ``strategy``
     (``auto``: the cost-model search picks it); write ``out_dir``.
 
     Returns the plan, also written to ``out_dir/plan.json`` and to every device folder.
     ``sync`` (strategy ``branch`` only): which candidate layers stay sync points — ``"all"``,
     ``"none"``, or a weight-mass budget in [0, 1] (see :func:`splitc.passes.branch.choose_sync`).
+    ``calibration`` (branch only): training data (see :func:`splitc.finetune.load_data`);
+    then the transmission policy is searched instead: the fewest bytes whose distilled
+    branch model loses at most ``max_accuracy_drop`` points (``epochs`` of distillation per
+    policy tried), and the chosen model's distilled weights are compiled.
     """
     if cluster is None:
         check_request(devices or [], strategy)
@@ -123,6 +128,19 @@ def compile_model(model: str, out_dir: str | Path, devices: list[str] | None = N
         targets = [cluster.devices[i].target for i in best.devices]
         return write_artifacts(best.extracted, out_dir, targets, best.strategy, source=source,
                                log=log, tuning_db=tuning_db)
+    if strategy == BRANCH and calibration is not None:
+        from splitc.finetune import load_data, search_policy
+
+        x, y = load_data(calibration)
+        check_examples(imported.mod, x, y)
+        bplan, student, _trials = search_policy(imported.mod, len(cluster.devices), x, y,
+                                                max_drop=max_accuracy_drop, epochs=epochs,
+                                                log=log)
+        plan = compile_branch(imported.mod, out_dir, cluster.targets, None, source=source,
+                              log=log, tuning_db=tuning_db, student=student, plan=bplan)
+        if student is not None:
+            save_student(out_dir, student)
+        return plan
     if strategy == BRANCH:
         return compile_branch(imported.mod, out_dir, cluster.targets, sync, source=source,
                               log=log, tuning_db=tuning_db)
@@ -159,6 +177,26 @@ def compile_branch(mod: tvm.IRModule, out_dir: str | Path, targets: list[str],
                              tuning_db=tuning_db)
     (Path(out_dir) / BRANCH_FILE).write_text(plan.to_json())
     return result
+
+
+def check_examples(mod: tvm.IRModule, x: np.ndarray, y: np.ndarray | None) -> None:
+    """Training or calibration examples must fit the model's (first) input."""
+    want = tuple(int(d) for d in mod["main"].params[0].ty.shape.values)
+    if tuple(x.shape[1:]) != want[1:]:
+        raise SplitcError(f"training inputs have shape {list(x.shape[1:])} per example, the "
+                          f"model takes {list(want[1:])}")
+    if y is not None and len(y) != len(x):
+        raise SplitcError(f"{len(x)} inputs but {len(y)} labels")
+
+
+def save_student(out_dir: str | Path, student) -> None:
+    """Keep a branch model's trained constants (a module or a TorchProgram) in the plan
+    folder, where ``run --check`` and ``splitc finetune`` find them."""
+    from splitc.finetune import TorchProgram
+
+    program = student if isinstance(student, TorchProgram) else TorchProgram(student)
+    np.savez(Path(out_dir) / STUDENT_FILE,
+             **{k: v.detach().numpy() for k, v in program.weights.items()})
 
 
 def check_request(devices: list[str], strategy: str) -> None:

@@ -316,3 +316,55 @@ def distill(teacher: TorchProgram, student: TorchProgram, x: np.ndarray,
         f"before distillation {before:.4f}, after {after:.4f} ({epochs} epochs, "
         f"{report.seconds:.1f} s on {device})")
     return report
+
+
+# -- transmission-policy search ------------------------------------------------------------
+@dataclass
+class PolicyTrial:
+    label: str
+    sync: list[str]          # candidate layers kept as sync points
+    gather_bytes: int        # estimated bytes per inference at those sync points
+    report: Report | None    # None: exact (nothing cut, nothing to train)
+
+
+def search_policy(mod: tvm.IRModule, k: int, x: np.ndarray, y: np.ndarray | None, *,
+                  max_drop: float, epochs: int = 30, budgets=(0.1, 0.25, 0.5, 0.75),
+                  log: Callable[[str], None] = print):
+    """The transmission policy with the fewest bytes whose *distilled* branch model stays
+    within ``max_drop`` points of the original on held-out calibration data.
+
+    Policies are tried from the fewest bytes up: no sync point, then the mass budgets of
+    :func:`~splitc.passes.branch.choose_sync`, then every sync point (exact, always within).
+    Each is distilled on ``x`` (``y``: labels, optional) and measured. Returns ``(plan,
+    trained student module or None, trials)``."""
+    from splitc.passes.branch import BranchRewrite, analyse, plan_branches, sync_candidates
+
+    ana = analyse(mod, k)
+    cost = {c.layer: c.gather_bytes for c in sync_candidates(ana)}
+    seen, policies = set(), []
+    for label, sync in [("no sync", "none"), *[(f"mass budget {b}", b) for b in budgets],
+                        ("every sync kept", "all")]:
+        plan = plan_branches(mod, k, sync, analysis=ana)
+        if plan.branched in seen:
+            continue
+        seen.add(plan.branched)
+        kept = sorted(set(cost) - plan.branched)
+        policies.append((sum(cost[c] for c in kept), label, plan, kept))
+    policies.sort(key=lambda p: p[0])
+    teacher = TorchProgram(mod)
+    trials = []
+    for nbytes, label, plan, kept in policies:
+        if not plan.branched:
+            trials.append(PolicyTrial(label, kept, nbytes, None))
+            log(f"policy {label}: exact, {nbytes:,} bytes at sync points")
+            return plan, None, trials
+        student = TorchProgram(BranchRewrite(plan)(mod))
+        report = distill(teacher, student, x, y, epochs=epochs, log=lambda _m: None)
+        drop = (report.teacher - report.after) * 100
+        trials.append(PolicyTrial(label, kept, nbytes, report))
+        log(f"policy {label}: {len(plan.branched)} layers cut, {nbytes:,} bytes at sync "
+            f"points; {report.metric} {report.teacher:.4f} -> {report.after:.4f} after "
+            f"distillation (drop {drop:.2f} points, limit {max_drop})")
+        if drop <= max_drop:
+            return plan, student.to_module(), trials
+    raise AssertionError("unreachable: the exact policy is always within")

@@ -193,3 +193,22 @@ def test_cli_compile_finetune_run(tmp_path):
     check = splitc("run", out, "--check")
     assert check.returncode == 0, check.stderr
     assert "the split gives the branch model's answer" in check.stdout
+
+
+def test_policy_search_takes_the_fewest_bytes_within_the_limit():
+    from splitc.finetune import search_policy
+
+    model = importer.load("resnet18", tiny=True)
+    x = np.random.default_rng(2).standard_normal((200, 3, 32, 32)).astype("float32")
+    # any loss allowed: the first policy tried, no sync point at all
+    plan, student, trials = search_policy(model.mod, 2, x, None, max_drop=100.0, epochs=1,
+                                          log=lambda _m: None)
+    assert [t.label for t in trials] == ["no sync"] and student is not None
+    assert trials[0].sync == [] and len(plan.branched) == 19
+    # no loss allowed (below any measurement): every policy is tried, bytes growing, and the
+    # search ends at the exact plan with nothing to train
+    plan, student, trials = search_policy(model.mod, 2, x, None, max_drop=-1.0, epochs=1,
+                                          log=lambda _m: None)
+    assert trials[-1].label == "every sync kept" and student is None
+    assert plan.branched == frozenset() and len(trials) >= 3
+    assert [t.gather_bytes for t in trials] == sorted(t.gather_bytes for t in trials)
