@@ -16,7 +16,9 @@ Analysis (:func:`analyse`, :func:`plan_branches`):
    fixed space into branch ``c * K // C``). Free atoms are then moved between branches by
    balanced swaps (Kernighan–Lin style: two atoms of the same size in each space trade
    branches when that raises the weight mass inside branches) over the graph whose edges are
-   the dense layers' weights ``|W[o, i]|`` (each layer normalised to total 1).
+   the dense layers' weights ``|W[o, i]|`` (each layer normalised to total 1) and, given
+   activations on calibration data, how strongly two channels of a space fire together
+   (``|corr|``, NoNN's co-firing, each space normalised to total 1).
 4. **Transmission policy.** A dense 1x1/kxk convolution between two partitioned spaces is a
    *branch candidate*: made block-diagonal (a grouped conv with K groups: each branch reads
    only its own channels) it needs no exchange; kept dense it is a *sync point* (an
@@ -118,8 +120,12 @@ class Analysis:
     inputs_space: set[str] = field(default_factory=set)
 
 
-def analyse(mod: tvm.IRModule, k: int, refine_rounds: int = 4) -> Analysis:
-    """Spaces, atoms, layers and the knowledge partition of ``main`` into ``k`` branches."""
+def analyse(mod: tvm.IRModule, k: int, refine_rounds: int = 4,
+            activations: dict[str, np.ndarray] | None = None) -> Analysis:
+    """Spaces, atoms, layers and the knowledge partition of ``main`` into ``k`` branches.
+
+    ``activations``: variable name -> its values on calibration data (``[N, C, ...]``), for
+    the co-firing edges; any subset of the variables."""
     if k < 2:
         raise SplitcError("a branch split needs at least 2 branches (devices)")
     func = mod["main"]
@@ -186,7 +192,7 @@ def analyse(mod: tvm.IRModule, k: int, refine_rounds: int = 4) -> Analysis:
     blocked = {space[v] for lay in layers if lay.op == "nn.conv2d" and lay.groups > 1
                and lay.groups % k for v in (lay.src, lay.dst)}
     ana = Analysis(k, channels, space, fixed, layers, inputs_space=inputs | blocked)
-    _partition(ana, refine_rounds)
+    _partition(ana, refine_rounds, activations or {})
     return ana
 
 
@@ -212,7 +218,7 @@ def _channel_consts_ok(call, var) -> bool:
     return True
 
 
-def _partition(ana: Analysis, rounds: int) -> None:
+def _partition(ana: Analysis, rounds: int, activations: dict[str, np.ndarray]) -> None:
     """Branch of every channel of every partitioned space: atoms, then balanced swaps."""
     k = ana.k
     spaces = sorted({s for s in set(ana.space.values()) if ana.partitioned(s)})
@@ -257,6 +263,11 @@ def _partition(ana: Analysis, rounds: int) -> None:
         rows.append(np.repeat(dst, len(src)))
         cols.append(np.tile(src, len(dst)))
         vals.append(mass.reshape(-1))
+    for s, corr in _cofiring(ana, spaces, activations).items():
+        ids = np.array([atom_of[(s, c)] for c in range(len(corr))])
+        rows.append(np.repeat(ids, len(ids)))
+        cols.append(np.tile(ids, len(ids)))
+        vals.append(corr.reshape(-1) / 2)  # (the matrix is symmetrised below)
     from scipy import sparse
 
     if rows:
@@ -316,6 +327,30 @@ def _partition(ana: Analysis, rounds: int) -> None:
             ana.perms[s] = np.array(order)
         else:
             ana.perms[s] = np.arange(c)
+
+
+def _cofiring(ana: Analysis, spaces: list[str], activations: dict[str, np.ndarray]
+              ) -> dict[str, np.ndarray]:
+    """Per space with calibration activations: |correlation| between its channels, pooled
+    over its variables and positions, normalised to total 1 (diagonal zero)."""
+    samples: dict[str, list[np.ndarray]] = {}
+    for var, a in activations.items():
+        s = ana.space.get(var)
+        if s in spaces and a.ndim >= 2 and a.shape[AXIS] == ana.channels[s]:
+            samples.setdefault(s, []).append(np.moveaxis(a, AXIS, -1).reshape(-1, a.shape[AXIS]))
+    out = {}
+    for s, parts in samples.items():
+        data = np.concatenate(parts).astype(np.float64)
+        data = data[:: max(1, len(data) // 20000)]  # enough positions for a correlation
+        std = data.std(axis=0)
+        live = std > 1e-12
+        corr = np.zeros((data.shape[1], data.shape[1]))
+        if live.sum() > 1:
+            corr[np.ix_(live, live)] = np.abs(np.corrcoef(data[:, live], rowvar=False))
+        np.fill_diagonal(corr, 0.0)
+        if corr.sum() > 0:
+            out[s] = corr / corr.sum()
+    return out
 
 
 @dataclass(frozen=True)

@@ -135,7 +135,7 @@ def compile_model(model: str, out_dir: str | Path, devices: list[str] | None = N
         check_examples(imported.mod, x, y)
         bplan, student, _trials = search_policy(imported.mod, len(cluster.devices), x, y,
                                                 max_drop=max_accuracy_drop, epochs=epochs,
-                                                log=log)
+                                                cluster=cluster, log=log)
         plan = compile_branch(imported.mod, out_dir, cluster.targets, None, source=source,
                               log=log, tuning_db=tuning_db, student=student, plan=bplan)
         if student is not None:

@@ -145,6 +145,17 @@ class TorchProgram(torch.nn.Module):
         self.weights = torch.nn.ParameterDict(params)
 
     def forward(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
+        env = self.run(*inputs)
+        return [env[o] for o in self.outputs]
+
+    def activations(self, x: np.ndarray, limit: int = 256) -> dict[str, np.ndarray]:
+        """Every variable's value on (up to ``limit`` of) the examples ``x``."""
+        with torch.no_grad():
+            env = self.run(torch.from_numpy(np.ascontiguousarray(x[:limit], np.float32)))
+        return {k: v.numpy() for k, v in env.items() if isinstance(v, torch.Tensor)}
+
+    def run(self, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every variable of ``main``, by name."""
         env = dict(zip(self.inputs, inputs, strict=True))
         for var, name, args, attrs, shape in self.steps:
             vals = []
@@ -158,7 +169,7 @@ class TorchProgram(torch.nn.Module):
                 else:
                     vals.append(ref)
             env[var] = OPS[name](vals, attrs, shape)
-        return [env[o] for o in self.outputs]
+        return env
 
     def to_module(self) -> tvm.IRModule:
         """The Relax module with this program's (trained) constants."""
@@ -324,22 +335,27 @@ class PolicyTrial:
     label: str
     sync: list[str]          # candidate layers kept as sync points
     gather_bytes: int        # estimated bytes per inference at those sync points
+    latency: float | None    # the cost model's predicted latency on the cluster (s)
     report: Report | None    # None: exact (nothing cut, nothing to train)
 
 
 def search_policy(mod: tvm.IRModule, k: int, x: np.ndarray, y: np.ndarray | None, *,
                   max_drop: float, epochs: int = 30, budgets=(0.1, 0.25, 0.5, 0.75),
-                  log: Callable[[str], None] = print):
-    """The transmission policy with the fewest bytes whose *distilled* branch model stays
-    within ``max_drop`` points of the original on held-out calibration data.
+                  cluster=None, log: Callable[[str], None] = print):
+    """The cheapest transmission policy whose *distilled* branch model stays within
+    ``max_drop`` points of the original on held-out calibration data.
 
-    Policies are tried from the fewest bytes up: no sync point, then the mass budgets of
-    :func:`~splitc.passes.branch.choose_sync`, then every sync point (exact, always within).
-    Each is distilled on ``x`` (``y``: labels, optional) and measured. Returns ``(plan,
-    trained student module or None, trials)``."""
+    The channels are partitioned with the weights and the co-firing of activations on ``x``.
+    Candidate policies: no sync point, the mass budgets of
+    :func:`~splitc.passes.branch.choose_sync`, every sync point (exact, always within). With
+    a ``cluster`` each is priced by the cost model (:func:`splitc.cost.estimate` on its
+    extracted plan) and tried from the lowest predicted latency up, else from the fewest
+    bytes up. Each is distilled on ``x`` (``y``: labels, optional) and measured. Returns
+    ``(plan, trained student module or None, trials)``."""
     from splitc.passes.branch import BranchRewrite, analyse, plan_branches, sync_candidates
 
-    ana = analyse(mod, k)
+    teacher = TorchProgram(mod)
+    ana = analyse(mod, k, activations=teacher.activations(x))
     cost = {c.layer: c.gather_bytes for c in sync_candidates(ana)}
     seen, policies = set(), []
     for label, sync in [("no sync", "none"), *[(f"mass budget {b}", b) for b in budgets],
@@ -349,22 +365,34 @@ def search_policy(mod: tvm.IRModule, k: int, x: np.ndarray, y: np.ndarray | None
             continue
         seen.add(plan.branched)
         kept = sorted(set(cost) - plan.branched)
-        policies.append((sum(cost[c] for c in kept), label, plan, kept))
-    policies.sort(key=lambda p: p[0])
-    teacher = TorchProgram(mod)
+        latency = predicted_latency(BranchRewrite(plan)(mod), cluster) if cluster else None
+        policies.append((latency or 0.0, sum(cost[c] for c in kept), label, plan, kept))
+    policies.sort(key=lambda p: (p[0], p[1]))
     trials = []
-    for nbytes, label, plan, kept in policies:
+    for latency, nbytes, label, plan, kept in policies:
+        priced = f", predicted {latency * 1e3:.2f} ms" if cluster else ""
         if not plan.branched:
-            trials.append(PolicyTrial(label, kept, nbytes, None))
-            log(f"policy {label}: exact, {nbytes:,} bytes at sync points")
+            trials.append(PolicyTrial(label, kept, nbytes, latency if cluster else None, None))
+            log(f"policy {label}: exact, {nbytes:,} bytes at sync points{priced}")
             return plan, None, trials
         student = TorchProgram(BranchRewrite(plan)(mod))
         report = distill(teacher, student, x, y, epochs=epochs, log=lambda _m: None)
         drop = (report.teacher - report.after) * 100
-        trials.append(PolicyTrial(label, kept, nbytes, report))
+        trials.append(PolicyTrial(label, kept, nbytes, latency if cluster else None, report))
         log(f"policy {label}: {len(plan.branched)} layers cut, {nbytes:,} bytes at sync "
-            f"points; {report.metric} {report.teacher:.4f} -> {report.after:.4f} after "
-            f"distillation (drop {drop:.2f} points, limit {max_drop})")
+            f"points{priced}; {report.metric} {report.teacher:.4f} -> {report.after:.4f} "
+            f"after distillation (drop {drop:.2f} points, limit {max_drop})")
         if drop <= max_drop:
             return plan, student.to_module(), trials
     raise AssertionError("unreachable: the exact policy is always within")
+
+
+def predicted_latency(student: tvm.IRModule, cluster) -> float:
+    """The cost model's latency for a branch module split over ``cluster`` (branch k on
+    device k)."""
+    from splitc.compiler import build_plan, split
+    from splitc.cost import estimate
+    from splitc.passes.extract import extract
+
+    ex = extract(split(student, "channel", len(cluster.devices)))
+    return estimate(build_plan(ex, cluster.targets, "branch", "policy"), cluster).latency

@@ -12,6 +12,7 @@ from tvm.script import ir as I
 from tvm.script import relax as R
 
 from splitc import importer
+from splitc.cluster import Cluster
 from splitc.errors import SplitcError
 from splitc.finetune import TorchProgram, distill
 from splitc.passes.branch import BranchRewrite, analyse, plan_branches, sync_candidates
@@ -93,6 +94,18 @@ def test_partition_follows_the_weights_and_the_residual_add():
     assert set(cands) == {"c", "e"}
     # with the chosen permutation only the SMALL couplings fall outside the blocks
     assert cands["c"].dropped_mass == pytest.approx(8 * SMALL / (8 * SMALL + 8 * BIG), rel=1e-5)
+
+
+def test_channels_that_fire_together_share_a_branch():
+    """No signal in the weights (all equal); on calibration data channels 0 and 3 of the
+    residual stream fire together, and 1 and 2: co-firing decides the partition."""
+    mod = bind(Before, w1=W1, b1=B1, w2=np.ones_like(W2), w3=np.ones_like(W3))
+    a, b = RNG.standard_normal((2, 64, 1, 6, 6)).astype("float32")
+    r = np.concatenate([a, b, b * 2 + 1, a * 3], axis=1)
+    ana = analyse(mod, 2, activations={"r": r})
+    s = ana.space["r"]
+    assert ana.branch[(s, 0)] == ana.branch[(s, 3)] != ana.branch[(s, 1)] == ana.branch[(s, 2)]
+    assert sorted(ana.perms[s][:2]) in ([0, 3], [1, 2])
 
 
 def test_rewrite_before_expected():
@@ -201,9 +214,11 @@ def test_policy_search_takes_the_fewest_bytes_within_the_limit():
     model = importer.load("resnet18", tiny=True)
     x = np.random.default_rng(2).standard_normal((200, 3, 32, 32)).astype("float32")
     # any loss allowed: the first policy tried, no sync point at all
+    cluster = Cluster.uniform(["host", "host"])
     plan, student, trials = search_policy(model.mod, 2, x, None, max_drop=100.0, epochs=1,
-                                          log=lambda _m: None)
+                                          cluster=cluster, log=lambda _m: None)
     assert [t.label for t in trials] == ["no sync"] and student is not None
+    assert trials[0].latency > 0  # priced by the cost model
     assert trials[0].sync == [] and len(plan.branched) == 19
     # no loss allowed (below any measurement): every policy is tried, bytes growing, and the
     # search ends at the exact plan with nothing to train
