@@ -16,7 +16,7 @@ import tvm
 from splitc.errors import SplitcError
 
 from .analysis import cut_points, profile
-from .ir import main_block
+from .ir import main_block, op_name
 from .outline import OutlinePieces
 
 #: Default pricing when no cluster description is given: seconds = flops / FLOPS + bytes / BPS.
@@ -64,7 +64,8 @@ def plan_pipeline(mod: tvm.IRModule, n_devices: int, *,
     costs = profile(mod)
     if n_devices == 1:
         return PipelinePlan((), (0,))
-    cuts = [c for c in cut_points(mod) if c.crossing]
+    bindings = list(main_block(mod).bindings)
+    cuts = [c for c in cut_points(mod) if c.crossing and not _splits_bias(bindings, c.index)]
     candidates = []
     for width in sorted({len(c.crossing) for c in cuts}):
         candidates = [c for c in cuts if len(c.crossing) <= width]
@@ -106,6 +107,17 @@ def plan_pipeline(mod: tvm.IRModule, n_devices: int, *,
         chosen.append(back[kk][chosen[-1]])
     cut_idx = tuple(points[j][0] for j in reversed(chosen))
     return PipelinePlan(cut_idx, tuple(range(n_devices)))
+
+
+def _splits_bias(bindings, index: int) -> bool:
+    """A cut right after a matmul or convolution whose next binding adds its constant bias
+    would leave the bias add alone in the next stage."""
+    if index + 1 >= len(bindings) or op_name(bindings[index].value) not in ("matmul",
+                                                                           "nn.conv2d"):
+        return False
+    nxt = bindings[index + 1].value
+    return op_name(nxt) == "add" and bindings[index].var in nxt.args and any(
+        isinstance(a, tvm.ir.GenericConst) for a in nxt.args)
 
 
 @tvm.transform.module_pass(opt_level=0, name="splitc.PipelineSplit")

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .fpga import MANIFEST as FPGA_MANIFEST
+from .fpga import FpgaPieces
 from .plan import Piece, Plan, PlanError, sha256_file
 
 
@@ -22,12 +24,13 @@ class DeviceArtifact:
         ``OUT/<device>``: ``plan.json``, the library and the weights file named there.
     verify : bool
         Check the library's and weights' SHA-256 against the plan before loading.
+    fpga_mode : str
+        For a device of an FPGA target (its "library" is ``fpga.json``): ``emulation`` (the
+        bit-accurate C simulation) or ``board`` (the PYNQ overlay); see :mod:`.fpga`.
     """
 
-    def __init__(self, folder: str | Path, *, verify: bool = True):
-        import tvm  # runtime only: with TVM_USE_RUNTIME_LIB=1 no compiler is loaded
-        import tvm.runtime.vm  # not imported by `import tvm` under TVM_USE_RUNTIME_LIB=1
-
+    def __init__(self, folder: str | Path, *, verify: bool = True,
+                 fpga_mode: str = "emulation"):
         self.folder = Path(folder)
         self.plan = Plan.load(self.folder)
         name = self.folder.name
@@ -43,6 +46,13 @@ class DeviceArtifact:
             if verify and digest and sha256_file(path) != digest:
                 raise PlanError(f"{path} does not match the plan's hash: it comes from another "
                                 "compile; copy this device's folder again")
+        self.fpga = None
+        if self.device.lib == FPGA_MANIFEST:  # hls4ml pieces: no TVM on this device
+            self.fpga = FpgaPieces(self.folder, fpga_mode, verify=verify)
+            return
+        import tvm  # runtime only: with TVM_USE_RUNTIME_LIB=1 no compiler is loaded
+        import tvm.runtime.vm  # not imported by `import tvm` under TVM_USE_RUNTIME_LIB=1
+
         self._tensor = tvm.runtime.tensor
         self._funcs = {}
         if self.pieces:
@@ -59,6 +69,8 @@ class DeviceArtifact:
         p = self.pieces[piece if isinstance(piece, str) else piece.name]
         if len(inputs) != len(p.inputs):
             raise PlanError(f"piece {p.name} takes {len(p.inputs)} inputs, got {len(inputs)}")
+        if self.fpga is not None:
+            return [self.fpga.run(p.name, inputs[0], self.plan.tensors[p.outputs[0]].shape)]
         args = [self._tensor(np.require(x, requirements="C")) for x in inputs]  # 0-d stays 0-d
         args += self._weights[p.name]
         out = self._funcs[p.name](*args)

@@ -123,8 +123,8 @@ class Worker:
 
     def __init__(self, folder: str | Path, bind: str = "tcp://127.0.0.1:5555", *,
                  keys: str | Path | None = None, insecure: bool = False,
-                 max_message_bytes: int | None = None):
-        self.artifact = DeviceArtifact(folder)
+                 max_message_bytes: int | None = None, fpga_mode: str = "emulation"):
+        self.artifact = DeviceArtifact(folder, fpga_mode=fpga_mode)
         self.plan = self.artifact.plan
         self.device = self.artifact.device.name
         self.digest = self.plan.digest()
@@ -518,14 +518,15 @@ def routing(plan, device: str) -> tuple[dict[str, set[str]], dict[str, list[str]
 
 def serve(device_folder: str | Path, bind: str = "tcp://127.0.0.1:5555", *,
           announce: str | Path | None = None, keys: str | Path | None = None,
-          insecure: bool = False, max_message_bytes: int | None = None) -> None:
+          insecure: bool = False, max_message_bytes: int | None = None,
+          fpga_mode: str = "emulation") -> None:
     """Load ``device_folder`` and serve it on ``bind`` until SIGTERM or SIGINT.
 
     ``announce``: a file to write the bound endpoint to once listening (for a ``*`` port).
     ``keys``, ``insecure``, ``max_message_bytes``: see :class:`Worker`.
     """
     worker = Worker(device_folder, bind, keys=keys, insecure=insecure,
-                    max_message_bytes=max_message_bytes)
+                    max_message_bytes=max_message_bytes, fpga_mode=fpga_mode)
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -625,6 +626,9 @@ def main(argv: list[str] | None = None) -> int:
                              "largest tensor this device receives, at least 1 MiB)")
     parser.add_argument("--restart", action="store_true",
                         help="restart the worker on the same endpoint whenever it dies")
+    parser.add_argument("--fpga", choices=["emulation", "board"], default="emulation",
+                        help="an FPGA device's pieces: the bit-accurate C simulation "
+                             "(default) or the PYNQ overlay on the board")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s splitc-worker %(message)s")
@@ -637,10 +641,12 @@ def main(argv: list[str] | None = None) -> int:
             rest.append("--insecure")
         if args.max_message_bytes:
             rest += ["--max-message-bytes", str(args.max_message_bytes)]
+        rest += ["--fpga", args.fpga]
         return supervise(rest, args.bind, args.announce)
     try:
         serve(args.folder, args.bind, announce=args.announce, keys=args.keys,
-              insecure=args.insecure, max_message_bytes=args.max_message_bytes)
+              insecure=args.insecure, max_message_bytes=args.max_message_bytes,
+              fpga_mode=args.fpga)
     except (OSError, ValueError) as e:  # PlanError and KeyProblem are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -94,14 +94,26 @@ def compile(
         = 1.0,
     epochs: Annotated[int, typer.Option(
         min=1, help="With --calibration: distillation epochs per policy tried.")] = 30,
+    fpga_precision: Annotated[str, typer.Option(
+        help="FPGA targets: hls4ml fixed-point type of weights and activations.")]
+        = "ap_fixed<16,6>",
+    fpga_reuse: Annotated[int | None, typer.Option(
+        min=1, help="FPGA targets: hls4ml reuse factor (multiplications per multiplier); "
+                    "default: the smallest that fits the part's DSP slices.")] = None,
+    fpga_min_agreement: Annotated[float, typer.Option(
+        help="FPGA targets: refuse a precision whose top-1 agreement with float on the "
+             "calibration data (--calibration, else random inputs) is lower.")] = 0.99,
 ) -> None:
     """Split MODEL across devices and write one artifact folder per device plus plan.json."""
     from splitc.compiler import compile_model
+    from splitc.fpga import FpgaOptions
 
+    fpga = FpgaOptions(fpga_precision, fpga_reuse, fpga_min_agreement)
+    fpga.width()  # a malformed precision is refused before any work
     plan = compile_model(model, out, strategy=strategy, cluster=load_cluster(cluster, devices),
                          objective=objective, input_shapes=parse_shapes(input_shape), tiny=tiny,
                          tuning_db=tuning_db, sync=parse_sync(sync), calibration=calibration,
-                         max_accuracy_drop=max_accuracy_drop, epochs=epochs,
+                         max_accuracy_drop=max_accuracy_drop, epochs=epochs, fpga=fpga,
                          log=lambda m: typer.echo(m, err=True))
     typer.echo(f"wrote {out}/plan.json: {plan.strategy} split, {len(plan.devices)} devices, "
                f"{len(plan.pieces)} pieces, {len(plan.transfers)} transfers, "

@@ -95,7 +95,8 @@ def compile_model(model: str, out_dir: str | Path, devices: list[str] | None = N
                   cluster: Cluster | None = None, objective: str = "latency",
                   tuning_db: str | Path | None = None, sync: str | float = "none",
                   calibration: str | Path | None = None, max_accuracy_drop: float = 1.0,
-                  epochs: int = 30, log: Callable[[str], None] = lambda _msg: None) -> Plan:
+                  epochs: int = 30, fpga=None,
+                  log: Callable[[str], None] = lambda _msg: None) -> Plan:
     """Compile ``model`` for ``devices`` (target names) or a ``cluster`` with ``strategy``
     (``auto``: the cost-model search picks it); write ``out_dir``.
 
@@ -106,6 +107,8 @@ def compile_model(model: str, out_dir: str | Path, devices: list[str] | None = N
     then the transmission policy is searched instead: the fewest bytes whose distilled
     branch model loses at most ``max_accuracy_drop`` points (``epochs`` of distillation per
     policy tried), and the chosen model's distilled weights are compiled.
+    ``fpga``: :class:`splitc.fpga.FpgaOptions` for devices of FPGA targets; their pieces are
+    then checked on ``calibration`` (or 256 seeded random inputs) against float.
     """
     if cluster is None:
         check_request(devices or [], strategy)
@@ -145,8 +148,34 @@ def compile_model(model: str, out_dir: str | Path, devices: list[str] | None = N
         return compile_branch(imported.mod, out_dir, cluster.targets, sync, source=source,
                               log=log, tuning_db=tuning_db)
     ex = extract(split(imported.mod, strategy, len(cluster.devices)))
-    return write_artifacts(ex, out_dir, cluster.targets, strategy, source=source, log=log,
-                           tuning_db=tuning_db)
+    plan = write_artifacts(ex, out_dir, cluster.targets, strategy, source=source, log=log,
+                           tuning_db=tuning_db, fpga=fpga)
+    if any(target_registry.get(t).is_fpga for t in cluster.targets):
+        check_fpga(out_dir, imported, calibration, fpga, log)
+    return plan
+
+
+def check_fpga(out_dir, imported: importer.ImportedModel, calibration, fpga, log) -> None:
+    """The FPGA pieces' precision check on calibration data (random inputs if none); a
+    refused precision removes the output folder."""
+    from splitc.finetune import load_data
+    from splitc.fpga import FpgaOptions, check_precision
+
+    opts = fpga or FpgaOptions()
+    if calibration is not None:
+        x, y = load_data(calibration)
+        check_examples(imported.mod, x, y)
+        what = str(calibration)
+    else:
+        shape = tuple(int(d) for d in imported.mod["main"].params[0].ty.shape.values)
+        x = np.random.default_rng(0).standard_normal((256, *shape[1:])).astype("float32")
+        what = "256 seeded random inputs (give --calibration for real data)"
+    log(f"FPGA precision check on {what}")
+    try:
+        check_precision(out_dir, imported.mod, x, opts.min_agreement, log)
+    except SplitcError:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
 
 
 def compile_branch(mod: tvm.IRModule, out_dir: str | Path, targets: list[str],
@@ -222,14 +251,15 @@ def compile_imported(mod: tvm.IRModule, out_dir: str | Path, devices: list[str],
 
 def write_artifacts(ex: Extracted, out_dir: str | Path, devices: list[str], strategy: str, *,
                     source: dict, log: Callable[[str], None] = lambda _msg: None,
-                    schedules: bool = True, tuning_db: str | Path | None = None) -> Plan:
+                    schedules: bool = True, tuning_db: str | Path | None = None,
+                    fpga=None) -> Plan:
     """Build every device's piece library for its target and write ``out_dir``.
 
     ``source`` says how to load the original model again (``{"model", "tiny",
     "input_shapes"}``); it is written to ``out_dir/reference.json`` for ``run --check``.
     """
     specs = [target_registry.get(d) for d in devices]
-    databases = {s.name: database_for(s, tuning_db) for s in specs}
+    databases = {s.name: database_for(s, tuning_db) for s in specs if not s.is_fpga}
     label = source["model"] + (" (tiny)" if source.get("tiny") else "")
     plan = build_plan(ex, devices, strategy, label, source.get("output_names"))
 
@@ -251,6 +281,13 @@ def write_artifacts(ex: Extracted, out_dir: str | Path, devices: list[str], stra
             np.savez(folder / dev.weights)
             built.append(Device(dev.name, dev.target, dev.index, dev.dir, "", dev.weights, "",
                                 sha256_file(folder / dev.weights)))
+            continue
+        if spec.is_fpga:
+            from splitc import fpga as fpga_path
+
+            log(f"building {dev.name} ({spec.name}): {len(own)} pieces with hls4ml")
+            built.append(fpga_path.write_device(dev, spec, module, ex.weights, plan, folder,
+                                                fpga or fpga_path.FpgaOptions(), log))
             continue
         log(f"building {dev.name} ({spec.name}): {len(own)} pieces"
             + ("" if schedules else ", plain lowering (no default schedules)"))

@@ -154,9 +154,12 @@ class TorchProgram(torch.nn.Module):
             env = self.run(torch.from_numpy(np.ascontiguousarray(x[:limit], np.float32)))
         return {k: v.numpy() for k, v in env.items() if isinstance(v, torch.Tensor)}
 
-    def run(self, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every variable of ``main``, by name."""
+    def run(self, *inputs: torch.Tensor,
+            override: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Every variable of ``main``, by name; ``override`` replaces the named variables'
+        values as they are computed (to run part of the model elsewhere)."""
         env = dict(zip(self.inputs, inputs, strict=True))
+        override = override or {}
         for var, name, args, attrs, shape in self.steps:
             vals = []
             for kind, ref in args:
@@ -168,7 +171,7 @@ class TorchProgram(torch.nn.Module):
                     vals.append(self.weights[ref])
                 else:
                     vals.append(ref)
-            env[var] = OPS[name](vals, attrs, shape)
+            env[var] = override[var] if var in override else OPS[name](vals, attrs, shape)
         return env
 
     def to_module(self) -> tvm.IRModule:

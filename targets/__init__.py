@@ -62,6 +62,10 @@ class TargetSpec:
         Estimated (theoretical) memory bandwidth, GB/s; None if unknown.
     peak_gflops_per_core_note, peak_gflops_note, memory_bandwidth_note : str
         Where each figure comes from: ``published: ...``, ``derived: ...`` or ``unknown: ...``.
+    fpga : dict or None
+        For an FPGA fabric (arch ``fpga``): the part, hls4ml's board name, clock (MHz) and
+        resources (``dsp``, ``lut``, ``ff``, ``bram36``); its pieces become hls4ml projects
+        (:mod:`splitc.fpga`), not TVM code. None for CPUs.
     """
 
     name: str
@@ -79,6 +83,11 @@ class TargetSpec:
     peak_gflops_note: str
     memory_bandwidth_gbs: float | None
     memory_bandwidth_note: str
+    fpga: dict | None = None
+
+    @property
+    def is_fpga(self) -> bool:
+        return self.fpga is not None
 
     @property
     def is_host(self) -> bool:
@@ -106,6 +115,9 @@ class TargetSpec:
         """
         import tvm
 
+        if self.is_fpga:
+            raise SplitcError(f"{self.name} is an FPGA fabric: its pieces are built by hls4ml, "
+                              "not TVM")
         spec = copy.deepcopy(self.tvm_target_dict)
         if self.is_host:
             spec.setdefault("mcpu", host_cpu())
@@ -161,6 +173,7 @@ def _from_json(path: Path) -> TargetSpec:
     d = json.loads(path.read_text())
     names = [f.name for f in fields(TargetSpec)]
     d["tvm_target_dict"] = d.pop("tvm_target")
+    d.setdefault("fpga", None)
     if sorted(d) != sorted(names):
         raise SplitcError(f"{path}: fields {sorted(set(d) ^ set(names))} missing or unexpected")
     if d["cross_compiler"] is None:  # the host: what this machine is
@@ -206,7 +219,7 @@ def describe_table() -> str:
     """The plain-text table ``splitc targets`` prints (asks LLVM for the host's CPU)."""
     rows = [("name", "arch/cpu", "cores", "memory", "peak GFLOP/s", "cross compiler")]
     for t in all_targets():
-        cpu = host_cpu() if t.is_host else t.cpu
+        cpu = host_cpu() if t.is_host else (t.fpga["part"] if t.is_fpga else t.cpu)
         mem = _bytes(t.memory_bytes) if t.memory_bytes else "?"
         peak = f"{t.peak_gflops:.1f}" if t.peak_gflops else ("measure" if t.is_host else "?")
         rows.append((t.name, f"{t.arch}/{cpu}", str(t.cores or "?"), mem, peak,

@@ -1,0 +1,96 @@
+"""Pieces that run on an FPGA: the hls4ml projects ``splitc compile`` wrote for an FPGA target.
+
+Board-side code: imports numpy and ctypes (and ``pynq`` in board mode) only.
+
+A device folder for an FPGA target holds ``fpga.json`` (the manifest: each piece's HLS
+project, its C-simulation library, symbol and sizes, and the compile's resource estimate)
+next to ``weights.npz`` and ``plan.json``. Two modes:
+
+* ``emulation`` (default; what tests and CI use): each piece runs in hls4ml's bit-accurate C
+  simulation of the generated HLS code, compiled with g++ at ``splitc compile`` time
+  (``<piece>.so``, called through ctypes). Same fixed-point arithmetic as the hardware; not its
+  speed.
+* ``board`` (on the PYNQ board, after building the bitstream with the vendor tools — see the
+  project's ``BUILD.md``): each piece's overlay (``<piece>.bit`` + ``<piece>.hwh`` next to the
+  manifest) is loaded with the ``pynq`` package and fed through its AXI DMA, as hls4ml's
+  ``axi_stream_driver.py`` does. Not runnable here (no board).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .plan import PlanError, sha256_file
+
+MANIFEST = "fpga.json"
+MODES = ("emulation", "board")
+
+
+class FpgaPieces:
+    """The FPGA pieces of one device folder, ready to run (see the module docstring)."""
+
+    def __init__(self, folder: str | Path, mode: str = "emulation", *, verify: bool = True):
+        if mode not in MODES:
+            raise PlanError(f"FPGA mode {mode!r}: choose {' or '.join(MODES)}")
+        self.folder, self.mode = Path(folder), mode
+        self.manifest = json.loads((self.folder / MANIFEST).read_text())
+        self._run = {}
+        for name, p in self.manifest["pieces"].items():
+            if mode == "emulation":
+                self._run[name] = self._emulated(name, p, verify)
+            else:
+                self._run[name] = self._overlay(name, p)
+
+    def _emulated(self, name: str, p: dict, verify: bool):
+        path = self.folder / p["emulation"]
+        if not path.exists():
+            raise PlanError(f"{path} is missing: the FPGA artifact folder is incomplete")
+        if verify and sha256_file(path) != p["sha256"]:
+            raise PlanError(f"{path} does not match its hash in {MANIFEST}: copy the folder "
+                            "again")
+        fn = getattr(ctypes.CDLL(str(path.resolve())), p["symbol"])
+        fn.restype = None
+        fn.argtypes = [ctypes.POINTER(ctypes.c_float)] * 2
+        n_in, n_out = p["in_size"], p["out_size"]
+
+        def run(x: np.ndarray) -> np.ndarray:
+            x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+            if x.size != n_in:
+                raise PlanError(f"FPGA piece {name} takes {n_in} values, got {x.size}")
+            y = np.empty(n_out, np.float32)
+            fn(x.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+               y.ctypes.data_as(ctypes.POINTER(ctypes.c_float)))
+            return y
+        return run
+
+    def _overlay(self, name: str, p: dict):
+        try:
+            from pynq import Overlay, allocate  # only on a PYNQ board image
+        except ImportError:
+            raise PlanError("FPGA board mode needs the pynq package (the PYNQ board image); "
+                            "run with --fpga emulation elsewhere") from None
+        bit = self.folder / f"{name}.bit"
+        if not bit.exists():
+            raise PlanError(f"{bit} is missing: build the bitstream with the vendor tools (see "
+                            f"{self.folder / p['project'] / 'BUILD.md'}) and copy the .bit and "
+                            ".hwh next to fpga.json")
+        overlay = Overlay(str(bit))
+        dma = overlay.hier_0.axi_dma_0
+        inbuf = allocate(shape=(p["in_size"],), dtype=np.float32)
+        outbuf = allocate(shape=(p["out_size"],), dtype=np.float32)
+
+        def run(x: np.ndarray) -> np.ndarray:
+            inbuf[:] = np.asarray(x, np.float32).reshape(-1)
+            dma.sendchannel.transfer(inbuf)
+            dma.recvchannel.transfer(outbuf)
+            dma.sendchannel.wait()
+            dma.recvchannel.wait()
+            return np.array(outbuf)
+        return run
+
+    def run(self, piece: str, x: np.ndarray, out_shape: tuple[int, ...]) -> np.ndarray:
+        return self._run[piece](x).reshape(out_shape)
