@@ -237,17 +237,26 @@ def profile(
 
 @app.command()
 def tune(
-    model: ModelArg,
+    model: Annotated[str, typer.Argument(
+        help="A model (as for compile), or a folder from `splitc compile`: then the pieces of "
+             "its devices of --target are tuned, each distinct kernel once.")],
     db: Annotated[Path, typer.Option(
         help="Folder of tuning databases; records go to DB/<target key>/ (resumable).")],
-    target: Annotated[str, typer.Option(help="The target to tune for (runs here).")] = "host",
+    target: Annotated[str, typer.Option(
+        help="The target to tune for: the host here, a board through --rpc.")] = "host",
     trials: Annotated[int, typer.Option(
         help="MetaSchedule trials over all kernels (0: only measure the default schedules).")]
         = 64,
+    rpc: Annotated[str | None, typer.Option(
+        help="An RPC tracker HOST:PORT; candidates are cross-compiled here and timed on a "
+             "board serving `splitc tune-agent --tracker HOST:PORT --key KEY`.")] = None,
+    key: Annotated[str | None, typer.Option(
+        help="With --rpc: the key the boards registered under (default: the target name).")]
+        = None,
     input_shape: ShapeOpt = None,
     tiny: TinyOpt = False,
 ) -> None:
-    """Tune MODEL's kernels on this machine; `splitc compile --tuning-db DB` then uses them.
+    """Tune kernels for a target; `splitc compile --tuning-db DB` then uses the records.
 
     Each kernel's default schedule is measured and kept as a record first, so a database never
     makes a kernel slower than the default schedules. Records match kernels by structure, so
@@ -262,15 +271,43 @@ def tune(
     if trials < 0:
         raise SplitcError("--trials must be 0 or more")
     spec = registry.get(target)
-    imported = importer.load(model, parse_shapes(input_shape), tiny=tiny)
-    func, _ = lift_weights(imported.mod["main"])
-    rows = tuning.tune(tvm.IRModule({"main": func}), spec, db, trials,
-                       log=lambda m: typer.echo(m, err=True))
+    remote = tuning.Rpc.parse(rpc, key or spec.name) if rpc else None
+    if Path(model).is_dir() and (Path(model) / "plan.json").exists():
+        from splitc.compiler import device_modules
+
+        modules = device_modules(Path(model))
+        if target not in modules:
+            raise SplitcError(f"{model} has no device of target {target} (its targets: "
+                              f"{', '.join(sorted(modules)) or 'none'})")
+        module = modules[target]
+    else:
+        imported = importer.load(model, parse_shapes(input_shape), tiny=tiny)
+        func, _ = lift_weights(imported.mod["main"])
+        module = tvm.IRModule({"main": func})
+    rows = tuning.tune(module, spec, db, trials, log=lambda m: typer.echo(m, err=True),
+                       rpc=remote)
     typer.echo(f"{'kernel':<48} {'default':>11} {'best':>11}")
     for r in rows:
         typer.echo(f"{r['kernel'][:48]:<48} {tuning._ms(r['default_s']):>11} "
                    f"{tuning._ms(r['best_s']):>11}")
     typer.echo(f"wrote {Path(db) / tuning.target_key(spec)}")
+
+
+@app.command(name="tune-agent")
+def tune_agent(
+    tracker: Annotated[str, typer.Option(help="The RPC tracker, HOST:PORT.")],
+    key: Annotated[str, typer.Option(help="The key to register under (the target name).")],
+    port: Annotated[int, typer.Option(help="First port to listen on.")] = 9090,
+) -> None:
+    """Serve this board to `splitc tune --rpc` (TVM's RPC server, runtime library only).
+
+    On a board without the compiler extras: `python -m splitc.runtime.tune_agent`.
+    """
+    from splitc.runtime import tune_agent as agent
+
+    code = agent.main(["--tracker", tracker, "--key", key, "--port", str(port)])
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()

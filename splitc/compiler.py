@@ -310,6 +310,37 @@ def write_artifacts(ex: Extracted, out_dir: str | Path, devices: list[str], stra
     return plan
 
 
+def device_modules(out_dir: str | Path) -> dict[str, tvm.IRModule]:
+    """The pieces of a compiled plan as Relax, one module per target (all devices of a target
+    merged, so a kernel several pieces share appears once): the model re-imported and split
+    again exactly as the compile did."""
+    from splitc.passes.branch import BranchPlan, BranchRewrite
+
+    out = Path(out_dir)
+    plan = Plan.load(out)
+    source = json.loads((out / REFERENCE_FILE).read_text())
+    shapes = {k: tuple(v) for k, v in source["input_shapes"].items()} or None
+    mod = importer.load(source["model"], shapes, tiny=source["tiny"]).mod
+    n = len(plan.devices)
+    if plan.strategy == BRANCH:
+        student = BranchRewrite(BranchPlan.from_json((out / BRANCH_FILE).read_text()))(mod)
+        ex = extract(split(student, "channel", n))
+    elif plan.strategy in STRATEGIES:
+        ex = extract(split(mod, plan.strategy, n))
+    else:
+        raise SplitcError(f"cannot re-create the pieces of a {plan.strategy} plan: tune the "
+                          "model itself (`splitc tune MODEL`)")
+    merged: dict[str, tvm.IRModule] = {}
+    for dev in plan.devices:
+        module = ex.modules.get(dev.index)
+        if module is None:
+            continue
+        target = merged.setdefault(dev.target, tvm.IRModule())
+        for gv, func in module.functions.items():
+            target[gv.name_hint] = func
+    return merged
+
+
 def load_reference(out_dir: str | Path):
     """What a compiled plan must compute, to compare the split's answers against: the original
     model, or for a branch plan the branch model (with its distilled weights, if any) —

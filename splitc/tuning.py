@@ -12,14 +12,23 @@ never makes a kernel slower than the default schedules, however few trials were 
 
 At build time (:func:`database_for`), a database given with ``--tuning-db`` is used, else the
 one shipped in ``splitc/tuning_db/`` for that target key, if any; kernels without a record
-keep their default schedule. Tuning measures on this machine: the host only (boards need an
-RPC runner, not built yet).
+keep their default schedule.
+
+Where candidates are measured: the host tunes on this machine. A board tunes through TVM's
+RPC: candidates are cross-compiled here (a shared library linked by the target's cross
+compiler) and sent through an RPC tracker to a board running the runtime-only RPC server
+(``splitc tune-agent`` / ``python -m splitc.runtime.tune_agent``), which loads and times them.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+import sys
+import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import tvm
@@ -62,22 +71,107 @@ def kernels(module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         return tvm.transform.Sequential(legalize_passes(target))(pieces)
 
 
-def tune(module: tvm.IRModule, spec: target_registry.TargetSpec, root: str | Path,
-         trials: int, log: Callable[[str], None] = print) -> list[dict]:
-    """Tune the kernels of ``module`` for ``spec`` on this machine into ``root/<key>``.
+@dataclass(frozen=True)
+class Rpc:
+    """An RPC tracker (``host:port``) and the key the target's boards register under."""
 
-    Returns one row per tuned kernel: name, default-schedule seconds, best seconds after
-    tuning. Resumable: records already in the folder are kept and built on.
+    host: str
+    port: int
+    key: str
+    session_timeout: int = 120
+
+    @classmethod
+    def parse(cls, tracker: str, key: str, session_timeout: int = 120) -> Rpc:
+        host, sep, port = tracker.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise SplitcError(f"--rpc {tracker!r}: give the tracker as HOST:PORT")
+        if not key:
+            raise SplitcError("--key: give the key the boards registered with the tracker")
+        return cls(host, int(port), key, session_timeout)
+
+
+def export_cross(mod, compiler: str) -> str:
+    """MetaSchedule's export for a board: a shared library linked by ``compiler``."""
+    from tvm.support.cc import cross_compiler
+
+    path = os.path.join(tempfile.mkdtemp(), "tvm_tmp_mod.so")
+    mod.export_library(path, fcompile=cross_compiler(compiler))
+    return path
+
+
+def _measurer(spec, rpc: Rpc | None):
+    """MetaSchedule's builder and runner for ``spec``: local for the host, cross-compiled
+    and timed through RPC for a board."""
+    from tvm.s_tir import meta_schedule as ms
+
+    if spec.is_fpga:
+        raise SplitcError(f"{spec.name} is an FPGA fabric: hls4ml builds its pieces, there "
+                          "is nothing to tune")
+    if spec.is_host and rpc is None:
+        builder = ms.builder.LocalBuilder(max_workers=1, timeout_sec=120, f_build=build_kernel)
+        return builder, ms.runner.LocalRunner(timeout_sec=60)
+    if rpc is None:
+        raise SplitcError(
+            f"tuning measures on the device; {spec.name} code does not run here: give --rpc "
+            f"TRACKER_HOST:PORT --key KEY, with a board running `splitc tune-agent --tracker "
+            f"TRACKER_HOST:PORT --key KEY` (start a tracker with `python -m "
+            "tvm.exec.rpc_tracker --port 9190`)")
+    export = "meta_schedule.builder.default_export" if spec.is_host else \
+        functools.partial(export_cross, compiler=spec.cross_compiler)
+    builder = ms.builder.LocalBuilder(max_workers=1, timeout_sec=300, f_build=build_kernel,
+                                      f_export=export)
+    runner = ms.runner.RPCRunner(
+        rpc_config=ms.runner.RPCConfig(rpc.host, rpc.port, rpc.key,
+                                       session_timeout_sec=rpc.session_timeout),
+        evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=0),
+        max_workers=1)
+    return builder, runner
+
+
+def _progress(total: int, log: Callable[[str], None]):
+    """A measure callback that draws a progress bar of the trials measured so far."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    @derived_object
+    class Progress(ms.measure_callback.PyMeasureCallback):
+        def __init__(self):
+            self.done, self.best = 0, {}
+            self.start = time.perf_counter()
+
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results,
+                  runner_results):
+            self.done += len(measure_candidates)
+            for r in runner_results:
+                if not r.error_msg and r.run_secs:
+                    secs = sum(float(s) for s in r.run_secs) / len(r.run_secs)
+                    self.best[task_id] = min(self.best.get(task_id, secs), secs)
+            frac = min(1.0, self.done / max(1, total))
+            bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
+            print(f"\rtuning [{bar}] {self.done}/{total} trials, "
+                  f"{time.perf_counter() - self.start:.0f} s", end="", file=sys.stderr,
+                  flush=True)
+
+    return Progress()
+
+
+def tune(module: tvm.IRModule, spec: target_registry.TargetSpec, root: str | Path,
+         trials: int, log: Callable[[str], None] = print, *, rpc: Rpc | None = None,
+         progress: bool = True) -> list[dict]:
+    """Tune the kernels of ``module`` for ``spec`` into ``root/<key>``: on this machine for
+    the host, through ``rpc`` on a board.
+
+    Identical kernels (same structure) are tuned once however many pieces hold them. Returns
+    one row per tuned kernel: name, default-schedule seconds, best seconds after tuning.
+    Resumable: records already in the folder are kept and built on.
     """
     from tvm.s_tir import meta_schedule as ms
 
     from splitc.build import has_reduction
     from splitc.passes.cpu_schedules import default_rules
 
-    if not spec.is_host:
-        raise SplitcError(f"tuning measures on the device; {spec.name} code does not run here "
-                          "(tuning through RPC on the board is not built yet)")
     target = spec.tvm_target()
+    builder, runner = _measurer(spec, rpc)
     work = Path(root) / target_key(spec)
     work.mkdir(parents=True, exist_ok=True)
     fused = kernels(module, target)
@@ -86,8 +180,8 @@ def tune(module: tvm.IRModule, spec: target_registry.TargetSpec, root: str | Pat
     if not tasks:
         raise SplitcError("the model has no kernel with a reduction to tune")
     database = ms.database.JSONDatabase(work_dir=str(work))
-    builder = ms.builder.LocalBuilder(max_workers=1, timeout_sec=120, f_build=build_kernel)
-    runner = ms.runner.LocalRunner(timeout_sec=60)
+    where = f"through RPC ({rpc.host}:{rpc.port}, key {rpc.key})" if rpc else "on this machine"
+    log(f"{len(tasks)} distinct kernels for {spec.name}, measured {where}")
     baselines = _commit_defaults([t.dispatched[0] for t in tasks], target, database, builder,
                                  runner, default_rules())
     rows = []
@@ -98,9 +192,15 @@ def tune(module: tvm.IRModule, spec: target_registry.TargetSpec, root: str | Pat
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
             tasks, work_dir=str(work))
         start = time.perf_counter()
+        callbacks = ms.measure_callback.MeasureCallback.create("default")
+        if progress:
+            callbacks = [*callbacks, _progress(trials, log)]
         ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work),
                            max_trials_global=trials, num_trials_per_iter=min(64, trials),
-                           builder=builder, runner=runner, database=database)
+                           builder=builder, runner=runner, database=database,
+                           measure_callbacks=callbacks)
+        if progress:
+            print(file=sys.stderr)
         log(f"tuned {len(tasks)} kernels, {trials} trials in {time.perf_counter() - start:.0f} s")
     for row, task in zip(rows, tasks, strict=True):
         best = database.get_top_k(database.commit_workload(task.dispatched[0]), 1)

@@ -91,3 +91,53 @@ def test_x86_and_aarch64_workers_in_one_plan(rootfs, tmp_path):
             except subprocess.TimeoutExpired:
                 p.kill()
         shutil.rmtree(board, ignore_errors=True)
+
+
+def test_tuning_round_trip_through_rpc_to_an_emulated_board(rootfs, tmp_path):
+    """`splitc tune --target rpi4 --rpc`: kernels cross-compiled here, sent through a TVM RPC
+    tracker to the runtime-only tune agent on the (qemu-emulated) aarch64 board, loaded and
+    timed there, and the records stored for rpi4. Times under emulation mean nothing."""
+    import tvm
+
+    from splitc import targets
+    from splitc.passes.extract import lift_weights
+    from splitc.tuning import Rpc, tune
+
+    from .runtime_fixtures import two_in_two_out
+
+    port = 9190 + os.getpid() % 500
+    tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host",
+                                "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)],
+                               stderr=subprocess.DEVNULL)
+    agent = subprocess.Popen(
+        ["chroot", str(rootfs), "/usr/bin/env", "PYTHONPATH=/opt/splitc",
+         "/opt/venv/bin/python", "-m", "splitc.runtime.tune_agent", "--tracker",
+         f"127.0.0.1:{port}", "--key", "rpi4", "--host", "127.0.0.1", "--port", "9600",
+         "--port-end", "9700"], stderr=subprocess.PIPE)
+    try:
+        from tvm import rpc
+
+        deadline = time.time() + 300
+        while True:  # the emulated agent takes a while to import TVM
+            try:
+                if "rpi4" in rpc.connect_tracker("127.0.0.1", port).text_summary():
+                    break
+            except (RuntimeError, OSError):
+                pass
+            assert agent.poll() is None, agent.stderr.read().decode()
+            assert time.time() < deadline, "the tune agent did not register"
+            time.sleep(2)
+        func, _ = lift_weights(two_in_two_out()["main"])
+        db = tmp_path / "db"
+        rows = tune(tvm.IRModule({"main": func}), targets.get("rpi4"), db, trials=2,
+                    rpc=Rpc("127.0.0.1", port, "rpi4", session_timeout=300),
+                    log=lambda _m: None, progress=False)
+        assert rows and any(r["default_s"] for r in rows), rows
+        assert (db / "rpi4" / "database_tuning_record.json").read_text().strip()
+    finally:
+        for p in (agent, tracker):
+            p.terminate()
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()

@@ -231,8 +231,9 @@ def test_with_keys_only_the_right_client_gets_anything_run(out, tmp_path):
         with pytest.raises(AuthFailure, match=r"dev\d at \S+: it closed the connection during "
                                               r"the CurveZMQ handshake"):
             connect(plan, endpoints, keys=other / "client", start_timeout=10)
-        with pytest.raises(AuthFailure, match="closed the connection during the handshake: "
-                                              "it probably requires CurveZMQ keys"):
+        # (libzmq reports a mechanism mismatch, or just drops the connection: either way)
+        with pytest.raises(AuthFailure, match="it probably requires CurveZMQ keys|one side uses "
+                                              "CurveZMQ keys and the other does not"):
             connect(plan, endpoints, start_timeout=10)
         with connect(plan, endpoints, keys=keys / "client") as session:
             stats = session.worker_stats()

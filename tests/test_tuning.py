@@ -57,8 +57,31 @@ def test_database_without_records_for_target_is_refused(tmp_path):
 
 
 def test_tuning_a_board_target_here_is_refused(tmp_path):
-    with pytest.raises(SplitcError, match="does not run here"):
+    with pytest.raises(SplitcError, match=r"does not run here: give --rpc TRACKER_HOST:PORT "
+                                          r"--key KEY.*splitc tune-agent"):
         tune(conv_module(8, 8, 4, 3, 1, 1), targets.get("rpi4"), tmp_path, trials=0)
+    with pytest.raises(SplitcError, match="FPGA fabric"):
+        tune(conv_module(8, 8, 4, 3, 1, 1), targets.get("pynq-z1-fpga"), tmp_path, trials=0)
+
+
+def test_cli_tunes_the_pieces_of_a_compiled_plan(tmp_path):
+    """`splitc tune OUT`: the pieces of OUT's devices of the target, each kernel once."""
+    from .test_cli import assert_user_error, splitc
+
+    out = tmp_path / "out"
+    r = splitc("compile", "mlp", "--tiny", "-o", out, "--devices", "host,host,host",
+               "--strategy", "channel")
+    assert r.returncode == 0, r.stderr
+    r = splitc("tune", out, "--db", tmp_path / "db", "--trials", "0")
+    assert r.returncode == 0, r.stderr
+    # three devices hold the same channel slices' kernels: each distinct one is measured once
+    (line,) = [m for m in r.stderr.splitlines() if "distinct kernels for host" in m]
+    distinct = int(line.split()[0])
+    assert 0 < distinct < 3 * 3, line
+    assert_user_error(splitc("tune", out, "--db", tmp_path / "db", "--target", "rpi4"),
+                      "no device of target rpi4")
+    assert_user_error(splitc("tune", "mlp", "--tiny", "--db", tmp_path / "db", "--target",
+                             "rpi4", "--rpc", "nocolon"), "HOST:PORT")
 
 
 def test_cli_tune_then_compile_uses_records(tmp_path):
