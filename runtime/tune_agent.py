@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 
@@ -41,10 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     server = rpc.Server(args.host, args.port, args.port_end, key=args.key,
                         tracker_addr=(host, int(port)), custom_addr=args.custom_addr)
     logging.info("serving key %s to tracker %s on port %d", args.key, args.tracker, server.port)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         server.proc.join()
-    except KeyboardInterrupt:
-        server.terminate()
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        server.terminate()  # (and the processes it started)
     return 0
 
 

@@ -99,6 +99,20 @@ def export_cross(mod, compiler: str) -> str:
     return path
 
 
+def alloc_from_here(session, device, args_info, alloc_repeat):
+    """MetaSchedule's argument allocation on a board whose runtime has no random fill (the
+    runtime-only library lacks ``tvm.contrib.random``): values are drawn here and copied."""
+    import numpy as np
+    from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common
+
+    rng = np.random.default_rng(0)
+
+    def fill(arr):
+        arr.copyfrom(rng.uniform(-1, 1, size=tuple(arr.shape)).astype(str(arr.dtype)))
+
+    return alloc_argument_common(fill, device, args_info, alloc_repeat)
+
+
 def _measurer(spec, rpc: Rpc | None):
     """MetaSchedule's builder and runner for ``spec``: local for the host, cross-compiled
     and timed through RPC for a board."""
@@ -124,7 +138,7 @@ def _measurer(spec, rpc: Rpc | None):
         rpc_config=ms.runner.RPCConfig(rpc.host, rpc.port, rpc.key,
                                        session_timeout_sec=rpc.session_timeout),
         evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=0),
-        max_workers=1)
+        f_alloc_argument=alloc_from_here, max_workers=1)
     return builder, runner
 
 
@@ -183,7 +197,7 @@ def tune(module: tvm.IRModule, spec: target_registry.TargetSpec, root: str | Pat
     where = f"through RPC ({rpc.host}:{rpc.port}, key {rpc.key})" if rpc else "on this machine"
     log(f"{len(tasks)} distinct kernels for {spec.name}, measured {where}")
     baselines = _commit_defaults([t.dispatched[0] for t in tasks], target, database, builder,
-                                 runner, default_rules())
+                                 runner, default_rules(), log)
     rows = []
     for task, baseline in zip(tasks, baselines, strict=True):
         rows.append({"kernel": task.task_name, "default_s": baseline})
@@ -205,7 +219,21 @@ def tune(module: tvm.IRModule, spec: target_registry.TargetSpec, root: str | Pat
     for row, task in zip(rows, tasks, strict=True):
         best = database.get_top_k(database.commit_workload(task.dispatched[0]), 1)
         row["best_s"] = _seconds(best[0]) if best else None
+    _stop_pools()
     return rows
+
+
+def _stop_pools() -> None:
+    """Stop the worker processes MetaSchedule's builder and runner pools started (they
+    would otherwise outlive this process)."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "tvm.exec.popen_worker" in " ".join(child.cmdline()):
+                child.terminate()
+        except psutil.Error:
+            pass
 
 
 def build_kernel(mod, target, _params=None):
@@ -217,7 +245,8 @@ def build_kernel(mod, target, _params=None):
     return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
-def _commit_defaults(mods, target, database, builder, runner, rules) -> list[float | None]:
+def _commit_defaults(mods, target, database, builder, runner, rules,
+                     log: Callable[[str], None] = print) -> list[float | None]:
     """Measure each kernel's default schedule the way MetaSchedule measures its candidates,
     and commit it as a tuning record; the seconds, or None where it has none or failed."""
     from tvm.s_tir import meta_schedule as ms
@@ -231,6 +260,9 @@ def _commit_defaults(mods, target, database, builder, runner, rules) -> list[flo
     built = builder.build([ms.builder.BuilderInput(schedules[i].mod, target) for i in todo])
     inputs, ran = [], []
     for i, b in zip(todo, built, strict=True):
+        if b.error_msg:
+            log(f"  kernel {i}: default schedule did not build: "
+                f"{b.error_msg.strip().splitlines()[-1][:300]}")
         if not b.error_msg:
             args_info = ms.arg_info.ArgInfo.from_prim_func(mods[i]["main"])
             inputs.append(ms.runner.RunnerInput(b.artifact_path, "cpu", args_info))
@@ -239,6 +271,8 @@ def _commit_defaults(mods, target, database, builder, runner, rules) -> list[flo
     for i, future in zip(ran, runner.run(inputs), strict=True):
         result = future.result()
         if result.error_msg or not result.run_secs:
+            log(f"  kernel {i}: default schedule did not run: "
+                f"{(result.error_msg or 'no times').strip().splitlines()[-1][:300]}")
             continue
         secs = [float(s) for s in result.run_secs]
         database.commit_tuning_record(ms.database.TuningRecord(

@@ -167,10 +167,13 @@ def test_a_worker_that_comes_back_with_another_compile_stays_refused(out, boards
                         type(d)(**{**d.__dict__, "weights_sha256": sha256_file(weights)})
                         for d in dev1.devices)
         Plan(**{**dev1.__dict__, "devices": devices}).save(other / "dev1" / "plan.json")
-        Board(other / "dev1", tmp_path, bind=port)
-        with pytest.raises(WorkerLost, match=r"dev1 came back, but device dev1 at .* holds "
-                                             r"another compile .*: its weights \w+…"):
-            session.wait_ready(5)
+        back = Board(other / "dev1", tmp_path, bind=port)
+        try:
+            with pytest.raises(WorkerLost, match=r"dev1 came back, but device dev1 at .* holds "
+                                                 r"another compile .*: its weights \w+…"):
+                session.wait_ready(5)
+        finally:
+            back.stop()
 
 
 # -- consistency -----------------------------------------------------------------------------
