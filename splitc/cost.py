@@ -70,6 +70,11 @@ def device_speed(device: ClusterDevice) -> DeviceSpeed:
         path = profiler.save(table)
         return DeviceSpeed(table["flops_per_second"], table["call_overhead"] + RUNTIME_DISPATCH,
                            f"profile {path} (measured now)")
+    if spec.is_fpga:  # a dense piece on the fabric is reuse-limited: DSPs x clock, like
+        # splitc.fpga.estimate's cycles (an estimate until synthesis or a board says more)
+        return DeviceSpeed(spec.peak_gflops * 1e9, spec.fpga.get("call_overhead_s", 1e-4),
+                           f"FPGA estimate: {spec.fpga['dsp']} DSP slices x "
+                           f"{spec.fpga['clock_mhz']} MHz x 2 FLOP")
     peak = spec.peak_gflops
     if not peak:
         raise SplitcError(f"no speed known for target {device.target}: run `splitc profile "

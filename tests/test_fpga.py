@@ -187,3 +187,22 @@ def test_cli_compile_and_run_check(digits_mlp, tmp_path):
     check = splitc("run", out, "--input", tmp_path / "x.npy", "--check")
     assert check.returncode == 0, check.stderr
     assert "the top-1 is the original's" in check.stdout
+
+
+def test_cost_model_entry_for_the_fabric():
+    from splitc import targets
+    from splitc.cluster import ClusterDevice
+    from splitc.cost import device_speed
+    from splitc.fpga import estimate
+
+    speed = device_speed(ClusterDevice("f", "pynq-z1-fpga", 1e6))
+    assert speed.flops_per_second == 44e9 and "FPGA estimate" in speed.source
+    spec = targets.get("pynq-z1-fpga")
+    layers = [["dense", np.zeros((64, 32), "float32"), np.zeros(32)], ["act", "ReLU"]]
+    est = estimate(layers, spec, FpgaOptions(), [16])
+    assert (est.multipliers, est.dsp, est.cycles) == (128, 128, 16 + 6 + 4) and est.fits
+    assert est.latency_s == pytest.approx(26 / 100e6 + 96 * 4 / 1.2e9 + 1e-4)
+    narrow = estimate(layers, spec, FpgaOptions("ap_fixed<8,3>"), [16])
+    assert narrow.dsp == 0  # under 10 bits the multipliers go to LUTs
+    wide = estimate(layers, spec, FpgaOptions("ap_fixed<24,8>"), [1])
+    assert wide.dsp == 2 * 2048 and not wide.fits  # a DSP48 multiplies 25x18
