@@ -48,10 +48,10 @@ from splitc.errors import SplitcError
 from .channel_split import BINARY_ELEMENTWISE, PER_CHANNEL_NCHW, REDUCTIONS, UNARY_ELEMENTWISE
 from .ir import (
     const_array,
-    copy_helpers,
     main_block,
     op_name,
     output_vars,
+    rebuild_main,
     static_shape,
     substitute,
     tensor_ref,
@@ -115,9 +115,9 @@ class Analysis:
 
     def partitioned(self, space: str) -> bool:
         c = self.channels[space]
-        return c % self.k == 0 and c >= self.k and space not in self.inputs_space
+        return c % self.k == 0 and c >= self.k and space not in self.unpartitioned
 
-    inputs_space: set[str] = field(default_factory=set)
+    unpartitioned: set[str] = field(default_factory=set)  # model inputs, misaligned groups
 
 
 def analyse(mod: tvm.IRModule, k: int, refine_rounds: int = 4,
@@ -191,7 +191,7 @@ def analyse(mod: tvm.IRModule, k: int, refine_rounds: int = 4,
     # a grouped convolution whose groups do not divide into K branches cannot be cut
     blocked = {space[v] for lay in layers if lay.op == "nn.conv2d" and lay.groups > 1
                and lay.groups % k for v in (lay.src, lay.dst)}
-    ana = Analysis(k, channels, space, fixed, layers, inputs_space=inputs | blocked)
+    ana = Analysis(k, channels, space, fixed, layers, unpartitioned=inputs | blocked)
     _partition(ana, refine_rounds, activations or {})
     return ana
 
@@ -456,27 +456,11 @@ class BranchRewrite:
         self.plan = plan
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        plan = self.plan
-        func = mod["main"]
-        bb = relax.BlockBuilder()
-        params = [relax.Var(p.name, p.ty) for p in func.params]
-        vmap: dict[relax.Var, relax.Var] = dict(zip(func.params, params, strict=True))
-        attrs = dict(func.attrs.items()) if func.attrs else {}
-
         def perm(var) -> np.ndarray | None:
-            p = plan.perms.get(var.name)
+            p = self.plan.perms.get(var.name)
             return None if p is None else np.array(p)
 
-        with bb.function("main", params, attrs=attrs):
-            with bb.dataflow():
-                outputs = {v.name for v in output_vars(func)}
-                for b in main_block(mod).bindings:
-                    value = self._rewrite(b, perm, vmap)
-                    emit = bb.emit_output if b.var.name in outputs else bb.emit
-                    vmap[b.var] = emit(value, name_hint=b.var.name)
-            results = [vmap[v] for v in output_vars(func)]
-            bb.emit_func_output(results[0] if len(results) == 1 else relax.Tuple(results))
-        return copy_helpers(mod, bb.get())
+        return rebuild_main(mod, lambda b, vmap: self._rewrite(b, perm, vmap))
 
     def _rewrite(self, b, perm, vmap) -> relax.Expr:
         call, var = b.value, b.var

@@ -170,3 +170,22 @@ def copy_helpers(old: tvm.IRModule, new: tvm.IRModule) -> tvm.IRModule:
         if gv.name_hint != "main" and gv.name_hint not in names:
             new[gv] = func
     return new
+
+
+def rebuild_main(mod: tvm.IRModule, rewrite) -> tvm.IRModule:
+    """``mod`` with ``main`` rebuilt binding by binding: ``rewrite(binding, vmap)`` returns
+    each binding's new value, ``vmap`` mapping the old variables to the new ones (apply it
+    with :func:`substitute`). Outputs, parameters, attributes and helpers are kept."""
+    func = mod["main"]
+    bb = relax.BlockBuilder()
+    params = [relax.Var(p.name, p.ty) for p in func.params]
+    vmap: dict[relax.Var, relax.Expr] = dict(zip(func.params, params, strict=True))
+    outputs = {v.name for v in output_vars(func)}
+    with bb.function("main", params, attrs=dict(func.attrs.items()) if func.attrs else {}):
+        with bb.dataflow():
+            for b in main_block(mod).bindings:
+                emit = bb.emit_output if b.var.name in outputs else bb.emit
+                vmap[b.var] = emit(rewrite(b, vmap), name_hint=b.var.name)
+        results = [vmap[v] for v in output_vars(func)]
+        bb.emit_func_output(results[0] if len(results) == 1 else relax.Tuple(results))
+    return copy_helpers(mod, bb.get())

@@ -25,7 +25,14 @@ import tvm
 from tvm import relax
 
 from splitc.errors import SplitcError
-from splitc.passes.ir import copy_helpers, main_block, op_name, output_vars, static_shape
+from splitc.passes.ir import (
+    main_block,
+    op_name,
+    output_vars,
+    rebuild_main,
+    static_shape,
+    substitute,
+)
 
 
 def _pads(padding) -> tuple[int, int, int, int]:
@@ -176,31 +183,18 @@ class TorchProgram(torch.nn.Module):
 
     def to_module(self) -> tvm.IRModule:
         """The Relax module with this program's (trained) constants."""
-        func = self.mod["main"]
-        bb = relax.BlockBuilder()
-        params = [relax.Var(p.name, p.ty) for p in func.params]
-        vmap = dict(zip(func.params, params, strict=True))
-        outputs = set(self.outputs)
-        with bb.function("main", params, attrs=dict(func.attrs.items()) if func.attrs else {}):
-            with bb.dataflow():
-                for b in main_block(self.mod).bindings:
-                    call = b.value
-                    args = []
-                    for i, a in enumerate(call.args):
-                        if isinstance(a, relax.Var):
-                            a = vmap[a]
-                        elif isinstance(a, relax.Tuple):
-                            a = relax.Tuple([vmap[f] for f in a.fields])
-                        elif isinstance(a, tvm.ir.GenericConst):
-                            a = relax.const(self.weights[f"{b.var.name}__{i}"].detach().cpu()
-                                            .numpy().astype(str(a.ty.dtype)))
-                        args.append(a)
-                    emit = bb.emit_output if b.var.name in outputs else bb.emit
-                    vmap[b.var] = emit(relax.Call(call.op, args, call.attrs, call.ty_args),
-                                       name_hint=b.var.name)
-            results = [vmap[v] for v in output_vars(func)]
-            bb.emit_func_output(results[0] if len(results) == 1 else relax.Tuple(results))
-        return copy_helpers(self.mod, bb.get())
+        def rewrite(b, vmap):
+            args = []
+            for i, a in enumerate(b.value.args):
+                if isinstance(a, tvm.ir.GenericConst):
+                    a = relax.const(self.weights[f"{b.var.name}__{i}"].detach().cpu().numpy()
+                                    .astype(str(a.ty.dtype)))
+                else:
+                    a = substitute(a, vmap)
+                args.append(a)
+            return relax.Call(b.value.op, args, b.value.attrs, b.value.ty_args)
+
+        return rebuild_main(self.mod, rewrite)
 
 
 # -- data --------------------------------------------------------------------------------------

@@ -312,9 +312,8 @@ def check_precision(out_dir: str | Path, mod: tvm.IRModule, x: np.ndarray,
         if dev.lib != MANIFEST:
             continue
         fpga = FpgaPieces(out / dev.dir)
-        precision = FpgaOptions(fpga.manifest["pieces"][plan.pieces_on(dev.name)[0].name]
-                                ["precision"])
         for piece in plan.pieces_on(dev.name):
+            precision = FpgaOptions(fpga.manifest["pieces"][piece.name]["precision"])
             src, dst = piece.inputs[0], piece.outputs[0]
             inputs = floats[src].numpy()
             got = np.stack([fpga.run(piece.name, v, plan.tensors[dst].shape[1:])
