@@ -19,6 +19,10 @@ from splitc.errors import SplitcError
 
 #: Function attribute naming the device a piece runs on (set by :mod:`splitc.passes.outline`).
 DEVICE_ATTR = "splitc.device"
+#: The device index of the caller. A split may put only slices of model inputs there
+#: (``strided_slice`` of a parameter of ``main``): the client cuts them and sends each device
+#: the part it reads instead of the whole input (see :func:`splitc.passes.extract.extract`).
+CLIENT = -1
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ computed after the piece starts. Formally each binding gets a *round*: the highe
 its producers, plus one when the producer is on another device. One (device, round) pair is one
 piece. Edges between pieces only go to the same or a later round (later when they cross
 devices), so the pieces form a DAG and can run as soon as their inputs have arrived.
+Bindings on :data:`~splitc.passes.ir.CLIENT` (slices of model inputs) become ``client_p*``
+pieces, which extraction turns into slices the caller cuts.
 
 The result, the *split form* of the module, is what :mod:`splitc.passes.extract` cuts apart::
 
@@ -34,7 +36,7 @@ from tvm import relax
 
 from splitc.errors import SplitcError
 
-from .ir import DEVICE_ATTR, copy_helpers, main_block, output_vars, substitute, var_inputs
+from .ir import CLIENT, DEVICE_ATTR, copy_helpers, main_block, output_vars, substitute, var_inputs
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,8 @@ def group_pieces(func: relax.Function, block: relax.DataflowBlock,
     per_device_count: dict[int, int] = {}
     names = {}
     for r, d in keys:
-        names[(r, d)] = f"dev{d}_p{per_device_count.get(d, 0)}"
+        who = "client" if d == CLIENT else f"dev{d}"
+        names[(r, d)] = f"{who}_p{per_device_count.get(d, 0)}"
         per_device_count[d] = per_device_count.get(d, 0) + 1
 
     members: dict[tuple[int, int], list[relax.VarBinding]] = {k: [] for k in keys}

@@ -10,9 +10,10 @@ where its window runs past the image border (zero inside), so the answer is exac
 
 Between segments a device receives from each neighbour only the rows it lacks (sliced where
 they were computed, concatenated where they are used). A whole tensor that a tile reads only in
-part is sliced where it lives: a model input on the tile's device, anything else on device 0,
-so only the rows travel. Layers that are not row-local (global pooling, reshapes, dense layers)
-run on device 0 on whole tensors, gathering (concatenating along the rows) what they read.
+part is sliced where it lives (on device 0), so only the rows travel; a model input is cut by
+the caller (device :data:`~splitc.passes.ir.CLIENT`), which sends each device just the rows
+its tile reads. Layers that are not row-local (global pooling, reshapes, dense layers) run on
+device 0 on whole tensors, gathering (concatenating along the rows) what they read.
 
 Row-local ops: NCHW ``conv2d`` (any stride, padding, dilation, groups), NCHW max/avg pooling
 (``ceil_mode`` too, except an average that counts padding where ``ceil_mode`` adds a window),
@@ -38,6 +39,7 @@ from splitc.errors import SplitcError
 from .analysis import op_flops
 from .channel_split import BINARY_ELEMENTWISE, UNARY_ELEMENTWISE, even_bounds
 from .ir import (
+    CLIENT,
     const_array,
     copy_helpers,
     is_tensor,
@@ -55,7 +57,10 @@ WINDOWED = {"nn.conv2d", "nn.max_pool2d", "nn.avg_pool2d"}
 #: A segment grows while its tiles together compute at most this factor of the FLOPs of the
 #: untiled segment (halo rows are recomputed by both neighbours; they grow with every fused
 #: layer), so recomputation stays within 25% and a longer chain becomes several segments.
+#: Lower caps mean less recomputation but more exchanges: ``--strategy auto`` prices
+#: :data:`HALO_CAPS` and keeps the best.
 MAX_HALO_OVERHEAD = 1.25
+HALO_CAPS = (1.25, 1.15, 1.10, 1.05)
 
 Rows = tuple[int, int]
 
@@ -244,11 +249,12 @@ def _tileable(bindings, start, end, func) -> bool:
             and any(op_name(b.value) in WINDOWED for b in bindings[start:end]))
 
 
-def plan_spatial(mod: tvm.IRModule, n_devices: int) -> SpatialPlan:
+def plan_spatial(mod: tvm.IRModule, n_devices: int,
+                 max_overhead: float = MAX_HALO_OVERHEAD) -> SpatialPlan:
     """Cut the maximal runs of row-local bindings of ``main`` into tiled segments.
 
     Rule: a segment starts at a row-local binding and takes the next ones while the tiles
-    together compute at most :data:`MAX_HALO_OVERHEAD` (1.25x) the FLOPs of the untiled
+    together compute at most ``max_overhead`` (default 1.25x) the FLOPs of the untiled
     segment (FLOPs as :func:`splitc.passes.analysis.op_flops` counts them); the next binding
     then starts a new segment. A segment is then shortened to its longest prefix that is worth
     tiling (:func:`_tileable`: a convolution or pooling inside, every tensor it hands on at
@@ -270,7 +276,7 @@ def plan_spatial(mod: tvm.IRModule, n_devices: int) -> SpatialPlan:
         end = i + 1
         while end < len(bindings) and local[end]:
             tiled, plain = tiled_flops(bindings, i, end + 1, func, n_devices)
-            if plain and tiled > MAX_HALO_OVERHEAD * plain:
+            if plain and tiled > max_overhead * plain:
                 break
             end += 1
         while end > i and not _tileable(bindings, i, end, func):
@@ -365,10 +371,10 @@ class _SpatialRewriter:
                     f"{var.name}_r{device}", t.device))
             out = parts[0] if len(parts) == 1 else self.emit(
                 relax.op.concat(parts, axis=2), f"{var.name}_g{device}", device)
-        else:  # sliced where it lives, so only the rows travel (model inputs: at the tile)
+        else:  # sliced where it lives, so only the rows travel (model inputs: by the caller)
             new, where = self.whole[var]
             out = self.emit(_row_slice(new, *rows), f"{var.name}_r{device}",
-                            device if where is None else where)
+                            CLIENT if where is None else where)
         self.received[key] = out
         return out
 

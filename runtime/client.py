@@ -142,10 +142,11 @@ class Session:
         #: seconds per request of the last :meth:`infer_many`
         self.latencies: list[float] = []
         self.bytes_sent = self.bytes_received = 0
-        # routing: which devices read each model input, which device sends each output
+        # routing: which devices read each tensor the client sends (model inputs and the
+        # slices cut from them), which device sends each output
         self._input_devices = {
-            e.tensor: sorted({p.device for p in plan.pieces if e.tensor in p.inputs})
-            for e in plan.inputs}
+            t: sorted({p.device for p in plan.pieces if t in p.inputs})
+            for t in plan.client_tensors}
         producer = {t: p.device for p in plan.pieces for t in p.outputs}
         self._outputs = [e.tensor for e in plan.outputs]
         self._output_device = {t: producer[t] for t in self._outputs if t in producer}
@@ -337,6 +338,7 @@ class Session:
                 raise PlanError(f"input {endpoint.name!r} must be {dtype}{list(shape)}"
                                 f", got {x.dtype}{list(x.shape)}")
             arrays[endpoint.tensor] = x
+        arrays = plan.cut(arrays)
         rid = self._next_rid
         self._next_rid += 1
         now = time.monotonic()

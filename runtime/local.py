@@ -44,6 +44,7 @@ class LocalSession:
                                 f"got {x.dtype}{list(x.shape)}")
             env[endpoint.tensor] = x
             stats.input_bytes += x.nbytes
+        env = plan.cut(env)
         for piece in plan.pieces:
             outs = self.devices[piece.device].run(piece, [env[t] for t in piece.inputs])
             env.update(zip(piece.outputs, outs, strict=True))

@@ -15,6 +15,8 @@ Layout of ``plan.json`` (format ``splitc-plan/1``)::
     transfers  [{tensor, src, dst, bytes}]          # device -> device
     inputs     [{name, tensor}]                     # model input name -> tensor name
     outputs    [{name, tensor, device}]             # model output name -> tensor, its device
+    slices     [{tensor, source, axis, begin, end}] # parts of model inputs the caller cuts
+                                                    # and sends instead of the whole (optional)
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 FORMAT = "splitc-plan/1"
 _BITS = {"float32": 32, "float16": 16, "float64": 64, "int8": 8, "uint8": 8, "int32": 32,
@@ -85,6 +88,19 @@ class Endpoint:
 
 
 @dataclass(frozen=True)
+class Slice:
+    """A part of a model input that the caller cuts out and sends instead of the whole
+    tensor: ``tensor`` is ``source[begin:end]`` along ``axis`` (a spatial split sends each
+    device only the rows its tile reads)."""
+
+    tensor: str
+    source: str
+    axis: int
+    begin: int
+    end: int
+
+
+@dataclass(frozen=True)
 class Plan:
     strategy: str
     devices: tuple[Device, ...]
@@ -95,6 +111,7 @@ class Plan:
     outputs: tuple[Endpoint, ...]
     source: str = ""
     versions: dict[str, str] = field(default_factory=dict)
+    slices: tuple[Slice, ...] = ()
 
     # -- queries --------------------------------------------------------------------------
     def device(self, name: str) -> Device:
@@ -106,6 +123,22 @@ class Plan:
 
     def pieces_on(self, device: str) -> list[Piece]:
         return [p for p in self.pieces if p.device == device]
+
+    @property
+    def client_tensors(self) -> list[str]:
+        """The tensors the caller sends: the model inputs and the slices cut from them."""
+        return [e.tensor for e in self.inputs] + [s.tensor for s in self.slices]
+
+    def cut(self, arrays: dict[str, Any]) -> dict[str, Any]:
+        """``arrays`` (model input tensor -> array) with every slice added, contiguous."""
+        import numpy as np  # the plan itself stays standard-library only
+
+        out = dict(arrays)
+        for s in self.slices:
+            index = [slice(None)] * np.ndim(arrays[s.source])
+            index[s.axis] = slice(s.begin, s.end)
+            out[s.tensor] = np.ascontiguousarray(arrays[s.source][tuple(index)])
+        return out
 
     @property
     def transfer_bytes(self) -> int:
@@ -135,6 +168,7 @@ class Plan:
                           for t in self.transfers],
             "inputs": [asdict(e) for e in self.inputs],
             "outputs": [asdict(e) for e in self.outputs],
+            **({"slices": [asdict(s) for s in self.slices]} if self.slices else {}),
         }
 
     def _io(self, e: Endpoint) -> dict:
@@ -149,7 +183,7 @@ class Plan:
         if d.get("format") != FORMAT:
             raise PlanError(f"not a {FORMAT} plan (format: {d.get('format')!r})")
         try:
-            return cls(
+            plan = cls(
                 strategy=d["strategy"],
                 devices=tuple(Device(**x) for x in d["devices"]),
                 pieces=tuple(Piece(x["name"], x["device"], tuple(x["inputs"]),
@@ -163,9 +197,22 @@ class Plan:
                 outputs=tuple(Endpoint(**e) for e in d["outputs"]),
                 source=d["model"].get("source", ""),
                 versions=d.get("versions", {}),
+                slices=tuple(Slice(**s) for s in d.get("slices", ())),
             )
         except (KeyError, TypeError) as e:
             raise PlanError(f"plan is missing or has a malformed field: {e}") from e
+        plan._check_slices()
+        return plan
+
+    def _check_slices(self) -> None:
+        sources = {e.tensor for e in self.inputs}
+        for s in self.slices:
+            src = self.tensors.get(s.source)
+            if s.source not in sources or s.tensor not in self.tensors or src is None \
+                    or not 0 <= s.axis < len(src.shape) \
+                    or not 0 <= s.begin < s.end <= src.shape[s.axis]:
+                raise PlanError(f"slice {s.tensor!r} of {s.source!r} does not fit the plan's "
+                                "model inputs")
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:

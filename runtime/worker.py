@@ -500,7 +500,7 @@ def routing(plan, device: str) -> tuple[dict[str, set[str]], dict[str, list[str]
     mine = plan.pieces_on(device)
     produced = {t for p in mine for t in p.outputs}
     consumed = {t for p in mine for t in p.inputs}
-    model_inputs = {e.tensor for e in plan.inputs}
+    model_inputs = set(plan.client_tensors)
     expect: dict[str, set[str]] = defaultdict(set)
     for t in consumed & model_inputs:
         expect[t].add(wire.CLIENT)

@@ -27,7 +27,16 @@ from splitc.passes.channel_split import ChannelSplit, plan_channel
 from splitc.passes.extract import Extracted, extract
 from splitc.passes.pipeline_split import PipelineSplit, plan_pipeline
 from splitc.passes.spatial_split import SpatialSplit, plan_spatial
-from splitc.runtime.plan import Device, Endpoint, Piece, Plan, Tensor, Transfer, sha256_file
+from splitc.runtime.plan import (
+    Device,
+    Endpoint,
+    Piece,
+    Plan,
+    Slice,
+    Tensor,
+    Transfer,
+    sha256_file,
+)
 from splitc.tuning import database_for
 
 #: strategy name -> (analysis returning a plan value, pass applying it)
@@ -86,6 +95,7 @@ def build_plan(ex: Extracted, device_targets: list[str], strategy: str, source: 
                       for n, t in zip(output_names, ex.outputs, strict=True)),
         source=source,
         versions={"splitc": splitc.__version__, "tvm": tvm.__version__},
+        slices=tuple(Slice(s.tensor.name, s.source, s.axis, s.begin, s.end) for s in ex.slices),
     )
 
 

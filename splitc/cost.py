@@ -128,9 +128,9 @@ def estimate(plan: Plan, cluster: Cluster, speeds: list[DeviceSpeed] | None = No
 
     ready: dict[tuple[str, str | None], float] = {}  # (tensor, where) -> time available
     home: dict[str, str | None] = {}
-    for e in plan.inputs:
-        home[e.tensor] = None
-        ready[(e.tensor, None)] = 0.0
+    for t in plan.client_tensors:  # the caller has these at time 0
+        home[t] = None
+        ready[(t, None)] = 0.0
     free = {d.name: 0.0 for d in plan.devices}
     nic = {d.name: 0.0 for d in plan.devices}
     nic[None] = 0.0

@@ -43,6 +43,11 @@ def plan_summary(plan: Plan) -> str:
     for e in plan.inputs:
         t = plan.tensors[e.tensor]
         lines.append(f"input  {e.name}: {t.dtype}{list(t.shape)}")
+    for s in plan.slices:
+        readers = sorted({p.device for p in plan.pieces if s.tensor in p.inputs})
+        lines.append(f"  the client cuts {s.tensor} = {s.source}[{s.begin}:{s.end}] on axis "
+                     f"{s.axis} ({human_bytes(plan.tensors[s.tensor].nbytes)}) for "
+                     f"{', '.join(readers)}")
     for e in plan.outputs:
         t = plan.tensors[e.tensor]
         lines.append(f"output {e.name}: {t.dtype}{list(t.shape)} from {e.device}")

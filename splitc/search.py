@@ -1,8 +1,10 @@
 """``--strategy auto``: price candidate splits with the cost model and keep the best.
 
-The candidates are every exact strategy over all devices, pipelines over the devices in the
-cluster's order and fastest-first (cut by dynamic programming with each device's own speed),
-and the whole model on each single device. Each candidate is planned, rewritten and extracted
+The candidates are every exact strategy over all devices (the spatial split with each cap
+on recomputed halo rows in :data:`~splitc.passes.spatial_split.HALO_CAPS`: fewer exchanges
+or less recomputation), pipelines over the devices in the cluster's order and fastest-first
+(cut by dynamic programming with each device's own speed), and the whole model on each single
+device. Each candidate is planned, rewritten and extracted
 (no TVM build: that is the expensive part and only the winner needs it), then simulated by
 :func:`splitc.cost.estimate`. Candidates over a device's memory cap are dropped; if none fits,
 the error says by how much the best one falls short.
@@ -21,7 +23,7 @@ from splitc.errors import SplitcError
 from splitc.passes.channel_split import ChannelSplit, plan_channel
 from splitc.passes.extract import Extracted, extract
 from splitc.passes.pipeline_split import PipelinePlan, PipelineSplit, plan_pipeline
-from splitc.passes.spatial_split import SpatialSplit, plan_spatial
+from splitc.passes.spatial_split import HALO_CAPS, SpatialSplit, plan_spatial
 from splitc.runtime.plan import Plan
 
 
@@ -123,7 +125,13 @@ def search(mod: tvm.IRModule, cluster: Cluster, *, objective: str = "latency",
             names = ",".join(cluster.devices[i].name for i in order)
             add(f"pipeline [{names}]", "pipeline", PipelineSplit(plan)(mod), order)
         add("channel over all", "channel", ChannelSplit(plan_channel(mod, n))(mod), everyone)
-        add("spatial over all", "spatial", SpatialSplit(plan_spatial(mod, n))(mod), everyone)
+        tried = set()
+        for cap in HALO_CAPS:  # less recomputation, or fewer exchanges: priced, not guessed
+            plan = plan_spatial(mod, n, max_overhead=cap)
+            if plan.segments not in tried:
+                tried.add(plan.segments)
+                add(f"spatial over all (halo <= {cap - 1:.0%})", "spatial",
+                    SpatialSplit(plan)(mod), everyone)
     key = (lambda c: c.estimate.latency) if objective == "latency" else \
         (lambda c: c.estimate.period)
     fitting = [c for c in cands if c.fits]

@@ -27,6 +27,7 @@ from splitc.compiler import build_plan
 from splitc.passes.channel_split import ChannelSplit, plan_channel
 from splitc.passes.extract import extract
 from splitc.passes.pipeline_split import PipelineSplit, plan_pipeline
+from splitc.passes.spatial_split import SpatialSplit, plan_spatial
 from splitc.runtime.plan import Device, Plan, sha256_file
 
 HOST = tvm.target.Target({"kind": "llvm"})
@@ -34,7 +35,8 @@ _RNG = np.random.default_rng(0)
 W1 = (_RNG.standard_normal((8, 3, 3, 3)) * 0.3).astype("float32")
 W2 = (_RNG.standard_normal((8, 8, 1, 1)) * 0.3).astype("float32")
 W3 = (_RNG.standard_normal((6, 8, 3, 3)) * 0.3).astype("float32")
-SPLITS = {"pipeline": (plan_pipeline, PipelineSplit), "channel": (plan_channel, ChannelSplit)}
+SPLITS = {"pipeline": (plan_pipeline, PipelineSplit), "channel": (plan_channel, ChannelSplit),
+          "spatial": (plan_spatial, SpatialSplit)}
 
 
 def two_in_two_out() -> tvm.IRModule:

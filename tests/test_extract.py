@@ -68,3 +68,64 @@ def _constants(func):
 def test_unsplit_module_is_refused():
     with pytest.raises(SplitcError, match="not in split form"):
         extract(conv_relu_conv())
+
+
+def test_spatial_input_rows_become_slices_the_client_cuts():
+    """A spatial split's tiles read rows of the model input: the caller cuts and sends only
+    those rows; the client piece is neither a piece nor a transfer, and the plan carries the
+    slices through JSON."""
+    from splitc.compiler import build_plan
+    from splitc.passes.spatial_split import SpatialPlan, SpatialSplit
+    from splitc.runtime.plan import Plan, PlanError
+
+    from .test_spatial_split import conv_relu_conv as row_chain
+
+    ex = extract(SpatialSplit(SpatialPlan(2, ((0, 3),)))(row_chain()))
+    assert [(s.tensor, s.source, s.axis, s.begin, s.end) for s in ex.slices] == [
+        (TensorRef("x_r0", (1, 2, 6, 8), "float32"), "x", 2, 0, 6),
+        (TensorRef("x_r1", (1, 2, 6, 8), "float32"), "x", 2, 2, 8)]
+    assert [p.name for p in ex.pieces] == ["dev0_p0", "dev1_p0", "dev0_p1"]
+    assert [(t.tensor.name, t.src, t.dst) for t in ex.transfers] == [("c_t1", 1, 0)]
+    plan = build_plan(ex, ["host", "host"], "spatial", "test")
+    again = Plan.from_dict(plan.to_dict())
+    assert again == plan and again.client_tensors == ["x", "x_r0", "x_r1"]
+    x = np.arange(2 * 64, dtype="float32").reshape(1, 2, 8, 8)
+    cut = again.cut({"x": x})
+    np.testing.assert_array_equal(cut["x_r1"], x[:, :, 2:8])
+    assert cut["x_r1"].flags.c_contiguous
+    bad = plan.to_dict()
+    bad["slices"][1]["end"] = 9
+    with pytest.raises(PlanError, match="slice 'x_r1' of 'x' does not fit"):
+        Plan.from_dict(bad)
+
+
+def test_a_client_piece_may_only_slice_model_inputs():
+    @I.ir_module
+    class Bad:
+        @R.function
+        def client_p0(x: R.Tensor((1, 2, 4, 4), "float32")) -> R.Tensor((1, 2, 4, 4), "float32"):
+            R.func_attr({"splitc.device": -1})
+            with R.dataflow():
+                y = R.nn.relu(x)
+                R.output(y)
+            return y
+
+        @R.function
+        def dev0_p0(y: R.Tensor((1, 2, 4, 4), "float32")) -> R.Tensor((1, 2, 4, 4), "float32"):
+            R.func_attr({"splitc.device": 0})
+            with R.dataflow():
+                z = R.nn.relu(y)
+                R.output(z)
+            return z
+
+        @R.function
+        def main(x: R.Tensor((1, 2, 4, 4), "float32")) -> R.Tensor((1, 2, 4, 4), "float32"):
+            cls = Bad
+            with R.dataflow():
+                y = cls.client_p0(x)
+                z = cls.dev0_p0(y)
+                R.output(z)
+            return z
+
+    with pytest.raises(SplitcError, match="the client can only slice model inputs; y"):
+        extract(Bad)

@@ -25,7 +25,7 @@ from splitc.runtime.plan import Plan, PlanError
 from .runtime_fixtures import break_device, random_inputs, reference, write_out
 
 ROOT = Path(__file__).resolve().parents[1]
-PLANS = [("pipeline", 2), ("pipeline", 3), ("channel", 2), ("channel", 3)]
+PLANS = [("pipeline", 2), ("pipeline", 3), ("channel", 2), ("channel", 3), ("spatial", 2)]
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +91,17 @@ def test_answers_equal_local_and_unsplit_and_tensors_go_device_to_device(outs, s
                                             if t.src == src and t.dst == dst)
             assert stats[src]["sent"][dst]["bytes"] == want_bytes
             assert stats[dst]["recv"][src]["bytes"] == want_bytes
+    # the client sent each device exactly the model inputs, or slices of them, it reads
+    for d in plan.devices:
+        reads = {t for p in plan.pieces_on(d.name) for t in p.inputs} & set(plan.client_tensors)
+        if reads:
+            want_bytes = len(batches) * sum(plan.tensors[t].nbytes for t in reads)
+            assert stats[d.name]["recv"]["client"]["bytes"] == want_bytes
+            if strategy == "spatial":  # only the rows its tiles read, not the whole inputs
+                assert want_bytes < len(batches) * sum(plan.tensors[e.tensor].nbytes
+                                                       for e in plan.inputs)
+    if strategy == "spatial":
+        assert plan.slices
     for dev, s in stats.items():
         assert s["errors"] == 0 and s["pending"] == 0
         assert set(s["sent"]) <= {t.dst for t in plan.transfers if t.src == dev} | {"client"}

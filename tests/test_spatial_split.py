@@ -10,7 +10,7 @@ from tvm.script import ir as I
 from tvm.script import relax as R
 
 from splitc.errors import SplitcError
-from splitc.passes.ir import main_block
+from splitc.passes.ir import CLIENT, main_block
 from splitc.passes.spatial_split import (
     MAX_HALO_OVERHEAD,
     SpatialPlan,
@@ -45,16 +45,21 @@ def conv_relu_conv() -> tvm.IRModule:
 def expected_two_tiles() -> tvm.IRModule:
     """Device 0 owns output rows 0-3, device 1 rows 4-7. Each conv needs one halo row: device
     0 computes ``a``/``b`` rows 0-4 from input rows 0-5, device 1 rows 3-7 from input rows
-    2-7. Padding stays only at the image border (top on device 0, bottom on device 1); each
-    device slices the model input itself; device 0 stitches the output."""
+    2-7. Padding stays only at the image border (top on device 0, bottom on device 1); the
+    caller cuts each device's input rows (the client piece); device 0 stitches the output."""
     bb = relax.BlockBuilder()
+    rows = [(0, 6, [1, 1, 0, 1]), (2, 8, [0, 1, 1, 1])]
+    x = relax.Var("x", relax.TensorType((1, 2, 8, 8), F32))
+    with bb.function("client_p0", [x], attrs={"splitc.device": -1}, private=False):
+        with bb.dataflow():
+            cuts = [bb.emit_output(relax.op.strided_slice(x, axes=[2], begin=[lo], end=[hi]),
+                                   name_hint=f"x_r{k}") for k, (lo, hi, _) in enumerate(rows)]
+        client = bb.emit_func_output(relax.Tuple(cuts))
     pieces = []
-    for k, (lo, hi, pad) in enumerate([(0, 6, [1, 1, 0, 1]), (2, 8, [0, 1, 1, 1])]):
-        x = relax.Var("x", relax.TensorType((1, 2, 8, 8), F32))
-        with bb.function(f"dev{k}_p0", [x], attrs={"splitc.device": k}, private=False):
+    for k, (lo, hi, pad) in enumerate(rows):
+        xs = relax.Var(f"x_r{k}", relax.TensorType((1, 2, hi - lo, 8), F32))
+        with bb.function(f"dev{k}_p0", [xs], attrs={"splitc.device": k}, private=False):
             with bb.dataflow():
-                xs = bb.emit(relax.op.strided_slice(x, axes=[2], begin=[lo], end=[hi]),
-                             name_hint=f"x_r{k}")
                 a = bb.emit(relax.op.nn.conv2d(xs, relax.const(W1), padding=pad),
                             name_hint=f"a_t{k}")
                 b = bb.emit(relax.op.nn.relu(a), name_hint=f"b_t{k}")
@@ -71,8 +76,11 @@ def expected_two_tiles() -> tvm.IRModule:
     x = relax.Var("x", relax.TensorType((1, 2, 8, 8), F32))
     with bb.function("main", [x]):
         with bb.dataflow():
-            t0 = bb.emit(relax.Call(pieces[0], [x]))
-            t1 = bb.emit(relax.Call(pieces[1], [x]))
+            cut = bb.emit(relax.Call(client, [x]))
+            x0 = bb.emit(relax.TupleGetItem(cut, 0))
+            x1 = bb.emit(relax.TupleGetItem(cut, 1))
+            t0 = bb.emit(relax.Call(pieces[0], [x0]))
+            t1 = bb.emit(relax.Call(pieces[1], [x1]))
             out = bb.emit_output(relax.Call(gather, [t0, t1]))
         bb.emit_func_output(out)
     return bb.get()
@@ -94,7 +102,8 @@ def test_two_tiles_before_expected():
     after = SpatialSplit(plan)(before)
     relax.analysis.well_formed(after)
     tvm.ir.assert_structural_equal(after, expected_two_tiles())
-    assert binding_names(after, "dev1_p0") == ["x_r1", "a_t1", "b_t1", "c_t1"]
+    assert binding_names(after, "dev1_p0") == ["a_t1", "b_t1", "c_t1"]
+    assert binding_names(after, "client_p0") == ["x_r0", "x_r1"]
 
 
 def test_halo_exchange_sends_only_the_missing_rows():
@@ -103,7 +112,7 @@ def test_halo_exchange_sends_only_the_missing_rows():
     before = conv_relu_conv()
     after = SpatialSplit(SpatialPlan(2, ((0, 1), (1, 3))))(before)
     relax.analysis.well_formed(after)
-    assert binding_names(after, "dev0_p0") == ["x_r0", "a_t0", "a_r1"]
+    assert binding_names(after, "dev0_p0") == ["a_t0", "a_r1"]
     second = after["dev1_p1"]
     assert [tuple(int(d) for d in p.ty.shape) for p in second.params] == [(1, 2, 1, 8),
                                                                          (1, 2, 4, 8)]
@@ -119,7 +128,7 @@ def test_fewer_rows_than_devices_uses_as_many_devices_as_rows():
     plan = plan_spatial(before, 10)
     assert plan.segments
     after = SpatialSplit(plan)(before)
-    assert set(pieces_by_device(after).values()) == set(range(8))
+    assert set(pieces_by_device(after).values()) == set(range(8)) | {CLIENT}
 
 
 @I.ir_module
@@ -255,7 +264,7 @@ def test_awkward_shapes_exact(height, n):
     assert plan.segments, "the conv chain should be tiled"
     after = SpatialSplit(plan)(mod)
     relax.analysis.well_formed(after)
-    assert set(pieces_by_device(after).values()) == set(range(n))
+    assert set(pieces_by_device(after).values()) - {CLIENT} == set(range(n))
     x, ref = reference(height)
     out = run_module(after, x)
     assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
