@@ -12,14 +12,18 @@ throughput with N requests in flight, bytes between devices per inference, the s
 one device, the cost model's prediction and its error, and the ideal
 (FLOPs / sum of device speeds + bytes that must cross / bandwidth).
 
-Devices are worker processes pinned to their own core (``taskset``) with one TVM thread.
-Links: with ``--netns`` (root), each worker runs in its own network namespace behind a veth
-pair on a bridge, each veth shaped with ``tc tbf`` to ``--bandwidth``; this kernel has no
-``netem``, so no delay is added and the cost model is given the runtime's measured per-hop
-time as latency. Without ``--netns`` the workers talk over loopback, unshaped, and the cost
-model is given loopback figures. The header printed says which.
+Devices are worker processes pinned to their own core (``taskset``) with one TVM thread;
+where there are more cores than devices, the client (and ONNX Runtime) get a core of their
+own. Links: with ``--netns`` (root), each worker runs in its own network namespace behind a
+veth pair on a bridge, each veth shaped with ``tc tbf`` to ``--bandwidth``. ``--delay D``
+adds ``tc netem`` delay D/2 on both ends of every veth, so a message between two devices takes
+D longer (one between the client and a device, D/2); kernels without netem (this VM's) refuse
+it. The cost model is given the link's bandwidth and D plus the runtime's per-hop time as
+latency. Without ``--netns`` the workers talk over loopback, unshaped, and the cost model is
+given loopback figures. The header printed says which.
 
     sudo .venv/bin/python benchmarks/cluster.py --model resnet50 -n 2 --netns
+    sudo .venv/bin/python benchmarks/cluster.py --model resnet50 -n 8 --netns --delay 0.5ms
     .venv/bin/python benchmarks/cluster.py --model resnet18 --tiny -n 2      # quick look
 """
 
@@ -43,48 +47,62 @@ import numpy as np  # noqa: E402
 from common import ort_latency  # noqa: E402
 
 from splitc import importer  # noqa: E402
-from splitc.cluster import Cluster, ClusterDevice, Link, parse_rate  # noqa: E402
+from splitc.cluster import Cluster, ClusterDevice, Link, parse_rate, parse_time  # noqa: E402
 from splitc.compiler import compile_model  # noqa: E402
 from splitc.cost import RUNTIME_DISPATCH, DeviceSpeed, estimate  # noqa: E402
 from splitc.passes.analysis import profile as profile_bindings  # noqa: E402
 from splitc.runtime import connect  # noqa: E402
 from splitc.runtime.plan import Plan  # noqa: E402
 
-NETNS_PREFIX = "splitcb"
-SUBNET = "10.231.7"
+NETNS_PREFIX = "splitcb"  # + the lab number: runs with different --lab can share a machine
+SUBNET = "10.231"  # .(7 + lab).host
 
 
 def sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"{' '.join(cmd)} failed: {done.stderr.strip()}")
 
 
 class Namespaces:
     """N test hosts: namespaces on a bridge, each link shaped with tbf. Removed on close."""
 
-    def __init__(self, n: int, rate_bytes: float):
-        self.n, self.names = n, [f"{NETNS_PREFIX}{i}" for i in range(n)]
+    def __init__(self, n: int, rate_bytes: float, delay: float = 0.0, lab: int = 0):
+        self.tag = f"{NETNS_PREFIX}{lab or ''}"
+        self.subnet = f"{SUBNET}.{7 + lab}"
+        self.n, self.names = n, [f"{self.tag}n{i}" for i in range(n)]
         rate = f"{int(rate_bytes * 8)}bit"
         self.cleanup()
-        sh("ip", "link", "add", f"{NETNS_PREFIX}br", "type", "bridge")
-        sh("ip", "addr", "add", f"{SUBNET}.254/24", "dev", f"{NETNS_PREFIX}br")
-        sh("ip", "link", "set", f"{NETNS_PREFIX}br", "up")
+        try:
+            self._build(rate, delay)
+        except SystemExit:
+            self.cleanup()
+            raise
+
+    def _build(self, rate: str, delay: float) -> None:
+        sh("ip", "link", "add", f"{self.tag}br", "type", "bridge")
+        sh("ip", "addr", "add", f"{self.subnet}.254/24", "dev", f"{self.tag}br")
+        sh("ip", "link", "set", f"{self.tag}br", "up")
         for i, ns in enumerate(self.names):
-            outer, inner = f"{NETNS_PREFIX}o{i}", f"{NETNS_PREFIX}i{i}"
+            outer, inner = f"{self.tag}o{i}", f"{self.tag}i{i}"
             sh("ip", "netns", "add", ns)
             sh("ip", "link", "add", outer, "type", "veth", "peer", "name", inner)
             sh("ip", "link", "set", inner, "netns", ns)
-            sh("ip", "link", "set", outer, "master", f"{NETNS_PREFIX}br")
+            sh("ip", "link", "set", outer, "master", f"{self.tag}br")
             sh("ip", "link", "set", outer, "up")
-            sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{SUBNET}.{i + 1}/24", "dev",
-               inner)
+            sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{self.subnet}.{i + 1}/24",
+               "dev", inner)
             sh("ip", "netns", "exec", ns, "ip", "link", "set", inner, "up")
             sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
             for dev, prefix in ((outer, ()), (inner, ("ip", "netns", "exec", ns))):
-                sh(*prefix, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate,
-                   "burst", "256kb", "latency", "50ms")
+                sh(*prefix, "tc", "qdisc", "add", "dev", dev, "root", "handle", "1:", "tbf",
+                   "rate", rate, "burst", "256kb", "latency", "50ms")
+                if delay:  # half on each end: device to device crosses two veths
+                    sh(*prefix, "tc", "qdisc", "add", "dev", dev, "parent", "1:1", "handle",
+                       "10:", "netem", "delay", f"{delay / 2 * 1e6:.0f}us", "limit", "100000")
 
     def address(self, i: int) -> str:
-        return f"{SUBNET}.{i + 1}"
+        return f"{self.subnet}.{i + 1}"
 
     def prefix(self, i: int) -> list[str]:
         return ["ip", "netns", "exec", self.names[i]]
@@ -92,7 +110,7 @@ class Namespaces:
     def cleanup(self) -> None:
         for ns in self.names:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        subprocess.run(["ip", "link", "del", f"{NETNS_PREFIX}br"], capture_output=True)
+        subprocess.run(["ip", "link", "del", f"{self.tag}br"], capture_output=True)
 
 
 class Workers:
@@ -158,6 +176,10 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=5)
     ap.add_argument("--bandwidth", default="1Gbit")
     ap.add_argument("--netns", action="store_true", help="shape links in namespaces (root)")
+    ap.add_argument("--lab", type=int, default=0,
+                    help="namespace set number, so two runs can share a machine (0-9)")
+    ap.add_argument("--delay", default="0ms",
+                    help="added delay between two devices, e.g. 0.5ms (--netns, needs netem)")
     ap.add_argument("--curve", action="store_true",
                     help="encrypt every link with CurveZMQ (default: plaintext, --insecure)")
     ap.add_argument("--out", type=Path, default=None, help="keep artifacts and results here")
@@ -176,7 +198,11 @@ def main() -> int:
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < n:
         print(f"# warning: {n} devices on {len(cores)} cores: devices share cores")
-    os.sched_setaffinity(0, {cores[0]})  # ONNX Runtime and the profile: one core
+    os.sched_setaffinity(0, {cores[0]})  # ONNX Runtime, the profile and the client: one core
+    worker_cores = cores[1:n + 1] if len(cores) > n else cores
+    delay = parse_time(args.delay)
+    if delay and not args.netns:
+        sys.exit("--delay needs --netns")
 
     from splitc import profiler
 
@@ -185,7 +211,7 @@ def main() -> int:
                         "profile (1 core)")
     bandwidth = parse_rate(args.bandwidth) if args.netns else 2e9
     hop = 1e-4  # seconds per message; the runtime's per-hop goal, checked by hop_overhead.py
-    link = Link(bandwidth, hop)
+    link = Link(bandwidth, hop + delay)
     cluster = Cluster(tuple(ClusterDevice(f"dev{i}", "host", 2**34, speed.flops_per_second / 1e9)
                             for i in range(n)), link)
     flops = sum(r.flops for r in profile_bindings(model.mod))
@@ -195,9 +221,12 @@ def main() -> int:
           f"GFLOP/s per core (profiled)")
     if args.netns:
         print(f"# links: namespaces on a bridge, each veth shaped with tc tbf to {args.bandwidth}"
-              "; no added delay (no netem in this kernel); cost model latency = 100 us/hop")
+              + (f", netem delay {delay / 2 * 1e3:g} ms per veth ({delay * 1e3:g} ms device to "
+                 f"device)" if delay else ", no added delay") +
+              f"; cost model latency = {(hop + delay) * 1e6:.0f} us/hop")
     else:
         print("# links: loopback (unshaped); cost model: 2 GB/s, 100 us/hop")
+    print(f"# cores: client and ONNX Runtime on {cores[0]}, devices on {worker_cores}")
     rows = []
     ort = ort_latency(model, x, args.requests)
     rows.append({"config": "ONNX Runtime, 1 core", "latency": ort, "throughput": 1 / ort,
@@ -212,7 +241,7 @@ def main() -> int:
     with ExitStack() as stack:
         nets = None
         if args.netns:
-            nets = Namespaces(n, bandwidth)
+            nets = Namespaces(n, bandwidth, delay, args.lab)
             stack.callback(nets.cleanup)
         configs = [("splitc, 1 device", "pipeline", 1), ("channel-parallel", "channel", n),
                    ("pipeline", "pipeline", n), ("spatial", "spatial", n), ("auto", "auto", n)]
@@ -221,8 +250,8 @@ def main() -> int:
             sub = Cluster(cluster.devices[:devices], link)
             compile_model(args.model, out, strategy=strategy, cluster=sub, tiny=args.tiny,
                           input_shapes=shapes)
-            r = measure(out, x, reference, nets, 5600 + 10 * i, args.requests, devices, cores,
-                        keys)
+            r = measure(out, x, reference, nets, 5600 + 10 * i, args.requests, devices,
+                        worker_cores, keys)
             plan = r.pop("plan")
             pred = estimate(plan, Cluster(sub.devices[:len(plan.devices)], link),
                             [speed] * len(plan.devices))
