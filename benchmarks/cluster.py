@@ -152,11 +152,17 @@ def measure(out: Path, x, reference, nets, port0, repeats, inflight, cores,
             y = session.infer(*x)  # warm up, and check the answer
             err = max(float(np.abs(a - b).max() / (np.abs(b).max() or 1))
                       for a, b in zip(y, reference, strict=True))
+            before = session.worker_stats()
             times = []
             for _ in range(repeats):
                 t = time.perf_counter()
                 session.infer(*x)
                 times.append(time.perf_counter() - t)
+            after = session.worker_stats()
+            # the busiest device's time in its pieces per request (the rest of the latency
+            # is waiting: for tensors, the network and the runtime)
+            busy = max((after[d]["compute_s"] - before[d]["compute_s"]) / repeats
+                       for d in after)
             t = time.perf_counter()
             n = max(repeats, 2 * inflight)
             list(session.infer_many([x] * n, inflight=inflight))
@@ -164,7 +170,7 @@ def measure(out: Path, x, reference, nets, port0, repeats, inflight, cores,
     finally:
         workers.close()
     return {"latency": statistics.median(times), "throughput": throughput, "rel_err": err,
-            "bytes": plan.transfer_bytes, "plan": plan}
+            "bytes": plan.transfer_bytes, "busy": busy, "plan": plan}
 
 
 def main() -> int:
@@ -256,22 +262,27 @@ def main() -> int:
             pred = estimate(plan, Cluster(sub.devices[:len(plan.devices)], link),
                             [speed] * len(plan.devices))
             rows.append({"config": f"{name} ({plan.strategy}, {len(plan.devices)} dev)", **r,
-                         "predicted": pred.latency})
+                         "predicted": pred.latency,
+                         "predicted_busy": max(pred.device_busy.values())})
     single = rows[1]["latency"]
     must_cross = sum(t.nbytes for t in x) + sum(r.nbytes for r in reference)
     ideal = flops / (n * speed.flops_per_second) + must_cross / bandwidth
     print(f"{'config':<36} {'latency ms':>10} {'req/s':>7} {'speedup':>7} {'bytes/inf':>12} "
-          f"{'predicted':>9} {'pred err':>8} {'rel err':>8}")
+          f"{'predicted':>9} {'pred err':>8} {'rel err':>8} {'busy ms':>8} {'pred busy':>9}")
     errors = []
     for r in rows:
         pred = r["predicted"]
         perr = "" if pred is None else f"{(pred - r['latency']) / r['latency'] * 100:+.0f}%"
         if pred is not None:
             errors.append(abs(pred - r["latency"]) / r["latency"])
+        busy = f"{r['busy'] * 1e3:.1f}" if "busy" in r else ""
+        pbusy = f"{r['predicted_busy'] * 1e3:.1f}" if pred is not None else ""
         print(f"{r['config']:<36} {r['latency'] * 1e3:>10.1f} {r['throughput']:>7.2f} "
               f"{single / r['latency']:>6.2f}x {r['bytes']:>12,} "
               f"{'' if pred is None else f'{pred * 1e3:.1f}':>9} {perr:>8} "
-              f"{r['rel_err']:>8.1e}")
+              f"{r['rel_err']:>8.1e} {busy:>8} {pbusy:>9}")
+    print("(busy: the busiest device's time inside its pieces per request, measured by the "
+          "workers; the rest of the latency is waiting for tensors)")
     print(f"ideal on {n} devices: {ideal * 1e3:.1f} ms ({single / ideal:.2f}x); goal for auto: "
           f">= {0.8 * n:.1f}x over one device")
     print(f"cost model mean abs error: {np.mean(errors) * 100:.1f}% over {len(errors)} rows "
