@@ -93,6 +93,19 @@ def even_bounds(size: int, parts: int, align: int = 1) -> tuple[tuple[int, int],
     return tuple((edges[i], edges[i + 1]) for i in range(parts))
 
 
+def share_bounds(size: int, shares: tuple[float, ...]) -> tuple[tuple[int, int], ...]:
+    """One contiguous range of ``range(size)`` per share, sized in proportion to it (a
+    share too small for one unit gets an empty range ``(e, e)``)."""
+    total = float(sum(shares))
+    if not shares or total <= 0 or min(shares) < 0:
+        raise SplitcError(f"shares must be non-negative with a positive sum, got {shares}")
+    cum = [0.0]
+    for s in shares:
+        cum.append(cum[-1] + s)
+    edges = [round(c / total * size) for c in cum]
+    return tuple((edges[i], edges[i + 1]) for i in range(len(shares)))
+
+
 @dataclass(frozen=True)
 class _Full:
     var: relax.Var

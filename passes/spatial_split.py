@@ -37,7 +37,7 @@ from tvm import relax
 from splitc.errors import SplitcError
 
 from .analysis import op_flops
-from .channel_split import BINARY_ELEMENTWISE, UNARY_ELEMENTWISE, even_bounds
+from .channel_split import BINARY_ELEMENTWISE, UNARY_ELEMENTWISE, even_bounds, share_bounds
 from .ir import (
     CLIENT,
     const_array,
@@ -72,11 +72,14 @@ class SpatialPlan:
     Each segment ``(start, end)`` names bindings ``start .. end-1`` of ``main``'s block, all
     row-local (:func:`row_local`). Device ``k`` owns the ``k``-th of ``min(n_devices, rows)``
     near-equal row ranges of every tensor the segment hands on (:func:`segment_outputs`);
-    devices past a tensor's row count own none of it. Bindings in no segment run on device 0.
+    devices past a tensor's row count own none of it. With ``shares`` (one per device, say
+    each device's speed) the rows are divided in proportion instead, so a faster device gets
+    more; a share too small for a row gets none. Bindings in no segment run on device 0.
     """
 
     n_devices: int
     segments: tuple[tuple[int, int], ...]
+    shares: tuple[float, ...] = ()
 
 
 # -- row geometry ------------------------------------------------------------------------------
@@ -214,25 +217,29 @@ def segment_outputs(bindings: list[relax.VarBinding], start: int, end: int,
     return [b.var for b in bindings[start:end] if b.var in later]
 
 
-def own_rows(outputs: list[relax.Var], n_devices: int, k: int) -> dict[relax.Var, Rows]:
-    """The rows device ``k`` owns of each segment output (none of one shorter than ``k+1``)."""
+def own_rows(outputs: list[relax.Var], n_devices: int, k: int,
+             shares: tuple[float, ...] = ()) -> dict[relax.Var, Rows]:
+    """The rows device ``k`` owns of each segment output: its ``k``-th of ``n_devices`` near-equal
+    ranges (none of an output shorter than ``k+1`` rows), or its part in proportion to
+    ``shares`` (none if that part is empty)."""
     own = {}
     for v in outputs:
-        bounds = even_bounds(_height(v), n_devices)
-        if k < len(bounds):
+        bounds = share_bounds(_height(v), shares) if shares else \
+            even_bounds(_height(v), n_devices)
+        if k < len(bounds) and bounds[k][0] < bounds[k][1]:
             own[v] = bounds[k]
     return own
 
 
 def tiled_flops(bindings: list[relax.VarBinding], start: int, end: int, func: relax.Function,
-                n_devices: int) -> tuple[float, float]:
+                n_devices: int, shares: tuple[float, ...] = ()) -> tuple[float, float]:
     """(FLOPs of all tiles together, FLOPs untiled) of the segment ``[start, end)``."""
     seg = bindings[start:end]
     outs = segment_outputs(bindings, start, end, func)
     full = [op_flops(b.value, static_shape(b.var)) for b in seg]
     tiled = 0.0
     for k in range(n_devices):
-        need = tile_needs(seg, own_rows(outs, n_devices, k))
+        need = tile_needs(seg, own_rows(outs, n_devices, k, shares))
         for b, flops in zip(seg, full, strict=True):
             if b.var in need:
                 lo, hi = need[b.var]
@@ -250,7 +257,8 @@ def _tileable(bindings, start, end, func) -> bool:
 
 
 def plan_spatial(mod: tvm.IRModule, n_devices: int,
-                 max_overhead: float = MAX_HALO_OVERHEAD) -> SpatialPlan:
+                 max_overhead: float = MAX_HALO_OVERHEAD,
+                 shares: tuple[float, ...] = ()) -> SpatialPlan:
     """Cut the maximal runs of row-local bindings of ``main`` into tiled segments.
 
     Rule: a segment starts at a row-local binding and takes the next ones while the tiles
@@ -260,7 +268,8 @@ def plan_spatial(mod: tvm.IRModule, n_devices: int,
     tiling (:func:`_tileable`: a convolution or pooling inside, every tensor it hands on at
     least two rows tall); when none is, its first binding runs on device 0 and the search goes
     on from the next. A segment whose outputs have fewer rows than devices is tiled over as
-    many devices as it has rows. One device tiles nothing.
+    many devices as it has rows. One device tiles nothing. ``shares``: see
+    :class:`SpatialPlan`.
     """
     if n_devices < 1:
         raise SplitcError("a spatial split needs at least one device")
@@ -275,7 +284,7 @@ def plan_spatial(mod: tvm.IRModule, n_devices: int,
             continue
         end = i + 1
         while end < len(bindings) and local[end]:
-            tiled, plain = tiled_flops(bindings, i, end + 1, func, n_devices)
+            tiled, plain = tiled_flops(bindings, i, end + 1, func, n_devices, shares)
             if plain and tiled > max_overhead * plain:
                 break
             end += 1
@@ -286,7 +295,7 @@ def plan_spatial(mod: tvm.IRModule, n_devices: int,
             continue
         segments.append((i, end))
         i = end
-    return SpatialPlan(n_devices, tuple(segments))
+    return SpatialPlan(n_devices, tuple(segments), tuple(shares))
 
 
 # -- the rewrite -------------------------------------------------------------------------------
@@ -411,7 +420,7 @@ class _SpatialRewriter:
         outs = segment_outputs(bindings, start, end, func)
         tiles: dict[relax.Var, list[_Tile]] = {v: [] for v in outs}
         for k in range(n):
-            own = own_rows(outs, n, k)
+            own = own_rows(outs, n, k, self.plan.shares)
             if not own:
                 continue
             need = tile_needs(seg, own)
@@ -493,6 +502,9 @@ class SpatialSplit:
     def __init__(self, plan: SpatialPlan):
         if plan.n_devices < 1:
             raise SplitcError("a spatial split needs at least one device")
+        if plan.shares and len(plan.shares) != plan.n_devices:
+            raise SplitcError(f"a spatial plan over {plan.n_devices} devices needs as many "
+                              f"shares, got {len(plan.shares)}")
         self.plan = plan
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:

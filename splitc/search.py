@@ -1,13 +1,14 @@
 """``--strategy auto``: price candidate splits with the cost model and keep the best.
 
-The candidates are every exact strategy over all devices (the spatial split with each cap
-on recomputed halo rows in :data:`~splitc.passes.spatial_split.HALO_CAPS`: fewer exchanges
-or less recomputation), pipelines over the devices in the cluster's order and fastest-first
-(cut by dynamic programming with each device's own speed), and the whole model on each single
-device. Each candidate is planned, rewritten and extracted
-(no TVM build: that is the expensive part and only the winner needs it), then simulated by
-:func:`splitc.cost.estimate`. Candidates over a device's memory cap are dropped; if none fits,
-the error says by how much the best one falls short.
+The candidates are every exact strategy over all devices (the spatial split with rows in
+proportion to each device's speed and each cap on recomputed halo rows in
+:data:`~splitc.passes.spatial_split.HALO_CAPS`: fewer exchanges or less recomputation),
+pipelines over the devices in the cluster's order and fastest-first (cut by dynamic
+programming with each device's own speed), and the whole model on each single device. Each
+candidate is planned, rewritten and extracted (no TVM build: that is the expensive part and
+only the winner needs it), then simulated by :func:`splitc.cost.estimate`. Candidates over a
+device's memory cap are dropped; if none fits, the error says by how much the best one falls
+short.
 """
 
 from __future__ import annotations
@@ -126,8 +127,10 @@ def search(mod: tvm.IRModule, cluster: Cluster, *, objective: str = "latency",
             add(f"pipeline [{names}]", "pipeline", PipelineSplit(plan)(mod), order)
         add("channel over all", "channel", ChannelSplit(plan_channel(mod, n))(mod), everyone)
         tried = set()
+        rates = tuple(s.flops_per_second for s in speeds)
+        shares = rates if len(set(rates)) > 1 else ()  # rows in proportion to speed
         for cap in HALO_CAPS:  # less recomputation, or fewer exchanges: priced, not guessed
-            plan = plan_spatial(mod, n, max_overhead=cap)
+            plan = plan_spatial(mod, n, max_overhead=cap, shares=shares)
             if plan.segments not in tried:
                 tried.add(plan.segments)
                 add(f"spatial over all (halo <= {cap - 1:.0%})", "spatial",

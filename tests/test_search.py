@@ -120,3 +120,22 @@ def test_plan_json_from_auto_round_trips(resnet):
     c = Cluster.uniform(["host", "host"])
     best = search(resnet, c).best
     assert Plan.from_dict(json.loads(best.plan.to_json())) == best.plan
+
+
+def test_a_faster_device_gets_more_rows(resnet):
+    """Heterogeneous cluster: the spatial candidates divide rows in proportion to speed, so
+    the slow devices are not the bottleneck (with equal rows they would be)."""
+    from splitc.passes.spatial_split import SpatialSplit, plan_spatial
+    from splitc.search import _candidate
+
+    cluster = Cluster((ClusterDevice("fast", "host", 2**30, 30), ClusterDevice("s1", "host",
+                       2**30, 10), ClusterDevice("s2", "host", 2**30, 10)), Link(1e12, 1e-6))
+    result = search(resnet, cluster)
+    spatial = [c for c in result.candidates if c.strategy == "spatial"]
+    assert spatial
+    equal = _candidate("equal rows", "spatial", SpatialSplit(plan_spatial(resnet, 3))(resnet),
+                       (0, 1, 2), cluster, result.speeds, "")
+    for c in spatial:
+        busy = c.estimate.device_busy
+        assert busy["dev0"] > 1.5 * max(busy["dev1"], busy["dev2"]) * 10 / 30
+        assert max(busy.values()) < max(equal.estimate.device_busy.values())

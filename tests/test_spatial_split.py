@@ -318,3 +318,24 @@ def test_imported_cnn_exact(n, tmp_path_factory):
     ref = run_module(mod, x)
     out = run_module(after, x)
     assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_shares_divide_rows_in_proportion():
+    """Shares 3:1 over 8 rows: device 0 owns rows 0-5, device 1 rows 6-7; the answer holds."""
+    from splitc.passes.channel_split import share_bounds
+
+    assert share_bounds(8, (3, 1)) == ((0, 6), (6, 8))
+    assert share_bounds(7, (10, 0.1, 1)) == ((0, 6), (6, 6), (6, 7))
+    with pytest.raises(SplitcError, match="shares"):
+        share_bounds(8, (0, 0))
+    before = conv_relu_conv()
+    plan = plan_spatial(before, 2, shares=(3.0, 1.0))
+    after = SpatialSplit(plan)(before)
+    relax.analysis.well_formed(after)
+    assert [int(d) for d in after["dev0_p0"].ret_ty.shape] == [1, 2, 6, 8]
+    assert [int(d) for d in after["dev1_p0"].ret_ty.shape] == [1, 2, 2, 8]
+    x = RNG.standard_normal((1, 2, 8, 8)).astype(F32)
+    np.testing.assert_allclose(run_module(after, x), run_module(before, x), rtol=1e-5,
+                               atol=1e-5)
+    with pytest.raises(SplitcError, match="needs as many shares"):
+        SpatialSplit(SpatialPlan(3, plan.segments, (1.0, 2.0)))
