@@ -49,7 +49,7 @@ from common import ort_latency  # noqa: E402
 from splitc import importer  # noqa: E402
 from splitc.cluster import Cluster, ClusterDevice, Link, parse_rate, parse_time  # noqa: E402
 from splitc.compiler import compile_model  # noqa: E402
-from splitc.cost import RUNTIME_DISPATCH, DeviceSpeed, estimate  # noqa: E402
+from splitc.cost import DeviceSpeed, estimate  # noqa: E402
 from splitc.passes.analysis import profile as profile_bindings  # noqa: E402
 from splitc.runtime import connect  # noqa: E402
 from splitc.runtime.plan import Plan  # noqa: E402
@@ -213,8 +213,7 @@ def main() -> int:
     from splitc import profiler
 
     table = profiler.measure(args.model, "host", tiny=args.tiny, input_shapes=shapes, number=2)
-    speed = DeviceSpeed(table["flops_per_second"], table["call_overhead"] + RUNTIME_DISPATCH,
-                        "profile (1 core)")
+    speed = DeviceSpeed.from_profile(table, "profile (1 core)")
     bandwidth = parse_rate(args.bandwidth) if args.netns else 2e9
     hop = 1e-4  # seconds per message; the runtime's per-hop goal, checked by hop_overhead.py
     link = Link(bandwidth, hop + delay)

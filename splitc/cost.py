@@ -1,6 +1,7 @@
 """The cost model, in one place.
 
     piece seconds    = piece FLOPs / device FLOP/s + per-call overhead
+                       + bytes in and out of the piece x seconds per boundary byte
     transfer seconds = bytes / link bandwidth + link latency   (each sender's link is shared)
     device memory    = its weights + its largest piece's inputs and outputs
 
@@ -38,6 +39,12 @@ UNPROFILED_EFFICIENCY = 0.4
 RUNTIME_DISPATCH = 150e-6
 #: Seconds a piece call costs besides its FLOPs when no profile says otherwise.
 DEFAULT_CALL_OVERHEAD = 50e-6 + RUNTIME_DISPATCH
+#: Seconds per byte a piece reads or writes at its boundary: a piece converts its inputs into
+#: the packed layouts its kernels use (NCHW16c, ...) and its outputs back, and the runtime
+#: copies them in and out. `splitc profile` measures it (every layer as its own piece against
+#: the whole model); when no profile says otherwise: ResNet-50 on this x86 core, where 324 MB
+#: crossing 176 one-layer pieces cost 53 ms more than the whole model (about 6 GB/s).
+DEFAULT_SECONDS_PER_BYTE = 1.6e-10
 
 
 def profile_dir() -> Path:
@@ -50,26 +57,34 @@ class DeviceSpeed:
     flops_per_second: float
     call_overhead: float
     source: str  # where the figure came from, for --explain
+    seconds_per_byte: float = 0.0  # at piece boundaries (see DEFAULT_SECONDS_PER_BYTE)
+
+    @classmethod
+    def from_profile(cls, table: dict, source: str) -> DeviceSpeed:
+        """The speed `splitc profile` measured (a table from :func:`splitc.profiler.measure`)."""
+        return cls(table["flops_per_second"],
+                   table.get("call_overhead", 0.0) + RUNTIME_DISPATCH, source,
+                   table.get("seconds_per_byte", DEFAULT_SECONDS_PER_BYTE))
 
 
 def device_speed(device: ClusterDevice) -> DeviceSpeed:
     """How fast ``device`` runs compiled pieces (see the module docstring for the order)."""
     if device.gflops:
-        return DeviceSpeed(device.gflops * 1e9, DEFAULT_CALL_OVERHEAD, "cluster file")
+        return DeviceSpeed(device.gflops * 1e9, DEFAULT_CALL_OVERHEAD, "cluster file",
+                           DEFAULT_SECONDS_PER_BYTE)
     path = profile_dir() / f"{device.target}.json"
     table = json.loads(path.read_text()) if path.exists() else {}
     if table.get("codegen") == CODEGEN:  # a profile of older code generation is stale
-        return DeviceSpeed(table["flops_per_second"],
-                           table.get("call_overhead", 0.0) + RUNTIME_DISPATCH,
-                           f"profile {path}")
+        return DeviceSpeed.from_profile(table, f"profile {path}")
     spec = target_registry.get(device.target)
     if spec.is_host:  # measurable right here: profile once and keep the table
         from splitc import profiler
 
-        table = profiler.measure("resnet18", device.target, tiny=True)
+        # (ResNet-18 at 224: a few seconds, and layers of the sizes real models have; a tiny
+        # model's layers are too small to show the speed of real ones)
+        table = profiler.measure("resnet18", device.target, number=2)
         path = profiler.save(table)
-        return DeviceSpeed(table["flops_per_second"], table["call_overhead"] + RUNTIME_DISPATCH,
-                           f"profile {path} (measured now)")
+        return DeviceSpeed.from_profile(table, f"profile {path} (measured now)")
     if spec.is_fpga:  # a dense piece on the fabric is reuse-limited: DSPs x clock, like
         # splitc.fpga.estimate's cycles (an estimate until synthesis or a board says more)
         return DeviceSpeed(spec.peak_gflops * 1e9, spec.fpga.get("call_overhead_s", 1e-4),
@@ -80,7 +95,8 @@ def device_speed(device: ClusterDevice) -> DeviceSpeed:
         raise SplitcError(f"no speed known for target {device.target}: run `splitc profile "
                           f"--target {device.target}` or give gflops in the cluster file")
     return DeviceSpeed(peak * 1e9 * UNPROFILED_EFFICIENCY, DEFAULT_CALL_OVERHEAD,
-                       f"published peak {peak} GFLOP/s x {UNPROFILED_EFFICIENCY}")
+                       f"published peak {peak} GFLOP/s x {UNPROFILED_EFFICIENCY}",
+                       DEFAULT_SECONDS_PER_BYTE)
 
 
 @dataclass(frozen=True)
@@ -153,7 +169,8 @@ def estimate(plan: Plan, cluster: Cluster, speeds: list[DeviceSpeed] | None = No
     for p in plan.pieces:
         start = max([free[p.device]] + [arrive(t, p.device) for t in p.inputs])
         s = speed[p.device]
-        run = p.flops / s.flops_per_second + s.call_overhead
+        edge = sum(plan.tensors[t].nbytes for t in (*p.inputs, *p.outputs))
+        run = p.flops / s.flops_per_second + s.call_overhead + edge * s.seconds_per_byte
         free[p.device] = start + run
         busy[p.device] += run
         for t in p.outputs:

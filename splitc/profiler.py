@@ -3,8 +3,9 @@
 Every layer of a model becomes its own piece (the outline pass with one device per binding),
 the module is compiled once for the target (default schedules, as every artifact is), and
 each piece is timed with TVM's time evaluator on its real inputs. The table — FLOP/s per
-operator kind, overall FLOP/s and the fixed cost of a piece call — is what the cost model
-uses for that target.
+operator kind, overall FLOP/s (from the whole model compiled as one piece), the fixed cost of
+a piece call, and the cost per byte crossing a piece's boundary (what the one-layer pieces
+took beyond the whole model) — is what the cost model uses for that target.
 """
 
 from __future__ import annotations
@@ -63,14 +64,22 @@ def measure(model: str, target: str = "host", *, tiny: bool = False, number: int
     total_flops = sum(v[0] for v in kinds.values())
     total_seconds = sum(v[1] for v in kinds.values())
     whole = _whole_model_seconds(imported, spec, number)
+    call = overhead_of(overhead)
+    rate = total_flops / max(whole - call, 1e-9)
+    # what one-layer pieces cost beyond their FLOPs and calls is converting what crosses
+    # their boundaries (layouts, copies): seconds per byte in or out of a piece
+    tensors = {**{t.name: t for t in ex.inputs}, **ex.tensors}
+    edge = sum(tensors[t].nbytes for p in ex.pieces for t in (*p.inputs, *p.outputs))
+    per_byte = max(0.0, total_seconds - total_flops / rate - len(ex.pieces) * call) / edge
     return {
         "target": target, "model": model + (" (tiny)" if tiny else ""), "codegen": CODEGEN,
         # The model compiled as one piece: what multi-layer pieces achieve. Layer by layer,
         # each piece also packs and unpacks its tensors, which a real piece does only at its
         # ends (that rate is kept as layer_flops_per_second).
-        "flops_per_second": total_flops / max(whole - overhead_of(overhead), 1e-9),
+        "flops_per_second": rate,
         "layer_flops_per_second": total_flops / total_seconds,
-        "call_overhead": overhead_of(overhead),
+        "call_overhead": call,
+        "seconds_per_byte": per_byte,
         "ops": {k: {"flops": f, "seconds": s, "flops_per_second": f / s if s else None}
                 for k, (f, s) in sorted(kinds.items(), key=lambda kv: -kv[1][1])},
         "total_seconds": total_seconds,
@@ -102,7 +111,8 @@ def save(table: dict, path: str | Path | None = None) -> Path:
 
 def describe(table: dict) -> str:
     lines = [f"{table['target']}: {table['flops_per_second'] / 1e9:.2f} GFLOP/s overall on "
-             f"{table['model']}, {table['call_overhead'] * 1e6:.0f} µs per piece call",
+             f"{table['model']}, {table['call_overhead'] * 1e6:.0f} µs per piece call, "
+             f"{table.get('seconds_per_byte', 0) * 1e12:.0f} ps per byte in or out of a piece",
              f"{'op':<24} {'GFLOP/s':>9} {'ms':>9}"]
     for kind, row in table["ops"].items():
         rate = row["flops_per_second"]

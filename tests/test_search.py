@@ -80,6 +80,10 @@ def test_estimate_is_the_stated_formula():
     assert est.latency == pytest.approx(send_x + run0 + send_a + run1 + send_y)
     assert est.period == pytest.approx(max(run0, run1, 1000 / 1e6))
     assert est.device_memory == {"dev0": 800 + 4000 + 1000, "dev1": 400 + 1000 + 40}
+    # converting what crosses a piece's boundary costs per byte (x in, a out; a in, y out)
+    per_byte = [DeviceSpeed(s.flops_per_second, s.call_overhead, "test", 1e-8) for s in speeds]
+    slower = estimate(plan, cluster, per_byte)
+    assert slower.latency - est.latency == pytest.approx(1e-8 * (4000 + 1000 + 1000 + 40))
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +143,20 @@ def test_a_faster_device_gets_more_rows(resnet):
         busy = c.estimate.device_busy
         assert busy["dev0"] > 1.5 * max(busy["dev1"], busy["dev2"]) * 10 / 30
         assert max(busy.values()) < max(equal.estimate.device_busy.values())
+
+
+def test_profile_table_gives_the_cost_model_its_speed(tmp_path, monkeypatch):
+    """`splitc profile`'s table: FLOP/s, call overhead and cost per boundary byte, stored where
+    the cost model reads it for that target."""
+    from splitc import profiler
+    from splitc.cost import device_speed
+
+    monkeypatch.setenv("SPLITC_CACHE", str(tmp_path))
+    table = profiler.measure("resnet18", "host", tiny=True, number=1)
+    assert table["flops_per_second"] > 1e8 and table["call_overhead"] >= 0
+    assert table["seconds_per_byte"] >= 0 and "per byte" in profiler.describe(table)
+    path = profiler.save(table)
+    speed = device_speed(ClusterDevice("h", "host", 2**30))
+    assert str(path) in speed.source
+    assert (speed.flops_per_second, speed.seconds_per_byte) == (table["flops_per_second"],
+                                                                table["seconds_per_byte"])
