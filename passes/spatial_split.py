@@ -28,6 +28,7 @@ excitation of a squeeze-and-excitation block) are computed whole by every tile.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -412,6 +413,42 @@ class _SpatialRewriter:
             return relax.const(np.ascontiguousarray(value[tuple(index)]))
         return arg
 
+    # -- a reduction over the rows of a tiled tensor -------------------------------------
+    def row_reduction(self, b: relax.VarBinding) -> relax.Var | None:
+        """``mean``, ``sum`` or ``max`` over the rows of a tiled tensor (a global average pool,
+        say): each tile reduces its own rows where it lives and only the partial results
+        travel to device 0, which combines them. None if ``b`` is not such a reduction."""
+        call = b.value
+        name = op_name(call) if isinstance(call, relax.Call) else None
+        if name not in ("mean", "sum", "max") or not isinstance(call.args[0], relax.Var) \
+                or call.args[0] not in self.tiles or call.attrs.axis is None:
+            return None
+        x = call.args[0]
+        axes = sorted(int(a) % 4 for a in call.attrs.axis)
+        if 2 not in axes or str(x.ty.dtype) not in ("float32", "float64", "float16"):
+            return None
+        if len(self.tiles[x]) < 2:
+            return None
+        keep = bool(call.attrs.keepdims)
+        reduce = relax.op.max if name == "max" else relax.op.sum
+        combine = relax.op.maximum if name == "max" else relax.op.add
+        parts = []
+        for t in self.tiles[x]:
+            own = t.var if t.own == t.have else self.emit(
+                _row_slice(t.var, t.own[0] - t.have[0], t.own[1] - t.have[0]),
+                f"{x.name}_o{t.device}", t.device)
+            parts.append(self.emit(reduce(own, axis=axes, keepdims=keep),
+                                   f"{b.var.name}_p{t.device}", t.device))
+        total = parts[0]
+        for p in parts[1:-1]:
+            total = self.emit(combine(total, p), f"{b.var.name}_acc", 0)
+        last = combine(total, parts[-1])
+        if name == "mean":
+            count = math.prod(static_shape(x)[a] for a in axes)
+            total = self.emit(last, f"{b.var.name}_acc", 0)
+            last = relax.op.multiply(total, relax.const(1.0 / count, str(x.ty.dtype)))
+        return self.emit(last, b.var.name, 0, original=True)
+
     # -- one segment ---------------------------------------------------------------------
     def segment(self, func: relax.Function, bindings: list[relax.VarBinding], start: int,
                 end: int) -> None:
@@ -457,9 +494,11 @@ class _SpatialRewriter:
                         i = ends[i]
                         continue
                     b = bindings[i]
-                    vmap = {v: self.whole_on(v, 0) for v in var_inputs(b.value)
-                            if v in self.whole or v in self.tiles}
-                    new = self.emit(substitute(b.value, vmap), b.var.name, 0, original=True)
+                    new = self.row_reduction(b)
+                    if new is None:
+                        vmap = {v: self.whole_on(v, 0) for v in var_inputs(b.value)
+                                if v in self.whole or v in self.tiles}
+                        new = self.emit(substitute(b.value, vmap), b.var.name, 0, original=True)
                     self.whole[b.var] = (new, 0)
                     i += 1
                 results = [self.emit(self.whole_on(v, 0), f"{v.name}_out", 0, output=True)

@@ -339,3 +339,28 @@ def test_shares_divide_rows_in_proportion():
                                atol=1e-5)
     with pytest.raises(SplitcError, match="needs as many shares"):
         SpatialSplit(SpatialPlan(3, plan.segments, (1.0, 2.0)))
+
+
+@pytest.mark.parametrize("reduce", ["mean", "max"])
+def test_a_reduction_over_rows_sends_partials_not_rows(reduce):
+    """A global pool after the tiles: each device reduces its own rows and only those partial
+    results travel (not the rows themselves), and the answer holds."""
+    from splitc.passes.extract import extract
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 2, 8, 8), F32))
+    op = relax.op.mean if reduce == "mean" else relax.op.max
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            a = bb.emit(relax.op.nn.conv2d(x, relax.const(W1), padding=1), name_hint="a")
+            b = bb.emit(relax.op.nn.relu(a), name_hint="b")
+            c = bb.emit_output(op(b, axis=[2, 3], keepdims=True), name_hint="c")
+        bb.emit_func_output(c)
+    before = bb.get()
+    after = SpatialSplit(plan_spatial(before, 2))(before)
+    relax.analysis.well_formed(after)
+    [t] = extract(after).transfers
+    assert (t.tensor.shape, t.src, t.dst) == ((1, 2, 1, 1), 1, 0)  # device 1's partial
+    xv = RNG.standard_normal((1, 2, 8, 8)).astype(F32)
+    np.testing.assert_allclose(run_module(after, xv), run_module(before, xv), rtol=1e-5,
+                               atol=1e-6)
