@@ -28,7 +28,6 @@ excitation of a squeeze-and-excitation block) are computed whole by every tile.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -430,24 +429,27 @@ class _SpatialRewriter:
         if len(self.tiles[x]) < 2:
             return None
         keep = bool(call.attrs.keepdims)
-        reduce = relax.op.max if name == "max" else relax.op.sum
+        shape = static_shape(x)
         combine = relax.op.maximum if name == "max" else relax.op.add
         parts = []
         for t in self.tiles[x]:
             own = t.var if t.own == t.have else self.emit(
                 _row_slice(t.var, t.own[0] - t.have[0], t.own[1] - t.have[0]),
                 f"{x.name}_o{t.device}", t.device)
-            parts.append(self.emit(reduce(own, axis=axes, keepdims=keep),
-                                   f"{b.var.name}_p{t.device}", t.device))
+            if name == "mean":  # (a mean kernel is scheduled where a sum is not): weight
+                # each tile's mean by its share of the elements
+                share = (t.own[1] - t.own[0]) / shape[2]
+                mean = self.emit(relax.op.mean(own, axis=axes, keepdims=keep),
+                                 f"{b.var.name}_m{t.device}", t.device)
+                part = relax.op.multiply(mean, relax.const(share, str(x.ty.dtype)))
+            else:
+                part = (relax.op.max if name == "max" else relax.op.sum)(own, axis=axes,
+                                                                         keepdims=keep)
+            parts.append(self.emit(part, f"{b.var.name}_p{t.device}", t.device))
         total = parts[0]
         for p in parts[1:-1]:
             total = self.emit(combine(total, p), f"{b.var.name}_acc", 0)
-        last = combine(total, parts[-1])
-        if name == "mean":
-            count = math.prod(static_shape(x)[a] for a in axes)
-            total = self.emit(last, f"{b.var.name}_acc", 0)
-            last = relax.op.multiply(total, relax.const(1.0 / count, str(x.ty.dtype)))
-        return self.emit(last, b.var.name, 0, original=True)
+        return self.emit(combine(total, parts[-1]), b.var.name, 0, original=True)
 
     # -- one segment ---------------------------------------------------------------------
     def segment(self, func: relax.Function, bindings: list[relax.VarBinding], start: int,
