@@ -74,12 +74,24 @@ class SpatialPlan:
     near-equal row ranges of every tensor the segment hands on (:func:`segment_outputs`);
     devices past a tensor's row count own none of it. With ``shares`` (one per device, say
     each device's speed) the rows are divided in proportion instead, so a faster device gets
-    more; a share too small for a row gets none. Bindings in no segment run on device 0.
+    more; a share too small for a row gets none.
+
+    ``groups`` (one ``(lo, hi)`` per segment; default ``(0, n_devices)`` for all) tiles each
+    segment over devices ``lo .. hi-1`` only: segments on disjoint groups form a pipeline of
+    spatially split stages (each stage's rows regrouped at the hand-over), which keeps every
+    device busy with requests in flight. Bindings in no segment run on the *home* device: the
+    first device of the last segment's group before them (of the first segment's group at the
+    start), which also gathers the outputs.
     """
 
     n_devices: int
     segments: tuple[tuple[int, int], ...]
     shares: tuple[float, ...] = ()
+    groups: tuple[tuple[int, int], ...] = ()
+
+    def group(self, i: int) -> tuple[int, int]:
+        """The devices ``lo .. hi-1`` that tile segment ``i``."""
+        return self.groups[i] if self.groups else (0, self.n_devices)
 
 
 # -- row geometry ------------------------------------------------------------------------------
@@ -298,6 +310,40 @@ def plan_spatial(mod: tvm.IRModule, n_devices: int,
     return SpatialPlan(n_devices, tuple(segments), tuple(shares))
 
 
+def plan_spatial_stages(mod: tvm.IRModule, n_devices: int, stages: int,
+                        max_overhead: float = MAX_HALO_OVERHEAD,
+                        shares: tuple[float, ...] = ()) -> SpatialPlan:
+    """A pipeline of ``stages`` spatially split stages: the segments :func:`plan_spatial` finds
+    for a group's width, cut into ``stages`` runs of near-equal FLOPs; each run is tiled over
+    its own group of consecutive devices, as many as its share of the FLOPs (at least one).
+    With requests in flight every group works on a different request."""
+    if not 1 <= stages <= n_devices:
+        raise SplitcError(f"{stages} stages need 1 to {n_devices} devices each")
+    width = max(1, round(n_devices / stages))
+    base = plan_spatial(mod, width, max_overhead)
+    if len(base.segments) < stages:
+        return SpatialPlan(n_devices, base.segments, tuple(shares))
+    bindings = list(main_block(mod).bindings)
+    flops = [sum(op_flops(b.value, static_shape(b.var)) for b in bindings[s:e])
+             for s, e in base.segments]
+    total, run, cuts = float(sum(flops)) or 1.0, 0.0, []
+    for i, f in enumerate(flops[:-1]):  # stage j ends after the segment nearest j/stages
+        run += f
+        if len(cuts) < stages - 1 and run >= total * (len(cuts) + 1) / stages - f / 2:
+            cuts.append(i + 1)
+    bounds = [0, *cuts, len(flops)]
+    work = [sum(flops[bounds[j]:bounds[j + 1]]) for j in range(len(bounds) - 1)]
+    sizes = [max(1, round(n_devices * w / total)) for w in work]
+    while sum(sizes) > n_devices:
+        sizes[sizes.index(max(sizes))] -= 1
+    while sum(sizes) < n_devices:
+        sizes[work.index(max(work))] += 1
+    starts = [sum(sizes[:j]) for j in range(len(sizes))]
+    groups = tuple((starts[j], starts[j] + sizes[j]) for j in range(len(sizes))
+                   for _ in range(bounds[j], bounds[j + 1]))
+    return SpatialPlan(n_devices, base.segments, tuple(shares), groups)
+
+
 # -- the rewrite -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Tile:
@@ -347,6 +393,7 @@ class _SpatialRewriter:
         self.received: dict[tuple[relax.Var, int, Rows], relax.Var] = {}
         self.device_of: dict[str, int] = {}
         self.reserved: set[str] = set()
+        self.home = plan.group(0)[0] if plan.segments else 0  # runs what no segment holds
 
     # -- emission helpers ---------------------------------------------------------------
     def emit(self, value: relax.Expr, name: str, device: int, *, output: bool = False,
@@ -448,18 +495,20 @@ class _SpatialRewriter:
             parts.append(self.emit(part, f"{b.var.name}_p{t.device}", t.device))
         total = parts[0]
         for p in parts[1:-1]:
-            total = self.emit(combine(total, p), f"{b.var.name}_acc", 0)
-        return self.emit(combine(total, parts[-1]), b.var.name, 0, original=True)
+            total = self.emit(combine(total, p), f"{b.var.name}_acc", self.home)
+        return self.emit(combine(total, parts[-1]), b.var.name, self.home, original=True)
 
     # -- one segment ---------------------------------------------------------------------
     def segment(self, func: relax.Function, bindings: list[relax.VarBinding], start: int,
-                end: int) -> None:
-        n = self.plan.n_devices
+                end: int, group: tuple[int, int]) -> None:
+        lo, hi = group
+        shares = self.plan.shares[lo:hi] if self.plan.shares else ()
         seg = bindings[start:end]
         outs = segment_outputs(bindings, start, end, func)
         tiles: dict[relax.Var, list[_Tile]] = {v: [] for v in outs}
-        for k in range(n):
-            own = own_rows(outs, n, k, self.plan.shares)
+        for j in range(hi - lo):
+            k = lo + j  # the device
+            own = own_rows(outs, hi - lo, j, shares)
             if not own:
                 continue
             need = tile_needs(seg, own)
@@ -482,6 +531,7 @@ class _SpatialRewriter:
         func = mod["main"]
         bindings = list(main_block(mod).bindings)
         ends = dict(self.plan.segments)
+        groups = {s: self.plan.group(i) for i, (s, _) in enumerate(self.plan.segments)}
         self.reserved = {p.name for p in func.params} | {b.var.name for b in bindings}
         params = [relax.Var(p.name, p.ty) for p in func.params]
         attrs = dict(func.attrs.items()) if func.attrs else {}
@@ -492,19 +542,21 @@ class _SpatialRewriter:
                 i = 0
                 while i < len(bindings):
                     if i in ends:
-                        self.segment(func, bindings, i, ends[i])
+                        self.segment(func, bindings, i, ends[i], groups[i])
+                        self.home = groups[i][0]
                         i = ends[i]
                         continue
                     b = bindings[i]
                     new = self.row_reduction(b)
                     if new is None:
-                        vmap = {v: self.whole_on(v, 0) for v in var_inputs(b.value)
+                        vmap = {v: self.whole_on(v, self.home) for v in var_inputs(b.value)
                                 if v in self.whole or v in self.tiles}
-                        new = self.emit(substitute(b.value, vmap), b.var.name, 0, original=True)
-                    self.whole[b.var] = (new, 0)
+                        new = self.emit(substitute(b.value, vmap), b.var.name, self.home,
+                                        original=True)
+                    self.whole[b.var] = (new, self.home)
                     i += 1
-                results = [self.emit(self.whole_on(v, 0), f"{v.name}_out", 0, output=True)
-                           for v in output_vars(func)]
+                results = [self.emit(self.whole_on(v, self.home), f"{v.name}_out", self.home,
+                                     output=True) for v in output_vars(func)]
             self.bb.emit_func_output(results[0] if len(results) == 1 else relax.Tuple(results))
         return copy_helpers(mod, self.bb.get())
 
@@ -512,6 +564,11 @@ class _SpatialRewriter:
 def _check(plan: SpatialPlan, mod: tvm.IRModule) -> None:
     """A plan's segments must be ordered, disjoint runs of row-local bindings of ``main``."""
     bindings = list(main_block(mod).bindings)
+    if plan.groups and (len(plan.groups) != len(plan.segments) or not all(
+            0 <= lo < hi <= plan.n_devices for lo, hi in plan.groups)):
+        raise SplitcError(f"spatial plan groups {plan.groups} must give one device range "
+                          f"within 0..{plan.n_devices - 1} to each of its "
+                          f"{len(plan.segments)} segments")
     last = 0
     for start, end in plan.segments:
         if not last <= start < end <= len(bindings):

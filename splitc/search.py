@@ -24,7 +24,12 @@ from splitc.errors import SplitcError
 from splitc.passes.channel_split import ChannelSplit, plan_channel
 from splitc.passes.extract import Extracted, extract
 from splitc.passes.pipeline_split import PipelinePlan, PipelineSplit, plan_pipeline
-from splitc.passes.spatial_split import HALO_CAPS, SpatialSplit, plan_spatial
+from splitc.passes.spatial_split import (
+    HALO_CAPS,
+    SpatialSplit,
+    plan_spatial,
+    plan_spatial_stages,
+)
 from splitc.runtime.plan import Plan
 
 
@@ -135,6 +140,13 @@ def search(mod: tvm.IRModule, cluster: Cluster, *, objective: str = "latency",
                 tried.add(plan.segments)
                 add(f"spatial over all (halo <= {cap - 1:.0%})", "spatial",
                     SpatialSplit(plan)(mod), everyone)
+        for stages in (2, 4) if n >= 4 else ():  # tiled stages in a pipeline (mixed)
+            if stages < n:
+                plan = plan_spatial_stages(mod, n, stages, shares=shares)
+                if plan.groups and len(set(plan.groups)) == stages:
+                    sizes = "+".join(str(hi - lo) for lo, hi in dict.fromkeys(plan.groups))
+                    add(f"spatial stages [{sizes}]", "spatial", SpatialSplit(plan)(mod),
+                        everyone)
     key = (lambda c: c.estimate.latency) if objective == "latency" else \
         (lambda c: c.estimate.period)
     fitting = [c for c in cands if c.fits]

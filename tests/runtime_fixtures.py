@@ -27,7 +27,7 @@ from splitc.compiler import build_plan
 from splitc.passes.channel_split import ChannelSplit, plan_channel
 from splitc.passes.extract import extract
 from splitc.passes.pipeline_split import PipelineSplit, plan_pipeline
-from splitc.passes.spatial_split import SpatialSplit, plan_spatial
+from splitc.passes.spatial_split import SpatialSplit, plan_spatial, plan_spatial_stages
 from splitc.runtime.plan import Device, Plan, sha256_file
 
 HOST = tvm.target.Target({"kind": "llvm"})
@@ -36,7 +36,10 @@ W1 = (_RNG.standard_normal((8, 3, 3, 3)) * 0.3).astype("float32")
 W2 = (_RNG.standard_normal((8, 8, 1, 1)) * 0.3).astype("float32")
 W3 = (_RNG.standard_normal((6, 8, 3, 3)) * 0.3).astype("float32")
 SPLITS = {"pipeline": (plan_pipeline, PipelineSplit), "channel": (plan_channel, ChannelSplit),
-          "spatial": (plan_spatial, SpatialSplit)}
+          "spatial": (plan_spatial, SpatialSplit),
+          # two tiled stages on two device groups (a pipeline of spatial splits)
+          "stages": (lambda mod, n: plan_spatial_stages(mod, n, 2, max_overhead=1.0),
+                     SpatialSplit)}
 
 
 def two_in_two_out() -> tvm.IRModule:

@@ -25,7 +25,8 @@ from splitc.runtime.plan import Plan, PlanError
 from .runtime_fixtures import break_device, random_inputs, reference, write_out
 
 ROOT = Path(__file__).resolve().parents[1]
-PLANS = [("pipeline", 2), ("pipeline", 3), ("channel", 2), ("channel", 3), ("spatial", 2)]
+PLANS = [("pipeline", 2), ("pipeline", 3), ("channel", 2), ("channel", 3), ("spatial", 2),
+         ("stages", 4)]
 
 
 @pytest.fixture(scope="module")
@@ -97,10 +98,10 @@ def test_answers_equal_local_and_unsplit_and_tensors_go_device_to_device(outs, s
         if reads:
             want_bytes = len(batches) * sum(plan.tensors[t].nbytes for t in reads)
             assert stats[d.name]["recv"]["client"]["bytes"] == want_bytes
-            if strategy == "spatial":  # only the rows its tiles read, not the whole inputs
+            if strategy in ("spatial", "stages"):  # only the rows its tiles read
                 assert want_bytes < len(batches) * sum(plan.tensors[e.tensor].nbytes
                                                        for e in plan.inputs)
-    if strategy == "spatial":
+    if strategy in ("spatial", "stages"):
         assert plan.slices
     for dev, s in stats.items():
         assert s["errors"] == 0 and s["pending"] == 0

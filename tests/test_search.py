@@ -160,3 +160,29 @@ def test_profile_table_gives_the_cost_model_its_speed(tmp_path, monkeypatch):
     assert str(path) in speed.source
     assert (speed.flops_per_second, speed.seconds_per_byte) == (table["flops_per_second"],
                                                                 table["seconds_per_byte"])
+
+
+def test_spatial_stages_are_priced_and_exact(resnet):
+    """A mixed candidate: spatially split stages in a pipeline, each on its own device group,
+    is priced by the search and gives the original's answer."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    from splitc.passes.spatial_split import SpatialSplit, plan_spatial_stages
+    from splitc.targets import get
+
+    cluster = Cluster(tuple(ClusterDevice(f"d{i}", "host", 2**30, 10) for i in range(4)),
+                      Link(1e12, 1e-6))
+    result = search(resnet, cluster, objective="throughput")
+    [stages] = [c for c in result.candidates if c.label.startswith("spatial stages")]
+    assert stages.label == "spatial stages [2+2]"
+    plan = plan_spatial_stages(resnet, 4, 2)
+    assert set(plan.groups) == {(0, 2), (2, 4)}
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype("float32")
+    target = get("host").tvm_target()
+    outs = []
+    for mod in (resnet, SpatialSplit(plan)(resnet)):
+        vm = relax.VirtualMachine(tvm.compile(mod, target), tvm.cpu())
+        outs.append(vm["main"](tvm.runtime.tensor(x)).numpy())
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-4, atol=1e-5)

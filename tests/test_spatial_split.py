@@ -364,3 +364,25 @@ def test_a_reduction_over_rows_sends_partials_not_rows(reduce):
     xv = RNG.standard_normal((1, 2, 8, 8)).astype(F32)
     np.testing.assert_allclose(run_module(after, xv), run_module(before, xv), rtol=1e-5,
                                atol=1e-6)
+
+
+def test_segments_on_device_groups_form_a_pipeline_of_tiled_stages():
+    """Segment 1 tiled over devices 0-1, segment 2 over devices 2-3: the second stage takes
+    the rows it needs from the first stage's tiles, runs the rest at home (device 2) and the
+    answer holds."""
+    from splitc.passes.extract import extract
+
+    before = conv_relu_conv()
+    plan = SpatialPlan(4, ((0, 1), (1, 3)), groups=((0, 2), (2, 4)))
+    after = SpatialSplit(plan)(before)
+    relax.analysis.well_formed(after)
+    ex = extract(after)
+    first = {p.device for p in ex.pieces if any(o.startswith("a_t") for o in p.outputs)}
+    second = {p.device for p in ex.pieces if any(o.startswith("c_t") for o in p.outputs)}
+    assert (first, second) == ({0, 1}, {2, 3})
+    assert ex.output_device == {"c_out": 2}
+    x = RNG.standard_normal((1, 2, 8, 8)).astype(F32)
+    np.testing.assert_allclose(run_module(after, x), run_module(before, x), rtol=1e-5,
+                               atol=1e-5)
+    with pytest.raises(SplitcError, match="groups"):
+        SpatialSplit(SpatialPlan(4, ((0, 1), (1, 3)), groups=((0, 2),)))(before)
