@@ -1,5 +1,6 @@
-"""``splitc inspect OUT --draw plan.svg``: devices as columns, their pieces in run order, and
-every transfer as an arrow labelled with its size. Plain SVG, no dependencies."""
+"""``splitc inspect OUT --draw plan.svg``: devices as columns, their pieces in run order, what
+the client sends each device, and every transfer as an arrow labelled with its size. Plain
+SVG, no dependencies."""
 
 from __future__ import annotations
 
@@ -53,6 +54,14 @@ def plan_svg(plan: Plan) -> str:
         f'x2="{40 + i * COL_W + COL_W / 2}" y2="{TOP + len(plan.pieces) * ROW_H}" '
         f'stroke="#ccc" stroke-dasharray="4"/>'
         for i, d in enumerate(plan.devices))
+    sent = set(plan.client_tensors)  # what the client sends each device (inputs, slices)
+    for i, d in enumerate(plan.devices):
+        reads = sorted({t for p in plan.pieces_on(d.name) for t in p.inputs} & sent)
+        if reads:
+            nbytes = sum(plan.tensors[t].nbytes for t in reads)
+            heads += (f'<text x="{40 + i * COL_W + COL_W / 2}" y="62" text-anchor="middle" '
+                      f'font-size="10" fill="#188038">from client: {escape(", ".join(reads))} '
+                      f'{escape(human_bytes(nbytes))}</text>')
     width = 80 + len(plan.devices) * COL_W
     height = TOP + len(plan.pieces) * ROW_H + 40
     footer = (f'<text x="20" y="{height - 12}" font-size="12">{escape(plan.strategy)} split of '
