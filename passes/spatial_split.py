@@ -10,10 +10,12 @@ where its window runs past the image border (zero inside), so the answer is exac
 
 Between segments a device receives from each neighbour only the rows it lacks (sliced where
 they were computed, concatenated where they are used). A whole tensor that a tile reads only in
-part is sliced where it lives (on device 0), so only the rows travel; a model input is cut by
-the caller (device :data:`~splitc.passes.ir.CLIENT`), which sends each device just the rows
-its tile reads. Layers that are not row-local (global pooling, reshapes, dense layers) run on
-device 0 on whole tensors, gathering (concatenating along the rows) what they read.
+part is sliced where it lives, so only the rows travel; a model input is cut by the caller
+(device :data:`~splitc.passes.ir.CLIENT`), which sends each device just the rows its tile
+reads. Layers that are not row-local (reshapes, dense layers) run on one *home* device
+(device 0 unless segments are tiled over device groups) on whole tensors, gathering
+(concatenating along the rows) what they read; a mean, sum or max over the rows (a global
+pool) is instead reduced on each tile, and only the partial results travel.
 
 Row-local ops: NCHW ``conv2d`` (any stride, padding, dilation, groups), NCHW max/avg pooling
 (``ceil_mode`` too, except an average that counts padding where ``ceil_mode`` adds a window),

@@ -201,7 +201,10 @@ class Plan:
             )
         except (KeyError, TypeError) as e:
             raise PlanError(f"plan is missing or has a malformed field: {e}") from e
-        plan._check_slices()
+        try:
+            plan._check_slices()
+        except TypeError as e:
+            raise PlanError(f"plan has a malformed slice: {e}") from e
         return plan
 
     def _check_slices(self) -> None:
