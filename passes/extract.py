@@ -87,6 +87,12 @@ class Extracted:
         """Bytes the devices send each other per inference."""
         return sum(t.tensor.nbytes for t in self.transfers)
 
+    @property
+    def all_tensors(self) -> dict[str, TensorRef]:
+        """Every tensor of the plan by name: the model inputs and what the pieces and the
+        client's slices produce."""
+        return {**{t.name: t for t in self.inputs}, **self.tensors}
+
     @functools.cached_property
     def weights(self) -> dict[str, list[np.ndarray]]:
         """Each piece's weights as arrays, in parameter order (copied out of TVM on first use:
@@ -162,7 +168,7 @@ def extract(mod: tvm.IRModule) -> Extracted:
     pieces: list[PieceCall] = []
     transfers: dict[tuple[str, int], Transfer] = {}
     inputs = [tensor_ref(p) for p in main.params]
-    weights: dict[str, list[tvm.ir.GenericConst]] = {}
+    constants: dict[str, list[tvm.ir.GenericConst]] = {}
     per_device: dict[int, dict[str, relax.Function]] = {}
     tuple_outputs: dict[relax.Var, dict[int, str]] = {}
     pending: dict[relax.Var, PieceCall] = {}
@@ -206,7 +212,7 @@ def extract(mod: tvm.IRModule) -> Extracted:
         func, consts = _lift(mod[name])
         wbytes = sum(const_nbytes(c) for c in consts)
         per_device.setdefault(device, {})[name] = func
-        weights[name] = consts
+        constants[name] = consts
         produced_on[b.var] = device
         outputs = ()
         if isinstance(b.var.ty, relax.TensorType):
@@ -234,7 +240,7 @@ def extract(mod: tvm.IRModule) -> Extracted:
                 if gv.name_hint not in funcs:
                     device_mod[gv] = mod[gv]
         modules[device] = device_mod
-    return Extracted(modules, weights, pieces, tensors, list(transfers.values()), inputs, outs,
+    return Extracted(modules, constants, pieces, tensors, list(transfers.values()), inputs, outs,
                      {o.name: produced_on[v] for o, v in zip(outs, output_vars(main),
                                                               strict=True)},
                      list(slices.values()))

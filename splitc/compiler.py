@@ -86,8 +86,7 @@ def build_plan(ex: Extracted, device_targets: list[str], strategy: str, source: 
         devices=tuple(Device(names[i], t, i, names[i]) for i, t in enumerate(device_targets)),
         pieces=tuple(Piece(p.name, names[p.device], p.inputs, p.outputs, p.num_weights,
                            p.flops, p.weight_bytes) for p in ex.pieces),
-        tensors={n: Tensor(t.shape, t.dtype) for n, t in
-                 {**{t.name: t for t in ex.inputs}, **ex.tensors}.items()},
+        tensors={n: Tensor(t.shape, t.dtype) for n, t in ex.all_tensors.items()},
         transfers=tuple(Transfer(t.tensor.name, names[t.src], names[t.dst], t.tensor.nbytes)
                         for t in ex.transfers),
         inputs=tuple(Endpoint(t.name, t.name) for t in ex.inputs),

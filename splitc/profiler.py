@@ -68,7 +68,7 @@ def measure(model: str, target: str = "host", *, tiny: bool = False, number: int
     rate = total_flops / max(whole - call, 1e-9)
     # what one-layer pieces cost beyond their FLOPs and calls is converting what crosses
     # their boundaries (layouts, copies): seconds per byte in or out of a piece
-    tensors = {**{t.name: t for t in ex.inputs}, **ex.tensors}
+    tensors = ex.all_tensors
     edge = sum(tensors[t].nbytes for p in ex.pieces for t in (*p.inputs, *p.outputs))
     per_byte = max(0.0, total_seconds - total_flops / rate - len(ex.pieces) * call) / edge
     return {
