@@ -13,7 +13,7 @@ import tvm
 from tvm import relax
 
 from splitc.build import coverage, pack, schedule
-from splitc.passes.cpu_schedules import register_tile, vector_lanes
+from splitc.passes.cpu_schedules import conv_tile, register_tile, vector_lanes, vector_registers
 
 from .helpers import HOST, run_built
 
@@ -95,6 +95,24 @@ def test_register_tile():
     assert register_tile(55, 12) == 11
     assert register_tile(31, 12) == 8                # prime: 4 tiles, the last one partial
     assert register_tile(1000, 3) == 2
+
+
+def test_conv_tile():
+    assert conv_tile(56, 4, registers=16) == (8, 1)    # AVX2: one block, up to 12 columns
+    assert conv_tile(13, 4, registers=16) == (13, 1)
+    assert conv_tile(56, 4, registers=32) == (8, 2)    # AVX-512: 8 columns x 2 blocks
+    assert conv_tile(7, 32, registers=32) == (7, 2)
+    assert conv_tile(7, 3, registers=32) == (7, 1)     # 2 does not divide 3 blocks
+    assert conv_tile(4, 8, registers=32) == (4, 4)     # narrow rows: more blocks
+    assert conv_tile(10, 4, registers=32) == (10, 1)
+
+
+def test_vector_registers():
+    target = tvm.target.Target
+    assert vector_registers(target({"kind": "llvm", "mcpu": "znver3"})) == 16
+    assert vector_registers(target({"kind": "llvm", "mcpu": "znver5"})) == 32
+    assert vector_registers(target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})) == 32
+    assert vector_registers(target({"kind": "llvm", "mtriple": "armv7l-linux-gnueabihf"})) == 16
 
 
 def test_vector_lanes():
