@@ -187,18 +187,55 @@ def _finish(func: tirx.PrimFunc, build) -> s_tir.Schedule | None:
 
 class Guarded(ScheduleRule):
     """Another rule (dlight's) whose failure on an odd function leaves its plain loops, as
-    splitc's own rules do, instead of failing the build."""
+    splitc's own rules do, instead of failing the build.
+
+    A schedule that runs some block more often than the block has iterations is refused too:
+    dlight's CPU reduction rule puts a batch-1 softmax's whole max/sum reductions inside a
+    parallel loop over its 1,000 outputs (1000x the work, 2.2 ms where plain loops take 5 us).
+    """
 
     def __init__(self, rule: ScheduleRule):
         self.rule = rule
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
         try:
-            return self.rule.apply(func, target, tunable)
+            sch = self.rule.apply(func, target, tunable)
         except Exception as err:  # noqa: BLE001
             log.debug("%s not applied: %s", type(self.rule).__name__,
                       str(err).splitlines()[-1:])
             return None
+        if isinstance(sch, s_tir.Schedule) and recomputes(sch):
+            log.debug("%s not applied: it recomputes blocks", type(self.rule).__name__)
+            return None
+        return sch
+
+
+def recomputes(sch: s_tir.Schedule, slack: float = 2.0) -> bool:
+    """Whether some reduction block runs more than ``slack`` times its iteration count (loops
+    split with a partial last tile run a little more; a reduction nested in an unrelated loop
+    runs that loop's extent times more). Element-wise blocks computed per tile (a padded
+    input's halo) may legitimately repeat a little and are not counted."""
+    for block in sch.get_child_blocks(sch.get_sblock("root")) if _has_root(sch) else []:
+        if all(iv.iter_type != tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars):
+            continue
+        domain = 1
+        for iv in sch.get(block).iter_vars:
+            ext = iv.dom.extent
+            domain *= int(ext) if isinstance(ext, tirx.IntImm) else 1
+        runs = 1
+        for loop in sch.get_loops(block):
+            runs *= max(1, _extent(sch, loop))
+        if runs > slack * max(1, domain):
+            return True
+    return False
+
+
+def _has_root(sch: s_tir.Schedule) -> bool:
+    try:
+        sch.get_sblock("root")
+    except Exception:  # noqa: BLE001 - get_sblock raises when the name is absent
+        return False
+    return True
 
 
 # -- rules -----------------------------------------------------------------------------------------
