@@ -1146,9 +1146,15 @@ def canonicalise(mod: tvm.IRModule) -> tvm.IRModule:
 def _finish_relax(mod: tvm.IRModule, label: str) -> tvm.IRModule:
     """Canonicalise, ``FoldConstant``, then insist that every tensor in ``main`` is static."""
     try:
-        # Inference batch norm becomes per-channel subtract/multiply/add on constants.
+        # Batch norm after a convolution folds into its weights and a bias; any other
+        # becomes per-channel subtract/multiply/add on constants.
+        mod = relax.transform.FoldBatchnormToConv2D()(mod)
         mod = relax.transform.DecomposeOpsForInference()(mod)
         mod = relax.transform.FoldConstant()(canonicalise(mod))
+        # Decomposed batch norm leaves (y, mean, var)[0]: bind y itself, so the layout and
+        # split passes see the op that made it.
+        mod = relax.transform.DeadCodeElimination(["main"])(
+            relax.transform.CanonicalizeBindings()(mod))
     except Exception as e:
         raise SplitcError(f"TVM could not fold constants of {label}: {type(e).__name__}: "
                           f"{_short(e)}") from e

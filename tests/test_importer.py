@@ -18,6 +18,8 @@ from tvm import relax
 from splitc import importer, zoo
 from splitc.errors import SplitcError
 
+from .helpers import run_module
+
 TESTS = Path(__file__).parent
 TARGET = {"kind": "llvm"}
 
@@ -367,3 +369,50 @@ def test_reference_checks_inputs() -> None:
         imported.reference([])
     with pytest.raises(SplitcError, match="must have shape"):
         imported.reference([np.zeros((1, 3), "float32")])
+
+
+def _conv_bn_onnx(path: Path, bn_after_conv: bool) -> Path:
+    """Conv → BatchNormalization → Relu as real exporters leave it (batch norm not folded),
+    or a batch norm straight on the input."""
+    rng = np.random.default_rng(0)
+    init = [helper.make_tensor("w", TensorProto.FLOAT, [8, 3, 3, 3],
+                               rng.standard_normal(216).astype(np.float32))]
+    channels = 8 if bn_after_conv else 3
+    for name, lo in (("scale", 0.5), ("bias", -1.0), ("mean", -1.0), ("var", 0.5)):
+        init.append(helper.make_tensor(name, TensorProto.FLOAT, [channels],
+                                       rng.uniform(lo, 1.5, channels).astype(np.float32)))
+    bn_in = "c" if bn_after_conv else "x"
+    nodes = [helper.make_node("BatchNormalization", [bn_in, "scale", "bias", "mean", "var"],
+                              ["b"], epsilon=1e-5)]
+    if bn_after_conv:
+        nodes.insert(0, helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]))
+        nodes.append(helper.make_node("Relu", ["b"], ["y"]))
+    else:
+        nodes.append(helper.make_node("Conv", ["b", "w"], ["y"], pads=[1, 1, 1, 1]))
+    graph = helper.make_graph(nodes, "conv_bn",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                             [1, 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                             [1, 8, 6, 6])], init)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("bn_after_conv", [True, False])
+def test_batch_norm_folds_and_leaves_no_tuple(tmp_path, bn_after_conv) -> None:
+    """A batch norm after a convolution folds into its weights and a bias add; any other is
+    per-channel arithmetic bound directly (no ``(y, mean, var)[0]`` for passes to trip on)."""
+    model = importer.load(str(_conv_bn_onnx(tmp_path / "m.onnx", bn_after_conv)))
+    ops = []
+    for binding in model.mod["main"].body.blocks[0].bindings:
+        assert not isinstance(binding.value, (relax.Tuple, relax.TupleGetItem)), binding
+        if isinstance(binding.value, relax.Call):
+            ops.append(binding.value.op.name)
+    if bn_after_conv:
+        assert ops == ["relax.nn.conv2d", "relax.add", "relax.nn.relu"]
+    else:
+        assert "relax.nn.batch_norm" not in ops and "relax.nn.conv2d" in ops
+    x = model.random_inputs()
+    np.testing.assert_allclose(run_module(model.mod, *x), model.reference(x)[0],
+                               rtol=1e-4, atol=1e-4)
