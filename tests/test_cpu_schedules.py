@@ -14,8 +14,13 @@ from tvm import relax
 
 from splitc.build import coverage, pack, schedule
 from splitc.passes import cpu_schedules
-from splitc.passes.cpu_schedules import (conv_tile, recomputes, register_tile, vector_lanes,
-                                         vector_registers)
+from splitc.passes.cpu_schedules import (
+    conv_tile,
+    recomputes,
+    register_tile,
+    vector_lanes,
+    vector_registers,
+)
 
 from .helpers import HOST, run_built
 
