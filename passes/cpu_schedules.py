@@ -10,6 +10,7 @@ element-wise tail computed on each tile while it is hot, and the outer loops in 
   :mod:`splitc.passes.pack_layout`), with their fused epilogue.
 - :class:`Matmul`: dense / matmul, vectorised over the output columns.
 - :class:`PackedPool`: max pooling on ``NCHW[x]c`` tensors.
+- :class:`Elementwise`: functions without a reduction, vectorised as one flat loop.
 
 Each rule returns ``None`` when the function is not its pattern, or when a schedule step
 does not apply: the function then keeps its plain lowering, which is slow but correct.
@@ -374,7 +375,45 @@ class PackedPool(ScheduleRule):
         return _finish(func, build)
 
 
+class Elementwise(ScheduleRule):
+    """A function with no reduction (an element-wise chain the conv did not absorb, such as
+    DenseNet's batch norm and ReLU before each convolution, a concatenation, a layout change):
+    every block inlined into the last, its loops fused into one, split into vectors of the
+    target's lanes where the count divides, the rest parallel."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
+        del tunable
+        probe = s_tir.Schedule(func)
+        if not _has_root(probe):
+            return None
+        blocks = probe.get_child_blocks(probe.get_sblock("root"))
+        if not blocks or any(iv.iter_type != tirx.IterVar.DataPar
+                             for b in blocks for iv in probe.get(b).iter_vars):
+            return None
+        lanes = vector_lanes(target)
+
+        def build(sch: s_tir.Schedule):
+            *producers, last = sch.get_child_blocks(sch.get_sblock("root"))
+            for blk in producers:
+                sch.compute_inline(blk)
+            loops = sch.get_loops(last)
+            if not loops:
+                return
+            count = 1
+            for loop in loops:
+                count *= _extent(sch, loop)
+            fused = sch.fuse(*loops)
+            if count > 0 and count % lanes == 0 and count > lanes:
+                outer, inner = sch.split(fused, [None, lanes])
+                sch.vectorize(inner)
+                sch.parallel(outer)
+            else:
+                sch.parallel(fused)
+
+        return _finish(func, build)
+
+
 def default_rules() -> list[ScheduleRule]:
     """splitc's rules first, then dlight's CPU rules (softmax, norms, reductions, GEMV)."""
-    return [PackedConv2d(), Matmul(), PackedPool(), Guarded(dlight.cpu.Reduction()),
-            Guarded(dlight.cpu.GEMV())]
+    return [PackedConv2d(), Matmul(), PackedPool(), Elementwise(),
+            Guarded(dlight.cpu.Reduction()), Guarded(dlight.cpu.GEMV())]

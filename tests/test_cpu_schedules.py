@@ -119,6 +119,28 @@ def test_softmax_is_not_recomputed(shape):
     check(mod, expect_scheduled=None)
 
 
+@pytest.mark.parametrize("shape", [(1, 8, 14, 14), (1, 3, 5, 7)])
+def test_elementwise_chain(shape):
+    """A batch norm + ReLU before a concatenation (DenseNet's pattern), with no convolution to
+    absorb it: one flat loop, vectorised where the element count is whole vectors."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    y = relax.Var("y", relax.TensorType(shape, "float32"))
+    c = relax.Var("c", relax.TensorType((1, shape[1], 1, 1), "float32"))
+    with bb.function("main", [x, y, c]):
+        with bb.dataflow():
+            z = bb.emit(relax.op.nn.relu(relax.op.add(relax.op.divide(x, c), c)))
+            out = bb.emit_output(relax.op.concat([z, y], axis=1))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    check(mod, expect_scheduled=None)
+    funcs = [f for _, f in schedule(pack(mod, HOST), HOST).functions_items()
+             if isinstance(f, tvm.tirx.PrimFunc)]
+    assert funcs and all("tirx.is_scheduled" in f.attrs for f in funcs)
+    vectorised = any("T.vectorized" in f.script() for f in funcs)
+    assert vectorised == (np.prod(shape) % vector_lanes(HOST) == 0)
+
+
 def test_register_tile():
     assert register_tile(13, 12, slack=2) == 13      # whole row
     assert register_tile(56, 12) == 8                # a divisor
