@@ -2,7 +2,8 @@
 
 :func:`load` is the one entry point. Whatever the source, the result is an
 :class:`ImportedModel` whose ``mod["main"]`` has static shapes, weights bound as constants and
-``FoldConstant`` applied (the form :mod:`splitc.passes` expect), plus a way to run the
+batch norms folded into the convolutions before them and ``FoldConstant`` applied (the form
+:mod:`splitc.passes` expect), plus a way to run the
 *original* model (ONNX Runtime or torch) as the reference a split must match.
 
 ONNX files are normalised before TVM sees them, because TVM 0.27's ONNX importer trips on
