@@ -16,6 +16,7 @@ from splitc.build import coverage, pack, schedule
 from splitc.passes import cpu_schedules
 from splitc.passes.cpu_schedules import (
     conv_tile,
+    matmul_tile,
     recomputes,
     register_tile,
     vector_lanes,
@@ -95,9 +96,13 @@ def test_conv_then_pool():
     check(conv_module(8, 16, 12, 3, 1, 1, pool=True), expect_scheduled=2)
 
 
+@pytest.mark.parametrize("registers", [16, 32])
 @pytest.mark.parametrize("m,k,n,transpose", [(1, 64, 1000, False), (1, 100, 10, True),
-                                             (5, 24, 10, False), (17, 48, 96, True)])
-def test_matmul(m, k, n, transpose):
+                                             (5, 24, 10, False), (17, 48, 96, True),
+                                             (23, 12, 67, False), (31, 20, 197, True)])
+def test_matmul(m, k, n, transpose, registers, monkeypatch):
+    """Odd widths above 4 vectors (67, 197: attention over 197 tokens) run padded."""
+    monkeypatch.setattr(cpu_schedules, "vector_registers", lambda _target: registers)
     check(matmul_module(m, k, n, transpose), expect_scheduled=1)
 
 
@@ -139,6 +144,14 @@ def test_elementwise_chain(shape):
     assert funcs and all("tirx.is_scheduled" in f.attrs for f in funcs)
     vectorised = any("T.vectorized" in f.script() for f in funcs)
     assert vectorised == (np.prod(shape) % vector_lanes(HOST) == 0)
+
+
+def test_matmul_tile():
+    assert matmul_tile(197, 768, lanes=16, registers=32) == (3, 4, 16)   # 197 = 66 x 3 - 1
+    assert matmul_tile(197, 768, lanes=8, registers=16) == (3, 4, 8)     # 12 accumulators
+    assert register_tile(197, 3) == 3                  # not 1: a prime extent
+    assert matmul_tile(788, 48, lanes=16, registers=32) == (4, 3, 16)    # 3 vectors, 4 rows
+    assert matmul_tile(1, 10, lanes=16, registers=32) == (1, 1, 10)      # narrow: one vector
 
 
 def test_register_tile():
