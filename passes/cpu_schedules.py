@@ -86,9 +86,13 @@ def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     if not (din and dout):
         return _nn_conv2d(bb, call)
     data, kernel = call.args
-    if int(a.groups) > 1:  # depthwise: PackConvLayout packs no other grouped convolution
+    k = [int(d) for d in kernel.ty.shape]
+    if int(a.groups) > 1 and k[1] * k[4] == 1:  # one input channel per group: depthwise
         return bb.call_te(_depthwise_nchwc, data, kernel, list(a.strides), list(a.padding),
                           list(a.dilation), primfunc_name_hint="depthwise_conv2d_NCHWc")
+    if int(a.groups) > 1:
+        return bb.call_te(_grouped_nchwc, data, kernel, int(a.groups), list(a.strides),
+                          list(a.padding), list(a.dilation), primfunc_name_hint="conv2d_NCHWc")
     return bb.call_te(topi.nn.conv2d_NCHWc, data, kernel, list(a.strides), list(a.padding),
                       list(a.dilation), a.data_layout, a.out_layout, "float32",
                       primfunc_name_hint="conv2d_NCHWc")
@@ -109,6 +113,31 @@ def _depthwise_nchwc(data, kernel, strides, padding, dilation):
             padded[b, c, y * sh + rh * dh, x * sw + rw * dw, k] * kernel[c, 0, rh, rw, 0, k],
             axis=[rh, rw]),
         name="depthwise_conv2d_NCHWc")
+
+
+def _grouped_nchwc(data, kernel, groups, strides, padding, dilation):
+    """A grouped convolution on ``NCHW[b]c`` whose blocks lie in one group each: the loops
+    and names of ``topi.nn.conv2d_NCHWc`` (so :class:`PackedConv2d` schedules it), with the
+    input channels of the output block's group."""
+    n, _, height, width, block = data.shape
+    chunks_out, ic_chunks, kh, kw = (int(d) for d in kernel.shape[:4])
+    per_group_in = ic_chunks * block                      # input channels per group
+    per_group_out = chunks_out * block // groups          # output channels per group
+    (sh, sw), (dh, dw) = strides, dilation
+    top, left, bottom, right = padding
+    padded = topi.nn.pad(data, (0, 0, top, left, 0), (0, 0, bottom, right, 0), name="data_pad")
+    out_h = (height + top + bottom - (kh - 1) * dh - 1) // sh + 1
+    out_w = (width + left + right - (kw - 1) * dw - 1) // sw + 1
+    ic = te.reduce_axis((0, per_group_in), "ic")
+    rh, rw = te.reduce_axis((0, kh), "kh"), te.reduce_axis((0, kw), "kw")
+
+    def conv(b, oc, y, x, k):
+        first = oc * block // per_group_out * ic_chunks     # the group's first input chunk
+        return te.sum(padded[b, first + ic // block, y * sh + rh * dh, x * sw + rw * dw,
+                             ic % block] * kernel[oc, ic // block, rh, rw, ic % block, k],
+                      axis=[ic, rh, rw])
+
+    return te.compute((n, chunks_out, out_h, out_w, block), conv, name="conv2d_NCHWc")
 
 
 # -- shared steps ----------------------------------------------------------------------------------

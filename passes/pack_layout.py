@@ -12,13 +12,14 @@ are ``R.layout_transform`` of parameters: :func:`splitc.build.build` lifts them 
 applies them once at compile time.
 
 The analysis (:func:`plan_packing`) picks a block per convolution: the largest divisor of
-the channel count not above the target's vector lanes; the rewrite only applies that plan.
-Convolutions the plan leaves out (grouped but not depthwise, non-float32, other layouts)
-stay as they are.
+the channel count not above the target's vector lanes (for a grouped convolution, of the
+channels per group, so a block lies in one group); the rewrite only applies that plan.
+Convolutions the plan leaves out (non-float32, other layouts, blocks of 1) stay as they are.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import tvm
@@ -89,8 +90,9 @@ def plan_packing(func: relax.Function, lanes: int) -> dict[relax.Var, ConvPackin
             elif groups == c_in == c_out and c_in_per_group == 1:
                 b = channel_block(c_out, lanes)
                 packing = ConvPacking(b, b, depthwise=True)
-            else:
-                continue
+            else:  # grouped (ResNeXt): a block never straddles two groups
+                b = channel_block(math.gcd(c_in_per_group, c_out // groups), lanes)
+                packing = ConvPacking(b, b)
             if packing.out_block > 1:
                 plan[binding.var] = packing
     return plan

@@ -87,9 +87,18 @@ def test_depthwise(channels, stride):
     check(conv_module(channels, channels, 9, 3, stride, 1, groups=channels), expect_scheduled=1)
 
 
-def test_grouped_conv():
-    """Grouped (not depthwise) convolutions are not packed; dlight's reduction rule takes them."""
-    check(conv_module(16, 16, 8, 3, 1, 1, groups=4), expect_scheduled=1)
+@pytest.mark.parametrize("registers", [16, 32])
+@pytest.mark.parametrize("c_in,c_out,groups,stride", [(16, 16, 4, 1), (64, 64, 16, 2),
+                                                      (16, 32, 4, 1), (48, 48, 3, 1),
+                                                      (12, 18, 3, 1)])
+def test_grouped_conv(c_in, c_out, groups, stride, registers, monkeypatch):
+    """Grouped (ResNeXt) convolutions run packed, a block inside one group (blocks of 4 for
+    4 channels per group; 16 in and 16 out per group fill a vector; 4 in and 6 out: blocks
+    of 2), with the regular convolution's schedule."""
+    monkeypatch.setattr(cpu_schedules, "vector_registers", lambda _target: registers)
+    mod = conv_module(c_in, c_out, 9, 3, stride, 1, groups=groups)
+    check(mod, expect_scheduled=1)
+    assert "conv2d_NCHWc" in str(schedule(pack(mod, HOST), HOST).get_global_vars())
 
 
 def test_conv_then_pool():

@@ -53,8 +53,9 @@ class TestConvBiasRelu:
         assert_same_answer(self.Before, PackConvLayout(8)(self.Before))
 
 
-class TestGroupedConvUnchanged:
-    """A grouped convolution that is not depthwise is not packed: nothing changes."""
+class TestGroupedConv:
+    """A grouped (ResNeXt) convolution with 4 channels per group packs in blocks of 4, so
+    each block lies in one group; its kernel keeps the per-group input channels."""
 
     @I.ir_module
     class Before:
@@ -65,10 +66,26 @@ class TestGroupedConvUnchanged:
                 R.output(y)
             return y
 
-    Expected = Before
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(x: R.Tensor((1, 16, 8, 8), "float32"), w: R.Tensor((16, 4, 3, 3), "float32")):
+            with R.dataflow():
+                xp = R.layout_transform(x, index_map=lambda n, c, h, w: (n, c // 4, h, w, c % 4))
+                wp = R.layout_transform(
+                    w, index_map=lambda o, i, h, w: (o // 4, i // 4, h, w, i % 4, o % 4))
+                yp = R.nn.conv2d(xp, wp, padding=[1, 1, 1, 1], groups=4, data_layout="NCHW4c",
+                                 kernel_layout="OIHW4i4o", out_layout="NCHW4c")
+                y = R.layout_transform(
+                    yp, index_map=lambda n, c, h, w, b: (n, c * 4 + b, h, w))
+                R.output(y)
+            return y
 
     def test_rewrite(self):
         tvm.ir.assert_structural_equal(PackConvLayout(8)(self.Before), self.Expected)
+
+    def test_same_answer(self):
+        assert_same_answer(self.Before, PackConvLayout(8)(self.Before))
 
 
 @I.ir_module
