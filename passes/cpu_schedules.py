@@ -348,6 +348,9 @@ class Matmul(ScheduleRule):
         def build(sch: s_tir.Schedule):
             blk = sch.get_sblock(name)
             *outer, i, j, k = sch.get_loops(blk)
+            if all(_extent(sch, loop) == 1 for loop in (*outer, i)):
+                _gemv(sch, blk, lanes)
+                return
             if _extent(sch, j) % lanes and _extent(sch, j) > 4 * lanes:
                 # odd widths (197 tokens): compute on whole vectors, padded copies around
                 sch.pad_einsum(blk, [1] * len(outer) + [1, lanes, 1])
@@ -368,6 +371,26 @@ class Matmul(ScheduleRule):
             sch.vectorize(sch.get_loops(init)[-1])
 
         return _finish(func, build)
+
+
+def _gemv(sch: s_tir.Schedule, blk, lanes: int) -> None:
+    """One row times a ``[k, j]`` matrix: memory-bound, so the matrix is read once, in
+    order. Columns in parallel strips of up to 32 vectors; in each, 4 rows of the matrix at a
+    time are multiplied into the strip's partial sums."""
+    *outer, i, j, k = sch.get_loops(blk)
+    cols, depth = _extent(sch, j), _extent(sch, k)
+    width = lanes if cols % lanes == 0 else _largest_divisor(cols, lanes)
+    jp, jo, jl = sch.split(j, [None, _largest_divisor(cols // width, 32), width])
+    ko, ki = sch.split(k, [None, _largest_divisor(depth, 4)])
+    sch.reorder(*outer, i, jp, ko, jo, ki, jl)
+    tail = _epilogue(sch, blk, jp)
+    if _extent(sch, tail[-1]) % width == 0:
+        sch.vectorize(sch.split(tail[-1], [None, width])[-1])
+    sch.unroll(ki)
+    sch.vectorize(jl)
+    sch.parallel(jp)
+    init = sch.decompose_reduction(blk, ko)
+    sch.vectorize(sch.get_loops(init)[-1])
 
 
 def matmul_tile(rows: int, cols: int, lanes: int, registers: int) -> tuple[int, int, int]:
