@@ -490,7 +490,39 @@ class Elementwise(ScheduleRule):
         return _finish(func, build)
 
 
+class RowReduction(ScheduleRule):
+    """Reductions over the last axis of each row, then element-wise work on the row (softmax,
+    layer norm): rows in parallel, every block computed per row, the row's loops left whole
+    for LLVM to vectorise (dlight's rule splits them by 16 and predicates the rest: a row of
+    197 tokens then runs scalar)."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
+        del target, tunable
+        probe = s_tir.Schedule(func)
+        if not _has_root(probe):
+            return None
+        blocks = probe.get_child_blocks(probe.get_sblock("root"))
+        if len(blocks) < 2 or not any(
+                iv.iter_type == tirx.IterVar.CommReduce for b in blocks
+                for iv in probe.get(b).iter_vars):
+            return None
+
+        def build(sch: s_tir.Schedule):
+            *producers, last = sch.get_child_blocks(sch.get_sblock("root"))
+            loops = sch.get_loops(last)
+            if len(loops) < 2:
+                raise ValueError("no rows")
+            row = sch.fuse(*loops[:-1])
+            for blk in reversed(producers):
+                sch.compute_at(blk, row)
+            sch.parallel(row)
+            if recomputes(sch, slack=1.0):
+                raise ValueError("a block is recomputed per row")
+
+        return _finish(func, build)
+
+
 def default_rules() -> list[ScheduleRule]:
     """splitc's rules first, then dlight's CPU rules (softmax, norms, reductions, GEMV)."""
-    return [PackedConv2d(), Matmul(), PackedPool(), Elementwise(),
+    return [PackedConv2d(), Matmul(), PackedPool(), Elementwise(), RowReduction(),
             Guarded(dlight.cpu.Reduction()), Guarded(dlight.cpu.GEMV())]

@@ -163,6 +163,24 @@ def test_matmul_tile():
     assert matmul_tile(1, 10, lanes=16, registers=32) == (1, 1, 10)      # narrow: one vector
 
 
+@pytest.mark.parametrize("shape", [(1, 197, 192), (3, 5, 7)])
+def test_layer_norm_rows(shape):
+    """Layer norm: rows in parallel, both reductions and the scaling computed per row."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    g = relax.Var("g", relax.TensorType(shape[-1:], "float32"))
+    b = relax.Var("b", relax.TensorType(shape[-1:], "float32"))
+    with bb.function("main", [x, g, b]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.nn.layer_norm(x, g, b, axes=[-1]))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    check(mod, expect_scheduled=1)
+    func = next(f for _, f in schedule(pack(mod, HOST), HOST).functions_items()
+                if isinstance(f, tvm.tirx.PrimFunc))
+    assert "T.parallel" in func.script() and not recomputes(tvm.s_tir.Schedule(func))
+
+
 def test_register_tile():
     assert register_tile(13, 12, slack=2) == 13      # whole row
     assert register_tile(56, 12) == 8                # a divisor
