@@ -8,9 +8,10 @@ element-wise tail computed on each tile while it is hot, and the outer loops in 
 
 - :class:`PackedConv2d`: ``NCHW[x]c`` convolutions (regular and depthwise, see
   :mod:`splitc.passes.pack_layout`), with their fused epilogue.
-- :class:`Matmul`: dense / matmul, vectorised over the output columns.
+- :class:`Matmul`: dense / matmul, vectorised over the output columns (one-row ones as GEMV).
 - :class:`PackedPool`: max pooling on ``NCHW[x]c`` tensors.
 - :class:`Elementwise`: functions without a reduction, vectorised as one flat loop.
+- :class:`RowReduction`: softmax, layer norm and other per-row reductions, rows in parallel.
 
 Each rule returns ``None`` when the function is not its pattern, or when a schedule step
 does not apply: the function then keeps its plain lowering, which is slow but correct.
