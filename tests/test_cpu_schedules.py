@@ -133,10 +133,10 @@ def test_softmax_is_not_recomputed(shape):
     check(mod, expect_scheduled=None)
 
 
-@pytest.mark.parametrize("shape", [(1, 8, 14, 14), (1, 3, 5, 7)])
+@pytest.mark.parametrize("shape", [(1, 8, 14, 16), (1, 3, 5, 7)])
 def test_elementwise_chain(shape):
     """A batch norm + ReLU before a concatenation (DenseNet's pattern), with no convolution to
-    absorb it: one flat loop, vectorised where the element count is whole vectors."""
+    absorb it: vectorised over the innermost axis where it is whole vectors."""
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType(shape, "float32"))
     y = relax.Var("y", relax.TensorType(shape, "float32"))
@@ -152,7 +152,7 @@ def test_elementwise_chain(shape):
              if isinstance(f, tvm.tirx.PrimFunc)]
     assert funcs and all("tirx.is_scheduled" in f.attrs for f in funcs)
     vectorised = any("T.vectorized" in f.script() for f in funcs)
-    assert vectorised == (np.prod(shape) % vector_lanes(HOST) == 0)
+    assert vectorised == (shape[-1] % vector_lanes(HOST) == 0)
 
 
 def test_matmul_tile():
