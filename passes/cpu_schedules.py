@@ -100,13 +100,10 @@ def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
 
 
 def _depthwise_nchwc(data, kernel, strides, padding, dilation):
-    n, chunks, height, width, block = data.shape
+    n, chunks, _, _, block = data.shape
     kh, kw = int(kernel.shape[2]), int(kernel.shape[3])
     (sh, sw), (dh, dw) = strides, dilation
-    top, left, bottom, right = padding
-    padded = topi.nn.pad(data, (0, 0, top, left, 0), (0, 0, bottom, right, 0), name="data_pad")
-    out_h = (height + top + bottom - (kh - 1) * dh - 1) // sh + 1
-    out_w = (width + left + right - (kw - 1) * dw - 1) // sw + 1
+    padded, out_h, out_w = _padded(data, kh, kw, strides, padding, dilation)
     rh, rw = te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, kw), "rw")
     return te.compute(
         (n, chunks, out_h, out_w, block),
@@ -116,19 +113,28 @@ def _depthwise_nchwc(data, kernel, strides, padding, dilation):
         name="depthwise_conv2d_NCHWc")
 
 
-def _grouped_nchwc(data, kernel, groups, strides, padding, dilation):
-    """A grouped convolution on ``NCHW[b]c`` whose blocks lie in one group each: the loops
-    and names of ``topi.nn.conv2d_NCHWc`` (so :class:`PackedConv2d` schedules it), with the
-    input channels of the output block's group."""
-    n, _, height, width, block = data.shape
-    chunks_out, ic_chunks, kh, kw = (int(d) for d in kernel.shape[:4])
-    per_group_in = ic_chunks * block                      # input channels per group
-    per_group_out = chunks_out * block // groups          # output channels per group
+def _padded(data, kh: int, kw: int, strides, padding, dilation):
+    """The ``NCHW[x]c`` input zero-padded (stage ``data_pad``) and the output's height and
+    width for a ``kh x kw`` window."""
+    _, _, height, width, _ = data.shape
     (sh, sw), (dh, dw) = strides, dilation
     top, left, bottom, right = padding
     padded = topi.nn.pad(data, (0, 0, top, left, 0), (0, 0, bottom, right, 0), name="data_pad")
     out_h = (height + top + bottom - (kh - 1) * dh - 1) // sh + 1
     out_w = (width + left + right - (kw - 1) * dw - 1) // sw + 1
+    return padded, out_h, out_w
+
+
+def _grouped_nchwc(data, kernel, groups, strides, padding, dilation):
+    """A grouped convolution on ``NCHW[b]c`` whose blocks lie in one group each: the loops
+    and names of ``topi.nn.conv2d_NCHWc`` (so :class:`PackedConv2d` schedules it), with the
+    input channels of the output block's group."""
+    n, _, _, _, block = data.shape
+    chunks_out, ic_chunks, kh, kw = (int(d) for d in kernel.shape[:4])
+    per_group_in = ic_chunks * block                      # input channels per group
+    per_group_out = chunks_out * block // groups          # output channels per group
+    (sh, sw), (dh, dw) = strides, dilation
+    padded, out_h, out_w = _padded(data, kh, kw, strides, padding, dilation)
     ic = te.reduce_axis((0, per_group_in), "ic")
     rh, rw = te.reduce_axis((0, kh), "kh"), te.reduce_axis((0, kw), "kw")
 
@@ -196,6 +202,20 @@ def _epilogue(sch: s_tir.Schedule, block, at_loop) -> list:
         last = sch.cache_write(block, 0, "global")
     sch.reverse_compute_at(last, at_loop)
     return sch.get_loops(last)
+
+
+def _vector_init(sch: s_tir.Schedule, block, loop) -> None:
+    """Split ``block``'s zero-initialisation out above ``loop`` and vectorise it."""
+    init = sch.decompose_reduction(block, loop)
+    sch.vectorize(sch.get_loops(init)[-1])
+
+
+def _vector_tail(sch: s_tir.Schedule, block, at_loop, width: int) -> None:
+    """:func:`_epilogue` at ``at_loop``, its innermost loop in vectors of ``width`` where
+    they divide it."""
+    tail = _epilogue(sch, block, at_loop)
+    if _extent(sch, tail[-1]) % width == 0:
+        sch.vectorize(sch.split(tail[-1], [None, width])[-1])
 
 
 def _parallel_pad(sch: s_tir.Schedule, name: str = "data_pad") -> None:
@@ -315,8 +335,7 @@ class PackedConv2d(ScheduleRule):
             sch.unroll(occi)
             sch.vectorize(ocb)
             sch.parallel(sch.fuse(n, occo, oh))
-            init = sch.decompose_reduction(conv, order[0])
-            sch.vectorize(sch.get_loops(init)[-1])
+            _vector_init(sch, conv, order[0])
             _parallel_pad(sch)
 
         return _finish(func, build)
@@ -361,15 +380,12 @@ class Matmul(ScheduleRule):
             io, ii = sch.split(i, [None, rows])
             jo, jv, jl = sch.split(j, [None, vectors, width])
             sch.reorder(*outer, io, jo, k, ii, jv, jl)
-            tail = _epilogue(sch, blk, jo)
-            if _extent(sch, tail[-1]) % width == 0:
-                sch.vectorize(sch.split(tail[-1], [None, width])[-1])
+            _vector_tail(sch, blk, jo, width)
             sch.unroll(ii)
             sch.unroll(jv)
             sch.vectorize(jl)
             sch.parallel(sch.fuse(*outer, io, jo))
-            init = sch.decompose_reduction(blk, k)
-            sch.vectorize(sch.get_loops(init)[-1])
+            _vector_init(sch, blk, k)
 
         return _finish(func, build)
 
@@ -384,14 +400,11 @@ def _gemv(sch: s_tir.Schedule, blk, lanes: int) -> None:
     jp, jo, jl = sch.split(j, [None, _largest_divisor(cols // width, 32), width])
     ko, ki = sch.split(k, [None, _largest_divisor(depth, 4)])
     sch.reorder(*outer, i, jp, ko, jo, ki, jl)
-    tail = _epilogue(sch, blk, jp)
-    if _extent(sch, tail[-1]) % width == 0:
-        sch.vectorize(sch.split(tail[-1], [None, width])[-1])
+    _vector_tail(sch, blk, jp, width)
     sch.unroll(ki)
     sch.vectorize(jl)
     sch.parallel(jp)
-    init = sch.decompose_reduction(blk, ko)
-    sch.vectorize(sch.get_loops(init)[-1])
+    _vector_init(sch, blk, ko)
 
 
 def matmul_tile(rows: int, cols: int, lanes: int, registers: int) -> tuple[int, int, int]:
@@ -446,8 +459,7 @@ class PackedPool(ScheduleRule):
             sch.vectorize(tail[-1])
             sch.vectorize(cb)
             sch.parallel(sch.fuse(n, c, h))
-            init = sch.decompose_reduction(blk, rh)
-            sch.vectorize(sch.get_loops(init)[-1])
+            _vector_init(sch, blk, rh)
             _parallel_pad(sch, "pad_temp")
 
         return _finish(func, build)
