@@ -1145,7 +1145,8 @@ def canonicalise(mod: tvm.IRModule) -> tvm.IRModule:
 
 
 def _finish_relax(mod: tvm.IRModule, label: str) -> tvm.IRModule:
-    """Canonicalise, ``FoldConstant``, then insist that every tensor in ``main`` is static."""
+    """Fold batch norms, canonicalise, ``FoldConstant``, then insist that every tensor in
+    ``main`` is static."""
     try:
         # Batch norm after a convolution folds into its weights and a bias; any other
         # becomes per-channel subtract/multiply/add on constants.
