@@ -267,8 +267,8 @@ def recomputes(sch: s_tir.Schedule, slack: float = 2.0) -> bool:
     split with a partial last tile run a little more; a reduction nested in an unrelated loop
     runs that loop's extent times more). Element-wise blocks computed per tile (a padded
     input's halo) may legitimately repeat a little and are not counted."""
-    for block in sch.get_child_blocks(sch.get_sblock("root")) if _has_root(sch) else []:
-        if all(iv.iter_type != tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars):
+    for block in top_blocks(sch):
+        if not reduces(sch, block):
             continue
         domain = 1
         for iv in sch.get(block).iter_vars:
@@ -282,12 +282,15 @@ def recomputes(sch: s_tir.Schedule, slack: float = 2.0) -> bool:
     return False
 
 
-def _has_root(sch: s_tir.Schedule) -> bool:
-    try:
-        sch.get_sblock("root")
-    except Exception:  # noqa: BLE001 - get_sblock raises when the name is absent
-        return False
-    return True
+def top_blocks(sch: s_tir.Schedule) -> list:
+    """The blocks under the function's root block (none for a function without one)."""
+    root = _find_block(sch, ["root"])
+    return [] if root is None else list(sch.get_child_blocks(root))
+
+
+def reduces(sch: s_tir.Schedule, block) -> bool:
+    """Whether ``block`` has a reduction axis."""
+    return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
 
 
 # -- rules -----------------------------------------------------------------------------------------
@@ -476,16 +479,14 @@ class Elementwise(ScheduleRule):
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
         del tunable
         probe = s_tir.Schedule(func)
-        if not _has_root(probe):
-            return None
-        blocks = probe.get_child_blocks(probe.get_sblock("root"))
+        blocks = top_blocks(probe)
         if not blocks or any(iv.iter_type != tirx.IterVar.DataPar
                              for b in blocks for iv in probe.get(b).iter_vars):
             return None
         lanes = vector_lanes(target)
 
         def build(sch: s_tir.Schedule):
-            *producers, last = sch.get_child_blocks(sch.get_sblock("root"))
+            *producers, last = top_blocks(sch)
             for blk in producers:
                 sch.compute_inline(blk)
             loops = sch.get_loops(last)
@@ -510,16 +511,12 @@ class RowReduction(ScheduleRule):
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
         del target, tunable
         probe = s_tir.Schedule(func)
-        if not _has_root(probe):
-            return None
-        blocks = probe.get_child_blocks(probe.get_sblock("root"))
-        if len(blocks) < 2 or not any(
-                iv.iter_type == tirx.IterVar.CommReduce for b in blocks
-                for iv in probe.get(b).iter_vars):
+        blocks = top_blocks(probe)
+        if len(blocks) < 2 or not any(reduces(probe, b) for b in blocks):
             return None
 
         def build(sch: s_tir.Schedule):
-            *producers, last = sch.get_child_blocks(sch.get_sblock("root"))
+            *producers, last = top_blocks(sch)
             loops = sch.get_loops(last)
             if len(loops) < 2:
                 raise ValueError("no rows")

@@ -27,7 +27,13 @@ from tvm import relax, s_tir
 from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 from tvm.s_tir import dlight
 
-from splitc.passes.cpu_schedules import default_rules, legalize_conv2d, vector_lanes
+from splitc.passes.cpu_schedules import (
+    default_rules,
+    legalize_conv2d,
+    reduces,
+    top_blocks,
+    vector_lanes,
+)
 from splitc.passes.pack_layout import PackConvLayout
 from splitc.tuning import apply_database
 
@@ -88,12 +94,7 @@ def coverage(scheduled: tvm.IRModule) -> tuple[list[str], list[str]]:
 def has_reduction(func: tvm.tirx.PrimFunc) -> bool:
     """Whether a (not yet scheduled) kernel has a reduction block: the ones worth scheduling."""
     sch = s_tir.Schedule(func)
-    try:
-        blocks = sch.get_child_blocks(sch.get_sblock("root"))
-    except Exception:  # noqa: BLE001 - a function without a root block has no reduction
-        return False
-    return any(iv.iter_type == tvm.tirx.IterVar.CommReduce
-               for b in blocks for iv in sch.get(b).iter_vars)
+    return any(reduces(sch, b) for b in top_blocks(sch))
 
 
 def relax_pipeline(target: tvm.target.Target, log: Callable[[str], None] | None = None,
