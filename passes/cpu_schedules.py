@@ -187,6 +187,16 @@ def _epilogue(sch: s_tir.Schedule, block, at_loop) -> list:
     Returns the loops of the tile's write-back (the last op, or a cache of ``block``'s output
     when nothing follows it), innermost last.
     """
+    last = _inline_chain(sch, block)
+    if last is None:
+        last = sch.cache_write(block, 0, "global")
+    sch.reverse_compute_at(last, at_loop)
+    return sch.get_loops(last)
+
+
+def _inline_chain(sch: s_tir.Schedule, block):
+    """Inline the element-wise chain after ``block`` into its last op; returns that op (None
+    when nothing follows ``block``)."""
     chain, cur = [], block
     while True:
         consumers = sch.get_consumers(cur)
@@ -196,12 +206,7 @@ def _epilogue(sch: s_tir.Schedule, block, at_loop) -> list:
         cur = consumers[0]
     for blk in chain[:-1]:
         sch.compute_inline(blk)
-    if chain:
-        last = chain[-1]
-    else:
-        last = sch.cache_write(block, 0, "global")
-    sch.reverse_compute_at(last, at_loop)
-    return sch.get_loops(last)
+    return chain[-1] if chain else None
 
 
 def _vector_init(sch: s_tir.Schedule, block, loop) -> None:
@@ -374,20 +379,36 @@ class Matmul(ScheduleRule):
             if all(_extent(sch, loop) == 1 for loop in (*outer, i)):
                 _gemv(sch, blk, lanes)
                 return
-            if _extent(sch, j) % lanes and _extent(sch, j) > 4 * lanes:
-                # odd widths (197 tokens): compute on whole vectors, padded copies around
-                sch.pad_einsum(blk, [1] * len(outer) + [1, lanes, 1])
+            height, cols = _extent(sch, i), _extent(sch, j)
+            # odd widths (197 tokens): compute on whole vectors, padded copies around
+            col_pad = lanes if cols % lanes and cols > 4 * lanes else 1
+            cols = -(-cols // col_pad) * col_pad
+            rows, vectors, width = matmul_tile(height, cols, lanes, registers)
+            # a partial last row tile predicates every FMA: 108 GFLOP/s where padded rows run
+            # at 240 (197 x 192 x 768)
+            row_pad = rows if height % rows else 1
+            if col_pad > 1 or row_pad > 1:
+                sch.pad_einsum(blk, [1] * len(outer) + [row_pad, col_pad, 1])
                 *outer, i, j, k = sch.get_loops(blk)
-            rows, vectors, width = matmul_tile(_extent(sch, i), _extent(sch, j), lanes,
-                                               registers)
             io, ii = sch.split(i, [None, rows])
             jo, jv, jl = sch.split(j, [None, vectors, width])
-            sch.reorder(*outer, io, jo, k, ii, jv, jl)
-            _vector_tail(sch, blk, jo, width)
+            # the larger operand's tiles change least often: a weight wider than the
+            # activation is tall (batch-1 layers) stays in cache across the row tiles
+            first, second = (jo, io) if cols > height else (io, jo)
+            sch.reorder(*outer, first, second, k, ii, jv, jl)
+            if col_pad > 1:
+                # cropping the padded columns predicates every lane of the tile's last vector,
+                # and TVM then writes the whole tile scalar (QK^T of a ViT: 120 GFLOP/s): the
+                # crop and the fused tail run after the matmul, a loop LLVM vectorises
+                tail = sch.get_loops(_inline_chain(sch, blk))
+                if len(tail) > 1:
+                    sch.parallel(sch.fuse(*tail[:-1]))
+            else:
+                _vector_tail(sch, blk, second, width)
             sch.unroll(ii)
             sch.unroll(jv)
             sch.vectorize(jl)
-            sch.parallel(sch.fuse(*outer, io, jo))
+            sch.parallel(sch.fuse(*outer, first, second))
             _vector_init(sch, blk, k)
 
         return _finish(func, build)
@@ -399,7 +420,11 @@ def _gemv(sch: s_tir.Schedule, blk, lanes: int) -> None:
     time are multiplied into the strip's partial sums."""
     *outer, i, j, k = sch.get_loops(blk)
     cols, depth = _extent(sch, j), _extent(sch, k)
-    width = lanes if cols % lanes == 0 else _largest_divisor(cols, lanes)
+    width = lanes
+    while cols % width:  # a power of two: 4096 x 1000 in vectors of 10 ran 35 % slower than in 8s
+        width //= 2
+    if width < 4:
+        width = _largest_divisor(cols, lanes)
     jp, jo, jl = sch.split(j, [None, _largest_divisor(cols // width, 32), width])
     ko, ki = sch.split(k, [None, _largest_divisor(depth, 4)])
     sch.reorder(*outer, i, jp, ko, jo, ki, jl)
@@ -413,17 +438,22 @@ def _gemv(sch: s_tir.Schedule, blk, lanes: int) -> None:
 def matmul_tile(rows: int, cols: int, lanes: int, registers: int) -> tuple[int, int, int]:
     """A matmul's register tile: (rows, vectors, vector width) of output.
 
-    Columns in whole vectors of ``lanes`` where they divide (up to 4 vectors), else the
-    largest divisor up to 4 vectors' worth as one vector; then as many rows as the
-    accumulator budget leaves (12 registers of 16, 16 of 32).
+    Columns in whole vectors of ``lanes`` where they divide (up to 3 vectors: 6-8 rows of 2-3
+    vectors ran at 240 GFLOP/s where 4 x 4 ran at 220), else the largest divisor up to 4
+    vectors' worth as one vector; then as many rows as the accumulator budget leaves (12
+    registers of 16, 16 of 32). Rows that no good tile divides get the full tile, the caller
+    padding them (a partial tile is padded anyway), where that wastes at most 1/16 of them.
     """
     if cols % lanes == 0:
-        vectors, width = _largest_divisor(cols // lanes, 4), lanes
+        vectors, width = _largest_divisor(cols // lanes, 3), lanes
     else:
         vectors, width = 1, _largest_divisor(cols, 4 * lanes)
     budget = WIDE_ACCUMULATORS if registers >= 32 else ACCUMULATORS
-    per_row = vectors * max(1, -(-width // lanes))
-    return register_tile(rows, max(1, budget // per_row)), vectors, width
+    limit = max(1, budget // (vectors * max(1, -(-width // lanes))))
+    tile = register_tile(rows, limit)
+    if rows % tile and -(-rows // limit) * limit - rows <= rows // 16:
+        tile = limit
+    return tile, vectors, width
 
 
 def _matmul_block(sch: s_tir.Schedule):
