@@ -65,6 +65,18 @@ def vector_registers(target: Target) -> int:
     return 32 if _has_avx512(target) else 16
 
 
+def reassociating(target: Target) -> Target:
+    """``target`` with LLVM allowed to reassociate float arithmetic and to ignore the sign of
+    zero, which it needs to vectorise a sum along a row (layer norm ran 7x faster, softmax
+    1.5x, on 197-token rows). NaNs and infinities still propagate. The schedules and tuning
+    records are keyed by ``target`` itself: this only changes the code generator's freedom."""
+    attrs = dict(target.export())
+    for key in ("tag", "keys"):
+        attrs.pop(key, None)
+    attrs.update({"fast-math-reassoc": True, "fast-math-nsz": True})
+    return Target(attrs)
+
+
 def conv_tile(width: int, chunks: int, registers: int) -> tuple[int, int]:
     """A convolution's register tile: (output columns, output channel blocks).
 

@@ -11,7 +11,8 @@ CPU schedules). :func:`build` adds what makes the code fast without tuning:
 3. legalization with :func:`~splitc.passes.cpu_schedules.legalize_conv2d`, fusion, then the
    default schedules (:func:`~splitc.passes.cpu_schedules.default_rules`) on every fused
    function they match; the rest of TVM's CPU pipeline follows;
-4. code generation with LLVM allowed to reorder float sums (:func:`reassociating`).
+4. code generation with LLVM allowed to reorder float sums
+   (:func:`~splitc.passes.cpu_schedules.reassociating`).
 
 ``schedules=False`` gives TVM's plain lowering (the reference the schedules are tested
 against).
@@ -31,6 +32,7 @@ from tvm.s_tir import dlight
 from splitc.passes.cpu_schedules import (
     default_rules,
     legalize_conv2d,
+    reassociating,
     reduces,
     top_blocks,
     vector_lanes,
@@ -96,18 +98,6 @@ def has_reduction(func: tvm.tirx.PrimFunc) -> bool:
     """Whether a (not yet scheduled) kernel has a reduction block: the ones worth scheduling."""
     sch = s_tir.Schedule(func)
     return any(reduces(sch, b) for b in top_blocks(sch))
-
-
-def reassociating(target: tvm.target.Target) -> tvm.target.Target:
-    """``target`` with LLVM allowed to reassociate float arithmetic and to ignore the sign of
-    zero, which it needs to vectorise a sum along a row (layer norm ran 7x faster, softmax
-    1.5x, on 197-token rows). NaNs and infinities still propagate. The schedules and tuning
-    records are keyed by ``target`` itself: this only changes the code generator's freedom."""
-    attrs = dict(target.export())
-    for key in ("tag", "keys"):
-        attrs.pop(key, None)
-    attrs.update({"fast-math-reassoc": True, "fast-math-nsz": True})
-    return tvm.target.Target(attrs)
 
 
 def relax_pipeline(target: tvm.target.Target, log: Callable[[str], None] | None = None,

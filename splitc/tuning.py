@@ -238,11 +238,16 @@ def _stop_pools() -> None:
 
 def build_kernel(mod, target, _params=None):
     """MetaSchedule's default build without ``import tvm.s_tir.tensor_intrin`` (which parses
-    every GPU and int8 intrinsic: ~30 s per builder process; fp32 CPU kernels use none)."""
+    every GPU and int8 intrinsic: ~30 s per builder process; fp32 CPU kernels use none), with
+    the code generator's freedom :func:`splitc.build.build` gives (candidates are timed as
+    they will run)."""
     from tvm.driver import build as tvm_build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
-    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+    from splitc.passes.cpu_schedules import reassociating
+
+    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod),
+                     target=reassociating(target))
 
 
 def _commit_defaults(mods, target, database, builder, runner, rules,
