@@ -11,7 +11,8 @@ element-wise tail computed on each tile while it is hot, and the outer loops in 
 - :class:`Matmul`: dense / matmul, vectorised over the output columns (one-row ones as GEMV).
 - :class:`PackedPool`: max pooling on ``NCHW[x]c`` tensors.
 - :class:`Elementwise`: functions without a reduction, vectorised over the innermost loop.
-- :class:`RowReduction`: softmax, layer norm and other per-row reductions, rows in parallel.
+- :class:`RowReduction`: softmax, layer norm and other per-row reductions, rows in parallel
+  (:class:`RowSoftmax` first rewrites a last-axis softmax to reduce in whole vectors).
 
 Each rule returns ``None`` when the function is not its pattern, or when a schedule step
 does not apply: the function then keeps its plain lowering, which is slow but correct.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import logging
 import re
 
+import tvm
 from tvm import relax, s_tir, te, tirx, topi
 from tvm.relax.transform.legalize_ops.nn import _nn_conv2d
 from tvm.s_tir import dlight
@@ -109,6 +111,70 @@ def legalize_conv2d(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     return bb.call_te(topi.nn.conv2d_NCHWc, data, kernel, list(a.strides), list(a.padding),
                       list(a.dilation), a.data_layout, a.out_layout, "float32",
                       primfunc_name_hint="conv2d_NCHWc")
+
+
+def row_softmax(x: te.Tensor, lanes: int) -> te.Tensor:
+    """Softmax over the last axis with each row padded to whole vectors of ``lanes``: the
+    maximum and the sum are taken per lane first (``row_max_part``, ``row_sum_part``: plain
+    vector max and add, no NaN or reassociation licence needed), then across the lanes. The
+    padding holds the lowest float, whose exponential is below 1e-38 and adds nothing.
+    Stock softmax reduces the row as one scalar chain: without a no-NaN licence LLVM does not
+    vectorise a maximum (0.11 ms where this takes 0.065, on 4 x 197 rows of 197)."""
+    *lead, length = (int(d) for d in x.shape)
+    chunks = -(-length // lanes)
+    lowest = tirx.min_value(x.dtype)
+    pad = te.compute((*lead, chunks * lanes),
+                     lambda *i: te.if_then_else(i[-1] < length, x[i], lowest), name="row_pad")
+    ko = te.reduce_axis((0, chunks), "ko")
+    part_max = te.compute((*lead, lanes),
+                          lambda *i: te.max(pad[(*i[:-1], ko * lanes + i[-1])], axis=ko),
+                          name="row_max_part")
+    lane = te.reduce_axis((0, lanes), "lane")
+    row_max = te.compute(tuple(lead), lambda *i: te.max(part_max[(*i, lane)], axis=lane),
+                         name="row_max")
+    delta = te.compute(pad.shape, lambda *i: pad[i] - row_max[i[:-1]], name="row_delta")
+    exp = topi.fast_exp(delta)
+    ko2 = te.reduce_axis((0, chunks), "ko")
+    part_sum = te.compute((*lead, lanes),
+                          lambda *i: te.sum(exp[(*i[:-1], ko2 * lanes + i[-1])], axis=ko2),
+                          name="row_sum_part")
+    lane2 = te.reduce_axis((0, lanes), "lane")
+    row_sum = te.compute(tuple(lead), lambda *i: te.sum(part_sum[(*i, lane2)], axis=lane2),
+                         name="row_sum")
+    return te.compute(x.shape, lambda *i: exp[i] / row_sum[i[:-1]], name="T_softmax_norm")
+
+
+@tvm.transform.module_pass(opt_level=0, name="RowSoftmax")
+class RowSoftmax:
+    """Softmax over the last axis of a static shape becomes :func:`row_softmax`, in
+    vectors of ``lanes`` (the rest is left to ``FastMathTransform`` and the legalizer)."""
+
+    def __init__(self, lanes: int):
+        self.lanes = lanes
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        lanes = self.lanes
+
+        @relax.expr_functor.mutator
+        class _Rewrite(relax.PyExprMutator):
+            def visit_call_(self, call):
+                call = self.visit_expr_post_order(call)
+                if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.softmax"):
+                    return call
+                ty = call.args[0].ty
+                if not (isinstance(ty, relax.TensorType) and isinstance(ty.shape, relax.ShapeExpr)
+                        and all(isinstance(d, tirx.IntImm) for d in ty.shape.values)
+                        and int(call.attrs.axis) in (-1, ty.ndim - 1)
+                        and ty.dtype == "float32"):
+                    return call
+                return self.builder_.call_te(row_softmax, call.args[0], lanes,
+                                             primfunc_name_hint="row_softmax")
+
+        rewrite = _Rewrite(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rewrite.builder_.update_func(gv, rewrite.visit_expr(func))
+        return rewrite.builder_.get()
 
 
 def _depthwise_nchwc(data, kernel, strides, padding, dilation):
@@ -551,11 +617,12 @@ class RowReduction(ScheduleRule):
     197 tokens then runs scalar)."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
-        del target, tunable
+        del tunable
         probe = s_tir.Schedule(func)
         blocks = top_blocks(probe)
         if len(blocks) < 2 or not any(reduces(probe, b) for b in blocks):
             return None
+        lanes = vector_lanes(target)
 
         def build(sch: s_tir.Schedule):
             *producers, last = top_blocks(sch)
@@ -565,11 +632,37 @@ class RowReduction(ScheduleRule):
             row = sch.fuse(*loops[:-1])
             for blk in reversed(producers):
                 sch.compute_at(blk, row)
+            for blk in producers:
+                _vector_lanes(sch, blk, lanes)
             sch.parallel(row)
             if recomputes(sch, slack=1.0):
                 raise ValueError("a block is recomputed per row")
 
         return _finish(func, build)
+
+
+def _vector_lanes(sch: s_tir.Schedule, block, lanes: int) -> None:
+    """Within a row: a per-lane partial reduction (:func:`row_softmax`'s ``row_*_part``) runs
+    its lanes as one vector, the reduction outside; an element-wise block over whole vectors
+    is split into them. Anything else is left to LLVM."""
+    inner = sch.get_loops(block)[1:]
+    realize = sch.get(inner[-1]).body if inner else None
+    if not isinstance(realize, s_tir.SBlockRealize):
+        return
+    kind = {value: iv.iter_type for iv, value in zip(sch.get(block).iter_vars,
+                                                     realize.iter_values, strict=True)
+            if isinstance(value, tirx.Var)}
+    loops = [lp for lp in inner if _extent(sch, lp) != 1]
+    spatial = [lp for lp in loops if kind.get(sch.get(lp).loop_var) == tirx.IterVar.DataPar]
+    if reduces(sch, block):
+        if len(spatial) != 1 or _extent(sch, spatial[0]) != lanes:
+            return
+        reduce_loops = [lp for lp in loops if lp not in spatial]
+        if reduce_loops:  # none when the row is one vector
+            sch.reorder(*reduce_loops, spatial[0])
+        sch.vectorize(spatial[0])
+    elif len(loops) == 1 and _extent(sch, loops[0]) % lanes == 0:
+        sch.vectorize(sch.split(loops[0], [None, lanes])[-1])
 
 
 def default_rules() -> list[ScheduleRule]:

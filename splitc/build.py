@@ -30,6 +30,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 from tvm.s_tir import dlight
 
 from splitc.passes.cpu_schedules import (
+    RowSoftmax,
     default_rules,
     legalize_conv2d,
     reassociating,
@@ -50,7 +51,8 @@ def legalize_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
     return (cpu_pipeline.library_dispatch_passes(target)
             # exp, erf and tanh as the polynomial approximations TVM vectorises (the libm
             # calls are scalar: GELU's erf took 60 % of a ViT MLP layer)
-            + [relax.transform.FastMathTransform(),
+            + [RowSoftmax(vector_lanes(target)),
+               relax.transform.FastMathTransform(),
                relax.transform.LegalizeOps({"relax.nn.conv2d": legalize_conv2d}),
                relax.transform.AnnotateTIROpPattern(),
                relax.transform.FoldConstant(),

@@ -15,10 +15,12 @@ from tvm import relax
 from splitc.build import coverage, pack, schedule
 from splitc.passes import cpu_schedules
 from splitc.passes.cpu_schedules import (
+    RowSoftmax,
     conv_tile,
     matmul_tile,
     recomputes,
     register_tile,
+    row_softmax,
     vector_lanes,
     vector_registers,
 )
@@ -131,6 +133,56 @@ def test_softmax_is_not_recomputed(shape):
         if isinstance(func, tvm.tirx.PrimFunc):
             assert not recomputes(tvm.s_tir.Schedule(func)), func.script()
     check(mod, expect_scheduled=None)
+
+
+def softmax_module(shape, axis=-1):
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.nn.softmax(x, axis=axis))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_row_softmax_pass():
+    """Softmax over the last axis becomes the padded-row TE; over another axis it stays."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((3, 197), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            a = bb.emit(relax.op.nn.softmax(x, axis=-1))
+            out = bb.emit_output(relax.op.nn.softmax(a, axis=0))
+        bb.emit_func_output(out)
+    before = bb.get()
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((3, 197), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            a = bb.emit(bb.call_te(row_softmax, x, 16, primfunc_name_hint="row_softmax"))
+            out = bb.emit_output(relax.op.nn.softmax(a, axis=0))
+        bb.emit_func_output(out)
+    expected = bb.get()
+    tvm.ir.assert_structural_equal(RowSoftmax(16)(before), expected)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 197), (4, 16), (5, 7), (1, 1000)])
+def test_row_softmax(shape):
+    """Rows that are and are not whole vectors: the per-lane maximum and sum run as vectors
+    (the padding adds nothing), and the answer is softmax's, large and -inf inputs included."""
+    mod = softmax_module(shape)
+    check(mod, expect_scheduled=1)
+    x = np.random.default_rng(2).standard_normal(shape).astype("float32") * 30
+    x.reshape(-1, shape[-1])[0, 0] = -np.inf
+    x.reshape(-1, shape[-1])[-1, -1] = 80.0
+    e = np.exp(x - x.max(-1, keepdims=True))
+    np.testing.assert_allclose(run_built(mod, x), e / e.sum(-1, keepdims=True),
+                               rtol=1e-4, atol=1e-6)
+    func = next(f for _, f in schedule(pack(mod, HOST), HOST).functions_items()
+                if isinstance(f, tvm.tirx.PrimFunc))
+    part = func.script().split('T.sblock("row_max_part")')[0].rsplit("for ", 1)[1]
+    assert "T.vectorized" in part, func.script()
 
 
 @pytest.mark.parametrize("shape", [(1, 8, 14, 16), (1, 3, 5, 7)])
