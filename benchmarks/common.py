@@ -6,18 +6,33 @@ import statistics
 import time
 
 
-def ort_latency(model, x, repeats: int) -> float:
-    """Median seconds of ONNX Runtime on ``model.path`` with one thread, after one warm-up."""
+def ort_runner(model, x):
+    """A call of ONNX Runtime on ``model.path`` with one thread."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = opts.inter_op_num_threads = 1
     sess = ort.InferenceSession(str(model.path), opts, providers=["CPUExecutionProvider"])
     feed = dict(zip(model.input_names, x, strict=True))
-    sess.run(None, feed)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return lambda: sess.run(None, feed)
+
+
+def ort_latency(model, x, repeats: int) -> float:
+    """Median seconds of ONNX Runtime on ``model.path`` with one thread, after one warm-up."""
+    return interleaved({"ort": ort_runner(model, x)}, repeats)["ort"]
+
+
+def interleaved(runs: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each callable in ``runs`` after one warm-up call each, timed in
+    rounds of one call of each (the order rotating every round), so that a slow spell of a
+    shared machine falls on all of them alike rather than on whichever ran then."""
+    names = list(runs)
+    for name in names:
+        runs[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(v) for name, v in times.items()}

@@ -10,9 +10,11 @@ For each model, in one process pinned to one core (``sched_setaffinity``, one th
 * splitc with TVM's plain lowering (what ``tvm.compile`` gives without schedules; slow, so
   one run; ``--no-plain`` skips it).
 
-Latency is the median of ``--repeats`` runs after one warm-up. splitc's output is checked
-against ONNX Runtime's on the same input (max abs error printed). With ``--tuning-db DIR``
-(from ``splitc tune --db DIR``) a "tuned" column adds splitc with those records.
+Latency is the median of ``--repeats`` rounds after one warm-up, each round one call of
+every runtime in turn (a slow spell of a shared machine falls on all alike). splitc's output
+is checked against ONNX Runtime's on the same input (max abs error printed). With
+``--tuning-db DIR`` (from ``splitc tune --db DIR``) a "tuned" column adds splitc with those
+records.
 
     .venv/bin/python benchmarks/default_speed.py --light    # + real-world ONNX graphs
     .venv/bin/python benchmarks/default_speed.py --models resnet18 --tiny --no-plain
@@ -32,7 +34,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-from common import ort_latency  # noqa: E402
+from common import interleaved, ort_runner  # noqa: E402
 
 from splitc import importer, targets, zoo  # noqa: E402
 from splitc.build import build  # noqa: E402
@@ -73,7 +75,8 @@ def tvm_runner(model: importer.ImportedModel, x, *, schedules: bool, tuning_db=N
     return run, build_s
 
 
-def torch_latency(name: str, tiny: bool, x, repeats: int) -> float | None:
+def torch_runner(name: str, tiny: bool, x):
+    """A call of the zoo model in torch eager with one thread (None for other models)."""
     import torch
 
     if name not in zoo.names():
@@ -81,8 +84,12 @@ def torch_latency(name: str, tiny: bool, x, repeats: int) -> float | None:
     torch.set_num_threads(1)
     module = zoo.build(name, tiny=tiny).eval()
     inp = [torch.from_numpy(a) for a in x]
-    with torch.no_grad():
-        return median_seconds(lambda: module(*inp), repeats)
+
+    def run():
+        with torch.no_grad():
+            return module(*inp)
+
+    return run
 
 
 def main() -> int:
@@ -111,7 +118,7 @@ def main() -> int:
     spec = targets.get("host")
     print(f"# one core (cpu {core}) of {platform.processor() or platform.machine()}, "
           f"LLVM cpu {spec.tvm_target().attrs['mcpu']}; one thread for every runtime; "
-          f"median of {args.repeats} runs")
+          f"median of {args.repeats} rounds, one call of each runtime per round")
     header = (f"{'model':<24} {'ORT ms':>8} {'torch ms':>9} {'plain ms':>9} {'splitc ms':>10} "
               f"{'tuned ms':>9} "
               f"{'splitc/ORT':>10} {'goal':>6} {'build s':>8} {'max err':>9}")
@@ -121,16 +128,19 @@ def main() -> int:
         model = importer.load(name, None, tiny=args.tiny)
         x = model.random_inputs()
         ref = model.reference(x)[0]
-        ort_s = ort_latency(model, x, args.repeats)
-        torch_s = torch_latency(name, args.tiny, x, args.repeats)
         run, build_s = tvm_runner(model, x, schedules=True)
         err = float(np.abs(run() - ref).max())
-        splitc_s = median_seconds(run, args.repeats)
-        tuned_s = None
+        runs = {"ort": ort_runner(model, x), "splitc": run}
+        torch_run = torch_runner(name, args.tiny, x)
+        if torch_run is not None:
+            runs["torch"] = torch_run
         if args.tuning_db:
-            tuned, _ = tvm_runner(model, x, schedules=True,
-                                  tuning_db=database_for(targets.get("host"), args.tuning_db))
-            tuned_s = median_seconds(tuned, args.repeats)
+            runs["tuned"], _ = tvm_runner(
+                model, x, schedules=True,
+                tuning_db=database_for(targets.get("host"), args.tuning_db))
+        seconds = interleaved(runs, args.repeats)
+        ort_s, splitc_s = seconds["ort"], seconds["splitc"]
+        torch_s, tuned_s = seconds.get("torch"), seconds.get("tuned")
         plain_s = None
         if not args.no_plain:
             plain, _ = tvm_runner(model, x, schedules=False)

@@ -24,8 +24,8 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-from common import ort_latency  # noqa: E402
-from default_speed import median_seconds, torch_latency, tvm_runner  # noqa: E402
+from common import interleaved, ort_runner  # noqa: E402
+from default_speed import median_seconds, torch_runner, tvm_runner  # noqa: E402
 
 from splitc import importer, targets  # noqa: E402
 from splitc.passes.extract import lift_weights  # noqa: E402
@@ -56,25 +56,28 @@ def main() -> int:
         os.sched_setaffinity(0, {core})  # measuring: one core
         x = model.random_inputs()
         ref = model.reference(x)[0]
-        ort_s = ort_latency(model, x, args.repeats)
-        torch_s = torch_latency(name, args.tiny, x, args.repeats)
         default, _ = tvm_runner(model, x, schedules=True)
         tuned, _ = tvm_runner(model, x, schedules=True, tuning_db=database_for(spec, db))
         plain, _ = tvm_runner(model, x, schedules=False)
         err = float(np.abs(tuned() - ref).max())
+        runs = {"ort": ort_runner(model, x), "default": default, "tuned": tuned}
+        torch_run = torch_runner(name, args.tiny, x)
+        if torch_run is not None:
+            runs["torch"] = torch_run
+        seconds = interleaved(runs, args.repeats)
+        torch_s = seconds.get("torch")
         row = {"model": name + (" (tiny)" if args.tiny else ""), "kernels": len(kernels),
                "trials": args.trials, "tuning_s": tuning_s,
                "plain_ms": median_seconds(plain, 1) * 1e3,
-               "default_ms": median_seconds(default, args.repeats) * 1e3,
-               "tuned_ms": median_seconds(tuned, args.repeats) * 1e3,
-               "ort_ms": ort_s * 1e3, "torch_ms": torch_s * 1e3 if torch_s else None,
+               "default_ms": seconds["default"] * 1e3, "tuned_ms": seconds["tuned"] * 1e3,
+               "ort_ms": seconds["ort"] * 1e3, "torch_ms": torch_s * 1e3 if torch_s else None,
                "max_abs_err": err,
                "improved_kernels": sum(1 for k in kernels if k["best_s"] and k["default_s"]
                                        and k["best_s"] < 0.97 * k["default_s"])}
         row["tuned_over_ort"] = row["tuned_ms"] / row["ort_ms"]
         rows.append(row)
-    print(f"# one core (cpu {core}), one thread per runtime, median of {args.repeats}; tuning "
-          "on all cores of this machine")
+    print(f"# one core (cpu {core}), one thread per runtime, median of {args.repeats} rounds "
+          "(one call of each runtime per round); tuning on all cores of this machine")
     print("| model | kernels | trials | tuning (s) | kernels improved | plain TVM (ms) | "
           "default schedules (ms) | tuned (ms) | ONNX Runtime (ms) | torch (ms) | tuned / ORT |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
