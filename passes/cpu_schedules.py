@@ -125,23 +125,23 @@ def row_softmax(x: te.Tensor, lanes: int) -> te.Tensor:
     lowest = tirx.min_value(x.dtype)
     pad = te.compute((*lead, chunks * lanes),
                      lambda *i: te.if_then_else(i[-1] < length, x[i], lowest), name="row_pad")
-    ko = te.reduce_axis((0, chunks), "ko")
-    part_max = te.compute((*lead, lanes),
-                          lambda *i: te.max(pad[(*i[:-1], ko * lanes + i[-1])], axis=ko),
-                          name="row_max_part")
-    lane = te.reduce_axis((0, lanes), "lane")
-    row_max = te.compute(tuple(lead), lambda *i: te.max(part_max[(*i, lane)], axis=lane),
-                         name="row_max")
+    row_max = _by_lanes(pad, te.max, lanes, "row_max")
     delta = te.compute(pad.shape, lambda *i: pad[i] - row_max[i[:-1]], name="row_delta")
     exp = topi.fast_exp(delta)
-    ko2 = te.reduce_axis((0, chunks), "ko")
-    part_sum = te.compute((*lead, lanes),
-                          lambda *i: te.sum(exp[(*i[:-1], ko2 * lanes + i[-1])], axis=ko2),
-                          name="row_sum_part")
-    lane2 = te.reduce_axis((0, lanes), "lane")
-    row_sum = te.compute(tuple(lead), lambda *i: te.sum(part_sum[(*i, lane2)], axis=lane2),
-                         name="row_sum")
+    row_sum = _by_lanes(exp, te.sum, lanes, "row_sum")
     return te.compute(x.shape, lambda *i: exp[i] / row_sum[i[:-1]], name="T_softmax_norm")
+
+
+def _by_lanes(data: te.Tensor, combine, lanes: int, name: str) -> te.Tensor:
+    """``combine`` (``te.max``, ``te.sum``) over the last axis of ``data``, whole vectors of
+    ``lanes``: per lane first (stage ``<name>_part``), then across the lanes (``<name>``)."""
+    *lead, width = (int(d) for d in data.shape)
+    ko = te.reduce_axis((0, width // lanes), "ko")
+    part = te.compute((*lead, lanes),
+                      lambda *i: combine(data[(*i[:-1], ko * lanes + i[-1])], axis=ko),
+                      name=f"{name}_part")
+    lane = te.reduce_axis((0, lanes), "lane")
+    return te.compute(tuple(lead), lambda *i: combine(part[(*i, lane)], axis=lane), name=name)
 
 
 @tvm.transform.module_pass(opt_level=0, name="RowSoftmax")
