@@ -436,9 +436,10 @@ def _ic_block(sch: s_tir.Schedule, conv) -> int:
 class Matmul(ScheduleRule):
     """A matmul/dense block ``C[..., i, j] += A[..., i, k] * B[..., k, j]`` (B may be ``[j, k]``).
 
-    Tiles ``i`` by rows and ``j`` by up to 4 vectors, reduction outside the tile: as many
-    accumulators as :func:`matmul_tile` allows. Each vector is its own (unrolled) loop of the
-    target's lanes: LLVM splits a 48-wide vector badly (9 GFLOP/s where 3 x 16 runs at 180).
+    Tiles ``i`` by rows and ``j`` by up to 3 vectors, reduction outside the tile: as many
+    accumulators as :func:`matmul_tile` allows, rows and odd widths padded so that no tile is
+    partial. Each vector is its own (unrolled) loop of the target's lanes: LLVM splits a
+    48-wide vector badly (9 GFLOP/s where 3 x 16 runs at 180).
     """
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
