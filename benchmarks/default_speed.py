@@ -29,7 +29,6 @@ os.environ["TVM_NUM_THREADS"] = "1"  # before TVM starts its thread pool
 import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -47,13 +46,8 @@ GOAL = 2.0  # splitc default schedules: at most 2x ONNX Runtime's latency
 
 
 def median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    """Median seconds of ``fn`` alone, after one warm-up call."""
+    return interleaved({"fn": fn}, repeats)["fn"]
 
 
 def tvm_runner(model: importer.ImportedModel, x, *, schedules: bool, tuning_db=None):
