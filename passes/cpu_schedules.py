@@ -8,6 +8,8 @@ element-wise tail computed on each tile while it is hot, and the outer loops in 
 
 - :class:`PackedConv2d`: ``NCHW[x]c`` convolutions (regular and depthwise, see
   :mod:`splitc.passes.pack_layout`), with their fused epilogue.
+- :class:`WinogradConv2d`: :mod:`splitc.passes.winograd`'s 3x3 convolutions (transforms and
+  the ``(m+2)^2`` matmuls, in :class:`Matmul`'s register tiles).
 - :class:`Matmul`: dense / matmul, vectorised over the output columns (one-row ones as GEMV).
 - :class:`PackedPool`: max pooling on ``NCHW[x]c`` tensors.
 - :class:`Elementwise`: functions without a reduction, vectorised over the innermost loop.
@@ -469,12 +471,7 @@ class Matmul(ScheduleRule):
             if col_pad > 1 or row_pad > 1:
                 sch.pad_einsum(blk, [1] * len(outer) + [row_pad, col_pad, 1])
                 *outer, i, j, k = sch.get_loops(blk)
-            io, ii = sch.split(i, [None, rows])
-            jo, jv, jl = sch.split(j, [None, vectors, width])
-            # the larger operand's tiles change least often: a weight wider than the
-            # activation is tall (batch-1 layers) stays in cache across the row tiles
-            first, second = (jo, io) if cols > height else (io, jo)
-            sch.reorder(*outer, first, second, k, ii, jv, jl)
+            outer, first, second, k = _register_tiles(sch, blk, rows, vectors, width)
             if col_pad > 1:
                 # cropping the padded columns predicates every lane of the tile's last vector,
                 # and TVM then writes the whole tile scalar (QK^T of a ViT: 120 GFLOP/s): the
@@ -484,13 +481,28 @@ class Matmul(ScheduleRule):
                     sch.parallel(sch.fuse(*tail[:-1]))
             else:
                 _vector_tail(sch, blk, second, width)
-            sch.unroll(ii)
-            sch.unroll(jv)
-            sch.vectorize(jl)
             sch.parallel(sch.fuse(*outer, first, second))
             _vector_init(sch, blk, k)
 
         return _finish(func, build)
+
+
+def _register_tiles(sch: s_tir.Schedule, blk, rows: int, vectors: int, width: int):
+    """Split a matmul block's ``..., i, j, k`` loops into register tiles of ``rows x vectors
+    x width`` outputs (rows and vectors unrolled, the width one vector), the reduction outside
+    the tile. Returns the outer loops, the two tile loops (outermost first) and ``k``."""
+    *outer, i, j, k = sch.get_loops(blk)
+    height, cols = _extent(sch, i), _extent(sch, j)
+    io, ii = sch.split(i, [None, rows])
+    jo, jv, jl = sch.split(j, [None, vectors, width])
+    # the larger operand's tiles change least often: a weight wider than the activation is
+    # tall (batch-1 layers) stays in cache across the row tiles
+    first, second = (jo, io) if cols > height else (io, jo)
+    sch.reorder(*outer, first, second, k, ii, jv, jl)
+    sch.unroll(ii)
+    sch.unroll(jv)
+    sch.vectorize(jl)
+    return outer, first, second, k
 
 
 def _gemv(sch: s_tir.Schedule, blk, lanes: int) -> None:
@@ -551,6 +563,75 @@ def _matmul_block(sch: s_tir.Schedule):
             return None
         found = blk
     return found
+
+
+class WinogradConv2d(ScheduleRule):
+    """:func:`~splitc.passes.winograd.conv2d_winograd` with its fused epilogue: three parallel
+    loop nests. The input transform per (tile, channel block), its ``d B`` stage computed
+    there and every transform loop unrolled (the select chains fold to the nonzero terms),
+    channels in vectors; the ``(m+2)^2`` matmuls in :func:`matmul_tile`'s register tiles;
+    the output transform and the epilogue per ``m x m`` output tile, in vectors of the
+    output channel block."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
+        del tunable
+        probe = s_tir.Schedule(func)
+        if _find_block(probe, ["winograd_M"]) is None or \
+                _find_block(probe, ["conv2d_winograd"]) is None:
+            return None
+        lanes, registers = vector_lanes(target), vector_registers(target)
+
+        def build(sch: s_tir.Schedule):
+            v = sch.get_sblock("winograd_V")
+            e, n, p, c = sch.get_loops(v)
+            alpha = _extent(sch, e)
+            ib = _ic_block(sch, sch.get_sblock("winograd_rows"))
+            cc, k = sch.split(c, [None, ib])
+            sch.reorder(p, cc, e, n, k)
+            rows = sch.get_sblock("winograd_rows")
+            sch.compute_at(rows, cc)
+            *_, ra, rn, rk = sch.get_loops(rows)
+            for loop in (ra, rn, e, n):
+                sch.unroll(loop)
+            sch.vectorize(rk)
+            sch.vectorize(k)
+            sch.parallel(sch.fuse(p, cc))
+            _parallel_pad(sch)
+
+            gemm = sch.get_sblock("winograd_M")
+            *_, p, co, _ = sch.get_loops(gemm)
+            tile = matmul_tile(_extent(sch, p), _extent(sch, co), lanes, registers)
+            outer, first, second, ci = _register_tiles(sch, gemm, *tile)
+            sch.parallel(sch.fuse(*outer, first, second))
+            _vector_init(sch, gemm, ci)
+
+            conv = sch.get_sblock("conv2d_winograd")
+            shape = [_extent(sch, loop) for loop in sch.get_loops(conv)]
+            last = _inline_chain(sch, conv)
+            if last is not None and [_extent(sch, lp) for lp in sch.get_loops(last)] == shape:
+                sch.compute_inline(conv)  # the epilogue computes the output transform
+                out = last
+            else:  # a chain of another shape (a layout change) runs after, as its own loop
+                if last is not None:
+                    tail = sch.get_loops(last)
+                    if len(tail) > 1:
+                        sch.parallel(sch.fuse(*tail[:-1]))
+                out = conv
+            b, oc, y, x, ob = sch.get_loops(out)
+            m = alpha - 2
+            ty, yi = sch.split(y, [None, m])
+            tx, xi = sch.split(x, [None, m])
+            sch.reorder(b, oc, ty, tx, yi, xi, ob)
+            orow = sch.get_sblock("winograd_orow")
+            sch.compute_at(orow, tx)
+            *_, oe, ox, ok = sch.get_loops(orow)
+            for loop in (oe, ox, yi, xi):
+                sch.unroll(loop)
+            sch.vectorize(ok)
+            sch.vectorize(ob)
+            sch.parallel(sch.fuse(b, oc, ty))
+
+        return _finish(func, build)
 
 
 class PackedPool(ScheduleRule):
@@ -668,5 +749,5 @@ def _vector_lanes(sch: s_tir.Schedule, block, lanes: int) -> None:
 
 def default_rules() -> list[ScheduleRule]:
     """splitc's rules first, then dlight's CPU rules (softmax, norms, reductions, GEMV)."""
-    return [PackedConv2d(), Matmul(), PackedPool(), Elementwise(), RowReduction(),
+    return [WinogradConv2d(), PackedConv2d(), Matmul(), PackedPool(), Elementwise(), RowReduction(),
             Guarded(dlight.cpu.Reduction()), Guarded(dlight.cpu.GEMV())]

@@ -4,10 +4,12 @@
 CPU schedules). :func:`build` adds what makes the code fast without tuning:
 
 1. :class:`~splitc.passes.pack_layout.PackConvLayout` packs convolutions ``NCHW[x]c`` for the
-   target's vector width;
-2. the weight layout changes this creates are lifted out of the piece functions
-   (``relax.transform.LiftTransformParams``) and applied once, here, to the weights — the
-   artifact stores weights already packed, so no inference pays for it;
+   target's vector width, and :class:`~splitc.passes.winograd.WinogradConv` turns the 3x3
+   stride-1 ones a cost model predicts faster into Winograd ``F(m, 3)`` matmuls;
+2. the weight transforms this creates (layout changes, Winograd's kernel transform) are
+   lifted out of the piece functions (``relax.transform.LiftTransformParams``) and applied
+   once, here, to the weights — the artifact stores weights already packed and transformed,
+   so no inference pays for it;
 3. legalization with :func:`~splitc.passes.cpu_schedules.legalize_conv2d`, fusion, then the
    default schedules (:func:`~splitc.passes.cpu_schedules.default_rules`) on every fused
    function they match; the rest of TVM's CPU pipeline follows;
@@ -39,11 +41,12 @@ from splitc.passes.cpu_schedules import (
     vector_lanes,
 )
 from splitc.passes.pack_layout import PackConvLayout
+from splitc.passes.winograd import WinogradConv
 from splitc.tuning import apply_database
 
 TRANSFORM_SUFFIX = "_transform_params"
 #: Names the code generation a speed profile was measured with; profiles of another are stale.
-CODEGEN = "default-schedules-4"
+CODEGEN = "default-schedules-5"
 
 
 def legalize_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
@@ -121,18 +124,27 @@ def pack(module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """Pack convolutions for ``target`` and lift the weight transforms into
     ``<function>_transform_params`` functions."""
     with target:
-        packed = PackConvLayout(vector_lanes(target))(module)
+        packed = WinogradConv()(PackConvLayout(vector_lanes(target))(module))
         return relax.transform.LiftTransformParams()(packed)
 
 
 def split_transforms(lifted: tvm.IRModule) -> tuple[tvm.IRModule, dict[str, tvm.ir.GlobalVar]]:
-    """``lifted`` without its ``*_transform_params`` functions, and those functions by the
-    name of the function whose weights they transform."""
+    """``lifted`` without its ``*_transform_params`` functions (nor the kernels only they
+    call), and those functions by the name of the function whose weights they transform."""
     transforms = {gv.name_hint.removesuffix(TRANSFORM_SUFFIX): gv
                   for gv in lifted.get_global_vars() if gv.name_hint.endswith(TRANSFORM_SUFFIX)}
-    rest = tvm.IRModule({gv: f for gv, f in lifted.functions_items()
-                         if gv not in transforms.values()})
-    return rest, transforms
+    roots = [gv for gv, f in lifted.functions_items()
+             if isinstance(f, relax.Function) and gv not in transforms.values()]
+    return _with_callees(lifted, roots), transforms
+
+
+def _with_callees(mod: tvm.IRModule, roots: Sequence[tvm.ir.GlobalVar]) -> tvm.IRModule:
+    """The functions ``roots`` of ``mod`` and every function they call."""
+    keep = set(roots)
+    for gv in roots:
+        relax.analysis.post_order_visit(
+            mod[gv], lambda e: keep.add(e) if isinstance(e, tvm.ir.GlobalVar) else None)
+    return tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv in keep})
 
 
 def build(module: tvm.IRModule, target: tvm.target.Target,
@@ -192,7 +204,7 @@ def _transform_weights(mod: tvm.IRModule, transforms: Mapping[str, tvm.ir.Global
             out[name] = moved
     if compiled:
         host = tvm.target.Target({"kind": "llvm"})
-        only = tvm.IRModule({transforms[n]: mod[transforms[n]] for n in compiled})
+        only = _with_callees(mod, [transforms[n] for n in compiled])
         vm = relax.VirtualMachine(tvm.compile(only, target=host), tvm.cpu())
         for name in compiled:
             args = [tvm.runtime.tensor(np.require(w, requirements="C"))

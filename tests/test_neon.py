@@ -4,12 +4,14 @@ import re
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 
 from splitc import targets
 from splitc.build import build
 
 from .test_cpu_schedules import conv_module
+from .test_winograd import conv_model
 
 CASES = {
     # aarch64 (Raspberry Pi 4): fused multiply-add on four fp32 lanes of a 128-bit register.
@@ -38,4 +40,21 @@ def test_conv_hot_loop_is_neon(target, tmp_path):
     lib = spec.export_library(ex, tmp_path / "lib.so")
     kernel = kernel_disassembly(objdump, lib, "conv2d_NCHWc")
     assert kernel, "no conv2d_NCHWc kernel in the library"
+    assert len(re.findall(pattern, kernel)) >= 8, kernel[:3000]
+
+
+@pytest.mark.parametrize("target", ["rpi4"])
+def test_winograd_matmuls_are_neon(target, tmp_path):
+    """The Winograd kernel's matmuls (64 channels at 32x32 take F(4, 3)) use NEON FMAs."""
+    objdump, pattern = CASES[target]
+    if shutil.which(objdump) is None:
+        pytest.skip(f"{objdump} is missing: run scripts/setup.sh")
+    spec = targets.get(target)
+    mod = conv_model(64, 64, 32, (1, 1, 1, 1))
+    weights = [np.zeros([int(d) for d in p.ty.shape], "float32")
+               for p in mod["main"].params[1:]]
+    ex, _ = build(mod, spec.tvm_target(), {"main": weights})
+    lib = spec.export_library(ex, tmp_path / "lib.so")
+    kernel = kernel_disassembly(objdump, lib, "conv2d_winograd")
+    assert kernel, "no conv2d_winograd kernel in the library"
     assert len(re.findall(pattern, kernel)) >= 8, kernel[:3000]
