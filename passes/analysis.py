@@ -23,6 +23,7 @@ from .ir import (
     tensor_ref,
     var_inputs,
 )
+from .winograd import stored_weight_factor
 
 
 @dataclass(frozen=True)
@@ -88,13 +89,27 @@ def function_flops(func: relax.Function) -> int:
     return total
 
 
+def weight_bytes(call: relax.Expr) -> int:
+    """Bytes of the constants ``call`` reads, as a CPU build stores them."""
+    return sum(const_nbytes(c) for c in constants(call)) + winograd_extra_bytes(call)
+
+
+def winograd_extra_bytes(call: relax.Expr) -> int:
+    """What a convolution run as Winograd stores beyond its kernel: the transformed kernel
+    takes up to 4x the kernel's bytes (:func:`~splitc.passes.winograd.stored_weight_factor`)."""
+    if not (isinstance(call, relax.Call) and len(call.args) > 1
+            and isinstance(call.args[1], tvm.ir.GenericConst)):
+        return 0
+    return int(const_nbytes(call.args[1]) * (stored_weight_factor(call) - 1))
+
+
 def profile(mod: tvm.IRModule) -> list[BindingCost]:
     """Per-binding FLOPs, weight bytes and output activation bytes of ``main``, in order."""
     rows = []
     for i, b in enumerate(main_block(mod).bindings):
         out = tensor_ref(b.var) if is_tensor(b.var) else None
         flops = op_flops(b.value, out.shape) if out else 0
-        weights = sum(const_nbytes(c) for c in constants(b.value))
+        weights = weight_bytes(b.value)
         rows.append(BindingCost(i, b.var.name, op_name(b.value), flops, weights, out))
     return rows
 

@@ -20,7 +20,7 @@ from tvm import relax
 
 from splitc.errors import SplitcError
 
-from .analysis import function_flops
+from .analysis import function_flops, winograd_extra_bytes
 from .ir import (
     CLIENT,
     DEVICE_ATTR,
@@ -210,7 +210,8 @@ def extract(mod: tvm.IRModule) -> Extracted:
                 transfers.setdefault((ref.name, device), Transfer(ref, src, device))
         flops = function_flops(mod[name])
         func, consts = _lift(mod[name])
-        wbytes = sum(const_nbytes(c) for c in consts)
+        wbytes = sum(const_nbytes(c) for c in consts) + sum(
+            winograd_extra_bytes(b.value) for blk in mod[name].body.blocks for b in blk.bindings)
         per_device.setdefault(device, {})[name] = func
         constants[name] = consts
         produced_on[b.var] = device
