@@ -193,3 +193,37 @@ def rebuild_main(mod: tvm.IRModule, rewrite) -> tvm.IRModule:
         results = [vmap[v] for v in output_vars(func)]
         bb.emit_func_output(results[0] if len(results) == 1 else relax.Tuple(results))
     return copy_helpers(mod, bb.get())
+
+
+def rewrite_bindings(mod: tvm.IRModule, plans: Mapping[tvm.ir.GlobalVar, Mapping],
+                     rewrite) -> tvm.IRModule:
+    """Apply a per-binding plan: for each function ``gv`` of ``mod`` and each binding whose
+    variable ``plans[gv]`` holds, ``rewrite(builder, call, args, plan_value)`` returns the
+    new value (emitting what it needs first; ``args`` are the call's arguments, already
+    rewritten). Other bindings are kept. Returns ``mod`` itself when no plan holds anything."""
+    if not any(plans.values()):
+        return mod
+
+    @relax.expr_functor.mutator
+    class _Rewrite(relax.PyExprMutator):
+        def __init__(self, module, plan):
+            super().__init__(module)
+            self.plan = plan
+
+        def visit_var_binding_(self, binding):
+            if binding.var not in self.plan:
+                return super().visit_var_binding_(binding)
+            call = binding.value
+            args = [self.visit_expr(arg) for arg in call.args]
+            value = rewrite(self.builder_, call, args, self.plan[binding.var])
+            emit = (self.builder_.emit if isinstance(binding.var, relax.DataflowVar)
+                    else self.builder_.emit_output)
+            self.set_var_remap(binding.var, emit(value, name_hint=binding.var.name))
+
+    out = mod
+    for gv, plan in plans.items():
+        if plan:
+            mutator = _Rewrite(out, plan)
+            mutator.builder_.update_func(gv, mutator.visit_expr(out[gv]))
+            out = mutator.builder_.get()
+    return out

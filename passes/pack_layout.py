@@ -215,8 +215,9 @@ class _Rewriter:
             p = self.plan[var]
             a = value.attrs
             data = self._packed_of(value.args[0], p.in_block)
-            weight = self.bb.emit(relax.op.layout_transform(
-                value.args[1], _kernel_map(p)))
+            kernel = value.args[1]  # a weight, or a value computed from one (MergeGroups)
+            kernel = self._plain_of(kernel) if isinstance(kernel, relax.Var) else kernel
+            weight = self.bb.emit(relax.op.layout_transform(kernel, _kernel_map(p)))
             conv = relax.op.nn.conv2d(
                 data, weight, strides=a.strides, padding=a.padding, dilation=a.dilation,
                 groups=a.groups, data_layout=packed_layout(p.in_block),

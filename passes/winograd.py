@@ -30,7 +30,7 @@ import tvm
 from tvm import relax, te, tirx, topi
 from tvm.topi.nn.winograd_util import _cook_toom_convolution, _interpolation_points
 
-from .ir import static_shape
+from .ir import rewrite_bindings, static_shape
 
 _PACKED = re.compile(r"^NCHW(\d+)c$")
 _KERNEL = re.compile(r"^OIHW(\d+)i(\d+)o$")
@@ -254,36 +254,14 @@ class WinogradConv:
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         plans = {gv: plan_winograd(f) for gv, f in mod.functions_items()
                  if isinstance(f, relax.Function)}
-        if not any(plans.values()):
-            return mod
+        return rewrite_bindings(mod, plans, _winograd)
 
-        @relax.expr_functor.mutator
-        class _Rewrite(relax.PyExprMutator):
-            def __init__(self, module, plan):
-                super().__init__(module)
-                self.plan = plan
 
-            def visit_var_binding_(self, binding):
-                if binding.var not in self.plan:
-                    return super().visit_var_binding_(binding)
-                call = binding.value
-                _, _, g = winograd_matrices(self.plan[binding.var])
-                data, kernel = (self.visit_expr(arg) for arg in call.args)
-                u = self.builder_.emit(self.builder_.call_te(
-                    winograd_weights, kernel, relax.const(g),
-                    primfunc_name_hint="winograd_weights"))
-                out = self.builder_.call_te(
-                    conv2d_winograd, data, u, [int(p) for p in call.attrs.padding],
-                    int(_PACKED.match(call.attrs.out_layout).group(1)),
-                    primfunc_name_hint="conv2d_winograd_NCHWc")
-                emit = (self.builder_.emit if isinstance(binding.var, relax.DataflowVar)
-                        else self.builder_.emit_output)
-                self.set_var_remap(binding.var, emit(out, name_hint=binding.var.name))
-
-        out = mod
-        for gv, plan in plans.items():
-            if plan:
-                rewrite = _Rewrite(out, plan)
-                rewrite.builder_.update_func(gv, rewrite.visit_expr(out[gv]))
-                out = rewrite.builder_.get()
-        return out
+def _winograd(bb: relax.BlockBuilder, call: relax.Call, args, tile: int) -> relax.Expr:
+    data, kernel = args
+    _, _, g = winograd_matrices(tile)
+    u = bb.emit(bb.call_te(winograd_weights, kernel, relax.const(g),
+                           primfunc_name_hint="winograd_weights"))
+    return bb.call_te(conv2d_winograd, data, u, [int(p) for p in call.attrs.padding],
+                      int(_PACKED.match(call.attrs.out_layout).group(1)),
+                      primfunc_name_hint="conv2d_winograd_NCHWc")

@@ -3,10 +3,11 @@
 ``tvm.compile`` alone emits plain loops for convolutions and matmuls (TVM 0.27 has no default
 CPU schedules). :func:`build` adds what makes the code fast without tuning:
 
-1. :class:`~splitc.passes.pack_layout.PackConvLayout` packs convolutions ``NCHW[x]c`` for the
+1. :class:`~splitc.passes.merge_groups.MergeGroups` widens narrow groups to whole vectors,
+   :class:`~splitc.passes.pack_layout.PackConvLayout` packs convolutions ``NCHW[x]c`` for the
    target's vector width, and :class:`~splitc.passes.winograd.WinogradConv` turns the 3x3
    stride-1 ones a cost model predicts faster into Winograd ``F(m, 3)`` matmuls;
-2. the weight transforms this creates (layout changes, Winograd's kernel transform) are
+2. the weight transforms this creates (layout changes, merged and Winograd kernels) are
    lifted out of the piece functions (``relax.transform.LiftTransformParams``) and applied
    once, here, to the weights — the artifact stores weights already packed and transformed,
    so no inference pays for it;
@@ -40,6 +41,7 @@ from splitc.passes.cpu_schedules import (
     top_blocks,
     vector_lanes,
 )
+from splitc.passes.merge_groups import MergeGroups
 from splitc.passes.pack_layout import PackConvLayout
 from splitc.passes.winograd import WinogradConv
 from splitc.tuning import apply_database
@@ -124,7 +126,8 @@ def pack(module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """Pack convolutions for ``target`` and lift the weight transforms into
     ``<function>_transform_params`` functions."""
     with target:
-        packed = WinogradConv()(PackConvLayout(vector_lanes(target))(module))
+        lanes = vector_lanes(target)
+        packed = WinogradConv()(PackConvLayout(lanes)(MergeGroups(lanes)(module)))
         return relax.transform.LiftTransformParams()(packed)
 
 
