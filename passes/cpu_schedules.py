@@ -588,12 +588,9 @@ class WinogradConv2d(ScheduleRule):
             ib = _ic_block(sch, sch.get_sblock("winograd_rows"))
             cc, k = sch.split(c, [None, ib])
             sch.reorder(p, cc, e, n, k)
-            rows = sch.get_sblock("winograd_rows")
-            sch.compute_at(rows, cc)
-            *_, ra, rn, rk = sch.get_loops(rows)
-            for loop in (ra, rn, e, n):
-                sch.unroll(loop)
-            sch.vectorize(rk)
+            _transform_at(sch, "winograd_rows", cc)
+            sch.unroll(e)
+            sch.unroll(n)
             sch.vectorize(k)
             sch.parallel(sch.fuse(p, cc))
             _parallel_pad(sch)
@@ -622,16 +619,24 @@ class WinogradConv2d(ScheduleRule):
             ty, yi = sch.split(y, [None, m])
             tx, xi = sch.split(x, [None, m])
             sch.reorder(b, oc, ty, tx, yi, xi, ob)
-            orow = sch.get_sblock("winograd_orow")
-            sch.compute_at(orow, tx)
-            *_, oe, ox, ok = sch.get_loops(orow)
-            for loop in (oe, ox, yi, xi):
-                sch.unroll(loop)
-            sch.vectorize(ok)
+            _transform_at(sch, "winograd_orow", tx)
+            sch.unroll(yi)
+            sch.unroll(xi)
             sch.vectorize(ob)
             sch.parallel(sch.fuse(b, oc, ty))
 
         return _finish(func, build)
+
+
+def _transform_at(sch: s_tir.Schedule, name: str, loop) -> None:
+    """A Winograd transform's first stage computed under ``loop``: its two transform loops
+    unrolled (the select chains fold to the nonzero terms), its channel block a vector."""
+    block = sch.get_sblock(name)
+    sch.compute_at(block, loop)
+    *_, first, second, lanes = sch.get_loops(block)
+    sch.unroll(first)
+    sch.unroll(second)
+    sch.vectorize(lanes)
 
 
 class PackedPool(ScheduleRule):

@@ -227,3 +227,23 @@ def rewrite_bindings(mod: tvm.IRModule, plans: Mapping[tvm.ir.GlobalVar, Mapping
             mutator.builder_.update_func(gv, mutator.visit_expr(out[gv]))
             out = mutator.builder_.get()
     return out
+
+
+def plain_conv2d(call: relax.Expr) -> tuple[int, int, int] | None:
+    """``(c_in, c_out, c_in per group)`` of a float32 ``NCHW`` / ``OIHW`` 2-D convolution with
+    static shapes, the form the CPU rewrites start from; None for anything else."""
+    if not (isinstance(call, relax.Call) and call.op == tvm.ir.Op.get("relax.nn.conv2d")):
+        return None
+    a = call.attrs
+    if (a.data_layout, a.kernel_layout, a.out_layout) != ("NCHW", "OIHW", "NCHW"):
+        return None
+    if str(call.args[0].ty.dtype) != "float32" or str(call.args[1].ty.dtype) != "float32":
+        return None
+    if str(a.out_dtype) not in ("", "void", "None", "float32"):
+        return None
+    try:
+        _, c_in, _, _ = static_shape(call.args[0])
+        c_out, per_group, _, _ = static_shape(call.args[1])
+    except SplitcError:  # dynamic shapes: leave the convolution alone
+        return None
+    return c_in, c_out, per_group

@@ -21,7 +21,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .ir import rewrite_bindings, static_shape
+from .ir import plain_conv2d, rewrite_bindings, static_shape
 
 
 def merge_factor(channels: int, groups: int, per_group_in: int, lanes: int) -> int:
@@ -39,21 +39,13 @@ def plan_merge(func: relax.Function, lanes: int) -> dict[relax.Var, int]:
         return plan
     for block in func.body.blocks:
         for binding in block.bindings:
-            call = binding.value
-            if not (isinstance(call, relax.Call)
-                    and call.op == tvm.ir.Op.get("relax.nn.conv2d")):
+            conv = plain_conv2d(binding.value)
+            if conv is None:
                 continue
-            a = call.attrs
-            if (a.data_layout, a.kernel_layout, a.out_layout) != ("NCHW", "OIHW", "NCHW") \
-                    or str(call.args[1].ty.dtype) != "float32":
-                continue
-            try:
-                _, c_in, _, _ = static_shape(call.args[0])
-                c_out, per_group, _, _ = static_shape(call.args[1])
-            except Exception:  # dynamic shapes: leave the convolution alone
-                continue
-            f = merge_factor(c_in, int(a.groups), per_group, lanes)
-            if f > 1 and c_out % int(a.groups) == 0:
+            c_in, c_out, per_group = conv
+            groups = int(binding.value.attrs.groups)
+            f = merge_factor(c_in, groups, per_group, lanes)
+            if f > 1 and c_out % groups == 0:
                 plan[binding.var] = f
     return plan
 

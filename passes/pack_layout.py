@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import tvm
 from tvm import relax
 
-from splitc.passes.ir import static_shape, substitute, var_inputs
+from splitc.passes.ir import plain_conv2d, static_shape, substitute, var_inputs
 
 #: Ops that keep a packed tensor packed: elementwise on one tensor.
 _UNARY = {"relax.nn.relu", "relax.clip", "relax.sigmoid", "relax.nn.silu", "relax.tanh",
@@ -70,20 +70,11 @@ def plan_packing(func: relax.Function, lanes: int) -> dict[relax.Var, ConvPackin
     for block in func.body.blocks:
         for binding in block.bindings:
             call = binding.value
-            if not (isinstance(call, relax.Call) and call.op == tvm.ir.Op.get("relax.nn.conv2d")):
+            conv = plain_conv2d(call)
+            if conv is None:
                 continue
+            c_in, c_out, c_in_per_group = conv
             a = call.attrs
-            if (a.data_layout, a.kernel_layout, a.out_layout) != ("NCHW", "OIHW", "NCHW"):
-                continue
-            if str(call.args[0].ty.dtype) != "float32" or str(call.args[1].ty.dtype) != "float32":
-                continue
-            if str(a.out_dtype) not in ("", "void", "None", "float32"):
-                continue
-            try:
-                _, c_in, _, _ = static_shape(call.args[0])
-                c_out, c_in_per_group, _, _ = static_shape(call.args[1])
-            except Exception:  # dynamic shapes: leave the convolution alone
-                continue
             groups = int(a.groups)
             if groups == 1:
                 packing = ConvPacking(channel_block(c_in, lanes), channel_block(c_out, lanes))

@@ -30,7 +30,7 @@ import tvm
 from tvm import relax, te, tirx, topi
 from tvm.topi.nn.winograd_util import _cook_toom_convolution, _interpolation_points
 
-from .ir import rewrite_bindings, static_shape
+from .ir import plain_conv2d, rewrite_bindings, static_shape
 
 _PACKED = re.compile(r"^NCHW(\d+)c$")
 _KERNEL = re.compile(r"^OIHW(\d+)i(\d+)o$")
@@ -81,17 +81,13 @@ def stored_weight_factor(call: relax.Expr) -> float:
     """How many times its kernel's bytes a plain ``NCHW`` convolution's weights take once
     built for a CPU: ``(m+2)^2 / 9`` where :func:`winograd_tile` picks ``F(m, 3)``, else 1.
     The cost model's per-device memory counts the weights as the artifact stores them."""
-    if not (isinstance(call, relax.Call) and call.op == tvm.ir.Op.get("relax.nn.conv2d")):
+    conv = plain_conv2d(call)
+    if conv is None:
         return 1.0
     a = call.attrs
-    try:
-        k, out = static_shape(call.args[1]), static_shape(call)
-    except Exception:  # dynamic shapes are never rewritten
-        return 1.0
-    if ((a.data_layout, a.kernel_layout, a.out_layout) != ("NCHW", "OIHW", "NCHW")
-            or int(a.groups) != 1 or k[2:] != (3, 3)
-            or [int(s) for s in a.strides] != [1, 1] or [int(d) for d in a.dilation] != [1, 1]
-            or str(call.args[1].ty.dtype) != "float32"):
+    k, out = static_shape(call.args[1]), static_shape(call)
+    if (int(a.groups) != 1 or k[2:] != (3, 3)
+            or [int(s) for s in a.strides] != [1, 1] or [int(d) for d in a.dilation] != [1, 1]):
         return 1.0
     tile = winograd_tile(out[0], out[2], out[3], k[1], k[0])
     return 1.0 if tile is None else (tile + 2) ** 2 / 9
