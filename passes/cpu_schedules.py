@@ -628,6 +628,11 @@ class WinogradConv2d(ScheduleRule):
         return _finish(func, build)
 
 
+def is_winograd(func: tirx.PrimFunc) -> bool:
+    """Whether ``func`` is a :func:`~splitc.passes.winograd.conv2d_winograd` kernel."""
+    return _find_block(s_tir.Schedule(func), ["winograd_M"]) is not None
+
+
 def _transform_at(sch: s_tir.Schedule, name: str, loop) -> None:
     """A Winograd transform's first stage computed under ``loop``: its two transform loops
     unrolled (the select chains fold to the nonzero terms), its channel block a vector."""
