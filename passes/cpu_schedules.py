@@ -575,9 +575,7 @@ class WinogradConv2d(ScheduleRule):
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
         del tunable
-        probe = s_tir.Schedule(func)
-        if _find_block(probe, ["winograd_M"]) is None or \
-                _find_block(probe, ["conv2d_winograd"]) is None:
+        if not is_winograd(func):
             return None
         lanes, registers = vector_lanes(target), vector_registers(target)
 
@@ -630,7 +628,9 @@ class WinogradConv2d(ScheduleRule):
 
 def is_winograd(func: tirx.PrimFunc) -> bool:
     """Whether ``func`` is a :func:`~splitc.passes.winograd.conv2d_winograd` kernel."""
-    return _find_block(s_tir.Schedule(func), ["winograd_M"]) is not None
+    probe = s_tir.Schedule(func)
+    return all(_find_block(probe, [name]) is not None
+               for name in ("winograd_M", "conv2d_winograd"))
 
 
 def _transform_at(sch: s_tir.Schedule, name: str, loop) -> None:

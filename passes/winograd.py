@@ -84,13 +84,18 @@ def stored_weight_factor(call: relax.Expr) -> float:
     conv = plain_conv2d(call)
     if conv is None:
         return 1.0
-    a = call.attrs
     k, out = static_shape(call.args[1]), static_shape(call)
-    if (int(a.groups) != 1 or k[2:] != (3, 3)
-            or [int(s) for s in a.strides] != [1, 1] or [int(d) for d in a.dilation] != [1, 1]):
+    if not _unit_3x3(call.attrs, k):
         return 1.0
     tile = winograd_tile(out[0], out[2], out[3], k[1], k[0])
     return 1.0 if tile is None else (tile + 2) ** 2 / 9
+
+
+def _unit_3x3(attrs, kernel_shape) -> bool:
+    """A 3x3 kernel, stride 1, no dilation, one group: the convolutions Winograd computes."""
+    return (int(attrs.groups) == 1 and tuple(kernel_shape[2:4]) == (3, 3)
+            and [int(s) for s in attrs.strides] == [1, 1]
+            and [int(d) for d in attrs.dilation] == [1, 1])
 
 
 # -- compute ---------------------------------------------------------------------------------------
@@ -192,10 +197,9 @@ def plan_winograd(func: relax.Function) -> dict[relax.Var, int]:
         for binding in block.bindings:
             call = binding.value
             if isinstance(binding, relax.VarBinding) and _eligible(call, weights):
-                batch, _, height, width, _ = static_shape(binding.var)
-                c_in = static_shape(call.args[0])[1] * static_shape(call.args[0])[4]
-                c_out = static_shape(binding.var)[1] * static_shape(binding.var)[4]
-                tile = winograd_tile(batch, height, width, c_in, c_out)
+                batch, o_chunks, height, width, ob = static_shape(binding.var)
+                _, i_chunks, _, _, ib = static_shape(call.args[0])
+                tile = winograd_tile(batch, height, width, i_chunks * ib, o_chunks * ob)
                 if tile is not None:
                     plan[binding.var] = tile
             if isinstance(binding, relax.VarBinding) and _only_weights(call, weights):
@@ -232,9 +236,7 @@ def _eligible(call: relax.Expr, weights: set[relax.Var]) -> bool:
         static_shape(call)
     except Exception:  # dynamic shapes: leave the convolution alone
         return False
-    return (int(a.groups) == 1 and k[2:4] == (3, 3)
-            and [int(s) for s in a.strides] == [1, 1]
-            and [int(d) for d in a.dilation] == [1, 1]
+    return (_unit_3x3(a, k)
             and str(data.ty.dtype) == str(kernel.ty.dtype) == "float32"
             and str(a.out_dtype) in ("", "void", "None", "float32")
             and _only_weights(kernel, weights))
