@@ -6,6 +6,8 @@ For one model and N devices it measures, in this order and on the same cores:
 * splitc on one device (default schedules, one worker);
 * the plain channel-parallel split (all-gather after every layer), the best pipeline split,
   the spatial split, and ``--strategy auto``, each with one worker per device;
+* ``auto`` again with the workers' pieces at normal scheduling priority instead of idle
+  (``--compute-priority``: what letting tensors leave at once is worth);
 
 and prints per row the measured latency (median of ``--requests`` sequential requests), the
 throughput with N requests in flight, bytes between devices per inference, the speedup over
@@ -117,7 +119,7 @@ class Workers:
     """One worker per device, pinned to its own core, started from the plan's folders."""
 
     def __init__(self, out: Path, plan: Plan, nets: Namespaces | None, port0: int,
-                 cores: list[int], keys: Path | None):
+                 cores: list[int], keys: Path | None, priority: str = "idle"):
         self.procs, self.endpoints = [], {}
         for i, dev in enumerate(plan.devices):
             if not plan.pieces_on(dev.name):
@@ -127,7 +129,7 @@ class Workers:
             core = cores[i % len(cores)]
             cmd = [*(nets.prefix(i) if nets else []), "taskset", "-c", str(core), "env",
                    "TVM_NUM_THREADS=1", sys.executable, "-m", "splitc.runtime.worker",
-                   str(out / dev.dir), "--bind", endpoint,
+                   str(out / dev.dir), "--bind", endpoint, "--compute-priority", priority,
                    *(["--keys", str(keys / dev.name)] if keys else ["--insecure"])]
             self.procs.append(subprocess.Popen(cmd, stderr=subprocess.PIPE))
             self.endpoints[dev.name] = endpoint
@@ -143,9 +145,9 @@ class Workers:
 
 
 def measure(out: Path, x, reference, nets, port0, repeats, inflight, cores,
-            keys: Path | None) -> dict:
+            keys: Path | None, priority: str = "idle") -> dict:
     plan = Plan.load(out)
-    workers = Workers(out, plan, nets, port0, cores, keys)
+    workers = Workers(out, plan, nets, port0, cores, keys, priority)
     try:
         with connect(out, workers.endpoints, start_timeout=120, timeout=600,
                      keys=keys / "client" if keys else None, insecure=True) as session:
@@ -248,15 +250,20 @@ def main() -> int:
         if args.netns:
             nets = Namespaces(n, bandwidth, delay, args.lab)
             stack.callback(nets.cleanup)
-        configs = [("splitc, 1 device", "pipeline", 1), ("channel-parallel", "channel", n),
-                   ("pipeline", "pipeline", n), ("spatial", "spatial", n), ("auto", "auto", n)]
-        for i, (name, strategy, devices) in enumerate(configs):
+        # the last row runs auto's folder again with the workers' pieces at normal priority:
+        # what the runtime's idle-priority compute (tensors leave at once) is worth
+        configs = [("splitc, 1 device", "pipeline", 1, "idle"),
+                   ("channel-parallel", "channel", n, "idle"),
+                   ("pipeline", "pipeline", n, "idle"), ("spatial", "spatial", n, "idle"),
+                   ("auto", "auto", n, "idle"), ("auto, normal priority", "auto", n, "normal")]
+        for i, (name, strategy, devices, priority) in enumerate(configs):
             out = work / f"{strategy}-{devices}"
             sub = Cluster(cluster.devices[:devices], link)
-            compile_model(args.model, out, strategy=strategy, cluster=sub, tiny=args.tiny,
-                          input_shapes=shapes)
+            if priority == "idle":  # (the normal-priority row reuses auto's folder)
+                compile_model(args.model, out, strategy=strategy, cluster=sub, tiny=args.tiny,
+                              input_shapes=shapes)
             r = measure(out, x, reference, nets, 5600 + 10 * i, args.requests, devices,
-                        worker_cores, keys)
+                        worker_cores, keys, priority)
             plan = r.pop("plan")
             pred = estimate(plan, Cluster(sub.devices[:len(plan.devices)], link),
                             [speed] * len(plan.devices))

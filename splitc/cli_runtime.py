@@ -34,6 +34,9 @@ def serve(
     max_message_bytes: Annotated[int | None, typer.Option(
         help="Close connections that send larger frames (default: twice the largest tensor "
              "this device receives, at least 1 MiB).")] = None,
+    compute_priority: Annotated[str, typer.Option(
+        help="idle: pieces run at SCHED_IDLE, so tensors leave the moment they are sent; "
+             "normal: where other busy processes share the board.")] = "idle",
 ) -> None:
     """Serve one device's pieces until SIGTERM or Ctrl-C (run this on every board).
 
@@ -46,6 +49,7 @@ def serve(
     argv += ["--insecure"] if insecure else []
     argv += ["--restart"] if restart else []
     argv += ["--max-message-bytes", str(max_message_bytes)] if max_message_bytes else []
+    argv += ["--compute-priority", compute_priority]
     code = worker.main(argv)
     if code:
         raise typer.Exit(code)

@@ -43,12 +43,13 @@ def close_to(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and float(np.abs(a - b).max()) <= 1e-5 * float(np.abs(b).max())
 
 
-def start_worker(folder: Path, tmp: Path) -> tuple[subprocess.Popen, str]:
-    """A worker process as a board runs it; returns it and its endpoint."""
+def start_worker(folder: Path, tmp: Path, *args: str) -> tuple[subprocess.Popen, str]:
+    """A worker process as a board runs it (with more command-line ``args``); returns it and
+    its endpoint."""
     announce = tmp / f"{folder.name}.ep"
     proc = subprocess.Popen(
         [sys.executable, "-m", "splitc.runtime.worker", str(folder), "--bind",
-         "tcp://127.0.0.1:*", "--announce", str(announce)],
+         "tcp://127.0.0.1:*", "--announce", str(announce), *args],
         env={**os.environ, "TVM_USE_RUNTIME_LIB": "1"}, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 30
     while not announce.exists():
@@ -357,6 +358,50 @@ def test_a_remote_worker_killed_mid_session_fails_infer_naming_it(outs, tmp_path
     finally:
         codes = {d: stop_worker(p) for d, (p, _) in procs.items()}
     assert codes["dev1"] == 0  # SIGTERM: a clean exit
+
+
+def thread_policies(pid: int) -> dict[str, set[int]]:
+    """Scheduling policy of each thread of process ``pid``, by thread name ('main' for its
+    first thread)."""
+    out: dict[str, set[int]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        tid = int(task.name)
+        name = "main" if tid == pid else (task / "comm").read_text().strip()
+        out.setdefault(name, set()).add(os.sched_getscheduler(tid))
+    return out
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling policies")
+@pytest.mark.parametrize("priority", ["default", "normal"])
+def test_pieces_run_at_idle_priority_below_the_io_thread(outs, tmp_path, priority):
+    """By default the worker's own thread, which runs the pieces, is SCHED_IDLE and ZeroMQ's
+    I/O thread is not, so a tensor sent before the next piece starts leaves at once."""
+    out = outs["pipeline", 2]
+    plan = Plan.load(out)
+    args = () if priority == "default" else ("--compute-priority", priority)
+    procs = {d.name: start_worker(out / d.dir, tmp_path, *args) for d in plan.devices}
+    try:
+        with connect(plan, {d: ep for d, (_, ep) in procs.items()}, timeout=30) as session:
+            x = random_inputs(plan)
+            for a, b in zip(session.infer(*x), reference(*x), strict=True):
+                assert close_to(a, b)
+            policies = thread_policies(procs["dev0"][0].pid)
+    finally:
+        for p, _ in procs.values():
+            stop_worker(p)
+    io = {name for name in policies if name.startswith("ZMQbg/IO")}
+    assert io, policies
+    assert all(policies[name] == {os.SCHED_OTHER} for name in io)
+    assert policies["main"] == {os.SCHED_IDLE if priority == "default" else os.SCHED_OTHER}
+
+
+def test_a_bad_compute_priority_is_refused(outs, tmp_path):
+    folder = outs["pipeline", 2] / "dev0"
+    done = subprocess.run([sys.executable, "-m", "splitc.runtime.worker", str(folder),
+                           "--compute-priority", "high"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2
+    assert "--compute-priority: invalid choice: 'high'" in done.stderr
 
 
 def test_a_hung_worker_times_out_instead_of_hanging(outs):
