@@ -273,7 +273,7 @@ def main() -> int:
     single = rows[1]["latency"]
     must_cross = sum(t.nbytes for t in x) + sum(r.nbytes for r in reference)
     ideal = flops / (n * speed.flops_per_second) + must_cross / bandwidth
-    print(f"{'config':<36} {'latency ms':>10} {'req/s':>7} {'speedup':>7} {'bytes/inf':>12} "
+    print(f"{'config':<40} {'latency ms':>10} {'req/s':>7} {'speedup':>7} {'bytes/inf':>12} "
           f"{'predicted':>9} {'pred err':>8} {'rel err':>8} {'busy ms':>8} {'pred busy':>9}")
     errors = []
     for r in rows:
@@ -283,7 +283,7 @@ def main() -> int:
             errors.append(abs(pred - r["latency"]) / r["latency"])
         busy = f"{r['busy'] * 1e3:.1f}" if "busy" in r else ""
         pbusy = f"{r['predicted_busy'] * 1e3:.1f}" if pred is not None else ""
-        print(f"{r['config']:<36} {r['latency'] * 1e3:>10.1f} {r['throughput']:>7.2f} "
+        print(f"{r['config']:<40} {r['latency'] * 1e3:>10.1f} {r['throughput']:>7.2f} "
               f"{single / r['latency']:>6.2f}x {r['bytes']:>12,} "
               f"{'' if pred is None else f'{pred * 1e3:.1f}':>9} {perr:>8} "
               f"{r['rel_err']:>8.1e} {busy:>8} {pbusy:>9}")
