@@ -12,7 +12,8 @@ For one model and N devices it measures, in this order and on the same cores:
 and prints per row the measured latency (median of ``--requests`` sequential requests), the
 throughput with N requests in flight, bytes between devices per inference, the speedup over
 one device, the cost model's prediction and its error, and the ideal
-(FLOPs / sum of device speeds + bytes that must cross / bandwidth).
+(one device's compute, FLOPs and every weight read once, divided by N, plus the bytes that
+must cross / bandwidth).
 
 Devices are worker processes pinned to their own core (``taskset``) with one TVM thread;
 where there are more cores than devices, the client (and ONNX Runtime) get a core of their
@@ -216,16 +217,23 @@ def main() -> int:
 
     table = profiler.measure(args.model, "host", tiny=args.tiny, input_shapes=shapes, number=2)
     speed = DeviceSpeed.from_profile(table, "profile (1 core)")
+    # the search reads the same table (all its terms) from a cache of this run's own
+    os.environ["SPLITC_CACHE"] = str(work / "cache")
+    profiler.save(table)
     bandwidth = parse_rate(args.bandwidth) if args.netns else 2e9
     hop = 1e-4  # seconds per message; the runtime's per-hop goal, checked by hop_overhead.py
     link = Link(bandwidth, hop + delay)
-    cluster = Cluster(tuple(ClusterDevice(f"dev{i}", "host", 2**34, speed.flops_per_second / 1e9)
-                            for i in range(n)), link)
-    flops = sum(r.flops for r in profile_bindings(model.mod))
+    cluster = Cluster(tuple(ClusterDevice(f"dev{i}", "host", 2**34) for i in range(n)), link)
+    costs = profile_bindings(model.mod)
+    # one device's compute: the whole model's FLOPs and every weight read once
+    one_device = (sum(r.flops for r in costs) / speed.flops_per_second
+                  + sum(r.weight_bytes for r in costs) * speed.seconds_per_weight_byte)
 
+    weights = table["seconds_per_weight_byte"]
     print(f"# cluster benchmark: {label}, input {list(x[0].shape)}, {n} devices x 1 core "
           f"(taskset, TVM_NUM_THREADS=1), splitc {table['flops_per_second'] / 1e9:.2f} "
-          f"GFLOP/s per core (profiled)")
+          f"GFLOP/s per core" + (f" and weights at {1 / weights / 1e9:.1f} GB/s" if weights
+                                 else "") + " (profiled)")
     if args.netns:
         print(f"# links: namespaces on a bridge, each veth shaped with tc tbf to {args.bandwidth}"
               + (f", netem delay {delay / 2 * 1e3:g} ms per veth ({delay * 1e3:g} ms device to "
@@ -272,7 +280,7 @@ def main() -> int:
                          "predicted_busy": max(pred.device_busy.values())})
     single = rows[1]["latency"]
     must_cross = sum(t.nbytes for t in x) + sum(r.nbytes for r in reference)
-    ideal = flops / (n * speed.flops_per_second) + must_cross / bandwidth
+    ideal = one_device / n + must_cross / bandwidth
     print(f"{'config':<40} {'latency ms':>10} {'req/s':>7} {'speedup':>7} {'bytes/inf':>12} "
           f"{'predicted':>9} {'pred err':>8} {'rel err':>8} {'busy ms':>8} {'pred busy':>9}")
     errors = []

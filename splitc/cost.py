@@ -1,6 +1,7 @@
 """The cost model, in one place.
 
-    piece seconds    = piece FLOPs / device FLOP/s + per-call overhead
+    piece seconds    = piece FLOPs / device FLOP/s + piece weight bytes / weight bandwidth
+                       + per-call overhead
                        + bytes in and out of the piece x seconds per boundary byte
     transfer seconds = bytes / link bandwidth + link latency   (each sender's link is shared)
     device memory    = its weights + its largest piece's inputs and outputs
@@ -10,10 +11,17 @@ inputs have arrived; each transfer waits for the sender's link. *Latency* is whe
 output reaches the caller; the *period* (1 / throughput with requests pipelined) is the
 busiest device's or link's time per request.
 
-Device speed comes from, in order: the cluster file's ``gflops``; the table `splitc profile`
-measured for that target on this machine (for the host, measured on first use); the target's
-published peak times :data:`UNPROFILED_EFFICIENCY` (the fraction of peak the default
-schedules reach). A profile measured with other code generation is stale and ignored.
+Every piece reads all of its weights once however few rows it computes, so a spatial split's
+tiles each pay the whole weight term: on this x86 core (AVX-512) ResNet-50's 118 MB take
+about 4.7 of its 30 ms, and a two-way split's tiles measured 18.4 ms of convolution each
+where FLOPs alone predicted 16.6 (18.1 with the term).
+
+Device speed comes from, in order: the cluster file's ``gflops`` (which prices the weights
+in with the FLOPs); the table `splitc profile` measured for that target on this machine (for
+the host, measured on first use); the target's published peak times
+:data:`UNPROFILED_EFFICIENCY` (the fraction of peak the default schedules reach) and its
+published memory bandwidth for the weights. A profile measured with other code generation,
+or in an older table format, is stale and ignored.
 """
 
 from __future__ import annotations
@@ -45,6 +53,9 @@ DEFAULT_CALL_OVERHEAD = 50e-6 + RUNTIME_DISPATCH
 #: the whole model); when no profile says otherwise: ResNet-50 on this x86 core, where 324 MB
 #: crossing 176 one-layer pieces cost 53 ms more than the whole model (about 6 GB/s).
 DEFAULT_SECONDS_PER_BYTE = 1.6e-10
+#: Profile tables older than this (or of other code generation) are measured again. 2: the
+#: weights are priced apart (``seconds_per_weight_byte``).
+PROFILE_FORMAT = 2
 
 
 def profile_dir() -> Path:
@@ -58,13 +69,20 @@ class DeviceSpeed:
     call_overhead: float
     source: str  # where the figure came from, for --explain
     seconds_per_byte: float = 0.0  # at piece boundaries (see DEFAULT_SECONDS_PER_BYTE)
+    seconds_per_weight_byte: float = 0.0  # each weight a piece reads, once per call
 
     @classmethod
     def from_profile(cls, table: dict, source: str) -> DeviceSpeed:
         """The speed `splitc profile` measured (a table from :func:`splitc.profiler.measure`)."""
         return cls(table["flops_per_second"],
                    table.get("call_overhead", 0.0) + RUNTIME_DISPATCH, source,
-                   table.get("seconds_per_byte", DEFAULT_SECONDS_PER_BYTE))
+                   table.get("seconds_per_byte", DEFAULT_SECONDS_PER_BYTE),
+                   table.get("seconds_per_weight_byte", 0.0))
+
+    def piece_seconds(self, flops: float, weight_bytes: float, edge_bytes: float) -> float:
+        """One call of a piece with these FLOPs, weights, and bytes in and out."""
+        return (flops / self.flops_per_second + weight_bytes * self.seconds_per_weight_byte
+                + self.call_overhead + edge_bytes * self.seconds_per_byte)
 
 
 def device_speed(device: ClusterDevice) -> DeviceSpeed:
@@ -74,7 +92,7 @@ def device_speed(device: ClusterDevice) -> DeviceSpeed:
                            DEFAULT_SECONDS_PER_BYTE)
     path = profile_dir() / f"{device.target}.json"
     table = json.loads(path.read_text()) if path.exists() else {}
-    if table.get("codegen") == CODEGEN:  # a profile of older code generation is stale
+    if table.get("codegen") == CODEGEN and table.get("format") == PROFILE_FORMAT:
         return DeviceSpeed.from_profile(table, f"profile {path}")
     spec = target_registry.get(device.target)
     if spec.is_host:  # measurable right here: profile once and keep the table
@@ -94,9 +112,11 @@ def device_speed(device: ClusterDevice) -> DeviceSpeed:
     if not peak:
         raise SplitcError(f"no speed known for target {device.target}: run `splitc profile "
                           f"--target {device.target}` or give gflops in the cluster file")
+    bandwidth = spec.memory_bandwidth_gbs
     return DeviceSpeed(peak * 1e9 * UNPROFILED_EFFICIENCY, DEFAULT_CALL_OVERHEAD,
-                       f"published peak {peak} GFLOP/s x {UNPROFILED_EFFICIENCY}",
-                       DEFAULT_SECONDS_PER_BYTE)
+                       f"published peak {peak} GFLOP/s x {UNPROFILED_EFFICIENCY}"
+                       + (f", weights at {bandwidth} GB/s" if bandwidth else ""),
+                       DEFAULT_SECONDS_PER_BYTE, 1 / (bandwidth * 1e9) if bandwidth else 0.0)
 
 
 @dataclass(frozen=True)
@@ -168,9 +188,8 @@ def estimate(plan: Plan, cluster: Cluster, speeds: list[DeviceSpeed] | None = No
 
     for p in plan.pieces:
         start = max([free[p.device]] + [arrive(t, p.device) for t in p.inputs])
-        s = speed[p.device]
         edge = sum(plan.tensors[t].nbytes for t in (*p.inputs, *p.outputs))
-        run = p.flops / s.flops_per_second + s.call_overhead + edge * s.seconds_per_byte
+        run = speed[p.device].piece_seconds(p.flops, p.weight_bytes, edge)
         free[p.device] = start + run
         busy[p.device] += run
         for t in p.outputs:

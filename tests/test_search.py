@@ -84,6 +84,25 @@ def test_estimate_is_the_stated_formula():
     per_byte = [DeviceSpeed(s.flops_per_second, s.call_overhead, "test", 1e-8) for s in speeds]
     slower = estimate(plan, cluster, per_byte)
     assert slower.latency - est.latency == pytest.approx(1e-8 * (4000 + 1000 + 1000 + 40))
+    # every piece reads its weights once per call (800 and 400 bytes)
+    reading = [DeviceSpeed(s.flops_per_second, s.call_overhead, "test", 0.0, 1e-7)
+               for s in speeds]
+    assert estimate(plan, cluster, reading).latency - est.latency == pytest.approx(1e-7 * 1200)
+
+
+def test_rates_fitted_from_two_input_sizes():
+    """seconds = FLOPs / rate + weight bytes x per-weight-byte, solved from two runs; a run
+    that a quarter of the FLOPs makes a quarter as long prices no weights apart."""
+    from splitc.profiler import fit_rates
+
+    def seconds(flops, weights):
+        return flops / 2e11 + weights * 4e-11
+
+    big, small = (8e9, 1e8), (2e9, 0.9e8)
+    rate, per_weight = fit_rates((big, seconds(*big)), (small, seconds(*small)))
+    assert rate == pytest.approx(2e11) and per_weight == pytest.approx(4e-11)
+    assert fit_rates((big, 0.04), (small, 0.01)) == (pytest.approx(2e11), 0.0)
+    assert fit_rates((big, 0.04)) == (pytest.approx(2e11), 0.0)
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +165,8 @@ def test_a_faster_device_gets_more_rows(resnet):
 
 
 def test_profile_table_gives_the_cost_model_its_speed(tmp_path, monkeypatch):
-    """`splitc profile`'s table: FLOP/s, call overhead and cost per boundary byte, stored where
-    the cost model reads it for that target."""
+    """`splitc profile`'s table: FLOP/s, seconds per weight byte, call overhead and cost per
+    boundary byte, stored where the cost model reads it for that target."""
     from splitc import profiler
     from splitc.cost import device_speed
 
@@ -155,11 +174,20 @@ def test_profile_table_gives_the_cost_model_its_speed(tmp_path, monkeypatch):
     table = profiler.measure("resnet18", "host", tiny=True, number=1)
     assert table["flops_per_second"] > 1e8 and table["call_overhead"] >= 0
     assert table["seconds_per_byte"] >= 0 and "per byte" in profiler.describe(table)
+    assert table["seconds_per_weight_byte"] >= 0 and table["weight_term"]
+    assert f"weights priced apart: {table['weight_term']}" in profiler.describe(table)
     path = profiler.save(table)
     speed = device_speed(ClusterDevice("h", "host", 2**30))
     assert str(path) in speed.source
-    assert (speed.flops_per_second, speed.seconds_per_byte) == (table["flops_per_second"],
-                                                                table["seconds_per_byte"])
+    assert (speed.flops_per_second, speed.seconds_per_byte, speed.seconds_per_weight_byte) == (
+        table["flops_per_second"], table["seconds_per_byte"], table["seconds_per_weight_byte"])
+    # a board's table is read as it is; one of the previous format is stale and ignored
+    board = ClusterDevice("pi", "rpi4", 2**30)
+    profiler.save({**table, "target": "rpi4"})
+    assert device_speed(board).flops_per_second == table["flops_per_second"]
+    profiler.save({**table, "target": "rpi4", "format": 1})
+    assert device_speed(board).source.startswith("published peak")
+    assert device_speed(board).seconds_per_weight_byte == pytest.approx(1 / 12.8e9)
 
 
 def test_spatial_stages_are_priced_and_exact(resnet):
