@@ -18,12 +18,14 @@ must cross / bandwidth).
 Devices are worker processes pinned to their own core (``taskset``) with one TVM thread;
 where there are more cores than devices, the client (and ONNX Runtime) get a core of their
 own. Links: with ``--netns`` (root), each worker runs in its own network namespace behind a
-veth pair on a bridge, each veth shaped with ``tc tbf`` to ``--bandwidth``. ``--delay D``
+veth pair on a bridge, each veth shaped with ``tc tbf`` to ``--bandwidth``, and the client's
+side of the bridge too (as a board's or a laptop's one Ethernet port would be). ``--delay D``
 adds ``tc netem`` delay D/2 on both ends of every veth, so a message between two devices takes
 D longer (one between the client and a device, D/2); kernels without netem (this VM's) refuse
-it. The cost model is given the link's bandwidth and D plus the runtime's per-hop time as
-latency. Without ``--netns`` the workers talk over loopback, unshaped, and the cost model is
-given loopback figures. The header printed says which.
+it. The cost model is given the links as measured before the rows: the bandwidth and the time
+per message that runtime messages of 16 kB to 1 MB take through them (plus D), as a user
+would write measured figures into a cluster file. Without ``--netns`` the workers talk over
+loopback, unshaped, and the cost model is given loopback figures. The header says which.
 
     sudo .venv/bin/python benchmarks/cluster.py --model resnet50 -n 2 --netns
     sudo .venv/bin/python benchmarks/cluster.py --model resnet50 -n 8 --netns --delay 0.5ms
@@ -57,6 +59,10 @@ from splitc.passes.analysis import profile as profile_bindings  # noqa: E402
 from splitc.runtime import connect  # noqa: E402
 from splitc.runtime.plan import Plan  # noqa: E402
 
+#: tbf's bucket: what a link passes at once above its rate. 16 kB keeps messages near the line
+#: rate (1 Gbit/s, 14 kB to 602 kB: 0.2 to 0.4 ms slower than size / rate, measured); the
+#: 256 kB bucket used before passed a 300 kB message in 0.75 ms, 3x faster than 1 Gbit/s.
+BURST = "16kb"
 NETNS_PREFIX = "splitcb"  # + the lab number: runs with different --lab can share a machine
 SUBNET = "10.231"  # .(7 + lab).host
 
@@ -86,6 +92,10 @@ class Namespaces:
         sh("ip", "link", "add", f"{self.tag}br", "type", "bridge")
         sh("ip", "addr", "add", f"{self.subnet}.254/24", "dev", f"{self.tag}br")
         sh("ip", "link", "set", f"{self.tag}br", "up")
+        # the client sends from this namespace through the bridge: its link is shaped too
+        # (else it would feed N device links at once, N times the rate)
+        sh("tc", "qdisc", "add", "dev", f"{self.tag}br", "root", "handle", "1:", "tbf", "rate",
+           rate, "burst", BURST, "latency", "50ms")
         for i, ns in enumerate(self.names):
             outer, inner = f"{self.tag}o{i}", f"{self.tag}i{i}"
             sh("ip", "netns", "add", ns)
@@ -99,7 +109,7 @@ class Namespaces:
             sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
             for dev, prefix in ((outer, ()), (inner, ("ip", "netns", "exec", ns))):
                 sh(*prefix, "tc", "qdisc", "add", "dev", dev, "root", "handle", "1:", "tbf",
-                   "rate", rate, "burst", "256kb", "latency", "50ms")
+                   "rate", rate, "burst", BURST, "latency", "50ms")
                 if delay:  # half on each end: device to device crosses two veths
                     sh(*prefix, "tc", "qdisc", "add", "dev", dev, "parent", "1:1", "handle",
                        "10:", "netem", "delay", f"{delay / 2 * 1e6:.0f}us", "limit", "100000")
@@ -114,6 +124,56 @@ class Namespaces:
         for ns in self.names:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         subprocess.run(["ip", "link", "del", f"{self.tag}br"], capture_output=True)
+
+
+ECHO = r"""
+import sys, numpy, zmq
+from splitc.runtime import wire
+ack = numpy.zeros(1, dtype="float32")
+ctx = zmq.Context()
+sock = ctx.socket(zmq.ROUTER)
+sock.bind(sys.argv[1])
+while True:
+    msg = wire.recv(sock, route=True)
+    wire.send(sock, wire.header(wire.TENSORS, src="echo", rid=msg.rid), [ack], ["ack"],
+              route=msg.route)
+"""
+
+
+def measure_link(nets: Namespaces, port: int,
+                 sizes=(16_384, 65_536, 131_072, 262_144, 524_288, 1_048_576),
+                 rounds: int = 25) -> tuple[float, float]:
+    """(bytes per second, seconds per message) of the emulated link, fitted to the median
+    time of sending a tensor of each size through the runtime's wire format, from the
+    client to a process in the first namespace, answered with a 4-byte one: what the
+    cost model should be told about these links (tbf passes slightly less than its rate and
+    every message costs the stack and the runtime some time)."""
+    import zmq
+
+    from splitc.runtime import wire
+
+    endpoint = f"tcp://{nets.address(0)}:{port}"
+    server = subprocess.Popen([*nets.prefix(0), sys.executable, "-c", ECHO, endpoint])
+    ctx = zmq.Context()
+    try:
+        sock = wire.tune(ctx.socket(zmq.DEALER))
+        sock.connect(endpoint)
+        sock.setsockopt(zmq.RCVTIMEO, 10_000)
+        medians = []
+        for size in sizes:
+            x, times = np.zeros(size // 4, dtype="float32"), []
+            for _ in range(rounds + 1):  # (the first warms up the connection)
+                t = time.perf_counter()
+                wire.send(sock, wire.header(wire.TENSORS, src="client", rid=0), [x], ["x"])
+                wire.recv(sock)
+                times.append(time.perf_counter() - t)
+                time.sleep(0.005)  # a fresh bucket each round, as between a plan's messages
+            medians.append(statistics.median(times[1:]))
+        slope, intercept = np.polyfit(np.array(sizes, dtype=float), np.array(medians), 1)
+        return 1.0 / slope, max(intercept, 0.0)
+    finally:
+        server.kill()
+        ctx.destroy(linger=0)
 
 
 class Workers:
@@ -222,8 +282,6 @@ def main() -> int:
     profiler.save(table)
     bandwidth = parse_rate(args.bandwidth) if args.netns else 2e9
     hop = 1e-4  # seconds per message; the runtime's per-hop goal, checked by hop_overhead.py
-    link = Link(bandwidth, hop + delay)
-    cluster = Cluster(tuple(ClusterDevice(f"dev{i}", "host", 2**34) for i in range(n)), link)
     costs = profile_bindings(model.mod)
     # one device's compute: the whole model's FLOPs and every weight read once
     one_device = (sum(r.flops for r in costs) / speed.flops_per_second
@@ -235,10 +293,10 @@ def main() -> int:
           f"GFLOP/s per core" + (f" and weights at {1 / weights / 1e9:.1f} GB/s" if weights
                                  else "") + " (profiled)")
     if args.netns:
-        print(f"# links: namespaces on a bridge, each veth shaped with tc tbf to {args.bandwidth}"
+        print(f"# links: namespaces on a bridge, each veth and the client's side shaped with "
+              f"tc tbf to {args.bandwidth} (burst {BURST})"
               + (f", netem delay {delay / 2 * 1e3:g} ms per veth ({delay * 1e3:g} ms device to "
-                 f"device)" if delay else ", no added delay") +
-              f"; cost model latency = {(hop + delay) * 1e6:.0f} us/hop")
+                 f"device)" if delay else ", no added delay"))
     else:
         print("# links: loopback (unshaped); cost model: 2 GB/s, 100 us/hop")
     print(f"# cores: client and ONNX Runtime on {cores[0]}, devices on {worker_cores}")
@@ -254,10 +312,17 @@ def main() -> int:
         security.generate(keys, [f"dev{i}" for i in range(n)] + ["client"], force=True)
         print("# every link encrypted and authenticated with CurveZMQ")
     with ExitStack() as stack:
-        nets = None
+        nets, link = None, Link(bandwidth, hop)
         if args.netns:
             nets = Namespaces(n, bandwidth, delay, args.lab)
             stack.callback(nets.cleanup)
+            rate, per_message = measure_link(nets, 5590)
+            link = Link(rate, per_message + delay)
+            print(f"# link measured with the runtime's messages: {rate * 8 / 1e6:,.0f} Mbit/s "
+                  f"and {per_message * 1e6:.0f} us per message (tbf set to {args.bandwidth}); "
+                  "the cost model is given these")
+        cluster = Cluster(tuple(ClusterDevice(f"dev{i}", "host", 2**34) for i in range(n)),
+                          link)
         # the last row runs auto's folder again with the workers' pieces at normal priority:
         # what the runtime's idle-priority compute (tensors leave at once) is worth
         configs = [("splitc, 1 device", "pipeline", 1, "idle"),

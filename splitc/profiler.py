@@ -1,23 +1,25 @@
 """``splitc profile --target host``: measure how fast this machine runs compiled pieces.
 
-Every layer of a model becomes its own piece (the outline pass with one device per binding),
-the module is compiled once for the target (default schedules, as every artifact is), and
-each piece is timed with TVM's time evaluator on its real inputs. The table — FLOP/s per
-operator kind, overall FLOP/s and seconds per weight byte, the fixed cost of a piece call,
-and the cost per byte crossing a piece's boundary (what the one-layer pieces took beyond the
-whole model) — is what the cost model uses for that target.
+The cost model prices a piece call as ``FLOPs / rate + weight bytes x per_weight_byte +
+boundary bytes x per_byte + call overhead``. The three rates are fitted (least squares, in
+relative error) to timings of what splits are made of:
 
-Overall FLOP/s and seconds per weight byte come from the whole model compiled as one piece,
-timed twice: at its input size and at half the rows and columns. A quarter of the FLOPs does
-not take a quarter of the time: every weight is still read once. The two timings give the
-two rates, so a piece that computes a few rows of a layer (a spatial split's tile) is priced
-with its weights read in full. Where the smaller input does not compile (a model whose
-layers need its input size), the weights are not priced apart (``weight_term`` says why).
+* the whole model compiled as one piece, at its input size and at half the rows and columns
+  (a quarter of the FLOPs does not take a quarter of the time: every weight is still read
+  once, which is what a spatial split's tiles each pay);
+* the pieces of the model split two ways spatially, timed one after another as a worker runs
+  them: each converts its inputs and outputs between layouts, slices and concatenates rows.
+
+Every layer also becomes its own piece (the outline pass with one device per binding), timed
+with TVM's time evaluator: FLOP/s per operator kind, and the fixed cost of a call (the
+median of the pieces that compute next to nothing). The table is stored where the cost
+model reads it for that target.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -46,14 +48,7 @@ def measure(model: str, target: str = "host", *, tiny: bool = False, number: int
     imported = importer.load(model, input_shapes, tiny=tiny)
     bindings = list(main_block(imported.mod).bindings)
     split = OutlinePieces({b.var.name: i for i, b in enumerate(bindings)})(imported.mod)
-    ex = extract(split)
-    module = tvm.IRModule()
-    for dev_mod in ex.modules.values():
-        for gv, func in dev_mod.functions.items():
-            if gv.name_hint not in [g.name_hint for g in module.get_global_vars()]:
-                module[gv] = func
-    executable, weights = build(module, spec.tvm_target(), ex.weights)
-    vm = relax.VirtualMachine(executable, tvm.cpu())
+    ex, vm, weights = _compile_pieces(split, spec)
     env = {name: tvm.runtime.tensor(x) for name, x in
            zip(imported.input_names, imported.random_inputs(), strict=True)}
     kinds: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # kind -> [flops, seconds]
@@ -72,42 +67,87 @@ def measure(model: str, target: str = "host", *, tiny: bool = False, number: int
     total_flops = sum(v[0] for v in kinds.values())
     total_seconds = sum(v[1] for v in kinds.values())
     call = overhead_of(overhead)
+    runs, notes = [_whole_model_run(imported, spec, number)], []
     half = halved_inputs(imported)
-    try:  # the whole model at half the rows and columns: FLOPs / 4, the same weights
-        smaller = importer.load(model, half, tiny=tiny) if half else None
-    except Exception as e:  # (any importer or compiler failure: then not priced apart)
-        smaller, why = None, f"not measured: the model at {half} fails ({e})".splitlines()[0]
-    else:
-        why = "not measured: the model's inputs are not images" if half is None else ""
-    runs = [(_work(m.mod), _whole_model_seconds(m, spec, number) - call)
-            for m in (imported, smaller) if m is not None]
-    rate, per_weight_byte = fit_rates(*runs)
-    if smaller is not None:
-        why = (f"measured at {list(imported.random_inputs()[0].shape)} and {half}"
-               if per_weight_byte else f"none: the model at {half} took a quarter of the time")
-    # what one-layer pieces cost beyond their FLOPs, weights and calls is converting what
-    # crosses their boundaries (layouts, copies): seconds per byte in or out of a piece
-    tensors = ex.all_tensors
-    edge = sum(tensors[t].nbytes for p in ex.pieces for t in (*p.inputs, *p.outputs))
-    weights_read = sum(p.weight_bytes for p in ex.pieces)
-    per_byte = max(0.0, total_seconds - total_flops / rate - weights_read * per_weight_byte
-                   - len(ex.pieces) * call) / edge
+    if half is None:
+        notes.append("no smaller input (not images)")
+    else:  # the whole model at half the rows and columns: FLOPs / 4, the same weights
+        try:
+            runs.append(_whole_model_run(importer.load(model, half, tiny=tiny), spec, number))
+            notes.append(f"the model at {half}")
+        except Exception as e:  # (any importer or compiler failure: fit without it)
+            notes.append(f"not the model at {half}: {e}".splitlines()[0])
+    spatial = _spatial_runs(imported.mod, spec, number)
+    runs += spatial
+    notes.append(f"{len(spatial)} pieces of a two-way spatial split" if spatial else
+                 "no spatial split (nothing to tile)")
+    runs = [(x, seconds - call) for x, seconds in runs]
+    # the whole model counts as WHOLE_MODEL_WEIGHT pieces: the one-device plan, which every
+    # split is weighed against, is priced to within a few per cent; the pieces fit as well
+    # as three rates allow (a stem convolution runs at a third of the model's FLOP/s)
+    whole = len(runs) - len(spatial)
+    rate, per_weight_byte, per_byte = fit_rates(
+        runs, [WHOLE_MODEL_WEIGHT] * whole + [1.0] * len(spatial))
+    error = float(np.mean([abs(_predict(x, rate, per_weight_byte, per_byte) - t) / t
+                           for x, t in runs]))
     return {
         "target": target, "model": model + (" (tiny)" if tiny else ""), "codegen": CODEGEN,
         "format": PROFILE_FORMAT,
-        # The model compiled as one piece: what multi-layer pieces achieve. Layer by layer,
-        # each piece also packs and unpacks its tensors, which a real piece does only at its
-        # ends (that rate is kept as layer_flops_per_second).
+        # fitted to whole-model and split-piece timings (module docstring); one layer per
+        # piece, the pieces also convert every tensor (kept as layer_flops_per_second)
         "flops_per_second": rate,
         "seconds_per_weight_byte": per_weight_byte,
-        "weight_term": why,
+        "seconds_per_byte": per_byte,
+        "fitted_on": "the whole model, " + ", ".join(notes),
+        "fit_error": error,
         "layer_flops_per_second": total_flops / total_seconds,
         "call_overhead": call,
-        "seconds_per_byte": per_byte,
         "ops": {k: {"flops": f, "seconds": s, "flops_per_second": f / s if s else None}
                 for k, (f, s) in sorted(kinds.items(), key=lambda kv: -kv[1][1])},
         "total_seconds": total_seconds,
     }
+
+
+def _compile_pieces(split: tvm.IRModule, spec):
+    """Extract the pieces of ``split`` and compile them all into one module for ``spec``."""
+    ex = extract(split)
+    module = tvm.IRModule()
+    for dev_mod in ex.modules.values():
+        for gv, func in dev_mod.functions.items():
+            if gv.name_hint not in [g.name_hint for g in module.get_global_vars()]:
+                module[gv] = func
+    executable, weights = build(module, spec.tvm_target(), ex.weights)
+    return ex, relax.VirtualMachine(executable, tvm.cpu()), weights
+
+
+Run = tuple[tuple[float, float, float], float]  # ((FLOPs, weight bytes, edge bytes), seconds)
+#: How much more a whole-model timing counts in the fit than one piece's (see measure).
+WHOLE_MODEL_WEIGHT = 10.0
+
+
+def _spatial_runs(mod: tvm.IRModule, spec, number: int) -> list[Run]:
+    """The pieces of ``mod`` split two ways spatially, timed in plan order as a worker runs
+    them (one after another: what one piece leaves in the caches is not the next one's),
+    each the median of ``max(number, 3)`` rounds; none where the model has nothing to tile."""
+    from splitc.passes.spatial_split import SpatialSplit, plan_spatial
+
+    plan = plan_spatial(mod, 2)
+    if not plan.segments:
+        return []
+    ex, vm, weights = _compile_pieces(SpatialSplit(plan)(mod), spec)
+    rng = np.random.default_rng(0)
+    tensors = ex.all_tensors
+    calls = [(p, vm[p.name], [tvm.runtime.tensor(rng.random(tensors[t].shape, "float32")
+                                                 .astype(tensors[t].dtype)) for t in p.inputs]
+              + [tvm.runtime.tensor(w) for w in weights[p.name]]) for p in ex.pieces]
+    times: dict[str, list[float]] = defaultdict(list)
+    for _ in range(max(number, 3) + 1):  # (the first round warms up)
+        for p, f, args in calls:
+            t0 = time.perf_counter()
+            f(*args)
+            times[p.name].append(time.perf_counter() - t0)
+    return [((p.flops, p.weight_bytes, sum(tensors[t].nbytes for t in (*p.inputs, *p.outputs))),
+             float(np.median(times[p.name][1:]))) for p, _, _ in calls]
 
 
 def halved_inputs(imported: importer.ImportedModel) -> dict | None:
@@ -120,33 +160,48 @@ def halved_inputs(imported: importer.ImportedModel) -> dict | None:
     return {name: (*s[:2], s[2] // 2, s[3] // 2) for name, s in shapes.items()}
 
 
-def _work(mod: tvm.IRModule) -> tuple[float, float]:
-    """(FLOPs, weight bytes) of ``mod``'s ``main``."""
-    rows = binding_costs(mod)
-    return float(sum(r.flops for r in rows)), float(sum(r.weight_bytes for r in rows))
+def _predict(x: tuple[float, float, float], rate: float, per_weight_byte: float,
+             per_byte: float) -> float:
+    flops, weights, edge = x
+    return flops / rate + weights * per_weight_byte + edge * per_byte
 
 
-Run = tuple[tuple[float, float], float]  # ((FLOPs, weight bytes), seconds)
-
-
-def fit_rates(big: Run, small: Run | None = None) -> tuple[float, float]:
-    """FLOP/s and seconds per weight byte from two runs of one model at two input sizes:
-    ``seconds = FLOPs / rate + weight bytes x per_weight_byte``. Without a second run, or
-    where the two give a negative term, the weights are not priced apart (0)."""
-    (f1, w1), t1 = big
-    if small is not None:
-        (f2, w2), t2 = small
-        det = f1 * w2 - f2 * w1
-        if det > 0:
-            a = (t1 * w2 - t2 * w1) / det  # seconds per FLOP
-            b = (f1 * t2 - f2 * t1) / det  # seconds per weight byte
-            if a > 0 and b > 0:
-                return 1.0 / a, b
-    return f1 / max(t1, 1e-9), 0.0
+def fit_rates(runs: list[Run], weights: list[float] | None = None
+              ) -> tuple[float, float, float]:
+    """FLOP/s, seconds per weight byte and seconds per boundary byte that fit ``runs`` best,
+    ``seconds = FLOPs / rate + weight bytes x per_weight_byte + edge bytes x per_byte``, in
+    relative error (least squares, each run's error times its weight, default 1). Terms the
+    runs cannot tell apart (fewer runs than terms)
+    are left out, last first; a term fitted negative is dropped and the rest fitted again; a
+    run set that cannot tell FLOPs from the rest gives their plain ratio."""
+    x = np.array([r[0] for r in runs], dtype=float)
+    t = np.array([r[1] for r in runs], dtype=float)
+    w = (np.ones(len(runs)) if weights is None else np.array(weights)) / np.maximum(t, 1e-9)
+    keep = [0, 1, 2]
+    while len(keep) > 1 and np.linalg.matrix_rank(x[:, keep] * w[:, None]) < len(keep):
+        keep.pop()
+    while True:
+        coef = np.zeros(3)
+        coef[keep] = np.linalg.lstsq(x[:, keep] * w[:, None], t * w, rcond=None)[0]
+        if coef[0] <= 0:
+            return float(x[:, 0].sum() / max(t.sum(), 1e-9)), 0.0, 0.0
+        negative = [k for k in keep[1:] if coef[k] < 0]
+        if not negative:
+            return 1.0 / float(coef[0]), float(coef[1]), float(coef[2])
+        keep.remove(min(negative, key=lambda k: coef[k]))
 
 
 def overhead_of(calls: list[float]) -> float:
     return float(np.median(calls)) if calls else 0.0
+
+
+def _whole_model_run(imported: importer.ImportedModel, spec, number: int) -> Run:
+    """The whole model compiled as one function (weights lifted, as in pieces), timed."""
+    rows = binding_costs(imported.mod)
+    edge = sum(x.nbytes for x in imported.random_inputs()) + sum(
+        r.out_bytes for r in rows[-1:])
+    return ((float(sum(r.flops for r in rows)), float(sum(r.weight_bytes for r in rows)),
+             float(edge)), _whole_model_seconds(imported, spec, number))
 
 
 def _whole_model_seconds(imported: importer.ImportedModel, spec, number: int) -> float:
@@ -176,7 +231,8 @@ def describe(table: dict) -> str:
                                       if weights else "") +
              f"{table['call_overhead'] * 1e6:.0f} µs per piece call, "
              f"{table.get('seconds_per_byte', 0) * 1e12:.0f} ps per byte in or out of a piece",
-             f"weights priced apart: {table.get('weight_term', 'no')}",
+             f"fitted on {table.get('fitted_on', 'the whole model')}: mean error "
+             f"{table.get('fit_error', 0) * 100:.1f} %",
              f"{'op':<24} {'GFLOP/s':>9} {'ms':>9}"]
     for kind, row in table["ops"].items():
         rate = row["flops_per_second"]

@@ -90,19 +90,28 @@ def test_estimate_is_the_stated_formula():
     assert estimate(plan, cluster, reading).latency - est.latency == pytest.approx(1e-7 * 1200)
 
 
-def test_rates_fitted_from_two_input_sizes():
-    """seconds = FLOPs / rate + weight bytes x per-weight-byte, solved from two runs; a run
-    that a quarter of the FLOPs makes a quarter as long prices no weights apart."""
+def test_rates_fitted_to_whole_model_and_piece_timings():
+    """seconds = FLOPs / rate + weight bytes x per-weight-byte + boundary bytes x per-byte,
+    fitted to runs; a term the runs make negative is dropped, the rest fitted again."""
     from splitc.profiler import fit_rates
 
-    def seconds(flops, weights):
-        return flops / 2e11 + weights * 4e-11
+    def seconds(flops, weights, edge):
+        return flops / 2e11 + weights * 4e-11 + edge * 3e-10
 
-    big, small = (8e9, 1e8), (2e9, 0.9e8)
-    rate, per_weight = fit_rates((big, seconds(*big)), (small, seconds(*small)))
-    assert rate == pytest.approx(2e11) and per_weight == pytest.approx(4e-11)
-    assert fit_rates((big, 0.04), (small, 0.01)) == (pytest.approx(2e11), 0.0)
-    assert fit_rates((big, 0.04)) == (pytest.approx(2e11), 0.0)
+    xs = [(8e9, 1e8, 6e5), (2e9, 0.9e8, 1.5e5), (1e9, 2e7, 2e6), (5e8, 4e7, 1e6)]
+    rate, per_weight, per_byte = fit_rates([(x, seconds(*x)) for x in xs])
+    assert (rate, per_weight, per_byte) == (pytest.approx(2e11), pytest.approx(4e-11),
+                                            pytest.approx(3e-10))
+    # runs exactly a quarter as long for a quarter of the FLOPs: no weight or boundary term
+    flat = [((f, w, e), f / 2e11) for f, w, e in xs]
+    assert fit_rates(flat) == pytest.approx((2e11, 0.0, 0.0), rel=1e-9, abs=1e-20)
+    assert fit_rates(flat[:1]) == pytest.approx((2e11, 0.0, 0.0), rel=1e-9, abs=1e-20)
+    # runs no three rates explain: the heavily weighted one is fitted closest
+    odd = [(x, seconds(*x) * (1.0 if i % 2 else 1.3)) for i, x in enumerate(xs)]
+    for heavy in (0, 1):
+        r, pw, pb = fit_rates(odd, [100.0 if i == heavy else 1.0 for i in range(len(odd))])
+        (f, w, e), t = odd[heavy]
+        assert f / r + w * pw + e * pb == pytest.approx(t, rel=0.01)
 
 
 @pytest.fixture(scope="module")
@@ -174,8 +183,9 @@ def test_profile_table_gives_the_cost_model_its_speed(tmp_path, monkeypatch):
     table = profiler.measure("resnet18", "host", tiny=True, number=1)
     assert table["flops_per_second"] > 1e8 and table["call_overhead"] >= 0
     assert table["seconds_per_byte"] >= 0 and "per byte" in profiler.describe(table)
-    assert table["seconds_per_weight_byte"] >= 0 and table["weight_term"]
-    assert f"weights priced apart: {table['weight_term']}" in profiler.describe(table)
+    assert table["seconds_per_weight_byte"] >= 0 and 0 <= table["fit_error"] < 1
+    assert "pieces of a two-way spatial split" in table["fitted_on"]
+    assert f"fitted on {table['fitted_on']}" in profiler.describe(table)
     path = profiler.save(table)
     speed = device_speed(ClusterDevice("h", "host", 2**30))
     assert str(path) in speed.source
