@@ -27,7 +27,15 @@ per message that runtime messages of 16 kB to 1 MB take through them (plus D), a
 would write measured figures into a cluster file. Without ``--netns`` the workers talk over
 loopback, unshaped, and the cost model is given loopback figures. The header says which.
 
+``--slowdown F`` (root, cgroup v1) makes the devices, and ONNX Runtime's row, compute at 1/F
+of a core: boards slower than this machine meet the same links with a compute-to-network
+ratio F times higher (a Raspberry Pi 4 core computes about 1/20 of this one's FLOP/s). Each
+worker's main thread, which runs the pieces, gets a CFS quota once its ZeroMQ I/O thread is
+running, so the runtime's network I/O is not slowed; the profile's rates are scaled by the
+slowdown measured on ONNX Runtime (a little more than F: throttling has a cost).
+
     sudo .venv/bin/python benchmarks/cluster.py --model resnet50 -n 2 --netns
+    sudo .venv/bin/python benchmarks/cluster.py --model resnet50 -n 2 --netns --slowdown 10
     sudo .venv/bin/python benchmarks/cluster.py --model resnet50 -n 8 --netns --delay 0.5ms
     .venv/bin/python benchmarks/cluster.py --model resnet18 --tiny -n 2      # quick look
 """
@@ -44,12 +52,13 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from contextlib import ExitStack  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-from common import ort_latency  # noqa: E402
+from common import ort_latency, ort_runner  # noqa: E402
 
 from splitc import importer  # noqa: E402
 from splitc.cluster import Cluster, ClusterDevice, Link, parse_rate, parse_time  # noqa: E402
@@ -176,6 +185,68 @@ def measure_link(nets: Namespaces, port: int,
         ctx.destroy(linger=0)
 
 
+CPU_CGROUP = Path("/sys/fs/cgroup/cpu")  # cgroup v1's cpu controller (this VM's kernel)
+
+
+class Throttle:
+    """``--slowdown F``: threads that compute at 1/F of a core, as a slower board would. Each
+    thread added goes into a cgroup (v1 cpu controller) of its own with a CFS quota of
+    period / F; only compute threads are added (a worker's main thread once its ZeroMQ I/O
+    thread runs), so the network stack and the runtime's I/O keep the core's speed."""
+
+    def __init__(self, slowdown: float, tag: str):
+        if not (CPU_CGROUP / "tasks").exists():
+            sys.exit(f"--slowdown needs the cgroup v1 cpu controller at {CPU_CGROUP}")
+        # short periods spread the quota over a piece instead of one burst (1 ms at least)
+        self.period = max(10_000, int(1000 * slowdown))
+        self.quota = int(self.period / slowdown)
+        self.tag, self.groups = tag, []
+
+    def add(self, tid: int) -> None:
+        group = CPU_CGROUP / f"{self.tag}-{len(self.groups)}"
+        group.mkdir(exist_ok=True)
+        (group / "cpu.cfs_period_us").write_text(str(self.period))
+        (group / "cpu.cfs_quota_us").write_text(str(self.quota))
+        (group / "tasks").write_text(str(tid))
+        self.groups.append(group)
+
+    def release(self, tid: int) -> None:
+        (CPU_CGROUP / "tasks").write_text(str(tid))
+
+    def close(self) -> None:
+        for group in self.groups:
+            for tid in (group / "tasks").read_text().split():
+                try:
+                    self.release(int(tid))
+                except OSError:  # (it ended meanwhile)
+                    pass
+            group.rmdir()
+        self.groups.clear()
+
+
+def slowed(table: dict, k: float) -> dict:
+    """A profile table for a device k times slower at everything it computes."""
+    return {**table, "flops_per_second": table["flops_per_second"] / k,
+            **{key: table[key] * k for key in ("seconds_per_weight_byte", "seconds_per_byte",
+                                               "call_overhead")}, "slowdown": k}
+
+
+def throttled_seconds(throttle: Throttle, run) -> float:
+    """Median seconds of ``run()`` (after one warm-up) in this thread, throttled."""
+    tid = threading.get_native_id()
+    throttle.add(tid)
+    try:
+        run()
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+    finally:
+        throttle.release(tid)
+
+
 class Workers:
     """One worker per device, pinned to its own core, started from the plan's folders."""
 
@@ -206,12 +277,15 @@ class Workers:
 
 
 def measure(out: Path, x, reference, nets, port0, repeats, inflight, cores,
-            keys: Path | None, priority: str = "idle") -> dict:
+            keys: Path | None, priority: str = "idle", throttle: Throttle | None = None
+            ) -> dict:
     plan = Plan.load(out)
     workers = Workers(out, plan, nets, port0, cores, keys, priority)
     try:
         with connect(out, workers.endpoints, start_timeout=120, timeout=600,
                      keys=keys / "client" if keys else None, insecure=True) as session:
+            for proc in workers.procs if throttle else ():  # (their I/O threads run by now)
+                throttle.add(proc.pid)  # the worker's main thread: it runs the pieces
             y = session.infer(*x)  # warm up, and check the answer
             err = max(float(np.abs(a - b).max() / (np.abs(b).max() or 1))
                       for a, b in zip(y, reference, strict=True))
@@ -232,6 +306,8 @@ def measure(out: Path, x, reference, nets, port0, repeats, inflight, cores,
             throughput = n / (time.perf_counter() - t)
     finally:
         workers.close()
+        if throttle:
+            throttle.close()
     return {"latency": statistics.median(times), "throughput": throughput, "rel_err": err,
             "bytes": plan.transfer_bytes, "busy": busy, "plan": plan}
 
@@ -252,6 +328,9 @@ def main() -> int:
     ap.add_argument("--curve", action="store_true",
                     help="encrypt every link with CurveZMQ (default: plaintext, --insecure)")
     ap.add_argument("--out", type=Path, default=None, help="keep artifacts and results here")
+    ap.add_argument("--slowdown", type=float, default=1.0,
+                    help="devices (and ONNX Runtime) compute at 1/F of a core, as boards "
+                         "slower than this machine would (cgroup CPU quota; root)")
     args = ap.parse_args()
 
     n = args.devices
@@ -276,6 +355,12 @@ def main() -> int:
     from splitc import profiler
 
     table = profiler.measure(args.model, "host", tiny=args.tiny, input_shapes=shapes, number=2)
+    ort = ort_latency(model, x, args.requests)
+    throttle = None
+    if args.slowdown > 1:  # everything the devices compute takes k times longer
+        throttle = Throttle(args.slowdown, f"{NETNS_PREFIX}{args.lab or ''}")
+        slow = throttled_seconds(throttle, ort_runner(model, x))
+        table, ort = slowed(table, slow / ort), slow
     speed = DeviceSpeed.from_profile(table, "profile (1 core)")
     # the search reads the same table (all its terms) from a cache of this run's own
     os.environ["SPLITC_CACHE"] = str(work / "cache")
@@ -300,8 +385,11 @@ def main() -> int:
     else:
         print("# links: loopback (unshaped); cost model: 2 GB/s, 100 us/hop")
     print(f"# cores: client and ONNX Runtime on {cores[0]}, devices on {worker_cores}")
+    if throttle:
+        print(f"# devices and ONNX Runtime compute at 1/{args.slowdown:g} of a core (cgroup CPU "
+              f"quota, the ZeroMQ I/O threads not throttled): ONNX Runtime took "
+              f"{table['slowdown']:.1f}x as long, and the profile's rates are scaled by that")
     rows = []
-    ort = ort_latency(model, x, args.requests)
     rows.append({"config": "ONNX Runtime, 1 core", "latency": ort, "throughput": 1 / ort,
                  "bytes": 0, "rel_err": 0.0, "predicted": None})
     keys = None
@@ -313,6 +401,8 @@ def main() -> int:
         print("# every link encrypted and authenticated with CurveZMQ")
     with ExitStack() as stack:
         nets, link = None, Link(bandwidth, hop)
+        if throttle:
+            stack.callback(throttle.close)
         if args.netns:
             nets = Namespaces(n, bandwidth, delay, args.lab)
             stack.callback(nets.cleanup)
@@ -336,7 +426,7 @@ def main() -> int:
                 compile_model(args.model, out, strategy=strategy, cluster=sub, tiny=args.tiny,
                               input_shapes=shapes)
             r = measure(out, x, reference, nets, 5600 + 10 * i, args.requests, devices,
-                        worker_cores, keys, priority)
+                        worker_cores, keys, priority, throttle)
             plan = r.pop("plan")
             pred = estimate(plan, Cluster(sub.devices[:len(plan.devices)], link),
                             [speed] * len(plan.devices))
