@@ -29,7 +29,7 @@ loopback, unshaped, and the cost model is given loopback figures. The header say
 
 ``--slowdown F`` (root, cgroup v1) makes the devices, and ONNX Runtime's row, compute at 1/F
 of a core: boards slower than this machine meet the same links with a compute-to-network
-ratio F times higher (a Raspberry Pi 4 core computes about 1/20 of this one's FLOP/s). Each
+ratio F times higher (a Raspberry Pi 4 core peaks at 12 GFLOP/s, about 1/14 of this one). Each
 worker's main thread, which runs the pieces, gets a CFS quota once its ZeroMQ I/O thread is
 running, so the runtime's network I/O is not slowed; the profile's rates are scaled by the
 slowdown measured on ONNX Runtime (a little more than F: throttling has a cost).
