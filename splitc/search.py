@@ -65,8 +65,11 @@ class SearchResult:
         lines = [f"objective: {self.objective} (search took {self.seconds:.2f} s)",
                  "devices:"]
         for d, s in zip(cluster.devices, self.speeds, strict=True):
+            weights = (f", weights at {1 / s.seconds_per_weight_byte / 1e9:.1f} GB/s"
+                       if s.seconds_per_weight_byte else "")
             lines.append(f"  {d.name:<10} {d.target:<12} {s.flops_per_second / 1e9:8.2f} "
-                         f"GFLOP/s ({s.source}), memory cap {d.memory / 2**20:,.0f} MiB")
+                         f"GFLOP/s{weights} ({s.source}), memory cap "
+                         f"{d.memory / 2**20:,.0f} MiB")
         lines.append(f"network: {cluster.network.bytes_per_second * 8 / 1e6:,.0f} Mbit/s, "
                      f"{cluster.network.latency * 1e3:.2f} ms per message")
         lines.append(f"{'candidate':<34} {'latency ms':>10} {'period ms':>10} "
