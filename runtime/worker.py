@@ -33,7 +33,7 @@ Protocol (message layout in :mod:`splitc.runtime.wire`):
    so ZeroMQ's I/O thread preempts them the moment it has tensors to move. At normal
    priority an output sent just before the next piece starts waits for the scheduler's time
    slice on that core: 2 to 4.5 ms per transfer measured in ResNet-50's spatial split on two
-   single-core devices, a quarter of all its halo exchanges (benchmarks/cluster.py).
+   single-core devices, about one in ten of its halo exchanges (benchmarks/cluster.py).
    A board that also runs other busy processes wants ``normal``: at idle, they come first.
 """
 

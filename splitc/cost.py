@@ -13,8 +13,8 @@ busiest device's or link's time per request.
 
 Every piece reads all of its weights once however few rows it computes, so a spatial split's
 tiles each pay the whole weight term: on this x86 core (AVX-512) ResNet-50's 118 MB take
-about 4.7 of its 30 ms, and a two-way split's tiles measured 18.4 ms of convolution each
-where FLOPs alone predicted 16.6 (18.1 with the term).
+about 4 of its 30 ms, and a two-way split's tiles measured 18.4 ms of convolution each where
+their FLOPs at the whole model's rate would take 16.6.
 
 Device speed comes from, in order: the cluster file's ``gflops`` (which prices the weights
 in with the FLOPs); the table `splitc profile` measured for that target on this machine (for

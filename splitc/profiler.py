@@ -84,7 +84,8 @@ def measure(model: str, target: str = "host", *, tiny: bool = False, number: int
     runs = [(x, seconds - call) for x, seconds in runs]
     # the whole model counts as WHOLE_MODEL_WEIGHT pieces: the one-device plan, which every
     # split is weighed against, is priced to within a few per cent; the pieces fit as well
-    # as three rates allow (a stem convolution runs at a third of the model's FLOP/s)
+    # as three rates allow (ResNet-50's first pieces, with the stem convolution, take ~30 %
+    # longer than the rates say)
     whole = len(runs) - len(spatial)
     rate, per_weight_byte, per_byte = fit_rates(
         runs, [WHOLE_MODEL_WEIGHT] * whole + [1.0] * len(spatial))
