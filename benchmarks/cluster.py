@@ -228,7 +228,8 @@ def slowed(table: dict, k: float) -> dict:
     """A profile table for a device k times slower at everything it computes."""
     return {**table, "flops_per_second": table["flops_per_second"] / k,
             **{key: table[key] * k for key in ("seconds_per_weight_byte", "seconds_per_byte",
-                                               "call_overhead")}, "slowdown": k}
+                                               "call_overhead", "tile_seconds_per_flop")},
+            "slowdown": k}
 
 
 def throttled_seconds(throttle: Throttle, run) -> float:

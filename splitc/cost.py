@@ -3,6 +3,7 @@
     piece seconds    = piece FLOPs / device FLOP/s + piece weight bytes / weight bandwidth
                        + per-call overhead
                        + bytes in and out of the piece x seconds per boundary byte
+                       (+ piece FLOPs x tile seconds per FLOP in a spatial split)
     transfer seconds = bytes / link bandwidth + link latency   (each sender's link is shared)
     device memory    = its weights + its largest piece's inputs and outputs
 
@@ -70,6 +71,7 @@ class DeviceSpeed:
     source: str  # where the figure came from, for --explain
     seconds_per_byte: float = 0.0  # at piece boundaries (see DEFAULT_SECONDS_PER_BYTE)
     seconds_per_weight_byte: float = 0.0  # each weight a piece reads, once per call
+    tile_seconds_per_flop: float = 0.0  # a spatial split's pieces: a few rows at a time
 
     @classmethod
     def from_profile(cls, table: dict, source: str) -> DeviceSpeed:
@@ -77,11 +79,16 @@ class DeviceSpeed:
         return cls(table["flops_per_second"],
                    table.get("call_overhead", 0.0) + RUNTIME_DISPATCH, source,
                    table.get("seconds_per_byte", DEFAULT_SECONDS_PER_BYTE),
-                   table.get("seconds_per_weight_byte", 0.0))
+                   table.get("seconds_per_weight_byte", 0.0),
+                   table.get("tile_seconds_per_flop", 0.0))
 
-    def piece_seconds(self, flops: float, weight_bytes: float, edge_bytes: float) -> float:
-        """One call of a piece with these FLOPs, weights, and bytes in and out."""
-        return (flops / self.flops_per_second + weight_bytes * self.seconds_per_weight_byte
+    def piece_seconds(self, flops: float, weight_bytes: float, edge_bytes: float,
+                      tiled: bool = False) -> float:
+        """One call of a piece with these FLOPs, weights, and bytes in and out (``tiled``: a
+        piece of a spatial split, its layers computed a few rows at a time)."""
+        return (flops * (1 / self.flops_per_second
+                         + (self.tile_seconds_per_flop if tiled else 0.0))
+                + weight_bytes * self.seconds_per_weight_byte
                 + self.call_overhead + edge_bytes * self.seconds_per_byte)
 
 
@@ -171,6 +178,9 @@ def estimate(plan: Plan, cluster: Cluster, speeds: list[DeviceSpeed] | None = No
     nic = {d.name: 0.0 for d in plan.devices}
     nic[None] = 0.0
     busy = {d.name: 0.0 for d in plan.devices}
+    # a spatial split's pieces compute their layers a few rows at a time (its few untiled
+    # pieces, a classifier head say, are priced alike)
+    tiled = plan.strategy == "spatial" and len(plan.devices) > 1
     link_busy = {d.name: 0.0 for d in plan.devices}
 
     def arrive(tensor: str, dst: str | None) -> float:
@@ -189,7 +199,7 @@ def estimate(plan: Plan, cluster: Cluster, speeds: list[DeviceSpeed] | None = No
     for p in plan.pieces:
         start = max([free[p.device]] + [arrive(t, p.device) for t in p.inputs])
         edge = sum(plan.tensors[t].nbytes for t in (*p.inputs, *p.outputs))
-        run = speed[p.device].piece_seconds(p.flops, p.weight_bytes, edge)
+        run = speed[p.device].piece_seconds(p.flops, p.weight_bytes, edge, tiled)
         free[p.device] = start + run
         busy[p.device] += run
         for t in p.outputs:

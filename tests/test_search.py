@@ -1,5 +1,6 @@
 """Cluster files, the cost model and the `auto` search."""
 
+import dataclasses
 import json
 
 import pytest
@@ -88,6 +89,13 @@ def test_estimate_is_the_stated_formula():
     reading = [DeviceSpeed(s.flops_per_second, s.call_overhead, "test", 0.0, 1e-7)
                for s in speeds]
     assert estimate(plan, cluster, reading).latency - est.latency == pytest.approx(1e-7 * 1200)
+    # a spatial split's pieces (tiles) cost more per FLOP, a pipeline's do not
+    tiles = [DeviceSpeed(s.flops_per_second, s.call_overhead, "test", 0.0, 0.0, 1e-10)
+             for s in speeds]
+    assert estimate(plan, cluster, tiles).latency == pytest.approx(est.latency)
+    spatial = dataclasses.replace(plan, strategy="spatial")
+    assert estimate(spatial, cluster, tiles).latency - est.latency == pytest.approx(
+        1e-10 * (2_000_000 + 1_000_000))
 
 
 def test_rates_fitted_to_whole_model_and_piece_timings():
@@ -184,13 +192,16 @@ def test_profile_table_gives_the_cost_model_its_speed(tmp_path, monkeypatch):
     assert table["flops_per_second"] > 1e8 and table["call_overhead"] >= 0
     assert table["seconds_per_byte"] >= 0 and "per byte" in profiler.describe(table)
     assert table["seconds_per_weight_byte"] >= 0 and 0 <= table["fit_error"] < 1
+    assert table["tile_seconds_per_flop"] >= 0
     assert "pieces of a two-way spatial split" in table["fitted_on"]
     assert f"fitted on {table['fitted_on']}" in profiler.describe(table)
     path = profiler.save(table)
     speed = device_speed(ClusterDevice("h", "host", 2**30))
     assert str(path) in speed.source
-    assert (speed.flops_per_second, speed.seconds_per_byte, speed.seconds_per_weight_byte) == (
-        table["flops_per_second"], table["seconds_per_byte"], table["seconds_per_weight_byte"])
+    assert (speed.flops_per_second, speed.seconds_per_byte, speed.seconds_per_weight_byte,
+            speed.tile_seconds_per_flop) == (
+        table["flops_per_second"], table["seconds_per_byte"], table["seconds_per_weight_byte"],
+        table["tile_seconds_per_flop"])
     # a board's table is read as it is; one of the previous format is stale and ignored
     board = ClusterDevice("pi", "rpi4", 2**30)
     profiler.save({**table, "target": "rpi4"})
