@@ -21,6 +21,7 @@ model reads it for that target.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections import defaultdict
@@ -33,7 +34,7 @@ from tvm import relax
 from splitc import importer
 from splitc import targets as target_registry
 from splitc.build import CODEGEN, build
-from splitc.cost import PROFILE_FORMAT, profile_dir
+from splitc.cost import PROFILE_FORMAT, DeviceSpeed, profile_dir
 from splitc.errors import SplitcError
 from splitc.passes.analysis import profile as binding_costs
 from splitc.passes.extract import extract, lift_weights
@@ -95,11 +96,12 @@ def measure(model: str, target: str = "host", *, tiny: bool = False, number: int
     # what the spatial split's tiles took beyond the three rates, per FLOP: a layer computed
     # a few rows at a time runs slower than the whole layer (ResNet-50's two-way tiles:
     # ~13 % over the rates that fit the whole model)
+    fitted = DeviceSpeed(rate, 0.0, "fit", per_byte, per_weight_byte)
     tiles = runs[whole:]
-    tile_seconds_per_flop = max(0.0, sum(t - _predict(x, rate, per_weight_byte, per_byte)
-                                         for x, t in tiles)) / max(sum(x[0] for x, _ in tiles), 1)
-    error = float(np.mean([abs(_predict(x, rate, per_weight_byte, per_byte)
-                               + (x[0] * tile_seconds_per_flop if i >= whole else 0.0) - t) / t
+    tile_seconds_per_flop = max(0.0, sum(t - fitted.piece_seconds(*x) for x, t in tiles)) / \
+        max(sum(x[0] for x, _ in tiles), 1)
+    fitted = dataclasses.replace(fitted, tile_seconds_per_flop=tile_seconds_per_flop)
+    error = float(np.mean([abs(fitted.piece_seconds(*x, tiled=i >= whole) - t) / t
                            for i, (x, t) in enumerate(runs)]))
     return {
         "target": target, "model": model + (" (tiny)" if tiny else ""), "codegen": CODEGEN,
@@ -172,20 +174,14 @@ def halved_inputs(imported: importer.ImportedModel) -> dict | None:
     return {name: (*s[:2], s[2] // 2, s[3] // 2) for name, s in shapes.items()}
 
 
-def _predict(x: tuple[float, float, float], rate: float, per_weight_byte: float,
-             per_byte: float) -> float:
-    flops, weights, edge = x
-    return flops / rate + weights * per_weight_byte + edge * per_byte
-
-
 def fit_rates(runs: list[Run], weights: list[float] | None = None
               ) -> tuple[float, float, float]:
     """FLOP/s, seconds per weight byte and seconds per boundary byte that fit ``runs`` best,
     ``seconds = FLOPs / rate + weight bytes x per_weight_byte + edge bytes x per_byte``, in
     relative error (least squares, each run's error times its weight, default 1). Terms the
-    runs cannot tell apart (fewer runs than terms)
-    are left out, last first; a term fitted negative is dropped and the rest fitted again; a
-    run set that cannot tell FLOPs from the rest gives their plain ratio."""
+    runs cannot tell apart (fewer runs than terms) are left out, last first; a term fitted
+    negative is dropped and the rest fitted again; a run set that cannot tell FLOPs from the
+    rest gives their plain ratio."""
     x = np.array([r[0] for r in runs], dtype=float)
     t = np.array([r[1] for r in runs], dtype=float)
     w = (np.ones(len(runs)) if weights is None else np.array(weights)) / np.maximum(t, 1e-9)
