@@ -565,18 +565,16 @@ def serve(device_folder: str | Path, bind: str = "tcp://127.0.0.1:5555", *,
         log.info("%s: stopped", worker.device)
 
 
-def idle_priority() -> bool:
+def idle_priority() -> None:
     """Run the calling thread, and the threads it starts from now on (TVM's pool), at
     ``SCHED_IDLE``; ZeroMQ's I/O threads, started with the context, keep normal priority and
-    so preempt it. False where the platform has no such policy (then nothing changes)."""
+    so preempt it. Where the platform has no such policy nothing changes."""
     if not hasattr(os, "SCHED_IDLE"):
-        return False
+        return
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread
     except OSError as e:
         log.warning("cannot lower the compute priority: %s", e)
-        return False
-    return True
 
 
 def _announce(path: str | Path, endpoint: str) -> None:
