@@ -4,13 +4,15 @@
                        + per-call overhead
                        + bytes in and out of the piece x seconds per boundary byte
                        (+ piece FLOPs x tile seconds per FLOP in a spatial split)
-    transfer seconds = bytes / link bandwidth + link latency   (each sender's link is shared)
+    transfer seconds = bytes / link bandwidth + link latency   (each sender's link is shared:
+                       messages that leave together get fair shares of it, as TCP flows do)
     device memory    = its weights + its largest piece's inputs and outputs
 
 A plan is priced by simulating it: each device runs its pieces in plan order as soon as their
-inputs have arrived; each transfer waits for the sender's link. *Latency* is when the last
-output reaches the caller; the *period* (1 / throughput with requests pipelined) is the
-busiest device's or link's time per request.
+inputs have arrived; each message (a piece's outputs for one destination, delivered whole)
+waits for the sender's link. *Latency* is when the last output reaches the caller; the
+*period* (1 / throughput with requests pipelined) is the busiest device's or link's time per
+request.
 
 Every piece reads all of its weights once however few rows it computes, so a spatial split's
 tiles each pay the whole weight term: on this x86 core (AVX-512) ResNet-50's 118 MB take
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,41 +173,51 @@ def estimate(plan: Plan, cluster: Cluster, speeds: list[DeviceSpeed] | None = No
         return cluster.link(node[a], node[b])
 
     ready: dict[tuple[str, str | None], float] = {}  # (tensor, where) -> time available
-    home: dict[str, str | None] = {}
-    for t in plan.client_tensors:  # the caller has these at time 0
-        home[t] = None
-        ready[(t, None)] = 0.0
     free = {d.name: 0.0 for d in plan.devices}
-    nic = {d.name: 0.0 for d in plan.devices}
+    nic: dict[str | None, float] = {d.name: 0.0 for d in plan.devices}  # sender's link free
     nic[None] = 0.0
     busy = {d.name: 0.0 for d in plan.devices}
+    link_busy = {d.name: 0.0 for d in plan.devices}
     # a spatial split's pieces compute their layers a few rows at a time (its few untiled
     # pieces, a classifier head say, are priced alike)
     tiled = plan.strategy == "spatial" and len(plan.devices) > 1
-    link_busy = {d.name: 0.0 for d in plan.devices}
-
-    def arrive(tensor: str, dst: str | None) -> float:
-        if (tensor, dst) in ready:
-            return ready[(tensor, dst)]
-        src = home[tensor]
-        nbytes = plan.tensors[tensor].nbytes
-        lk = link(src, dst)
-        start = max(ready[(tensor, src)], nic[src])
-        nic[src] = start + nbytes / lk.bytes_per_second
-        if src is not None:
-            link_busy[src] += nbytes / lk.bytes_per_second
-        ready[(tensor, dst)] = start + lk.seconds(nbytes)
-        return ready[(tensor, dst)]
-
+    # where each tensor goes: the devices of the pieces that read it, and the caller
+    wanted: dict[str, set[str | None]] = defaultdict(set)
     for p in plan.pieces:
-        start = max([free[p.device]] + [arrive(t, p.device) for t in p.inputs])
+        for t in p.inputs:
+            wanted[t].add(p.device)
+    for e in plan.outputs:
+        wanted[e.tensor].add(None)
+
+    def send(src: str | None, at: float, tensors) -> None:
+        """``src`` sends ``tensors`` at ``at``, one message per destination (ZeroMQ delivers a
+        message whole). The messages leave together and share the sender's link (TCP flows
+        to several hosts get fair shares): each arrives when the link has carried it and,
+        of every other message, as much as it."""
+        by_dst: dict[str | None, list[str]] = defaultdict(list)
+        for t in tensors:
+            ready[(t, src)] = at
+            for dst in sorted(wanted[t] - {src}, key=str):
+                by_dst[dst].append(t)
+        wire = {dst: sum(plan.tensors[t].nbytes for t in ts) / link(src, dst).bytes_per_second
+                for dst, ts in by_dst.items()}
+        start = max(at, nic[src])
+        for dst, ts in by_dst.items():
+            done = start + sum(min(w, wire[dst]) for w in wire.values()) + link(src, dst).latency
+            for t in ts:
+                ready[(t, dst)] = done
+        nic[src] = start + sum(wire.values())
+        if src is not None:
+            link_busy[src] += sum(wire.values())
+
+    send(None, 0.0, plan.client_tensors)  # the caller has these at time 0
+    for p in plan.pieces:
+        start = max([free[p.device]] + [ready[(t, p.device)] for t in p.inputs])
         edge = sum(plan.tensors[t].nbytes for t in (*p.inputs, *p.outputs))
         run = speed[p.device].piece_seconds(p.flops, p.weight_bytes, edge, tiled)
         free[p.device] = start + run
         busy[p.device] += run
-        for t in p.outputs:
-            home[t] = p.device
-            ready[(t, p.device)] = free[p.device]
-    latency = max(arrive(e.tensor, None) for e in plan.outputs)
+        send(p.device, free[p.device], p.outputs)
+    latency = max(ready[(e.tensor, None)] for e in plan.outputs)
     period = max(list(busy.values()) + list(link_busy.values()))
     return Estimate(latency, period, busy, device_memory(plan), plan.transfer_bytes)

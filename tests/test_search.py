@@ -98,6 +98,34 @@ def test_estimate_is_the_stated_formula():
         1e-10 * (2_000_000 + 1_000_000))
 
 
+def test_messages_leaving_together_share_the_senders_link():
+    """The caller sends each device its input at once: TCP gives the flows fair shares of its
+    link, so a small message arrives when the link has carried it and as much of every other
+    one (not first in line); the tensors of one message arrive together."""
+    t = {"x0": Tensor((1, 1000), "float32"), "x1": Tensor((1, 1500), "float32"),
+         "a": Tensor((1, 250), "float32"), "b": Tensor((1, 250), "float32"),
+         "y": Tensor((1, 10), "float32")}
+    plan = Plan(
+        strategy="spatial",
+        devices=(Device("dev0", "host", 0, "dev0"), Device("dev1", "host", 1, "dev1")),
+        pieces=(Piece("dev0_p0", "dev0", ("x0",), ("a", "b"), 1),
+                Piece("dev1_p0", "dev1", ("x1",), (), 1),
+                Piece("dev1_p1", "dev1", ("a", "b"), ("y",), 1)),
+        tensors=t, transfers=(Transfer("a", "dev0", "dev1", 1000),
+                              Transfer("b", "dev0", "dev1", 1000)),
+        inputs=(Endpoint("x0", "x0"), Endpoint("x1", "x1")),
+        outputs=(Endpoint("y", "y", "dev1"),))
+    link = Link(1e6, 1e-3)
+    cluster = Cluster((ClusterDevice("a", "host", 1e9), ClusterDevice("b", "host", 1e9)), link)
+    speeds = [DeviceSpeed(1e9, 1e-4, "test")] * 2
+    est = estimate(plan, cluster, speeds)
+    x0 = 2 * 4000 / 1e6 + 1e-3  # 4 kB, while the link also carries 4 of x1's 6 kB
+    x1 = 10000 / 1e6 + 1e-3
+    ab = x0 + 1e-4 + 2000 / 1e6 + 1e-3  # a and b in one message
+    assert ab > x1 + 1e-4  # (x0 first in line would have made dev1 wait for x1 instead)
+    assert est.latency == pytest.approx(ab + 1e-4 + link.seconds(40))
+
+
 def test_rates_fitted_to_whole_model_and_piece_timings():
     """seconds = FLOPs / rate + weight bytes x per-weight-byte + boundary bytes x per-byte,
     fitted to runs; a term the runs make negative is dropped, the rest fitted again."""
