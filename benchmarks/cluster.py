@@ -72,6 +72,12 @@ from splitc.runtime.plan import Plan  # noqa: E402
 #: rate (1 Gbit/s, 14 kB to 602 kB: 0.2 to 0.4 ms slower than size / rate, measured); the
 #: 256 kB bucket used before passed a 300 kB message in 0.75 ms, 3x faster than 1 Gbit/s.
 BURST = "16kb"
+#: The links' MTU. tbf hands every packet over on a timer, and the veth and bridge path runs in
+#: the sending core's softirq: at 1500 bytes a 157 kB message cost its sender 1.7 ms of CPU
+#: (all of its time on the wire), stolen from the emulated device's compute, where a real NIC
+#: moves packets by DMA. Jumbo frames (9000, which 1 Gbit/s switches carry) cut that to 0.3 ms
+#: (measured with an idle-priority spinner on the sender's core).
+MTU = 9000
 NETNS_PREFIX = "splitcb"  # + the lab number: runs with different --lab can share a machine
 SUBNET = "10.231"  # .(7 + lab).host
 
@@ -85,19 +91,20 @@ def sh(*cmd: str) -> None:
 class Namespaces:
     """N test hosts: namespaces on a bridge, each link shaped with tbf. Removed on close."""
 
-    def __init__(self, n: int, rate_bytes: float, delay: float = 0.0, lab: int = 0):
+    def __init__(self, n: int, rate_bytes: float, delay: float = 0.0, lab: int = 0,
+                 mtu: int = MTU):
         self.tag = f"{NETNS_PREFIX}{lab or ''}"
         self.subnet = f"{SUBNET}.{7 + lab}"
         self.n, self.names = n, [f"{self.tag}n{i}" for i in range(n)]
         rate = f"{int(rate_bytes * 8)}bit"
         self.cleanup()
         try:
-            self._build(rate, delay)
+            self._build(rate, delay, mtu)
         except SystemExit:
             self.cleanup()
             raise
 
-    def _build(self, rate: str, delay: float) -> None:
+    def _build(self, rate: str, delay: float, mtu: int) -> None:
         sh("ip", "link", "add", f"{self.tag}br", "type", "bridge")
         sh("ip", "addr", "add", f"{self.subnet}.254/24", "dev", f"{self.tag}br")
         sh("ip", "link", "set", f"{self.tag}br", "up")
@@ -111,7 +118,8 @@ class Namespaces:
             sh("ip", "link", "add", outer, "type", "veth", "peer", "name", inner)
             sh("ip", "link", "set", inner, "netns", ns)
             sh("ip", "link", "set", outer, "master", f"{self.tag}br")
-            sh("ip", "link", "set", outer, "up")
+            sh("ip", "link", "set", outer, "mtu", str(mtu), "up")
+            sh("ip", "netns", "exec", ns, "ip", "link", "set", inner, "mtu", str(mtu))
             sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{self.subnet}.{i + 1}/24",
                "dev", inner)
             sh("ip", "netns", "exec", ns, "ip", "link", "set", inner, "up")
@@ -122,6 +130,7 @@ class Namespaces:
                 if delay:  # half on each end: device to device crosses two veths
                     sh(*prefix, "tc", "qdisc", "add", "dev", dev, "parent", "1:1", "handle",
                        "10:", "netem", "delay", f"{delay / 2 * 1e6:.0f}us", "limit", "100000")
+        sh("ip", "link", "set", f"{self.tag}br", "mtu", str(mtu))  # the client's side (ports first)
 
     def address(self, i: int) -> str:
         return f"{self.subnet}.{i + 1}"
@@ -176,7 +185,13 @@ def measure_link(nets: Namespaces, port: int,
                 wire.send(sock, wire.header(wire.TENSORS, src="client", rid=0), [x], ["x"])
                 wire.recv(sock)
                 times.append(time.perf_counter() - t)
-                time.sleep(0.005)  # a fresh bucket each round, as between a plan's messages
+                # a fresh bucket each round, as between a plan's messages; spun, not slept:
+                # a core that sleeps takes this VM ~0.2 ms to wake, which devices busy with
+                # a request do not pay (with 5 ms sleeps the fit said 550 us per message
+                # where back to back 4-byte round trips take 120 us)
+                t = time.perf_counter() + 1e-3
+                while time.perf_counter() < t:
+                    pass
             medians.append(statistics.median(times[1:]))
         slope, intercept = np.polyfit(np.array(sizes, dtype=float), np.array(medians), 1)
         return 1.0 / slope, max(intercept, 0.0)
@@ -380,7 +395,7 @@ def main() -> int:
                                  else "") + " (profiled)")
     if args.netns:
         print(f"# links: namespaces on a bridge, each veth and the client's side shaped with "
-              f"tc tbf to {args.bandwidth} (burst {BURST})"
+              f"tc tbf to {args.bandwidth} (burst {BURST}, MTU {MTU})"
               + (f", netem delay {delay / 2 * 1e3:g} ms per veth ({delay * 1e3:g} ms device to "
                  f"device)" if delay else ", no added delay"))
     else:
