@@ -8,8 +8,9 @@ what splits are made of:
 * the whole model compiled as one piece, at its input size and at half the rows and columns
   (a quarter of the FLOPs does not take a quarter of the time: every weight is still read
   once, which is what a spatial split's tiles each pay);
-* the pieces of the model split two ways spatially, timed one after another as a worker runs
-  them: each converts its inputs and outputs between layouts, slices and concatenates rows.
+* the pieces of the model split two ways spatially (at the most and the least recomputation
+  the search tries), timed one after another as a worker runs them: each converts its inputs
+  and outputs between layouts, slices and concatenates rows.
   What they took beyond the fitted rates, per FLOP, is the tile term: a layer computed a few
   rows at a time runs slower than the whole layer.
 
@@ -83,7 +84,7 @@ def measure(model: str, target: str = "host", *, tiny: bool = False, number: int
             notes.append(f"not the model at {half}: {e}".splitlines()[0])
     spatial = _spatial_runs(imported.mod, spec, number)
     runs += spatial
-    notes.append(f"{len(spatial)} pieces of a two-way spatial split" if spatial else
+    notes.append(f"{len(spatial)} pieces of two-way spatial splits" if spatial else
                  "no spatial split (nothing to tile)")
     runs = [(x, seconds - call) for x, seconds in runs]
     # the whole model counts as WHOLE_MODEL_WEIGHT pieces: the one-device plan, which every
@@ -140,14 +141,28 @@ WHOLE_MODEL_WEIGHT = 10.0
 
 
 def _spatial_runs(mod: tvm.IRModule, spec, number: int) -> list[Run]:
-    """The pieces of ``mod`` split two ways spatially, timed in plan order as a worker runs
-    them (one after another: what one piece leaves in the caches is not the next one's),
-    each the median of ``max(number, 3)`` rounds; none where the model has nothing to tile."""
+    """The pieces of ``mod`` split two ways spatially, at the most and the least recomputation
+    the search tries (few long pieces, or many short ones that hand on more bytes: without
+    these the boundary term took in what the long tiles' layers lose), each timed in plan
+    order as a worker runs them; none where the model has nothing to tile."""
+    from splitc.passes.spatial_split import HALO_CAPS
+
+    runs, tried = [], set()
+    for cap in (max(HALO_CAPS), min(HALO_CAPS)):
+        runs += _spatial_pieces(mod, spec, number, cap, tried)
+    return runs
+
+
+def _spatial_pieces(mod: tvm.IRModule, spec, number: int, cap: float, tried: set) -> list[Run]:
+    """One spatial split's pieces (at halo cap ``cap``, unless its segments are in ``tried``),
+    timed one after another as a worker runs them (what one piece leaves in the caches is not
+    the next one's), each the median of ``max(number, 3)`` rounds."""
     from splitc.passes.spatial_split import SpatialSplit, plan_spatial
 
-    plan = plan_spatial(mod, 2)
-    if not plan.segments:
+    plan = plan_spatial(mod, 2, max_overhead=cap)
+    if not plan.segments or plan.segments in tried:
         return []
+    tried.add(plan.segments)
     ex, vm, weights = _compile_pieces(SpatialSplit(plan)(mod), spec)
     rng = np.random.default_rng(0)
     tensors = ex.all_tensors
