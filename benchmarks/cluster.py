@@ -159,13 +159,15 @@ while True:
 
 
 def measure_link(nets: Namespaces, port: int,
-                 sizes=(16_384, 65_536, 131_072, 262_144, 524_288, 1_048_576),
+                 sizes=(4, 65_536, 131_072, 262_144, 524_288, 1_048_576),
                  rounds: int = 25) -> tuple[float, float]:
-    """(bytes per second, seconds per message) of the emulated link, fitted to the median
-    time of sending a tensor of each size through the runtime's wire format, from the
-    client to a process in the first namespace, answered with a 4-byte one: what the
-    cost model should be told about these links (tbf passes slightly less than its rate and
-    every message costs the stack and the runtime some time)."""
+    """(bytes per second, seconds per message) of the emulated link: what the cost model
+    should be told about these links (tbf passes slightly less than its rate and every
+    message costs the stack and the runtime some time). Each is the median time of sending a
+    tensor of each size through the runtime's wire format, from the client to a process in
+    the first namespace, answered with a 4-byte one: the bandwidth from the slope over the
+    sizes, the cost of a message half the round trip of a 4-byte one (the fit's intercept
+    swung between 0 and 550 us from run to run)."""
     import zmq
 
     from splitc.runtime import wire
@@ -193,8 +195,8 @@ def measure_link(nets: Namespaces, port: int,
                 while time.perf_counter() < t:
                     pass
             medians.append(statistics.median(times[1:]))
-        slope, intercept = np.polyfit(np.array(sizes, dtype=float), np.array(medians), 1)
-        return 1.0 / slope, max(intercept, 0.0)
+        slope, _ = np.polyfit(np.array(sizes, dtype=float), np.array(medians), 1)
+        return 1.0 / slope, medians[0] / 2
     finally:
         server.kill()
         ctx.destroy(linger=0)
