@@ -27,12 +27,13 @@ per message that runtime messages of 16 kB to 1 MB take through them (plus D), a
 would write measured figures into a cluster file. Without ``--netns`` the workers talk over
 loopback, unshaped, and the cost model is given loopback figures. The header says which.
 
-``--slowdown F`` (root, cgroup v1) makes the devices, and ONNX Runtime's row, compute at 1/F
-of a core: boards slower than this machine meet the same links with a compute-to-network
-ratio F times higher (a Raspberry Pi 4 core peaks at 12 GFLOP/s, about 1/14 of this one). Each
-worker's main thread, which runs the pieces, gets a CFS quota once its ZeroMQ I/O thread is
-running, so the runtime's network I/O is not slowed; the profile's rates are scaled by the
-slowdown measured on ONNX Runtime (a little more than F: throttling has a cost).
+``--slowdown F`` (a whole number) makes the devices, and ONNX Runtime's row, compute F times
+as long: boards slower than this machine meet the same links with a compute-to-network ratio
+F times higher (a Raspberry Pi 4 core peaks at 12 GFLOP/s, about 1/14 of this one). Each
+worker runs every piece F times (the runtime, its network I/O and the links keep their
+speed), ONNX Runtime runs F times per request, and the profile's piece terms are scaled by F.
+(A CFS quota on the workers' threads, used before, ran a thread 1 ms in every 10: every wait
+for a tensor could cost a period, and one device ran 1.5x slower than the profile said.)
 
     sudo .venv/bin/python benchmarks/cluster.py --model resnet50 -n 2 --netns
     sudo .venv/bin/python benchmarks/cluster.py --model resnet50 -n 2 --netns --slowdown 10
@@ -52,13 +53,12 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
 from contextlib import ExitStack  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-from common import ort_latency, ort_runner  # noqa: E402
+from common import interleaved, ort_latency, ort_runner  # noqa: E402
 
 from splitc import importer  # noqa: E402
 from splitc.cluster import Cluster, ClusterDevice, Link, parse_rate, parse_time  # noqa: E402
@@ -202,74 +202,38 @@ def measure_link(nets: Namespaces, port: int,
         ctx.destroy(linger=0)
 
 
-CPU_CGROUP = Path("/sys/fs/cgroup/cpu")  # cgroup v1's cpu controller (this VM's kernel)
-
-
-class Throttle:
-    """``--slowdown F``: threads that compute at 1/F of a core, as a slower board would. Each
-    thread added goes into a cgroup (v1 cpu controller) of its own with a CFS quota of
-    period / F; only compute threads are added (a worker's main thread once its ZeroMQ I/O
-    thread runs), so the network stack and the runtime's I/O keep the core's speed."""
-
-    def __init__(self, slowdown: float, tag: str):
-        if not (CPU_CGROUP / "tasks").exists():
-            sys.exit(f"--slowdown needs the cgroup v1 cpu controller at {CPU_CGROUP}")
-        # short periods spread the quota over a piece instead of one burst (1 ms at least)
-        self.period = max(10_000, int(1000 * slowdown))
-        self.quota = int(self.period / slowdown)
-        self.tag, self.groups = tag, []
-
-    def add(self, tid: int) -> None:
-        group = CPU_CGROUP / f"{self.tag}-{len(self.groups)}"
-        group.mkdir(exist_ok=True)
-        (group / "cpu.cfs_period_us").write_text(str(self.period))
-        (group / "cpu.cfs_quota_us").write_text(str(self.quota))
-        (group / "tasks").write_text(str(tid))
-        self.groups.append(group)
-
-    def release(self, tid: int) -> None:
-        (CPU_CGROUP / "tasks").write_text(str(tid))
-
-    def close(self) -> None:
-        for group in self.groups:
-            for tid in (group / "tasks").read_text().split():
-                try:
-                    self.release(int(tid))
-                except OSError:  # (it ended meanwhile)
-                    pass
-            group.rmdir()
-        self.groups.clear()
-
-
 def slowed(table: dict, k: float) -> dict:
-    """A profile table for a device k times slower at everything it computes."""
+    """A profile table for a device that runs every piece k times (k times slower at
+    everything a piece does)."""
     return {**table, "flops_per_second": table["flops_per_second"] / k,
             **{key: table[key] * k for key in ("seconds_per_weight_byte", "seconds_per_byte",
                                                "call_overhead", "tile_seconds_per_flop")},
             "slowdown": k}
 
 
-def throttled_seconds(throttle: Throttle, run) -> float:
-    """Median seconds of ``run()`` (after one warm-up) in this thread, throttled."""
-    tid = threading.get_native_id()
-    throttle.add(tid)
-    try:
-        run()
-        times = []
-        for _ in range(5):
-            t = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
-    finally:
-        throttle.release(tid)
+#: A worker whose pieces each run ``F`` times (``--slowdown F``): the board it emulates computes
+#: F times slower; the runtime and the network keep their speed.
+SLOW_WORKER = r"""
+import sys
+from splitc.runtime import worker
+from splitc.runtime.artifact import DeviceArtifact
+times = int(sys.argv.pop(1))
+run = DeviceArtifact.run
+def slow(self, piece, inputs):
+    for _ in range(times - 1):
+        run(self, piece, inputs)
+    return run(self, piece, inputs)
+DeviceArtifact.run = slow
+sys.exit(worker.main(sys.argv[1:]))
+"""
 
 
 class Workers:
     """One worker per device, pinned to its own core, started from the plan's folders."""
 
     def __init__(self, out: Path, plan: Plan, nets: Namespaces | None, port0: int,
-                 cores: list[int], keys: Path | None, priority: str = "idle"):
+                 cores: list[int], keys: Path | None, priority: str = "idle",
+                 slowdown: int = 1):
         self.procs, self.endpoints = [], {}
         for i, dev in enumerate(plan.devices):
             if not plan.pieces_on(dev.name):
@@ -278,7 +242,9 @@ class Workers:
             endpoint = f"tcp://{host}:{port0 + i}"
             core = cores[i % len(cores)]
             cmd = [*(nets.prefix(i) if nets else []), "taskset", "-c", str(core), "env",
-                   "TVM_NUM_THREADS=1", sys.executable, "-m", "splitc.runtime.worker",
+                   "TVM_NUM_THREADS=1", sys.executable,
+                   *(["-c", SLOW_WORKER, str(slowdown)] if slowdown > 1 else
+                     ["-m", "splitc.runtime.worker"]),
                    str(out / dev.dir), "--bind", endpoint, "--compute-priority", priority,
                    *(["--keys", str(keys / dev.name)] if keys else ["--insecure"])]
             self.procs.append(subprocess.Popen(cmd, stderr=subprocess.PIPE))
@@ -295,15 +261,12 @@ class Workers:
 
 
 def measure(out: Path, x, reference, nets, port0, repeats, inflight, cores,
-            keys: Path | None, priority: str = "idle", throttle: Throttle | None = None
-            ) -> dict:
+            keys: Path | None, priority: str = "idle", slowdown: int = 1) -> dict:
     plan = Plan.load(out)
-    workers = Workers(out, plan, nets, port0, cores, keys, priority)
+    workers = Workers(out, plan, nets, port0, cores, keys, priority, slowdown)
     try:
         with connect(out, workers.endpoints, start_timeout=120, timeout=600,
                      keys=keys / "client" if keys else None, insecure=True) as session:
-            for proc in workers.procs if throttle else ():  # (their I/O threads run by now)
-                throttle.add(proc.pid)  # the worker's main thread: it runs the pieces
             y = session.infer(*x)  # warm up, and check the answer
             err = max(float(np.abs(a - b).max() / (np.abs(b).max() or 1))
                       for a, b in zip(y, reference, strict=True))
@@ -324,8 +287,6 @@ def measure(out: Path, x, reference, nets, port0, repeats, inflight, cores,
             throughput = n / (time.perf_counter() - t)
     finally:
         workers.close()
-        if throttle:
-            throttle.close()
     return {"latency": statistics.median(times), "throughput": throughput, "rel_err": err,
             "bytes": plan.transfer_bytes, "busy": busy, "plan": plan}
 
@@ -346,9 +307,9 @@ def main() -> int:
     ap.add_argument("--curve", action="store_true",
                     help="encrypt every link with CurveZMQ (default: plaintext, --insecure)")
     ap.add_argument("--out", type=Path, default=None, help="keep artifacts and results here")
-    ap.add_argument("--slowdown", type=float, default=1.0,
-                    help="devices (and ONNX Runtime) compute at 1/F of a core, as boards "
-                         "slower than this machine would (cgroup CPU quota; root)")
+    ap.add_argument("--slowdown", type=int, default=1,
+                    help="devices (and ONNX Runtime) compute F times as long, as boards "
+                         "slower than this machine would (each piece runs F times)")
     args = ap.parse_args()
 
     n = args.devices
@@ -374,11 +335,13 @@ def main() -> int:
 
     table = profiler.measure(args.model, "host", tiny=args.tiny, input_shapes=shapes, number=2)
     ort = ort_latency(model, x, args.requests)
-    throttle = None
-    if args.slowdown > 1:  # everything the devices compute takes k times longer
-        throttle = Throttle(args.slowdown, f"{NETNS_PREFIX}{args.lab or ''}")
-        slow = throttled_seconds(throttle, ort_runner(model, x))
-        table, ort = slowed(table, slow / ort), slow
+    k = args.slowdown
+    if k < 1:
+        sys.exit("--slowdown must be a whole number, 1 or more")
+    if k > 1:  # everything the devices compute takes k times longer
+        run = ort_runner(model, x)
+        ort = interleaved({"ort": lambda: [run() for _ in range(k)]}, 5)["ort"]
+        table = slowed(table, k)
     speed = DeviceSpeed.from_profile(table, "profile (1 core)")
     # the search reads the same table (all its terms) from a cache of this run's own
     os.environ["SPLITC_CACHE"] = str(work / "cache")
@@ -403,10 +366,10 @@ def main() -> int:
     else:
         print("# links: loopback (unshaped); cost model: 2 GB/s, 100 us/hop")
     print(f"# cores: client and ONNX Runtime on {cores[0]}, devices on {worker_cores}")
-    if throttle:
-        print(f"# devices and ONNX Runtime compute at 1/{args.slowdown:g} of a core (cgroup CPU "
-              f"quota, the ZeroMQ I/O threads not throttled): ONNX Runtime took "
-              f"{table['slowdown']:.1f}x as long, and the profile's rates are scaled by that")
+    if k > 1:
+        print(f"# devices and ONNX Runtime compute {k} times as long (each piece, and ONNX "
+              f"Runtime, runs {k} times per request; the runtime and the links keep their "
+              f"speed), and the profile's piece terms are scaled by {k}")
     rows = []
     rows.append({"config": "ONNX Runtime, 1 core", "latency": ort, "throughput": 1 / ort,
                  "bytes": 0, "rel_err": 0.0, "predicted": None})
@@ -419,8 +382,6 @@ def main() -> int:
         print("# every link encrypted and authenticated with CurveZMQ")
     with ExitStack() as stack:
         nets, link = None, Link(bandwidth, hop)
-        if throttle:
-            stack.callback(throttle.close)
         if args.netns:
             nets = Namespaces(n, bandwidth, delay, args.lab)
             stack.callback(nets.cleanup)
@@ -444,7 +405,7 @@ def main() -> int:
                 compile_model(args.model, out, strategy=strategy, cluster=sub, tiny=args.tiny,
                               input_shapes=shapes)
             r = measure(out, x, reference, nets, 5600 + 10 * i, args.requests, devices,
-                        worker_cores, keys, priority, throttle)
+                        worker_cores, keys, priority, k)
             plan = r.pop("plan")
             pred = estimate(plan, Cluster(sub.devices[:len(plan.devices)], link),
                             [speed] * len(plan.devices))
