@@ -22,10 +22,11 @@ veth pair on a bridge, each veth shaped with ``tc tbf`` to ``--bandwidth``, and 
 side of the bridge too (as a board's or a laptop's one Ethernet port would be). ``--delay D``
 adds ``tc netem`` delay D/2 on both ends of every veth, so a message between two devices takes
 D longer (one between the client and a device, D/2); kernels without netem (this VM's) refuse
-it. The cost model is given the links as measured before the rows: the bandwidth and the time
-per message that runtime messages of 16 kB to 1 MB take through them (plus D), as a user
-would write measured figures into a cluster file. Without ``--netns`` the workers talk over
-loopback, unshaped, and the cost model is given loopback figures. The header says which.
+it. The cost model is given the links as measured before the rows (:func:`measure_link`):
+the bandwidth and the time per message of runtime messages through them (plus D), as a user
+would write measured figures into a cluster file. The links carry jumbo frames (:data:`MTU`).
+Without ``--netns`` the workers talk over loopback, unshaped, and the cost model is given
+loopback figures. The header says which.
 
 ``--slowdown F`` (a whole number) makes the devices, and ONNX Runtime's row, compute F times
 as long: boards slower than this machine meet the same links with a compute-to-network ratio
