@@ -23,8 +23,9 @@ Device speed comes from, in order: the cluster file's ``gflops`` (which prices t
 in with the FLOPs); the table `splitc profile` measured for that target on this machine (for
 the host, measured on first use); the target's published peak times
 :data:`UNPROFILED_EFFICIENCY` (the fraction of peak the default schedules reach) and its
-published memory bandwidth for the weights. A profile measured with other code generation,
-or in an older table format, is stale and ignored.
+published memory bandwidth for the weights. Without a profile, tiles are priced
+:data:`TILE_OVERHEAD` slower per FLOP than whole layers. A profile measured with other code
+generation, or in an older table format, is stale and ignored.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ from splitc.runtime.plan import Plan
 #: on an x86 core (AVX2): ResNet-50 at 224 runs at about 70 GFLOP/s of a ~100 GFLOP/s peak;
 #: not measured on ARM boards (none here), so a conservative 0.4 stands in for them.
 UNPROFILED_EFFICIENCY = 0.4
+#: How much longer a spatial split's tiles take per FLOP than whole layers, as a fraction of a
+#: FLOP's time, where no profile measured it (cluster-file ``gflops``, published peaks): 10 to
+#: 17 % in four profiles of ResNet-50 on this x86 core (AVX-512); boards are assumed alike.
+TILE_OVERHEAD = 0.13
 #: Seconds the ZeroMQ runtime spends around each piece call (receiving, converting and sending
 #: its tensors), on top of the VM call itself. Measured with benchmarks/cluster.py on tiny
 #: models, where it dominates: a 55-piece channel split ran ~5 ms slower than predicted.
@@ -99,7 +104,8 @@ def device_speed(device: ClusterDevice) -> DeviceSpeed:
     """How fast ``device`` runs compiled pieces (see the module docstring for the order)."""
     if device.gflops:
         return DeviceSpeed(device.gflops * 1e9, DEFAULT_CALL_OVERHEAD, "cluster file",
-                           DEFAULT_SECONDS_PER_BYTE)
+                           DEFAULT_SECONDS_PER_BYTE,
+                           tile_seconds_per_flop=TILE_OVERHEAD / (device.gflops * 1e9))
     path = profile_dir() / f"{device.target}.json"
     table = json.loads(path.read_text()) if path.exists() else {}
     if table.get("codegen") == CODEGEN and table.get("format") == PROFILE_FORMAT:
@@ -123,10 +129,12 @@ def device_speed(device: ClusterDevice) -> DeviceSpeed:
         raise SplitcError(f"no speed known for target {device.target}: run `splitc profile "
                           f"--target {device.target}` or give gflops in the cluster file")
     bandwidth = spec.memory_bandwidth_gbs
-    return DeviceSpeed(peak * 1e9 * UNPROFILED_EFFICIENCY, DEFAULT_CALL_OVERHEAD,
+    rate = peak * 1e9 * UNPROFILED_EFFICIENCY
+    return DeviceSpeed(rate, DEFAULT_CALL_OVERHEAD,
                        f"published peak {peak} GFLOP/s x {UNPROFILED_EFFICIENCY}"
                        + (f", weights at {bandwidth} GB/s" if bandwidth else ""),
-                       DEFAULT_SECONDS_PER_BYTE, 1 / (bandwidth * 1e9) if bandwidth else 0.0)
+                       DEFAULT_SECONDS_PER_BYTE, 1 / (bandwidth * 1e9) if bandwidth else 0.0,
+                       TILE_OVERHEAD / rate)
 
 
 @dataclass(frozen=True)

@@ -213,7 +213,7 @@ def test_profile_table_gives_the_cost_model_its_speed(tmp_path, monkeypatch):
     """`splitc profile`'s table: FLOP/s, seconds per weight byte, call overhead and cost per
     boundary byte, stored where the cost model reads it for that target."""
     from splitc import profiler
-    from splitc.cost import device_speed
+    from splitc.cost import TILE_OVERHEAD, device_speed
 
     monkeypatch.setenv("SPLITC_CACHE", str(tmp_path))
     table = profiler.measure("resnet18", "host", tiny=True, number=1)
@@ -237,6 +237,12 @@ def test_profile_table_gives_the_cost_model_its_speed(tmp_path, monkeypatch):
     profiler.save({**table, "target": "rpi4", "format": 1})
     assert device_speed(board).source.startswith("published peak")
     assert device_speed(board).seconds_per_weight_byte == pytest.approx(1 / 12.8e9)
+    # without a profile, tiles cost TILE_OVERHEAD more per FLOP (measured here, assumed there)
+    unprofiled = device_speed(board)
+    assert unprofiled.tile_seconds_per_flop * unprofiled.flops_per_second == pytest.approx(
+        TILE_OVERHEAD)
+    given = device_speed(ClusterDevice("pi", "rpi4", 2**30, gflops=10.0))
+    assert given.tile_seconds_per_flop == pytest.approx(TILE_OVERHEAD / 10e9)
 
 
 def test_spatial_stages_are_priced_and_exact(resnet):
