@@ -7,6 +7,7 @@ importers produce after ``FoldConstant``). :func:`main_block` checks that precon
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -42,8 +43,13 @@ class TensorRef:
                 "bytes": self.nbytes}
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def static_shape(expr: relax.Expr) -> tuple[int, ...]:
-    """Static shape of a tensor-typed expression; a dynamic dim is a user-facing error."""
+    """Static shape of a tensor-typed expression; a dynamic dim is a user-facing error.
+
+    Remembered per expression (IR nodes are immutable, and equal only to themselves): the
+    spatial planner asks for the same shapes hundreds of thousands of times, and reading
+    one through the FFI costs ~13 us."""
     ty = expr.ty
     if not isinstance(ty, relax.TensorType) or ty.shape is None:
         raise SplitcError(f"expected a tensor with a known shape, got {ty}")
@@ -84,6 +90,11 @@ def op_name(expr: relax.Expr) -> str:
 
 def var_inputs(expr: relax.Expr) -> list[relax.Var]:
     """The variables an expression reads, in argument order, without repeats."""
+    return list(_var_inputs(expr))
+
+
+@functools.lru_cache(maxsize=1 << 16)  # (remembered as static_shape is, and for the same use)
+def _var_inputs(expr: relax.Expr) -> tuple[relax.Var, ...]:
     seen: dict[relax.Var, None] = {}
 
     def walk(e):
@@ -99,7 +110,7 @@ def var_inputs(expr: relax.Expr) -> list[relax.Var]:
                 walk(a)
 
     walk(expr)
-    return list(seen)
+    return tuple(seen)
 
 
 def substitute(expr: relax.Expr, vmap: Mapping[relax.Var, relax.Expr]) -> relax.Expr:
