@@ -47,18 +47,24 @@ class PipelinePlan:
 
 def plan_pipeline(mod: tvm.IRModule, n_devices: int, *,
                   flops_per_second: float | Sequence[float] = DEFAULT_FLOPS,
-                  bytes_per_second: float = DEFAULT_BYTES_PER_SECOND) -> PipelinePlan:
+                  bytes_per_second: float = DEFAULT_BYTES_PER_SECOND,
+                  speeds: Sequence | None = None) -> PipelinePlan:
     """Cut ``main`` into ``n_devices`` stages, minimising the slowest stage.
 
     Stage ``k`` runs on device ``k`` and costs its FLOPs at that device's speed
     (``flops_per_second``: one figure for all, or one per device) plus the bytes it sends
-    onward at ``bytes_per_second``. Only cuts crossed by the fewest tensors the model allows
-    are considered while there are enough of them (so residual blocks are not cut).
+    onward at ``bytes_per_second``. ``speeds``, one per device, price a stage instead as the
+    cost model prices a piece: ``speeds[k].piece_seconds(FLOPs, weight bytes, bytes in and
+    out)`` (:class:`splitc.cost.DeviceSpeed`), plus the sending. Only cuts crossed by the
+    fewest tensors the model allows are considered while there are enough of them (so
+    residual blocks are not cut).
     """
     if n_devices < 1:
         raise SplitcError("a pipeline needs at least one device")
     speed = list(flops_per_second) if isinstance(flops_per_second, Sequence) else \
         [flops_per_second] * n_devices
+    if speeds is not None:
+        speed = list(speeds)
     if len(speed) != n_devices:
         raise SplitcError(f"{len(speed)} device speeds for {n_devices} devices")
     costs = profile(mod)
@@ -75,14 +81,20 @@ def plan_pipeline(mod: tvm.IRModule, n_devices: int, *,
         raise SplitcError(f"the model has {len(cuts)} places to cut; it cannot be split "
                           f"into {n_devices} pipeline stages")
 
-    prefix = [0.0]
+    prefix, weights = [0.0], [0.0]
     for c in costs:
         prefix.append(prefix[-1] + c.flops)
+        weights.append(weights[-1] + c.weight_bytes)
     end = len(costs) - 1
     points = [(c.index, c.nbytes / bytes_per_second) for c in candidates]
+    crossing = {c.index: c.nbytes for c in candidates}
 
     def stage_cost(k: int, lo: int, hi: int, send: float) -> float:  # bindings lo+1 .. hi
-        return (prefix[hi + 1] - prefix[lo + 1]) / speed[k] + send
+        flops = prefix[hi + 1] - prefix[lo + 1]
+        if speeds is None:
+            return flops / speed[k] + send
+        edge = crossing.get(lo, 0) + crossing.get(hi, 0)
+        return speed[k].piece_seconds(flops, weights[hi + 1] - weights[lo + 1], edge) + send
 
     # best[k][j]: slowest stage when the first k+1 stages end at candidate j.
     inf = float("inf")

@@ -128,8 +128,7 @@ def search(mod: tvm.IRModule, cluster: Cluster, *, objective: str = "latency",
     if n > 1:
         orders = {everyone, tuple(sorted(everyone, key=lambda i: -speeds[i].flops_per_second))}
         for order in sorted(orders):
-            sp = [speeds[i].flops_per_second for i in order]
-            plan = plan_pipeline(mod, n, flops_per_second=sp,
+            plan = plan_pipeline(mod, n, speeds=[speeds[i] for i in order],
                                  bytes_per_second=cluster.network.bytes_per_second)
             names = ",".join(cluster.devices[i].name for i in order)
             add(f"pipeline [{names}]", "pipeline", PipelineSplit(plan)(mod), order)

@@ -145,3 +145,30 @@ def test_profile_counts_flops_and_weights():
     assert rows[0].flops == 2 * (4 * 8 * 8) * (3 * 3 * 3)
     assert rows[0].weight_bytes == 4 * 3 * 3 * 3 * 4
     assert rows[1].flops == 4 * 8 * 8 and rows[1].out_bytes == 4 * 8 * 8 * 4
+
+
+def test_planner_prices_stages_as_the_cost_model_does():
+    """A wide convolution has the FLOPs, two 1x1 convolutions on one pixel the weights: cut
+    by FLOPs alone, one stage gets both weight-heavy layers; with each device's speed (its
+    time per weight byte), they are split between the stages."""
+    from splitc.cost import DeviceSpeed
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 4, 32, 32), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            a = bb.emit(relax.op.nn.conv2d(x, relax.const(np.ones((8, 4, 3, 3), "float32")),
+                                           padding=1))
+            b = bb.emit(relax.op.nn.relu(a))
+            c = bb.emit(relax.op.mean(b, axis=[2, 3], keepdims=True))
+            d = bb.emit(relax.op.nn.conv2d(c, relax.const(np.ones((4096, 8, 1, 1), "float32"))))
+            e = bb.emit(relax.op.nn.relu(d))
+            f = bb.emit_output(relax.op.nn.conv2d(
+                e, relax.const(np.ones((8, 4096, 1, 1), "float32"))))
+        bb.emit_func_output(f)
+    mod = bb.get()
+    by_flops = plan_pipeline(mod, 2, flops_per_second=1e9, bytes_per_second=1e15)
+    assert by_flops.cuts == (0,)  # the wide convolution alone
+    weighing = [DeviceSpeed(1e9, 0.0, "test", 0.0, 1e-8)] * 2
+    priced = plan_pipeline(mod, 2, speeds=weighing, bytes_per_second=1e15)
+    assert priced.cuts == (3,)  # one weight-heavy layer on each device
