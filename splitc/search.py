@@ -4,7 +4,8 @@ The candidates are every exact strategy over all devices (the spatial split with
 proportion to each device's speed and each cap on recomputed halo rows in
 :data:`~splitc.passes.spatial_split.HALO_CAPS`: fewer exchanges or less recomputation),
 pipelines over the devices in the cluster's order and fastest-first (cut by dynamic
-programming with each device's own speed), and the whole model on each single device. Each
+programming, each stage priced as :meth:`~splitc.cost.DeviceSpeed.piece_seconds` prices a
+piece on its device), and the whole model on each single device. Each
 candidate is planned, rewritten and extracted (no TVM build: that is the expensive part and
 only the winner needs it), then simulated by :func:`splitc.cost.estimate`. Candidates over a
 device's memory cap are dropped; if none fits, the error says by how much the best one falls
