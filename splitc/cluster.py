@@ -75,7 +75,8 @@ class Link:
     latency: float  # seconds per message
 
     def seconds(self, nbytes: float) -> float:
-        """The cost model of a transfer, in one line: bytes / bandwidth + latency."""
+        """One message alone on the link, in one line: bytes / bandwidth + latency (the cost
+        model adds what other messages leaving with it take of the link)."""
         return nbytes / self.bytes_per_second + self.latency
 
 

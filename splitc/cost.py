@@ -207,11 +207,12 @@ def estimate(plan: Plan, cluster: Cluster, speeds: list[DeviceSpeed] | None = No
             ready[(t, src)] = at
             for dst in sorted(wanted[t] - {src}, key=str):
                 by_dst[dst].append(t)
-        wire = {dst: sum(plan.tensors[t].nbytes for t in ts) / link(src, dst).bytes_per_second
-                for dst, ts in by_dst.items()}
+        nbytes = {dst: sum(plan.tensors[t].nbytes for t in ts) for dst, ts in by_dst.items()}
+        wire = {dst: b / link(src, dst).bytes_per_second for dst, b in nbytes.items()}
         start = max(at, nic[src])
         for dst, ts in by_dst.items():
-            done = start + sum(min(w, wire[dst]) for w in wire.values()) + link(src, dst).latency
+            others = sum(min(w, wire[dst]) for d, w in wire.items() if d != dst)
+            done = start + others + link(src, dst).seconds(nbytes[dst])
             for t in ts:
                 ready[(t, dst)] = done
         nic[src] = start + sum(wire.values())

@@ -101,7 +101,7 @@ def test_estimate_is_the_stated_formula():
 def test_messages_leaving_together_share_the_senders_link():
     """The caller sends each device its input at once: TCP gives the flows fair shares of its
     link, so a small message arrives when the link has carried it and as much of every other
-    one (not first in line); the tensors of one message arrive together."""
+    one (not first in line)."""
     t = {"x0": Tensor((1, 1000), "float32"), "x1": Tensor((1, 1500), "float32"),
          "a": Tensor((1, 250), "float32"), "b": Tensor((1, 250), "float32"),
          "y": Tensor((1, 10), "float32")}
