@@ -145,24 +145,22 @@ def _spatial_runs(mod: tvm.IRModule, spec, number: int) -> list[Run]:
     the search tries (few long pieces, or many short ones that hand on more bytes: without
     these the boundary term took in what the long tiles' layers lose), each timed in plan
     order as a worker runs them; none where the model has nothing to tile."""
-    from splitc.passes.spatial_split import HALO_CAPS
+    from splitc.passes.spatial_split import HALO_CAPS, plan_spatial
 
-    runs, tried = [], set()
+    plans = {}  # segments -> plan: two caps can give the same split
     for cap in (max(HALO_CAPS), min(HALO_CAPS)):
-        runs += _spatial_pieces(mod, spec, number, cap, tried)
-    return runs
+        plan = plan_spatial(mod, 2, max_overhead=cap)
+        if plan.segments:
+            plans.setdefault(plan.segments, plan)
+    return [run for plan in plans.values() for run in _spatial_pieces(mod, spec, number, plan)]
 
 
-def _spatial_pieces(mod: tvm.IRModule, spec, number: int, cap: float, tried: set) -> list[Run]:
-    """One spatial split's pieces (at halo cap ``cap``, unless its segments are in ``tried``),
-    timed one after another as a worker runs them (what one piece leaves in the caches is not
-    the next one's), each the median of ``max(number, 3)`` rounds."""
-    from splitc.passes.spatial_split import SpatialSplit, plan_spatial
+def _spatial_pieces(mod: tvm.IRModule, spec, number: int, plan) -> list[Run]:
+    """The pieces of spatial split ``plan``, timed one after another as a worker runs them
+    (what one piece leaves in the caches is not the next one's), each the median of
+    ``max(number, 3)`` rounds."""
+    from splitc.passes.spatial_split import SpatialSplit
 
-    plan = plan_spatial(mod, 2, max_overhead=cap)
-    if not plan.segments or plan.segments in tried:
-        return []
-    tried.add(plan.segments)
     ex, vm, weights = _compile_pieces(SpatialSplit(plan)(mod), spec)
     rng = np.random.default_rng(0)
     tensors = ex.all_tensors
