@@ -7,8 +7,11 @@ computes each binding; :class:`OutlinePieces` then groups the bindings into piec
 A piece is the largest run of one device's bindings that needs nothing from another device
 computed after the piece starts. Formally each binding gets a *round*: the highest round among
 its producers, plus one when the producer is on another device. One (device, round) pair is one
-piece. Edges between pieces only go to the same or a later round (later when they cross
-devices), so the pieces form a DAG and can run as soon as their inputs have arrived.
+piece, unless the split pass gave *stages* (a spatial split's segments): then a run is also cut
+after each stage whose results another device reads, so that those leave before the device
+goes on. Edges between pieces only go to the same or a later round (later when they cross
+devices) or to a later cut of the same run, so the pieces form a DAG and can run as soon as
+their inputs have arrived.
 Bindings on :data:`~splitc.passes.ir.CLIENT` (slices of model inputs) become ``client_p*``
 pieces, which extraction turns into slices the caller cuts.
 
@@ -28,6 +31,7 @@ The result, the *split form* of the module, is what :mod:`splitc.passes.extract`
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -50,9 +54,32 @@ class PieceGroup:
     outputs: tuple[relax.Var, ...]
 
 
+def _stage_cuts(bindings: list[relax.VarBinding], producer: Mapping[relax.Var, relax.VarBinding],
+                rnd: Mapping[relax.Var, int], device_of: Mapping[str, int],
+                stage_of: Mapping[str, int]) -> dict[relax.Var, int]:
+    """Each binding's index among the pieces its (device, round) run is cut into: a run is
+    cut before each stage that follows a stage of the run whose results another device reads.
+    """
+    sending = {(rnd[v], device_of[v.name], stage_of.get(v.name, 0))
+               for b in bindings for v in var_inputs(b.value)
+               if v in producer and device_of[v.name] != device_of[b.var.name]}
+    cuts: dict[tuple[int, int], list[int]] = {}
+    for r, d, s in sorted(sending):
+        cuts.setdefault((r, d), []).append(s)
+    return {b.var: bisect.bisect_left(cuts.get((rnd[b.var], device_of[b.var.name]), []),
+                                      stage_of.get(b.var.name, 0)) for b in bindings}
+
+
 def group_pieces(func: relax.Function, block: relax.DataflowBlock,
-                 device_of: Mapping[str, int]) -> list[PieceGroup]:
-    """Analysis half of the outline: the pieces, in an order in which they can run."""
+                 device_of: Mapping[str, int],
+                 stage_of: Mapping[str, int] | None = None) -> list[PieceGroup]:
+    """Analysis half of the outline: the pieces, in an order in which they can run.
+
+    ``stage_of`` (binding name -> stage, non-decreasing along every dependency; default: all
+    0) tells where a device's run of bindings may be cut: a piece sends its outputs when it
+    ends, so a run is cut after each stage whose results another device reads. A spatial
+    tile that needs no rows from its neighbours at a segment's start would otherwise hold
+    back the rows they need until it had computed the next segment too."""
     bindings = list(block.bindings)
     missing = [b.var.name for b in bindings if b.var.name not in device_of]
     if missing:
@@ -67,23 +94,29 @@ def group_pieces(func: relax.Function, block: relax.DataflowBlock,
                 r = max(r, rnd[v] + (device_of[v.name] != dev))
         rnd[b.var] = r
 
-    keys = sorted({(rnd[b.var], device_of[b.var.name]) for b in bindings})
+    sub = _stage_cuts(bindings, producer, rnd, device_of, stage_of or {})
+
+    def key_of(b: relax.VarBinding) -> tuple[int, int, int]:
+        return rnd[b.var], device_of[b.var.name], sub[b.var]
+
+    keys = sorted({key_of(b) for b in bindings})
     per_device_count: dict[int, int] = {}
     names = {}
-    for r, d in keys:
+    for key in keys:
+        d = key[1]
         who = "client" if d == CLIENT else f"dev{d}"
-        names[(r, d)] = f"{who}_p{per_device_count.get(d, 0)}"
+        names[key] = f"{who}_p{per_device_count.get(d, 0)}"
         per_device_count[d] = per_device_count.get(d, 0) + 1
 
-    members: dict[tuple[int, int], list[relax.VarBinding]] = {k: [] for k in keys}
+    members: dict[tuple[int, int, int], list[relax.VarBinding]] = {k: [] for k in keys}
     for b in bindings:
-        members[(rnd[b.var], device_of[b.var.name])].append(b)
+        members[key_of(b)].append(b)
 
     returned = set(output_vars(func))
-    read_by: dict[relax.Var, set[tuple[int, int]]] = {}
+    read_by: dict[relax.Var, set[tuple[int, int, int]]] = {}
     for b in bindings:
         for v in var_inputs(b.value):
-            read_by.setdefault(v, set()).add((rnd[b.var], device_of[b.var.name]))
+            read_by.setdefault(v, set()).add(key_of(b))
 
     groups = []
     for key in keys:
@@ -152,12 +185,15 @@ class OutlinePieces:
     ----------
     device_of : Mapping[str, int]
         Device index of every binding of ``main``, keyed by the bound variable's name.
+    stage_of : Mapping[str, int], optional
+        Stage of the bindings (see :func:`group_pieces`); default: one stage.
     """
 
-    def __init__(self, device_of: Mapping[str, int]):
+    def __init__(self, device_of: Mapping[str, int], stage_of: Mapping[str, int] | None = None):
         self.device_of = dict(device_of)
+        self.stage_of = dict(stage_of or {})
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         block = main_block(mod)
-        groups = group_pieces(mod["main"], block, self.device_of)
+        groups = group_pieces(mod["main"], block, self.device_of, self.stage_of)
         return build_split_module(mod, groups)

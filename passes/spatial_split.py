@@ -394,21 +394,25 @@ class _SpatialRewriter:
         self.tiles: dict[relax.Var, list[_Tile]] = {}
         self.received: dict[tuple[relax.Var, int, Rows], relax.Var] = {}
         self.device_of: dict[str, int] = {}
+        self.stage_of: dict[str, int] = {}  # the segment (or what follows it) a binding is of
+        self.stage = 0
         self.reserved: set[str] = set()
         self.home = plan.group(0)[0] if plan.segments else 0  # runs what no segment holds
 
     # -- emission helpers ---------------------------------------------------------------
     def emit(self, value: relax.Expr, name: str, device: int, *, output: bool = False,
-             original: bool = False) -> relax.Var:
+             original: bool = False, stage: int | None = None) -> relax.Var:
         """Bind ``value`` on ``device`` under a name no other binding or parameter has.
 
-        ``original`` keeps an original binding's name; derived names avoid those."""
+        ``original`` keeps an original binding's name; derived names avoid those. ``stage``:
+        the current one unless given (rows cut from a tile belong to the tile's)."""
         unique, i = name, 0
         while unique in self.device_of or (unique in self.reserved and not original):
             i += 1
             unique = f"{name}_{i}"
         var = (self.bb.emit_output if output else self.bb.emit)(value, name_hint=unique)
         self.device_of[var.name] = device
+        self.stage_of[var.name] = self.stage if stage is None else stage
         return var
 
     def rows_on(self, var: relax.Var, rows: Rows, device: int) -> relax.Var:
@@ -426,13 +430,14 @@ class _SpatialRewriter:
                     continue
                 parts.append(t.var if (lo, hi) == t.have else self.emit(
                     _row_slice(t.var, lo - t.have[0], hi - t.have[0]),
-                    f"{var.name}_r{device}", t.device))
+                    f"{var.name}_r{device}", t.device, stage=self.stage_of[t.var.name]))
             out = parts[0] if len(parts) == 1 else self.emit(
                 relax.op.concat(parts, axis=2), f"{var.name}_g{device}", device)
         else:  # sliced where it lives, so only the rows travel (model inputs: by the caller)
             new, where = self.whole[var]
             out = self.emit(_row_slice(new, *rows), f"{var.name}_r{device}",
-                            CLIENT if where is None else where)
+                            CLIENT if where is None else where,
+                            stage=self.stage_of.get(new.name, 0))
         self.received[key] = out
         return out
 
@@ -544,8 +549,10 @@ class _SpatialRewriter:
                 i = 0
                 while i < len(bindings):
                     if i in ends:
+                        self.stage += 1
                         self.segment(func, bindings, i, ends[i], groups[i])
                         self.home = groups[i][0]
+                        self.stage += 1  # what follows the segment, on the home device
                         i = ends[i]
                         continue
                     b = bindings[i]
@@ -611,4 +618,4 @@ class SpatialSplit:
         _check(self.plan, mod)
         rewriter = _SpatialRewriter(self.plan)
         flat = rewriter.run(mod)
-        return OutlinePieces(rewriter.device_of)(flat)
+        return OutlinePieces(rewriter.device_of, rewriter.stage_of)(flat)

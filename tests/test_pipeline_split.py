@@ -110,6 +110,84 @@ class TestInsideResidual:
         assert crossing == [["a"], ["a", "b"], ["c"]]
 
 
+class TestStagesCutARunThatSends:
+    """Device 0 computes ``a`` (read by device 1) and, needing nothing from it, goes on to
+    ``b`` and ``c``. In one stage that is one piece, and device 1 would wait for ``c`` too;
+    with ``b`` and ``c`` in a later stage, ``a`` leaves in a piece of its own."""
+
+    device_of = {"a": 0, "b": 0, "c": 0, "d": 1, "e": 0}
+    stage_of = {"a": 1, "b": 2, "c": 2, "d": 2, "e": 3}
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def dev0_p0(x: R.Tensor((1, 4), "float32")) -> R.Tensor((1, 4), "float32"):
+            R.func_attr({"splitc.device": 0})
+            with R.dataflow():
+                a = R.nn.relu(x)
+                R.output(a)
+            return a
+
+        @R.function
+        def dev0_p1(a: R.Tensor((1, 4), "float32")) -> R.Tensor((1, 4), "float32"):
+            R.func_attr({"splitc.device": 0})
+            with R.dataflow():
+                b = R.multiply(a, a)
+                c = R.nn.relu(b)
+                R.output(c)
+            return c
+
+        @R.function
+        def dev1_p0(a: R.Tensor((1, 4), "float32")) -> R.Tensor((1, 4), "float32"):
+            R.func_attr({"splitc.device": 1})
+            with R.dataflow():
+                d = R.negative(a)
+                R.output(d)
+            return d
+
+        @R.function
+        def dev0_p2(c: R.Tensor((1, 4), "float32"),
+                    d: R.Tensor((1, 4), "float32")) -> R.Tensor((1, 4), "float32"):
+            R.func_attr({"splitc.device": 0})
+            with R.dataflow():
+                e = R.add(c, d)
+                R.output(e)
+            return e
+
+        @R.function
+        def main(x: R.Tensor((1, 4), "float32")):
+            cls = Expected
+            with R.dataflow():
+                a = cls.dev0_p0(x)
+                c = cls.dev0_p1(a)
+                d = cls.dev1_p0(a)
+                e = cls.dev0_p2(c, d)
+                R.output(e)
+            return e
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((1, 4), "float32")):
+            with R.dataflow():
+                a = R.nn.relu(x)
+                b = R.multiply(a, a)
+                c = R.nn.relu(b)
+                d = R.negative(a)
+                e = R.add(c, d)
+                R.output(e)
+            return e
+
+    def test_rewrite(self):
+        after = OutlinePieces(self.device_of, self.stage_of)(self.Before)
+        relax.analysis.well_formed(after)
+        tvm.ir.assert_structural_equal(after, self.Expected)
+
+    def test_one_stage_is_one_piece_per_run(self):
+        after = OutlinePieces(self.device_of)(self.Before)
+        assert [b.var.name for b in after["dev0_p0"].body.blocks[0].bindings] == ["a", "b", "c"]
+
+
 def test_one_device_is_one_piece():
     after = PipelineSplit(PipelinePlan(cuts=(), devices=(0,)))(Residual)
     assert sorted(gv.name_hint for gv in after.get_global_vars()) == ["dev0_p0", "main"]

@@ -122,6 +122,29 @@ def test_halo_exchange_sends_only_the_missing_rows():
                                atol=1e-5)
 
 
+def test_rows_a_neighbour_waits_for_leave_before_the_next_segment():
+    """A stride-2 conv's top half reads only device 0's own rows: device 0 needs nothing at
+    the second segment and would run straight on, but device 1 needs its row 3. That row
+    leaves in a piece of its own (the first segment's), not after device 0's second tile."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 2, 8, 8), F32))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            a = bb.emit(relax.op.nn.conv2d(x, relax.const(W1), padding=1), name_hint="a")
+            c = bb.emit_output(relax.op.nn.conv2d(a, relax.const(W2), strides=2, padding=1),
+                               name_hint="c")
+        bb.emit_func_output(c)
+    before = bb.get()
+    after = SpatialSplit(SpatialPlan(2, ((0, 1), (1, 2))))(before)
+    relax.analysis.well_formed(after)
+    assert binding_names(after, "dev0_p0") == ["a_t0", "a_r1"]
+    assert binding_names(after, "dev0_p1") == ["c_t0"]
+    assert binding_names(after, "dev1_p1")[-1] == "c_t1"
+    x = RNG.standard_normal((1, 2, 8, 8)).astype(F32)
+    np.testing.assert_allclose(run_module(after, x), run_module(before, x), rtol=1e-5,
+                               atol=1e-5)
+
+
 def test_fewer_rows_than_devices_uses_as_many_devices_as_rows():
     """Eight rows over ten devices: eight tiles of one row, two devices idle."""
     before = conv_relu_conv()
