@@ -602,8 +602,8 @@ class SpatialSplit:
     Returns
     -------
     tvm.IRModule
-        The split form: one function per (device, round) piece and a ``main`` calling them
-        (see :mod:`splitc.passes.outline`).
+        The split form: one function per piece (a device's run of bindings between
+        exchanges) and a ``main`` calling them (see :mod:`splitc.passes.outline`).
     """
 
     def __init__(self, plan: SpatialPlan):
