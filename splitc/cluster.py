@@ -8,6 +8,8 @@ Written as TOML or JSON::
     count = 2
     memory = "1GiB"      # optional cap (default: the target's memory)
     gflops = 9.5         # optional measured speed (default: profile table or published peak)
+    # profile = "pi.json"  # or the table `splitc profile --output` wrote for these devices
+    #                      # (relative to this file); gflops or profile, not both
 
     [network]            # a shared switch: every pair gets this link
     bandwidth = "1Gbit"
@@ -67,6 +69,7 @@ class ClusterDevice:
     target: str
     memory: float  # bytes
     gflops: float | None = None  # measured speed, if the user gave one
+    profile: str | None = None  # or the table `splitc profile` measured for this device
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,10 @@ class Cluster:
         return cls(devs, Link(bandwidth, latency))
 
     @classmethod
-    def from_dict(cls, data: dict, origin: str = "cluster") -> Cluster:
+    def from_dict(cls, data: dict, origin: str = "cluster", base: Path | None = None
+                  ) -> Cluster:
+        """``base``: the folder a device's relative ``profile`` path starts from (the cluster
+        file's; default the working directory)."""
         if not isinstance(data.get("devices"), list) or not data["devices"]:
             raise SplitcError(f"{origin}: needs a non-empty [[devices]] list")
         devices = []
@@ -111,13 +117,23 @@ class Cluster:
                 raise SplitcError(f"{origin}: a device entry has no target: {entry}")
             spec = target_registry.get(entry["target"])
             count = int(entry.get("count", 1))
-            base = entry.get("name", spec.name)
+            name = entry.get("name", spec.name)
             memory = parse_bytes(entry.get("memory", spec.resolved_memory))
             gflops = entry.get("gflops")
+            profile = entry.get("profile")
+            if profile is not None:
+                if gflops:
+                    raise SplitcError(f"{origin}: device {name}: give gflops or profile, "
+                                      "not both")
+                path = (base or Path()) / Path(profile).expanduser()
+                if not path.is_file():
+                    raise SplitcError(f"{origin}: device {name}: profile {path} does not "
+                                      "exist (write one with `splitc profile --output`)")
+                profile = str(path)
             for i in range(count):
-                name = f"{base}{i}" if count > 1 else base
-                devices.append(ClusterDevice(name, spec.name, memory,
-                                             float(gflops) if gflops else None))
+                devices.append(ClusterDevice(f"{name}{i}" if count > 1 else name, spec.name,
+                                             memory, float(gflops) if gflops else None,
+                                             profile))
         names = [d.name for d in devices]
         if len(set(names)) != len(names):
             raise SplitcError(f"{origin}: device names repeat: {names}")
@@ -151,4 +167,4 @@ class Cluster:
         except (ValueError, json.JSONDecodeError) as e:
             raise SplitcError(f"{path} is not valid {path.suffix.lstrip('.') or 'TOML'}: "
                               f"{e}") from None
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(data, str(path), path.parent)

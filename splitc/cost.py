@@ -20,12 +20,13 @@ about 4 of its 30 ms, and a two-way split's tiles measured 18.4 ms of convolutio
 their FLOPs at the whole model's rate would take 16.6.
 
 Device speed comes from, in order: the cluster file's ``gflops`` (which prices the weights
-in with the FLOPs); the table `splitc profile` measured for that target on this machine (for
-the host, measured on first use); the target's published peak times
-:data:`UNPROFILED_EFFICIENCY` (the fraction of peak the default schedules reach) and its
-published memory bandwidth for the weights. Without a profile, tiles are priced
-:data:`TILE_OVERHEAD` slower per FLOP than whole layers. A profile measured with other code
-generation, or in an older table format, is stale and ignored.
+in with the FLOPs) or the table it names as the device's ``profile``; the table `splitc
+profile` measured for that target on this machine (for the host, measured on first use);
+the target's published peak times :data:`UNPROFILED_EFFICIENCY` (the fraction of peak the
+default schedules reach) and its published memory bandwidth for the weights. Without a
+profile, tiles are priced :data:`TILE_OVERHEAD` slower per FLOP than whole layers. A cached
+profile measured with other code generation, or in an older table format, is stale and
+ignored; one the cluster file names is an error.
 """
 
 from __future__ import annotations
@@ -100,12 +101,36 @@ class DeviceSpeed:
                 + self.call_overhead + edge_bytes * self.seconds_per_byte)
 
 
+def named_profile(device: ClusterDevice) -> dict:
+    """The table a cluster file names for ``device``, checked: one the cost model can read,
+    measured for the device's target with today's code generation (a stale table is an
+    error here, not skipped: the user chose it)."""
+    try:
+        table = json.loads(Path(device.profile).read_text())
+    except (OSError, ValueError) as e:
+        raise SplitcError(f"device {device.name}: cannot read profile {device.profile}: "
+                          f"{e}") from None
+    if not isinstance(table, dict) or "flops_per_second" not in table:
+        raise SplitcError(f"device {device.name}: {device.profile} is not a `splitc profile` "
+                          "table")
+    if table.get("target") != device.target:
+        raise SplitcError(f"device {device.name}: profile {device.profile} was measured for "
+                          f"{table.get('target')!r}, the device is a {device.target!r}")
+    if table.get("codegen") != CODEGEN or table.get("format") != PROFILE_FORMAT:
+        raise SplitcError(f"device {device.name}: profile {device.profile} was measured with "
+                          "another version of splitc's code generation; measure it again "
+                          f"(`splitc profile --target {device.target} --output ...`)")
+    return table
+
+
 def device_speed(device: ClusterDevice) -> DeviceSpeed:
     """How fast ``device`` runs compiled pieces (see the module docstring for the order)."""
     if device.gflops:
         return DeviceSpeed(device.gflops * 1e9, DEFAULT_CALL_OVERHEAD, "cluster file",
                            DEFAULT_SECONDS_PER_BYTE,
                            tile_seconds_per_flop=TILE_OVERHEAD / (device.gflops * 1e9))
+    if device.profile:
+        return DeviceSpeed.from_profile(named_profile(device), f"profile {device.profile}")
     path = profile_dir() / f"{device.target}.json"
     table = json.loads(path.read_text()) if path.exists() else {}
     if table.get("codegen") == CODEGEN and table.get("format") == PROFILE_FORMAT:

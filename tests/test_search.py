@@ -245,6 +245,50 @@ def test_profile_table_gives_the_cost_model_its_speed(tmp_path, monkeypatch):
     assert given.tile_seconds_per_flop == pytest.approx(TILE_OVERHEAD / 10e9)
 
 
+def test_a_device_may_name_its_own_profile(tmp_path):
+    """Two boards of one target at different speeds: each names the table measured on it
+    (relative to the cluster file); a bad one is an error naming the device and the cause."""
+    from splitc.build import CODEGEN
+    from splitc.cost import PROFILE_FORMAT, device_speed
+
+    table = {"target": "rpi4", "codegen": CODEGEN, "format": PROFILE_FORMAT,
+             "flops_per_second": 6e9, "call_overhead": 1e-4, "seconds_per_byte": 2e-10,
+             "seconds_per_weight_byte": 3e-10, "tile_seconds_per_flop": 1e-11}
+    (tmp_path / "tables").mkdir()
+    (tmp_path / "tables" / "fast.json").write_text(json.dumps(table))
+    (tmp_path / "tables" / "slow.json").write_text(json.dumps(
+        {**table, "flops_per_second": 3e9}))
+    path = tmp_path / "c.toml"
+    path.write_text("""
+[[devices]]
+name = "fast"
+target = "rpi4"
+profile = "tables/fast.json"
+[[devices]]
+name = "slow"
+target = "rpi4"
+profile = "tables/slow.json"
+""")
+    fast, slow = (device_speed(d) for d in Cluster.load(path).devices)
+    assert (fast.flops_per_second, slow.flops_per_second) == (6e9, 3e9)
+    assert fast.seconds_per_weight_byte == 3e-10 and "fast.json" in fast.source
+
+    def error(entry: str, table_text: str | None = None) -> str:
+        if table_text is not None:
+            (tmp_path / "bad.json").write_text(table_text)
+        path.write_text(f'[[devices]]\nname = "b"\ntarget = "rpi4"\n{entry}\n')
+        with pytest.raises(SplitcError) as e:
+            device_speed(Cluster.load(path).devices[0])
+        return str(e.value)
+
+    assert "does not exist" in error('profile = "nope.json"')
+    assert "not both" in error('profile = "tables/fast.json"\ngflops = 3')
+    assert "for 'host'" in error('profile = "bad.json"', json.dumps({**table, "target": "host"}))
+    assert "measure it again" in error('profile = "bad.json"', json.dumps({**table, "format": 1}))
+    assert "not a `splitc profile` table" in error('profile = "bad.json"', "[1, 2]")
+    assert "cannot read" in error('profile = "bad.json"', "{")
+
+
 def test_spatial_stages_are_priced_and_exact(resnet):
     """A mixed candidate: spatially split stages in a pipeline, each on its own device group,
     is priced by the search and gives the original's answer."""
