@@ -58,13 +58,28 @@ STUDENT_FILE = "student.npz"
 REFERENCE_FILE = "reference.json"
 
 
-def split(mod: tvm.IRModule, strategy: str, n_devices: int) -> tvm.IRModule:
-    """Plan and apply one strategy: the module in split form."""
+def split(mod: tvm.IRModule, strategy: str, n_devices: int,
+          cluster: Cluster | None = None) -> tvm.IRModule:
+    """Plan and apply one strategy: the module in split form.
+
+    When ``cluster`` states a speed for any of its devices (``gflops`` or ``profile``), the
+    devices are not alike: the spatial split divides rows in proportion to their speeds and
+    the pipeline prices its stages on them, as ``auto``'s candidates do. Otherwise (no speed
+    stated) the plan treats the devices as equal and measures nothing."""
     if strategy not in STRATEGIES:
         raise SplitcError(f"unknown strategy {strategy!r}; choose one of "
                           f"{', '.join(STRATEGIES)}")
     planner, apply = STRATEGIES[strategy]
-    return apply(planner(mod, n_devices))(mod)
+    options = {}
+    if cluster is not None and strategy in ("spatial", "pipeline") \
+            and any(d.gflops or d.profile for d in cluster.devices):
+        from splitc.cost import device_speed
+        from splitc.search import row_shares
+
+        speeds = [device_speed(d) for d in cluster.devices]
+        options = {"shares": row_shares(speeds)} if strategy == "spatial" else {
+            "speeds": speeds, "bytes_per_second": cluster.network.bytes_per_second}
+    return apply(planner(mod, n_devices, **options))(mod)
 
 
 def device_name(index: int) -> str:
@@ -156,7 +171,7 @@ def compile_model(model: str, out_dir: str | Path, devices: list[str] | None = N
     if strategy == BRANCH:
         return compile_branch(imported.mod, out_dir, cluster.targets, sync, source=source,
                               log=log, tuning_db=tuning_db)
-    ex = extract(split(imported.mod, strategy, len(cluster.devices)))
+    ex = extract(split(imported.mod, strategy, len(cluster.devices), cluster))
     plan = write_artifacts(ex, out_dir, cluster.targets, strategy, source=source, log=log,
                            tuning_db=tuning_db, fpga=fpga)
     if any(target_registry.get(t).is_fpga for t in cluster.targets):

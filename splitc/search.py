@@ -95,6 +95,13 @@ class SearchResult:
         return "\n".join(lines)
 
 
+def row_shares(speeds: list[DeviceSpeed]) -> tuple[float, ...]:
+    """A spatial split's row shares: in proportion to each device's FLOP/s, or none (equal
+    rows) when the devices are alike."""
+    rates = tuple(s.flops_per_second for s in speeds)
+    return rates if len(set(rates)) > 1 else ()
+
+
 def _candidate(label, strategy, split_mod, device_idx, cluster, speeds, source):
     from splitc.compiler import build_plan
 
@@ -135,8 +142,7 @@ def search(mod: tvm.IRModule, cluster: Cluster, *, objective: str = "latency",
             add(f"pipeline [{names}]", "pipeline", PipelineSplit(plan)(mod), order)
         add("channel over all", "channel", ChannelSplit(plan_channel(mod, n))(mod), everyone)
         tried = set()
-        rates = tuple(s.flops_per_second for s in speeds)
-        shares = rates if len(set(rates)) > 1 else ()  # rows in proportion to speed
+        shares = row_shares(speeds)
         for cap in HALO_CAPS:  # less recomputation, or fewer exchanges: priced, not guessed
             plan = plan_spatial(mod, n, max_overhead=cap, shares=shares)
             if plan.segments not in tried:

@@ -209,6 +209,33 @@ def test_a_faster_device_gets_more_rows(resnet):
         assert max(busy.values()) < max(equal.estimate.device_busy.values())
 
 
+def test_explicit_strategies_use_the_speeds_a_cluster_states(resnet, monkeypatch):
+    """`--strategy spatial` (or pipeline) with a cluster that states speeds plans with them, as
+    auto's candidates do: 3:1 speeds give the fast device about 3/4 of the rows. A cluster
+    stating none splits evenly and measures nothing."""
+    from splitc import cost
+    from splitc.compiler import split
+    from splitc.passes.extract import extract
+
+    def flops(cluster, strategy="spatial"):
+        ex = extract(split(resnet, strategy, 2, cluster))
+        return [sum(p.flops for p in ex.pieces if p.device == k) for k in (0, 1)]
+
+    stated = Cluster((ClusterDevice("a", "host", 2**30, 30), ClusterDevice("b", "host", 2**30,
+                                                                           10)), Link(1e9, 1e-4))
+    fast, slow = flops(stated)
+    assert 2.2 < fast / slow < 5  # (the fast one, device 0, also runs the head)
+    assert flops(stated, "pipeline")  # stages priced on the stated speeds
+
+    def no_measuring(_device):
+        raise AssertionError("a cluster stating no speed was measured")
+
+    monkeypatch.setattr(cost, "device_speed", no_measuring)
+    even = Cluster.uniform(["host", "host"])
+    fast, slow = flops(even)
+    assert 0.8 < fast / slow < 1.25
+
+
 def test_profile_table_gives_the_cost_model_its_speed(tmp_path, monkeypatch):
     """`splitc profile`'s table: FLOP/s, seconds per weight byte, call overhead and cost per
     boundary byte, stored where the cost model reads it for that target."""
