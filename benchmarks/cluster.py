@@ -35,9 +35,14 @@ worker runs every piece F times (the runtime, its network I/O and the links keep
 speed), ONNX Runtime runs F times per request, and the profile's piece terms are scaled by F.
 (A CFS quota on the workers' threads, used before, ran a thread 1 ms in every 10: every wait
 for a tensor could cost a period, and one device ran 1.5x slower than the profile said.)
+``--slowdown 1,2`` gives each device its own factor, a heterogeneous cluster: the cost model
+is given each device's scaled table as that device's ``profile`` (as a cluster file would name
+it), the one-device rows run on the first device at its factor, and the ideal divides one
+device's compute by the devices' summed speed.
 
     sudo .venv/bin/python benchmarks/cluster.py --model resnet50 -n 2 --netns
     sudo .venv/bin/python benchmarks/cluster.py --model resnet50 -n 2 --netns --slowdown 10
+    sudo .venv/bin/python benchmarks/cluster.py --model resnet50 -n 2 --netns --slowdown 1,2
     sudo .venv/bin/python benchmarks/cluster.py --model resnet50 -n 8 --netns --delay 0.5ms
     .venv/bin/python benchmarks/cluster.py --model resnet18 --tiny -n 2      # quick look
 """
@@ -234,7 +239,7 @@ class Workers:
 
     def __init__(self, out: Path, plan: Plan, nets: Namespaces | None, port0: int,
                  cores: list[int], keys: Path | None, priority: str = "idle",
-                 slowdown: int = 1):
+                 slowdown: list[int] | None = None):
         self.procs, self.endpoints = [], {}
         for i, dev in enumerate(plan.devices):
             if not plan.pieces_on(dev.name):
@@ -242,9 +247,10 @@ class Workers:
             host = nets.address(i) if nets else "127.0.0.1"
             endpoint = f"tcp://{host}:{port0 + i}"
             core = cores[i % len(cores)]
+            times = slowdown[i] if slowdown else 1
             cmd = [*(nets.prefix(i) if nets else []), "taskset", "-c", str(core), "env",
                    "TVM_NUM_THREADS=1", sys.executable,
-                   *(["-c", SLOW_WORKER, str(slowdown)] if slowdown > 1 else
+                   *(["-c", SLOW_WORKER, str(times)] if times > 1 else
                      ["-m", "splitc.runtime.worker"]),
                    str(out / dev.dir), "--bind", endpoint, "--compute-priority", priority,
                    *(["--keys", str(keys / dev.name)] if keys else ["--insecure"])]
@@ -262,7 +268,8 @@ class Workers:
 
 
 def measure(out: Path, x, reference, nets, port0, repeats, inflight, cores,
-            keys: Path | None, priority: str = "idle", slowdown: int = 1) -> dict:
+            keys: Path | None, priority: str = "idle", slowdown: list[int] | None = None
+            ) -> dict:
     plan = Plan.load(out)
     workers = Workers(out, plan, nets, port0, cores, keys, priority, slowdown)
     try:
@@ -308,9 +315,10 @@ def main() -> int:
     ap.add_argument("--curve", action="store_true",
                     help="encrypt every link with CurveZMQ (default: plaintext, --insecure)")
     ap.add_argument("--out", type=Path, default=None, help="keep artifacts and results here")
-    ap.add_argument("--slowdown", type=int, default=1,
+    ap.add_argument("--slowdown", default="1",
                     help="devices (and ONNX Runtime) compute F times as long, as boards "
-                         "slower than this machine would (each piece runs F times)")
+                         "slower than this machine would (each piece runs F times); F1,F2,.. "
+                         "one factor per device (ONNX Runtime takes the first)")
     args = ap.parse_args()
 
     n = args.devices
@@ -336,17 +344,30 @@ def main() -> int:
 
     table = profiler.measure(args.model, "host", tiny=args.tiny, input_shapes=shapes, number=2)
     ort = ort_latency(model, x, args.requests)
-    k = args.slowdown
-    if k < 1:
-        sys.exit("--slowdown must be a whole number, 1 or more")
-    if k > 1:  # everything the devices compute takes k times longer
+    try:
+        ks = [int(f) for f in args.slowdown.split(",")]
+    except ValueError:
+        ks = []
+    if len(ks) == 1:
+        ks *= n
+    if len(ks) != n or min(ks) < 1:
+        sys.exit(f"--slowdown takes one whole number >= 1, or {n} of them (one per device), "
+                 f"not {args.slowdown!r}")
+    k = ks[0]
+    if k > 1:  # everything the (first) device computes takes k times longer
         run = ort_runner(model, x)
         ort = interleaved({"ort": lambda: [run() for _ in range(k)]}, 5)["ort"]
-        table = slowed(table, k)
-    speed = DeviceSpeed.from_profile(table, "profile (1 core)")
-    # the search reads the same table (all its terms) from a cache of this run's own
+    tables = [slowed(table, f) if f > 1 else table for f in ks]
+    speeds = [DeviceSpeed.from_profile(t, "profile (1 core)") for t in tables]
+    speed = speeds[0]
+    # the search reads the same tables (all their terms) from a cache of this run's own, or,
+    # devices of different speeds, from the profile each device names
     os.environ["SPLITC_CACHE"] = str(work / "cache")
-    profiler.save(table)
+    profiler.save(tables[0])
+    profiles = [None] * n
+    if len(set(ks)) > 1:
+        profiles = [profiler.save(t, work / "profiles" / f"dev{i}.json")
+                    for i, t in enumerate(tables)]
     bandwidth = parse_rate(args.bandwidth) if args.netns else 2e9
     hop = 1e-4  # seconds per message; the runtime's per-hop goal, checked by hop_overhead.py
     costs = profile_bindings(model.mod)
@@ -367,7 +388,11 @@ def main() -> int:
     else:
         print("# links: loopback (unshaped); cost model: 2 GB/s, 100 us/hop")
     print(f"# cores: client and ONNX Runtime on {cores[0]}, devices on {worker_cores}")
-    if k > 1:
+    if len(set(ks)) > 1:
+        print(f"# devices compute {', '.join(f'dev{i} {f}x' for i, f in enumerate(ks))} as "
+              f"long as this core (each piece runs that many times; ONNX Runtime {k} times "
+              "per request); the cost model is given each device's profile scaled so")
+    elif k > 1:
         print(f"# devices and ONNX Runtime compute {k} times as long (each piece, and ONNX "
               f"Runtime, runs {k} times per request; the runtime and the links keep their "
               f"speed), and the profile's piece terms are scaled by {k}")
@@ -391,8 +416,9 @@ def main() -> int:
             print(f"# link measured with the runtime's messages: {rate * 8 / 1e6:,.0f} Mbit/s "
                   f"and {per_message * 1e6:.0f} us per message (tbf set to {args.bandwidth}); "
                   "the cost model is given these")
-        cluster = Cluster(tuple(ClusterDevice(f"dev{i}", "host", 2**34) for i in range(n)),
-                          link)
+        cluster = Cluster(tuple(ClusterDevice(f"dev{i}", "host", 2**34,
+                                              profile=profiles[i] and str(profiles[i]))
+                                for i in range(n)), link)
         # the last row runs auto's folder again with the workers' pieces at normal priority:
         # what the runtime's idle-priority compute (tensors leave at once) is worth
         configs = [("splitc, 1 device", "pipeline", 1, "idle"),
@@ -406,16 +432,17 @@ def main() -> int:
                 compile_model(args.model, out, strategy=strategy, cluster=sub, tiny=args.tiny,
                               input_shapes=shapes)
             r = measure(out, x, reference, nets, 5600 + 10 * i, args.requests, devices,
-                        worker_cores, keys, priority, k)
+                        worker_cores, keys, priority, ks)
             plan = r.pop("plan")
             pred = estimate(plan, Cluster(sub.devices[:len(plan.devices)], link),
-                            [speed] * len(plan.devices))
+                            speeds[:len(plan.devices)])
             rows.append({"config": f"{name} ({plan.strategy}, {len(plan.devices)} dev)", **r,
                          "predicted": pred.latency,
                          "predicted_busy": max(pred.device_busy.values())})
     single = rows[1]["latency"]
     must_cross = sum(t.nbytes for t in x) + sum(r.nbytes for r in reference)
-    ideal = one_device / n + must_cross / bandwidth
+    # one device's compute (the first's) over the devices' summed speed
+    ideal = one_device / sum(ks[0] / f for f in ks) + must_cross / bandwidth
     print(f"{'config':<40} {'latency ms':>10} {'req/s':>7} {'speedup':>7} {'bytes/inf':>12} "
           f"{'predicted':>9} {'pred err':>8} {'rel err':>8} {'busy ms':>8} {'pred busy':>9}")
     errors = []
