@@ -122,6 +122,9 @@ class Cluster:
             gflops = entry.get("gflops")
             profile = entry.get("profile")
             if profile is not None:
+                if not isinstance(profile, str):
+                    raise SplitcError(f"{origin}: device {name}: profile must be a file path, "
+                                      f"not {profile!r}")
                 if gflops:
                     raise SplitcError(f"{origin}: device {name}: give gflops or profile, "
                                       "not both")

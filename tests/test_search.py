@@ -309,6 +309,7 @@ profile = "tables/slow.json"
         return str(e.value)
 
     assert "does not exist" in error('profile = "nope.json"')
+    assert "must be a file path" in error("profile = 3")
     assert "not both" in error('profile = "tables/fast.json"\ngflops = 3')
     assert "for 'host'" in error('profile = "bad.json"', json.dumps({**table, "target": "host"}))
     assert "measure it again" in error('profile = "bad.json"', json.dumps({**table, "format": 1}))
