@@ -225,7 +225,7 @@ def test_explicit_strategies_use_the_speeds_a_cluster_states(resnet, monkeypatch
                                                                            10)), Link(1e9, 1e-4))
     fast, slow = flops(stated)
     assert 2.2 < fast / slow < 5  # (the fast one, device 0, also runs the head)
-    assert flops(stated, "pipeline")  # stages priced on the stated speeds
+    fast_stage, slow_stage = flops(stated, "pipeline")  # stages priced on the stated speeds
 
     def no_measuring(_device):
         raise AssertionError("a cluster stating no speed was measured")
@@ -234,6 +234,8 @@ def test_explicit_strategies_use_the_speeds_a_cluster_states(resnet, monkeypatch
     even = Cluster.uniform(["host", "host"])
     fast, slow = flops(even)
     assert 0.8 < fast / slow < 1.25
+    first, second = flops(even, "pipeline")
+    assert fast_stage / slow_stage > first / second  # the fast device's stage is the longer
 
 
 def test_profile_table_gives_the_cost_model_its_speed(tmp_path, monkeypatch):
