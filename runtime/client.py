@@ -45,24 +45,14 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from splitc.errors import SplitcError
-
 from . import security, wire
+from .errors import BadInput, RuntimeFailure
 from .plan import Plan, PlanError
 
 #: Default seconds to wait for one request's outputs.
 REQUEST_TIMEOUT = 60.0
 #: Default seconds for workers to start (local ones) and answer the setup.
 START_TIMEOUT = 60.0
-
-
-class RuntimeFailure(SplitcError):
-    """A request or session failed on the cluster. ``device``/``endpoint`` name where."""
-
-    def __init__(self, message: str, *, device: str = "", endpoint: str = "",
-                 piece: str = "", rid: int | None = None):
-        super().__init__(message)
-        self.device, self.endpoint, self.piece, self.rid = device, endpoint, piece, rid
 
 
 class RemoteError(RuntimeFailure):
@@ -268,7 +258,7 @@ class Session:
         device busy); returns the outputs in the order of ``batches``. Per-request latencies
         are left in :attr:`latencies`. ``retries``: as for :meth:`infer`, per request."""
         if inflight < 1:
-            raise SplitcError("inflight must be at least 1")
+            raise BadInput("inflight must be at least 1")
         retries = self.retries if retries is None else retries
         todo = iter(enumerate(batches))
         results: dict[int, list[np.ndarray]] = {}
@@ -365,7 +355,7 @@ class Session:
         """Wait for request ``rid``; returns its outputs in the model's order."""
         p = self._pending.get(rid)
         if p is None:
-            raise SplitcError(f"no request {rid} in flight")
+            raise BadInput(f"no request {rid} in flight")
         try:
             self._wait(lambda: self._done(rid), None, None)
         except BaseException:
@@ -625,7 +615,7 @@ class Session:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise SplitcError("the session is closed")
+            raise BadInput("the session is closed")
 
     def close(self) -> None:
         """Close the sockets and stop the local workers this session started."""
@@ -751,7 +741,7 @@ def connect(plan_or_out_dir: Plan | str | Path, endpoints: dict[str, str] | None
         out_dir = path if path.is_dir() else path.parent
     active = [d.name for d in plan.devices if plan.pieces_on(d.name)]
     if retries < 0:
-        raise SplitcError("retries must be 0 or more")
+        raise BadInput("retries must be 0 or more")
     if keys is not None:
         security.Curve(keys, security.CLIENT)  # a bad folder is reported before anything starts
     local = None

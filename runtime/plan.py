@@ -28,12 +28,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import BadInput
+
 FORMAT = "splitc-plan/1"
 _BITS = {"float32": 32, "float16": 16, "float64": 64, "int8": 8, "uint8": 8, "int32": 32,
          "int64": 64, "bool": 8, "bfloat16": 16}
 
 
-class PlanError(ValueError):
+class PlanError(BadInput):
     """A plan file that is missing, unreadable or inconsistent."""
 
 

@@ -49,7 +49,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -534,6 +534,92 @@ def routing(plan, device: str) -> tuple[dict[str, set[str]], dict[str, list[str]
     return dict(expect), dict(routes)
 
 
+@dataclass(frozen=True)
+class WorkerOptions:
+    """Everything a worker is started with: one value for ``python -m splitc.runtime.worker``,
+    ``splitc serve`` and the ``--restart`` supervisor's child (argv is derived from the fields,
+    so the three cannot drift apart). Each field's ``help`` is its command-line help."""
+
+    folder: str = field(metadata={"help": "OUT/<device> written by `splitc compile`"})
+    bind: str = field(default="tcp://127.0.0.1:5555", metadata={
+        "help": "ZeroMQ endpoint to listen on (tcp://0.0.0.0:5555 for all interfaces; port * "
+                "picks a free one)"})
+    announce: str | None = field(default=None, metadata={
+        "help": "write the bound endpoint to this file"})
+    keys: str | None = field(default=None, metadata={
+        "help": "key folder from `splitc keys` (CurveZMQ); required off loopback unless "
+                "--insecure"})
+    insecure: bool = field(default=False, metadata={
+        "help": "allow serving off loopback without encryption"})
+    max_message_bytes: int | None = field(default=None, metadata={
+        "help": "close connections that send larger frames (default: twice the largest tensor "
+                "this device receives, at least 1 MiB)"})
+    restart: bool = field(default=False, metadata={
+        "help": "restart the worker on the same endpoint whenever it dies"})
+    fpga: str = field(default="emulation", metadata={
+        "help": "an FPGA device's pieces: the bit-accurate C simulation (emulation, default) "
+                "or the PYNQ overlay on the board (board)", "choices": ("emulation", "board")})
+    compute_priority: str = field(default="idle", metadata={
+        "help": "run pieces at idle priority (default), so tensors leave the moment they are "
+                "sent; normal where other busy processes share the board",
+        "choices": COMPUTE_PRIORITIES})
+
+    @classmethod
+    def parser(cls) -> argparse.ArgumentParser:
+        parser = argparse.ArgumentParser(prog="python -m splitc.runtime.worker",
+                                         description="Serve one device folder of a splitc plan.")
+        for f in fields(cls):
+            kwargs = {"help": f.metadata["help"]}
+            if "choices" in f.metadata:
+                kwargs["choices"] = f.metadata["choices"]
+            if f.name == "folder":
+                parser.add_argument("folder", **kwargs)
+            elif f.type == "bool":
+                parser.add_argument(_flag(f.name), action="store_true", **kwargs)
+            else:
+                parser.add_argument(_flag(f.name), default=f.default,
+                                    type=int if "int" in f.type else str, **kwargs)
+        return parser
+
+    @classmethod
+    def parse(cls, argv: list[str] | None = None) -> WorkerOptions:
+        return cls(**vars(cls.parser().parse_args(argv)))
+
+    def argv(self) -> list[str]:
+        """The command line that gives these options back (:meth:`parse` of it)."""
+        out = [str(self.folder)]
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "folder" or value is None or value is False:
+                continue
+            out += [_flag(f.name)] if value is True else [_flag(f.name), str(value)]
+        return out
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def run(options: WorkerOptions) -> int:
+    """Serve as ``options`` say (under the supervisor with ``restart``); the exit status: 0
+    after SIGTERM or SIGINT, 2 when the worker cannot start (bad folder, keys, endpoint).
+    Logs to stderr: where it listens, each session, and every error it reports."""
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s splitc-worker %(message)s")
+    log.setLevel(logging.INFO)
+    if options.restart:
+        child = replace(options, restart=False, announce=None)
+        return supervise(child, options.bind, options.announce)
+    try:
+        serve(options.folder, options.bind, announce=options.announce, keys=options.keys,
+              insecure=options.insecure, max_message_bytes=options.max_message_bytes,
+              fpga_mode=options.fpga, compute_priority=options.compute_priority)
+    except (OSError, ValueError) as e:  # PlanError and KeyProblem are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def serve(device_folder: str | Path, bind: str = "tcp://127.0.0.1:5555", *,
           announce: str | Path | None = None, keys: str | Path | None = None,
           insecure: bool = False, max_message_bytes: int | None = None,
@@ -588,8 +674,8 @@ def _announce(path: str | Path, endpoint: str) -> None:
 STABLE_S, RESTART_BACKOFF, RESTART_BACKOFF_MAX = 10.0, 0.25, 5.0
 
 
-def supervise(worker_args: list[str], bind: str, announce: str | Path | None = None) -> int:
-    """``--restart``: run the worker (``python -m splitc.runtime.worker WORKER_ARGS``) as a child
+def supervise(options: WorkerOptions, bind: str, announce: str | Path | None = None) -> int:
+    """``--restart``: run the worker (``python -m splitc.runtime.worker`` with ``options``) as a child
     and start it again, on the same endpoint, whenever it dies — killed, crashed or out of
     memory. A worker that fails to start (status 2: bad folder, bad keys, port in use) is not
     retried. SIGTERM or SIGINT stop the child and the supervisor (status 0)."""
@@ -610,8 +696,8 @@ def supervise(worker_args: list[str], bind: str, announce: str | Path | None = N
             child_announce.unlink(missing_ok=True)
             started = time.monotonic()
             child[:] = [subprocess.Popen(
-                [sys.executable, "-m", "splitc.runtime.worker", *worker_args, "--bind",
-                 endpoint, "--announce", str(child_announce)])]
+                [sys.executable, "-m", "splitc.runtime.worker",
+                 *replace(options, bind=endpoint, announce=str(child_announce)).argv()])]
             announced = False
             while child[0].poll() is None:
                 if not announced and child_announce.exists():
@@ -641,51 +727,7 @@ def main(argv: list[str] | None = None) -> int:
     # A board has no torch; where one is installed, tvm_ffi imports it eagerly (seconds and
     # hundreds of MB per worker) though the runtime never uses it.
     sys.modules.setdefault("torch", None)
-    parser = argparse.ArgumentParser(prog="python -m splitc.runtime.worker",
-                                     description="Serve one device folder of a splitc plan.")
-    parser.add_argument("folder", help="OUT/<device> written by `splitc compile`")
-    parser.add_argument("--bind", default="tcp://127.0.0.1:5555",
-                        help="ZeroMQ endpoint to listen on (tcp://0.0.0.0:5555 for all "
-                             "interfaces; port * picks a free one)")
-    parser.add_argument("--announce", help="write the bound endpoint to this file")
-    parser.add_argument("--keys", help="key folder from `splitc keys` (CurveZMQ); required "
-                                       "off loopback unless --insecure")
-    parser.add_argument("--insecure", action="store_true",
-                        help="allow serving off loopback without encryption")
-    parser.add_argument("--max-message-bytes", type=int, default=None,
-                        help="close connections that send larger frames (default: twice the "
-                             "largest tensor this device receives, at least 1 MiB)")
-    parser.add_argument("--restart", action="store_true",
-                        help="restart the worker on the same endpoint whenever it dies")
-    parser.add_argument("--fpga", choices=["emulation", "board"], default="emulation",
-                        help="an FPGA device's pieces: the bit-accurate C simulation "
-                             "(default) or the PYNQ overlay on the board")
-    parser.add_argument("--compute-priority", choices=COMPUTE_PRIORITIES, default="idle",
-                        help="run pieces at idle priority (default), so tensors leave the "
-                             "moment they are sent; normal where other busy processes "
-                             "share the board")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s splitc-worker %(message)s")
-    log.setLevel(logging.INFO)  # "listening on ...", sessions, errors
-    if args.restart:
-        rest = [args.folder]
-        if args.keys:
-            rest += ["--keys", args.keys]
-        if args.insecure:
-            rest.append("--insecure")
-        if args.max_message_bytes:
-            rest += ["--max-message-bytes", str(args.max_message_bytes)]
-        rest += ["--fpga", args.fpga, "--compute-priority", args.compute_priority]
-        return supervise(rest, args.bind, args.announce)
-    try:
-        serve(args.folder, args.bind, announce=args.announce, keys=args.keys,
-              insecure=args.insecure, max_message_bytes=args.max_message_bytes,
-              fpga_mode=args.fpga, compute_priority=args.compute_priority)
-    except (OSError, ValueError) as e:  # PlanError and KeyProblem are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run(WorkerOptions.parse(argv))
 
 
 if __name__ == "__main__":

@@ -362,13 +362,19 @@ cli_runtime.register(app)  # serve, run: the ZeroMQ runtime
 
 
 def main() -> None:
-    from splitc.runtime.plan import PlanError
+    """The ``splitc`` entry point: every failure exits non-zero — 2 for bad input (one line
+    naming the cause), 1 for a failed check or a fault on the cluster."""
+    from splitc.runtime.errors import BadInput, RuntimeFailure
+    from splitc.targets import TargetError
 
     try:
-        app(standalone_mode=False)
-    except (SplitcError, PlanError) as e:
+        code = app(standalone_mode=False)
+    except (SplitcError, BadInput, TargetError) as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except RuntimeFailure as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(1)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:
@@ -379,6 +385,8 @@ def main() -> None:
             e.show()
             sys.exit(e.exit_code)
         raise
+    # (without standalone mode click returns a command's exit code instead of exiting)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,11 @@ def serve(
     compute_priority: Annotated[str, typer.Option(
         help="idle: pieces run at SCHED_IDLE, so tensors leave the moment they are sent; "
              "normal: where other busy processes share the board.")] = "idle",
+    fpga: Annotated[str, typer.Option(
+        help="An FPGA device's pieces: emulation (the bit-accurate C simulation) or board "
+             "(the PYNQ overlay, on the board).")] = "emulation",
+    announce: Annotated[Path | None, typer.Option(
+        help="Write the bound endpoint to this file once listening (for a * port).")] = None,
 ) -> None:
     """Serve one device's pieces until SIGTERM or Ctrl-C (run this on every board).
 
@@ -44,13 +49,12 @@ def serve(
     """
     from splitc.runtime import worker
 
-    argv = [str(device_folder), "--bind", bind]
-    argv += ["--keys", str(keys)] if keys else []
-    argv += ["--insecure"] if insecure else []
-    argv += ["--restart"] if restart else []
-    argv += ["--max-message-bytes", str(max_message_bytes)] if max_message_bytes else []
-    argv += ["--compute-priority", compute_priority]
-    code = worker.main(argv)
+    options = worker.WorkerOptions(
+        str(device_folder), bind, announce=str(announce) if announce else None,
+        keys=str(keys) if keys else None, insecure=insecure,
+        max_message_bytes=max_message_bytes, restart=restart, fpga=fpga,
+        compute_priority=compute_priority)
+    code = worker.run(options)
     if code:
         raise typer.Exit(code)
 

@@ -21,9 +21,14 @@ from dataclasses import dataclass, fields
 from functools import cache
 from pathlib import Path
 
-from splitc.errors import SplitcError
-
 _HERE = Path(__file__).parent
+
+
+class TargetError(ValueError):
+    """An unknown target name, a malformed target file, or a file of no known architecture.
+    (Targets are data the board side reads too: they raise their own error, which the
+    compile side and the CLI treat as bad input.)"""
+
 
 #: ELF ``e_machine`` values of the architectures splitc builds for.
 ELF_MACHINES = {0x3E: "x86_64", 0xB7: "aarch64", 0x28: "arm"}
@@ -116,7 +121,7 @@ class TargetSpec:
         import tvm
 
         if self.is_fpga:
-            raise SplitcError(f"{self.name} is an FPGA fabric: its pieces are built by hls4ml, "
+            raise TargetError(f"{self.name} is an FPGA fabric: its pieces are built by hls4ml, "
                               "not TVM")
         spec = copy.deepcopy(self.tvm_target_dict)
         if self.is_host:
@@ -175,7 +180,7 @@ def _from_json(path: Path) -> TargetSpec:
     d["tvm_target_dict"] = d.pop("tvm_target")
     d.setdefault("fpga", None)
     if sorted(d) != sorted(names):
-        raise SplitcError(f"{path}: fields {sorted(set(d) ^ set(names))} missing or unexpected")
+        raise TargetError(f"{path}: fields {sorted(set(d) ^ set(names))} missing or unexpected")
     if d["cross_compiler"] is None:  # the host: what this machine is
         arch, machine = _host_arch()
         d["arch"] = d["arch"] or arch
@@ -205,13 +210,13 @@ def get(name: str) -> TargetSpec:
 
     Raises
     ------
-    SplitcError
+    TargetError
         If there is none; the message lists the known names.
     """
     try:
         return _load_all()[name]
     except KeyError:
-        raise SplitcError(f"unknown device target {name!r}; known targets: "
+        raise TargetError(f"unknown device target {name!r}; known targets: "
                           f"{', '.join(names())}") from None
 
 
@@ -251,13 +256,13 @@ def elf_machine(path: str | os.PathLike) -> str:
 
     Raises
     ------
-    SplitcError
+    TargetError
         If the file is not ELF.
     """
     with open(path, "rb") as f:
         head = f.read(20)
     if len(head) < 20 or head[:4] != b"\x7fELF":
-        raise SplitcError(f"{path} is not an ELF file")
+        raise TargetError(f"{path} is not an ELF file")
     order = "little" if head[5] == 1 else "big"  # EI_DATA: 1 little-endian, 2 big-endian
     machine = int.from_bytes(head[18:20], order)
     return ELF_MACHINES.get(machine, f"unknown(0x{machine:x})")

@@ -16,7 +16,7 @@ from tvm.script import ir as I
 from tvm.script import relax as R
 
 from splitc import targets
-from splitc.errors import SplitcError
+from splitc.targets import TargetError
 
 NAMES = ["host", "rpi4", "rpi3", "pynq-z1-arm", "aarch64"]
 JSON_FILES = sorted((Path(targets.__file__).parent).glob("*.json"))
@@ -69,7 +69,7 @@ def test_json_is_complete_and_labelled(path):
         assert d["arch"] == "fpga" and d["tvm_target"] == {}
         assert {"part", "hls4ml_board", "clock_mhz", "dsp", "lut", "ff", "bram36"} <= set(d["fpga"])
         assert d["fpga"]["note"].startswith("published: ")
-        with pytest.raises(SplitcError, match="FPGA fabric"):
+        with pytest.raises(TargetError, match="FPGA fabric"):
             spec.tvm_target()
         return
     assert spec.elf_machine in {"x86_64", "aarch64", "arm"}
@@ -119,7 +119,7 @@ def test_names_and_table():
 
 
 def test_unknown_target_lists_the_known_ones():
-    with pytest.raises(SplitcError, match="known targets: .*rpi4"):
+    with pytest.raises(TargetError, match="known targets: .*rpi4"):
         targets.get("toaster")
 
 
@@ -179,5 +179,5 @@ def test_host_library_runs(libraries):
 
 def test_elf_machine_refuses_non_elf(tmp_path):
     (tmp_path / "x").write_bytes(b"hello")
-    with pytest.raises(SplitcError, match="not an ELF"):
+    with pytest.raises(TargetError, match="not an ELF"):
         targets.elf_machine(tmp_path / "x")
