@@ -675,8 +675,8 @@ STABLE_S, RESTART_BACKOFF, RESTART_BACKOFF_MAX = 10.0, 0.25, 5.0
 
 
 def supervise(options: WorkerOptions, bind: str, announce: str | Path | None = None) -> int:
-    """``--restart``: run the worker (``python -m splitc.runtime.worker`` with ``options``) as a child
-    and start it again, on the same endpoint, whenever it dies — killed, crashed or out of
+    """``--restart``: run the worker (``python -m splitc.runtime.worker`` with ``options``) as
+    a child and start it again, on the same endpoint, whenever it dies — killed, crashed or out of
     memory. A worker that fails to start (status 2: bad folder, bad keys, port in use) is not
     retried. SIGTERM or SIGINT stop the child and the supervisor (status 0)."""
     stopping = threading.Event()
