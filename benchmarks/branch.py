@@ -6,7 +6,7 @@ For each K and transmission policy (``--sync none``: exchange only where the mod
 whole tensor; a mass budget: keep the sync points that cost least per weight; ``all``: exact):
 
 * held-out top-1 accuracy of the teacher, of the branch model before distillation, after
-  distillation (``splitc.finetune.distill``: soft targets at T=4 plus labels, Adam, on the
+  distillation (``splitc.planning.distill.distill``: soft targets at T=4 plus labels, Adam, on the
   training split), and of the *compiled, distributed* plan after distillation — every test
   image sent through ZeroMQ to one worker process per branch (the artifacts hold the
   distilled weights);
@@ -37,11 +37,14 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from splitc import importer  # noqa: E402
-from splitc.compiler import compile_branch, compile_imported  # noqa: E402
-from splitc.finetune import TorchProgram, distill, top1  # noqa: E402
-from splitc.passes.branch import BranchRewrite, analyse, plan_branches  # noqa: E402
-from splitc.runtime import connect  # noqa: E402
+from splitc import frontend  # noqa: E402
+from splitc.backend.torch_program import TorchProgram  # noqa: E402
+from splitc.driver import compile_imported, write_extracted  # noqa: E402
+from splitc.passes.split.branch import BranchRewrite, analyse, plan_branches  # noqa: E402
+from splitc.planning import strategies  # noqa: E402
+from splitc.planning.distill import distill, top1  # noqa: E402
+from splitc.planning.extract import extract  # noqa: E402
+from splitc.runtime.client import connect  # noqa: E402
 
 
 class Block(nn.Module):
@@ -142,7 +145,7 @@ def main() -> int:
     teacher = train_teacher(xtr, ytr, args.teacher_epochs)
     train_s = time.monotonic() - t0
     onnx_path = export(teacher, work / "teacher.onnx")
-    imported = importer.load(str(onnx_path))
+    imported = frontend.load(str(onnx_path))
     source = {"model": str(onnx_path), "tiny": False, "input_shapes": {},
               "output_names": list(imported.output_names)}
     program = TorchProgram(imported.mod)
@@ -177,8 +180,9 @@ def main() -> int:
                         log=lambda _m: None, progress=False)
             after = float((top1(student, xte, "cpu") == yte).mean())
             out = work / f"branch{k}-{sync}"
-            plan = compile_branch(imported.mod, out, targets, sync, source=source,
-                                  student=student.to_module(), plan=bplan)
+            split = strategies.get("branch").trained(bplan, student)
+            plan = write_extracted(out, extract(split.module), targets, "branch", source,
+                                   files=split.files)
             r = distributed(out, xte, yte, args.repeats)
             label = {"all": "branch, every sync kept", "none": "branch, no sync"}.get(
                 sync, f"branch, mass budget {sync}")

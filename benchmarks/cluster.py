@@ -66,12 +66,12 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 from common import interleaved, ort_latency, ort_runner  # noqa: E402
 
-from splitc import importer  # noqa: E402
-from splitc.cluster import Cluster, ClusterDevice, Link, parse_rate, parse_time  # noqa: E402
-from splitc.compiler import compile_model  # noqa: E402
-from splitc.cost import DeviceSpeed, estimate  # noqa: E402
+from splitc import frontend  # noqa: E402
+from splitc.driver import compile_model  # noqa: E402
 from splitc.passes.analysis import profile as profile_bindings  # noqa: E402
-from splitc.runtime import connect  # noqa: E402
+from splitc.planning.cluster import Cluster, ClusterDevice, Link, parse_rate, parse_time  # noqa: E402
+from splitc.planning.cost import DeviceSpeed, estimate  # noqa: E402
+from splitc.runtime.client import connect  # noqa: E402
 from splitc.runtime.plan import Plan  # noqa: E402
 
 #: tbf's bucket: what a link passes at once above its rate. 16 kB keeps messages near the line
@@ -328,7 +328,7 @@ def main() -> int:
     label = args.model + (" (tiny)" if args.tiny else "")
     work = args.out or Path(tempfile.mkdtemp(prefix="splitc-cluster-"))
     work.mkdir(parents=True, exist_ok=True)
-    model = importer.load(args.model, shapes, tiny=args.tiny)
+    model = frontend.load(args.model, shapes, tiny=args.tiny)
     x = model.random_inputs()
     reference = model.reference(x)
     cores = sorted(os.sched_getaffinity(0))
@@ -340,7 +340,7 @@ def main() -> int:
     if delay and not args.netns:
         sys.exit("--delay needs --netns")
 
-    from splitc import profiler
+    from splitc.planning import profiler
 
     table = profiler.measure(args.model, "host", tiny=args.tiny, input_shapes=shapes, number=2)
     ort = ort_latency(model, x, args.requests)

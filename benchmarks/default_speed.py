@@ -5,7 +5,7 @@ For each model, in one process pinned to one core (``sched_setaffinity``, one th
 
 * ONNX Runtime on the model's ONNX file (the zoo exports one; ``.onnx`` paths are used as is);
 * torch eager (zoo models only);
-* splitc with its default schedules (``splitc.build.build``: packed convolutions, scheduled
+* splitc with its default schedules (``splitc.backend.build.build``: packed convolutions, scheduled
   conv/matmul/pool, weights packed at compile time), no tuning;
 * splitc with TVM's plain lowering (what ``tvm.compile`` gives without schedules; slow, so
   one run; ``--no-plain`` skips it).
@@ -35,10 +35,11 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 from common import interleaved, ort_runner  # noqa: E402
 
-from splitc import importer, targets, zoo  # noqa: E402
-from splitc.build import build  # noqa: E402
-from splitc.passes.extract import lift_weights  # noqa: E402
-from splitc.tuning import database_for  # noqa: E402
+from splitc import frontend, targets  # noqa: E402
+from splitc.backend.build import build  # noqa: E402
+from splitc.backend.tuning_db import database_for  # noqa: E402
+from splitc.frontend import zoo  # noqa: E402
+from splitc.passes.ir import lift_weights  # noqa: E402
 
 DEFAULT_MODELS = ["resnet50", "mobilenet_v2", "vgg16"]
 LIGHT = ["resnet50", "densenet121", "squeezenet", "inception_v1"]
@@ -50,7 +51,7 @@ def median_seconds(fn, repeats: int) -> float:
     return interleaved({"fn": fn}, repeats)["fn"]
 
 
-def tvm_runner(model: importer.ImportedModel, x, *, schedules: bool, tuning_db=None):
+def tvm_runner(model: frontend.ImportedModel, x, *, schedules: bool, tuning_db=None):
     import tvm
     from tvm import relax
 
@@ -119,7 +120,7 @@ def main() -> int:
     print(header)
     rows = []
     for name in args.models:
-        model = importer.load(name, None, tiny=args.tiny)
+        model = frontend.load(name, None, tiny=args.tiny)
         x = model.random_inputs()
         ref = model.reference(x)[0]
         run, build_s = tvm_runner(model, x, schedules=True)

@@ -39,10 +39,10 @@ import numpy as np
 import psutil
 from cluster import NETNS_PREFIX, Namespaces
 
-from splitc import importer
-from splitc.compiler import compile_model
-from splitc.runtime import connect, security
-from splitc.runtime.client import RuntimeFailure, WorkerLost
+from splitc import frontend
+from splitc.driver import compile_model
+from splitc.runtime import security
+from splitc.runtime.client import RuntimeFailure, WorkerLost, connect
 from splitc.runtime.plan import Plan
 
 FAULTS = ["kill -9", "SIGSTOP", "link down", "restart"]
@@ -164,7 +164,7 @@ def main() -> int:
     root = os.geteuid() == 0
     work = args.out or Path(tempfile.mkdtemp(prefix="splitc-faults-"))
     out = work / "out"
-    model = importer.load(args.model, tiny=True)
+    model = frontend.load(args.model, tiny=True)
     compile_model(args.model, out, ["host", "host"], "pipeline", tiny=True)
     plan = Plan.load(out)
     x = model.random_inputs(seed=0)

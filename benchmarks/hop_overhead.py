@@ -98,7 +98,7 @@ class WorkerTrip:
     def __init__(self, nbytes: int, tmp: str):
         from tvm import relax
 
-        from splitc.runtime import connect
+        from splitc.runtime.client import connect
         from tests.runtime_fixtures import write_out
 
         bb = relax.BlockBuilder()

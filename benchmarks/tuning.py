@@ -1,7 +1,7 @@
 """Tuning benchmark: what a trial budget of MetaSchedule buys over splitc's default schedules,
 next to ONNX Runtime and torch, on one core.
 
-For each model: ``splitc.tuning.tune`` with ``--trials`` (each kernel's default schedule is
+For each model: ``splitc.backend.tuning.tune`` with ``--trials`` (each kernel's default schedule is
 a record first, then the search; the tuning time is printed), then in one process pinned to
 one core, side by side: TVM's plain lowering (untuned), splitc's default schedules, splitc
 with the tuning records, ONNX Runtime and torch eager — latency (median), and tuned over
@@ -27,9 +27,10 @@ import numpy as np  # noqa: E402
 from common import interleaved, ort_runner  # noqa: E402
 from default_speed import median_seconds, torch_runner, tvm_runner  # noqa: E402
 
-from splitc import importer, targets  # noqa: E402
-from splitc.passes.extract import lift_weights  # noqa: E402
-from splitc.tuning import database_for, tune  # noqa: E402
+from splitc import frontend, targets  # noqa: E402
+from splitc.backend.tuning import tune  # noqa: E402
+from splitc.backend.tuning_db import database_for  # noqa: E402
+from splitc.passes.ir import lift_weights  # noqa: E402
 
 
 def main() -> int:
@@ -47,7 +48,7 @@ def main() -> int:
     core = sorted(os.sched_getaffinity(0))[-1]
     rows = []
     for name in args.models:
-        model = importer.load(name, None, tiny=args.tiny)
+        model = frontend.load(name, None, tiny=args.tiny)
         func, _ = lift_weights(model.mod["main"])
         os.sched_setaffinity(0, set(os.sched_getaffinity(0)) | {core})  # tuning: all cores
         t0 = time.perf_counter()

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import tvm
 from tvm import relax
 
-from .ir import (
+from splitc.passes.codegen.winograd import stored_weight_factor
+from splitc.passes.ir import (
     TensorRef,
     const_nbytes,
     constants,
@@ -23,7 +24,6 @@ from .ir import (
     tensor_ref,
     var_inputs,
 )
-from .winograd import stored_weight_factor
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def weight_bytes(call: relax.Expr) -> int:
 
 def winograd_extra_bytes(call: relax.Expr) -> int:
     """What a convolution run as Winograd stores beyond its kernel: the transformed kernel
-    takes up to 4x the kernel's bytes (:func:`~splitc.passes.winograd.stored_weight_factor`)."""
+    takes up to 4x the kernel's bytes (:func:`~.codegen.winograd.stored_weight_factor`)."""
     if not (isinstance(call, relax.Call) and len(call.args) > 1
             and isinstance(call.args[1], tvm.ir.GenericConst)):
         return 0

@@ -18,11 +18,11 @@ from tvm import relax
 
 from splitc.errors import SplitcError
 
-#: Function attribute naming the device a piece runs on (set by :mod:`splitc.passes.outline`).
+#: Function attribute naming the device a piece runs on (set by :mod:`splitc.passes.split.outline`).
 DEVICE_ATTR = "splitc.device"
 #: The device index of the caller. A split may put only slices of model inputs there
 #: (``strided_slice`` of a parameter of ``main``): the client cuts them and sends each device
-#: the part it reads instead of the whole input (see :func:`splitc.passes.extract.extract`).
+#: the part it reads instead of the whole input (see :func:`splitc.planning.extract.extract`).
 CLIENT = -1
 
 
@@ -258,3 +258,38 @@ def plain_conv2d(call: relax.Expr) -> tuple[int, int, int] | None:
     except SplitcError:  # dynamic shapes: leave the convolution alone
         return None
     return c_in, c_out, per_group
+
+
+@relax.expr_functor.mutator
+class _LiftConstants(relax.PyExprMutator):
+    """Replace every constant of a function body by a new parameter, collecting the arrays."""
+
+    def __init__(self):
+        super().__init__()
+        self.params: list[relax.Var] = []
+        self.consts: list[tvm.ir.GenericConst] = []
+
+    def visit_generic_const_(self, const):
+        var = relax.Var(f"w{len(self.params)}", const.ty)
+        self.params.append(var)
+        self.consts.append(const)
+        return var
+
+
+def lift_constants(func: relax.Function
+                   ) -> tuple[relax.Function, list[tvm.ir.GenericConst]]:
+    """``func`` with its constants turned into trailing parameters (``num_input`` says how
+    many parameters come before them), and the constants as TVM holds them."""
+    lifter = _LiftConstants()
+    body = lifter.visit_expr(func.body)
+    params = list(func.params) + lifter.params
+    attrs = dict(func.attrs.items()) if func.attrs else {}
+    attrs["num_input"] = len(func.params)
+    new = relax.Function(params, body, func.ret_ty, func.is_pure).with_attrs(attrs)
+    return new, lifter.consts
+
+
+def lift_weights(func: relax.Function) -> tuple[relax.Function, list[np.ndarray]]:
+    """``func`` with its constants turned into trailing parameters, and their values."""
+    new, consts = lift_constants(func)
+    return new, [const_array(c) for c in consts]

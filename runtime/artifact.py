@@ -10,9 +10,57 @@ from pathlib import Path
 
 import numpy as np
 
-from .fpga import MANIFEST as FPGA_MANIFEST
+from .fpga import KIND as FPGA_KIND
 from .fpga import FpgaPieces
-from .plan import Piece, Plan, PlanError, sha256_file
+from .plan import Device, Piece, Plan, PlanError, sha256_file
+
+
+class TvmPieces:
+    """A device's pieces in a TVM library (``Device.kind == "tvm"``), with their weights."""
+
+    exact = True  # the split's answers are the model's up to float rounding
+
+    def __init__(self, folder: Path, device: Device, pieces: dict[str, Piece], **_options):
+        import tvm  # runtime only: with TVM_USE_RUNTIME_LIB=1 no compiler is loaded
+        import tvm.runtime.vm  # not imported by `import tvm` under TVM_USE_RUNTIME_LIB=1
+
+        self._tensor = tvm.runtime.tensor
+        self._funcs = {}
+        if pieces:
+            lib = tvm.runtime.load_module(str(folder / device.lib))
+            vm = tvm.runtime.vm.VirtualMachine(lib, tvm.cpu())
+            self._funcs = {n: vm[n] for n in pieces}
+        with np.load(folder / device.weights) as stored:
+            self._weights = {
+                p.name: [self._tensor(stored[f"{p.name}/{i}"]) for i in range(p.num_weights)]
+                for p in pieces.values()}
+
+    def run(self, piece: Piece, inputs: list[np.ndarray], plan: Plan) -> list[np.ndarray]:
+        args = [self._tensor(np.require(x, requirements="C")) for x in inputs]  # 0-d stays 0-d
+        args += self._weights[piece.name]
+        out = self._funcs[piece.name](*args)
+        if len(piece.outputs) == 1:
+            return [out.numpy()]
+        return [out[i].numpy() for i in range(len(piece.outputs))]
+
+
+class _FpgaDevice:
+    """A device's FPGA pieces (``Device.kind == "hls4ml"``): see :mod:`.fpga`."""
+
+    exact = FpgaPieces.exact
+
+    def __init__(self, folder: Path, device: Device, pieces: dict[str, Piece], *,
+                 fpga_mode: str, verify: bool):
+        self.pieces = FpgaPieces(folder, fpga_mode, verify=verify)
+
+    def run(self, piece: Piece, inputs: list[np.ndarray], plan: Plan) -> list[np.ndarray]:
+        return [self.pieces.run(piece.name, inputs[0], plan.tensors[piece.outputs[0]].shape)]
+
+
+#: How each kind of device (``Device.kind`` in the plan) loads and runs its pieces.
+#: Each class's ``exact`` says whether it gives the model's answer up to float rounding (a
+#: TVM library) or only close to it (fixed point on an FPGA).
+KINDS = {"tvm": TvmPieces, FPGA_KIND: _FpgaDevice}
 
 
 class DeviceArtifact:
@@ -25,8 +73,8 @@ class DeviceArtifact:
     verify : bool
         Check the library's and weights' SHA-256 against the plan before loading.
     fpga_mode : str
-        For a device of an FPGA target (its "library" is ``fpga.json``): ``emulation`` (the
-        bit-accurate C simulation) or ``board`` (the PYNQ overlay); see :mod:`.fpga`.
+        For a device of kind ``hls4ml`` (an FPGA target): ``emulation`` (the bit-accurate C
+        simulation) or ``board`` (the PYNQ overlay); see :mod:`.fpga`.
     """
 
     def __init__(self, folder: str | Path, *, verify: bool = True,
@@ -36,6 +84,9 @@ class DeviceArtifact:
         name = self.folder.name
         self.device = self.plan.device(name)
         self.pieces = {p.name: p for p in self.plan.pieces_on(name)}
+        if self.device.kind not in KINDS:
+            raise PlanError(f"device {name} is of kind {self.device.kind!r}; this runtime "
+                            f"loads {', '.join(KINDS)}")
         lib_path, weights_path = self.folder / self.device.lib, self.folder / self.device.weights
         files = [(weights_path, self.device.weights_sha256)]
         if self.pieces:  # a device the split left idle has no library
@@ -46,34 +97,17 @@ class DeviceArtifact:
             if verify and digest and sha256_file(path) != digest:
                 raise PlanError(f"{path} does not match the plan's hash: it comes from another "
                                 "compile; copy this device's folder again")
-        self.fpga = None
-        if self.device.lib == FPGA_MANIFEST:  # hls4ml pieces: no TVM on this device
-            self.fpga = FpgaPieces(self.folder, fpga_mode, verify=verify)
-            return
-        import tvm  # runtime only: with TVM_USE_RUNTIME_LIB=1 no compiler is loaded
-        import tvm.runtime.vm  # not imported by `import tvm` under TVM_USE_RUNTIME_LIB=1
+        self._impl = KINDS[self.device.kind](self.folder, self.device, self.pieces,
+                                             fpga_mode=fpga_mode, verify=verify)
 
-        self._tensor = tvm.runtime.tensor
-        self._funcs = {}
-        if self.pieces:
-            lib = tvm.runtime.load_module(str(lib_path))
-            vm = tvm.runtime.vm.VirtualMachine(lib, tvm.cpu())
-            self._funcs = {n: vm[n] for n in self.pieces}
-        with np.load(weights_path) as stored:
-            self._weights = {
-                p.name: [self._tensor(stored[f"{p.name}/{i}"]) for i in range(p.num_weights)]
-                for p in self.pieces.values()}
+    @property
+    def fpga(self) -> FpgaPieces | None:
+        """The FPGA pieces, for a device of kind ``hls4ml``."""
+        return getattr(self._impl, "pieces", None) if self.device.kind == FPGA_KIND else None
 
     def run(self, piece: str | Piece, inputs: list[np.ndarray]) -> list[np.ndarray]:
         """Run one piece on its input arrays; returns its outputs in the plan's order."""
         p = self.pieces[piece if isinstance(piece, str) else piece.name]
         if len(inputs) != len(p.inputs):
             raise PlanError(f"piece {p.name} takes {len(p.inputs)} inputs, got {len(inputs)}")
-        if self.fpga is not None:
-            return [self.fpga.run(p.name, inputs[0], self.plan.tensors[p.outputs[0]].shape)]
-        args = [self._tensor(np.require(x, requirements="C")) for x in inputs]  # 0-d stays 0-d
-        args += self._weights[p.name]
-        out = self._funcs[p.name](*args)
-        if len(p.outputs) == 1:
-            return [out.numpy()]
-        return [out[i].numpy() for i in range(len(p.outputs))]
+        return self._impl.run(p, inputs, self.plan)

@@ -1,7 +1,7 @@
 """The client side of the ZeroMQ runtime: open a session on the workers, send model inputs,
 collect model outputs.
 
->>> from splitc.runtime import connect
+>>> from splitc.runtime.client import connect
 >>> with connect("OUT") as session:                      # doctest: +SKIP
 ...     (y,) = session.infer(x)                          # one local worker per device
 >>> session = connect("OUT", {"dev0": "tcp://10.0.0.2:5555",

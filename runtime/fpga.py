@@ -27,11 +27,16 @@ import numpy as np
 from .plan import PlanError, sha256_file
 
 MANIFEST = "fpga.json"
+#: the plan's name for devices whose pieces these are (``Device.kind``)
+KIND = "hls4ml"
 MODES = ("emulation", "board")
 
 
 class FpgaPieces:
     """The FPGA pieces of one device folder, ready to run (see the module docstring)."""
+
+    #: fixed point: answers agree with float in their top-1, not to the last bits
+    exact = False
 
     def __init__(self, folder: str | Path, mode: str = "emulation", *, verify: bool = True):
         if mode not in MODES:

@@ -8,7 +8,7 @@ Layout of ``plan.json`` (format ``splitc-plan/1``)::
 
     format, strategy, versions {splitc, tvm}
     model      {source, inputs: [Tensor], outputs: [Tensor]}
-    devices    [{name, target, index, dir, lib, weights, lib_sha256, weights_sha256}]
+    devices    [{name, target, index, dir, lib, weights, lib_sha256, weights_sha256, kind}]
     pieces     [{name, device, inputs: [tensor], outputs: [tensor], num_weights, flops,
                  weight_bytes}]                     # in an order they can run in
     tensors    {name: {shape, dtype, bytes}}
@@ -59,6 +59,9 @@ class Device:
     weights: str = "weights.npz"
     lib_sha256: str = ""
     weights_sha256: str = ""
+    #: how the device's pieces are built and loaded: ``tvm`` (a TVM library) or ``hls4ml``
+    #: (FPGA projects; ``lib`` is their manifest); see :mod:`splitc.runtime.artifact`
+    kind: str = "tvm"
 
 
 @dataclass(frozen=True)

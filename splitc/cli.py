@@ -6,11 +6,13 @@ stderr and exit code 2; a traceback means a bug in splitc.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 
 from splitc import cli_runtime
 from splitc.errors import SplitcError
@@ -52,14 +54,58 @@ ObjectiveOpt = Annotated[str, typer.Option(
 
 
 def load_cluster(cluster: Path | None, devices: str | None):
-    from splitc.cluster import Cluster
+    from splitc.planning.cluster import Cluster
 
     if cluster is not None:
         return Cluster.load(cluster)
-    names = [d.strip() for d in (devices or "host,host").split(",") if d.strip()]
-    if not names:
-        raise SplitcError("give at least one device (--devices host,host)")
+    names = [d.strip() for d in ("host,host" if devices is None else devices).split(",")]
+    if not all(names):
+        raise SplitcError(f"--devices {devices!r}: give target names separated by commas, "
+                          "e.g. host,host (see `splitc targets`)")
     return Cluster.uniform(names)
+
+
+def strategy_help() -> str:
+    """``--strategy``'s help: the registered strategies (read from the registry when the
+    command is one that loads the compiler anyway; other commands stay light)."""
+    if sys.argv[1:2] in (["compile"], ["plan"]):
+        from splitc.planning import strategies
+
+        listed = strategies.describe()
+    else:
+        listed = "pipeline | channel | spatial | branch (see `splitc compile --help`)"
+    return f"How to split: {listed} | auto (the cost model chooses among them)."
+
+
+@contextlib.contextmanager
+def progress_bar(what: str):
+    """Yields ``tell(fraction done, text)``; the first call shows a rich progress bar on
+    stderr (with its time elapsed and left), and nothing shows if it is never called."""
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    state: dict = {}
+
+    def tell(fraction: float, text: str) -> None:
+        if "bar" not in state:
+            bar = Progress(TextColumn("{task.description}"), BarColumn(),
+                           TextColumn("{task.percentage:>3.0f} %"), TimeElapsedColumn(),
+                           TimeRemainingColumn(), TextColumn("{task.fields[now]}"),
+                           console=Console(stderr=True), transient=True)
+            bar.start()
+            state["bar"], state["task"] = bar, bar.add_task(what, total=1.0, now="")
+        state["bar"].update(state["task"], completed=fraction, now=text)
+
+    try:
+        yield tell
+    finally:
+        if "bar" in state:
+            state["bar"].stop()
 
 
 @app.command()
@@ -69,10 +115,7 @@ def compile(
     devices: Annotated[str | None, typer.Option(
         help="Comma-separated target names, one per device (see `splitc targets`); "
              "default host,host. Ignored with --cluster.")] = None,
-    strategy: Annotated[str, typer.Option(
-        help="How to split: pipeline | channel | spatial | auto (the cost model chooses) | "
-             "branch (approximate: one branch per device, recover with `splitc finetune`).")]
-        = "pipeline",
+    strategy: Annotated[str, typer.Option(help=strategy_help())] = "pipeline",
     cluster: ClusterOpt = None,
     objective: ObjectiveOpt = "latency",
     input_shape: ShapeOpt = None,
@@ -105,8 +148,8 @@ def compile(
              "calibration data (--calibration, else random inputs) is lower.")] = 0.99,
 ) -> None:
     """Split MODEL across devices and write one artifact folder per device plus plan.json."""
-    from splitc.compiler import compile_model
-    from splitc.fpga import FpgaOptions
+    from splitc.backend.fpga import FpgaOptions
+    from splitc.driver import compile_model
 
     fpga = FpgaOptions(fpga_precision, fpga_reuse, fpga_min_agreement)
     fpga.width()  # a malformed precision is refused before any work
@@ -152,18 +195,12 @@ def finetune(
     student. 20 % of the data is held out to report accuracy before and after. Uses a GPU
     when torch sees one.
     """
-    import json
-
-    from splitc.compiler import (
-        REFERENCE_FILE,
-        BranchReference,
-        check_examples,
-        compile_branch,
-        load_reference,
-        save_student,
-    )
-    from splitc.finetune import TorchProgram, distill, load_data
-    from splitc.runtime.plan import Plan
+    from splitc.backend.torch_program import TorchProgram
+    from splitc.driver import load_reference, recompile
+    from splitc.frontend.data import check_examples, load_data
+    from splitc.planning import strategies
+    from splitc.planning.distill import distill
+    from splitc.planning.strategies.branch import BranchReference
 
     reference = load_reference(out)
     if not isinstance(reference, BranchReference):
@@ -173,12 +210,8 @@ def finetune(
     student = reference.program()
     report = distill(TorchProgram(reference.original.mod), student, x, y, epochs=epochs, lr=lr,
                      batch=batch, seed=seed, log=lambda m: typer.echo(m, err=True))
-    plan = Plan.load(out)
-    source = json.loads((out / REFERENCE_FILE).read_text())
-    compile_branch(reference.original.mod, out, [d.target for d in plan.devices], "none",
-                   source=source, student=student.to_module(), plan=reference.plan,
-                   log=lambda m: typer.echo(m, err=True))
-    save_student(out, student)
+    recompile(out, strategies.get("branch").trained(reference.plan, student),
+              log=lambda m: typer.echo(m, err=True))
     drop = (report.teacher - report.after) * 100
     typer.echo(f"{report.metric}: original {report.teacher:.4f}, branch model before "
                f"{report.before:.4f}, after {report.after:.4f} (drop {drop:.2f} points); "
@@ -204,12 +237,15 @@ def plan(
     tiny: TinyOpt = False,
 ) -> None:
     """Search for the best split of MODEL on a cluster (no compile)."""
-    from splitc import importer
-    from splitc.search import search
+    from splitc import frontend
+    from splitc.planning.search import search
+    from splitc.planning.speeds import cluster_speeds
 
     spec = load_cluster(cluster, devices)
-    imported = importer.load(model, parse_shapes(input_shape), tiny=tiny)
-    result = search(imported.mod, spec, objective=objective, source=model)
+    imported = frontend.load(model, parse_shapes(input_shape), tiny=tiny)
+    with progress_bar("profiling") as tell:
+        speeds = cluster_speeds(spec, log=lambda m: typer.echo(m, err=True), progress=tell)
+    result = search(imported.mod, spec, speeds, objective=objective, source=model)
     best = result.best
     typer.echo(f"best: {best.label}: predicted latency {best.estimate.latency * 1e3:.2f} ms, "
                f"throughput {best.estimate.throughput:.1f}/s, "
@@ -227,9 +263,10 @@ def profile(
         help="Where to store the table (default: where the cost model looks).")] = None,
 ) -> None:
     """Time compiled layers on this machine and store the speed table the cost model uses."""
-    from splitc import profiler
+    from splitc.planning import profiler
 
-    table = profiler.measure(model, target, tiny=tiny)
+    with progress_bar(f"profiling {target}") as tell:
+        table = profiler.measure(model, target, tiny=tiny, progress=tell)
     path = profiler.save(table, output)
     typer.echo(profiler.describe(table))
     typer.echo(f"wrote {path}")
@@ -264,16 +301,17 @@ def tune(
     """
     import tvm
 
-    from splitc import importer, tuning
+    from splitc import frontend
     from splitc import targets as registry
-    from splitc.passes.extract import lift_weights
+    from splitc.backend import tuning, tuning_db
+    from splitc.passes.ir import lift_weights
 
     if trials < 0:
         raise SplitcError("--trials must be 0 or more")
     spec = registry.get(target)
     remote = tuning.Rpc.parse(rpc, key or spec.name) if rpc else None
     if Path(model).is_dir() and (Path(model) / "plan.json").exists():
-        from splitc.compiler import device_modules
+        from splitc.driver import device_modules
 
         modules = device_modules(Path(model))
         if target not in modules:
@@ -281,7 +319,7 @@ def tune(
                               f"{', '.join(sorted(modules)) or 'none'})")
         module = modules[target]
     else:
-        imported = importer.load(model, parse_shapes(input_shape), tiny=tiny)
+        imported = frontend.load(model, parse_shapes(input_shape), tiny=tiny)
         func, _ = lift_weights(imported.mod["main"])
         module = tvm.IRModule({"main": func})
     rows = tuning.tune(module, spec, db, trials, log=lambda m: typer.echo(m, err=True),
@@ -290,7 +328,7 @@ def tune(
     for r in rows:
         typer.echo(f"{r['kernel'][:48]:<48} {tuning._ms(r['default_s']):>11} "
                    f"{tuning._ms(r['best_s']):>11}")
-    typer.echo(f"wrote {Path(db) / tuning.target_key(spec)}")
+    typer.echo(f"wrote {Path(db) / tuning_db.target_key(spec)}")
 
 
 @app.command(name="tune-agent")
@@ -335,9 +373,9 @@ def inspect(
     else:
         if draw is not None:
             raise SplitcError("--draw needs a compiled output folder (splitc compile ... -o OUT)")
-        from splitc import importer
+        from splitc import frontend
 
-        imported = importer.load(target, parse_shapes(input_shape), tiny=tiny)
+        imported = frontend.load(target, parse_shapes(input_shape), tiny=tiny)
         typer.echo(report.layer_table(imported.mod))
 
 
@@ -352,7 +390,7 @@ def targets() -> None:
 @app.command()
 def zoo() -> None:
     """List the models built into splitc (usable wherever a model path is)."""
-    from splitc import zoo as models
+    from splitc.frontend import zoo as models
 
     for name in models.names():
         typer.echo(name)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from html import escape
 from pathlib import Path
 
+from splitc import optional
 from splitc.report import human_bytes
 from splitc.runtime.plan import Plan
 
@@ -80,14 +81,7 @@ def draw(plan: Plan, path: str | Path) -> Path:
     path = Path(path)
     svg = plan_svg(plan)
     if path.suffix == ".png":
-        try:
-            import cairosvg
-        except ImportError:
-            from splitc.errors import SplitcError
-
-            raise SplitcError("PNG output needs cairosvg (pip install cairosvg); "
-                              "or ask for .svg") from None
-        cairosvg.svg2png(bytestring=svg.encode(), write_to=str(path))
+        optional.cairosvg().svg2png(bytestring=svg.encode(), write_to=str(path))
     else:
         path.write_text(svg)
     return path

@@ -8,6 +8,18 @@ class SplitcError(Exception):
     """
 
 
+#: Cap on how much of a wrapped error message (TVM's, ONNX's, torch's) is repeated to the user.
+MAX_MESSAGE_CHARS = 1500
+
+
+def short_message(e: BaseException | str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """An error message cut to ``limit`` characters (head and tail kept)."""
+    text = str(e).strip()
+    if len(text) <= limit:
+        return text
+    return text[: limit // 3] + " ... " + text[-(2 * limit) // 3:]
+
+
 try:  # keep the type when raised inside a TVM pass (errors cross TVM's FFI by registered name)
     import tvm_ffi
 

@@ -70,7 +70,7 @@ class TargetSpec:
     fpga : dict or None
         For an FPGA fabric (arch ``fpga``): the part, hls4ml's board name, clock (MHz) and
         resources (``dsp``, ``lut``, ``ff``, ``bram36``); its pieces become hls4ml projects
-        (:mod:`splitc.fpga`), not TVM code. None for CPUs.
+        (:mod:`splitc.backend.fpga`), not TVM code. None for CPUs.
     """
 
     name: str
@@ -93,6 +93,12 @@ class TargetSpec:
     @property
     def is_fpga(self) -> bool:
         return self.fpga is not None
+
+    @property
+    def kind(self) -> str:
+        """How pieces are built and loaded for this target (the plan's ``Device.kind``):
+        ``tvm`` for CPUs, ``hls4ml`` for an FPGA fabric."""
+        return "hls4ml" if self.is_fpga else "tvm"
 
     @property
     def is_host(self) -> bool:

@@ -15,8 +15,9 @@ def run_module(mod: tvm.IRModule, *inputs: np.ndarray) -> np.ndarray:
 
 
 def run_built(mod: tvm.IRModule, *inputs: np.ndarray, schedules: bool = True) -> np.ndarray:
-    """Like :func:`run_module`, through :func:`splitc.build.build` (packing and schedules)."""
-    from splitc.build import build
+    """Like :func:`run_module`, through :func:`splitc.backend.build.build` (packing and
+    schedules)."""
+    from splitc.backend.build import build
 
     ex, _ = build(mod, HOST, schedules=schedules)
     out = relax.VirtualMachine(ex, tvm.cpu())["main"](*[tvm.runtime.tensor(x) for x in inputs])

@@ -1,6 +1,6 @@
 """Compiled plans for runtime tests, built straight from a small Relax module.
 
-:func:`write_out` does what ``splitc.compiler.write_artifacts`` does (split, extract, build the
+:func:`write_out` does what ``splitc.driver.write_artifacts`` does (split, extract, build the
 plan, ``tvm.compile`` each device's module for the host, write ``OUT/devN/{lib.so,
 weights.npz,plan.json}`` with their hashes and ``OUT/plan.json``), without the importer or the
 target registry, so the runtime tests need neither ONNX nor torch.
@@ -23,11 +23,10 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from splitc.compiler import build_plan
-from splitc.passes.channel_split import ChannelSplit, plan_channel
-from splitc.passes.extract import extract
-from splitc.passes.pipeline_split import PipelineSplit, plan_pipeline
-from splitc.passes.spatial_split import SpatialSplit, plan_spatial, plan_spatial_stages
+from splitc.passes.split.channel import ChannelSplit, plan_channel
+from splitc.passes.split.pipeline import PipelineSplit, plan_pipeline
+from splitc.passes.split.spatial import SpatialSplit, plan_spatial, plan_spatial_stages
+from splitc.planning.extract import extract
 from splitc.runtime.plan import Device, Plan, sha256_file
 
 HOST = tvm.target.Target({"kind": "llvm"})
@@ -77,7 +76,7 @@ def write_out(out: str | Path, strategy: str = "pipeline", n_devices: int = 2,
     mod = mod if mod is not None else two_in_two_out()
     planner, apply = SPLITS[strategy]
     ex = extract(apply(planner(mod, n_devices))(mod))
-    plan = build_plan(ex, ["host"] * n_devices, strategy, f"runtime-test-{strategy}")
+    plan = ex.plan(["host"] * n_devices, strategy, f"runtime-test-{strategy}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     built = []
@@ -87,7 +86,7 @@ def write_out(out: str | Path, strategy: str = "pipeline", n_devices: int = 2,
         np.savez(folder / dev.weights, **{f"{p.name}/{i}": w
                                           for p in plan.pieces_on(dev.name)
                                           for i, w in enumerate(ex.weights[p.name])})
-        tvm.compile(ex.modules[dev.index], HOST).export_library(str(folder / dev.lib))
+        tvm.compile(ex.modules[dev.name], HOST).export_library(str(folder / dev.lib))
         built.append(dataclasses.replace(dev, lib_sha256=sha256_file(folder / dev.lib),
                                          weights_sha256=sha256_file(folder / dev.weights)))
     return save_plan(out, dataclasses.replace(plan, devices=tuple(built)))

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from splitc import importer
-from splitc.compiler import compile_imported
-from splitc.runtime import connect
+from splitc import frontend
+from splitc.driver import compile_imported
+from splitc.runtime.client import connect
 
 pytestmark = pytest.mark.arm
 
@@ -52,7 +52,7 @@ def rootfs():
 
 
 def test_x86_and_aarch64_workers_in_one_plan(rootfs, tmp_path):
-    model = importer.load("resnet18", tiny=True)
+    model = frontend.load("resnet18", tiny=True)
     out = tmp_path / "out"
     plan = compile_imported(model.mod, out, ["host", "rpi4"], "pipeline",
                             source={"model": "resnet18", "tiny": True, "input_shapes": {}})
@@ -100,8 +100,8 @@ def test_tuning_round_trip_through_rpc_to_an_emulated_board(rootfs, tmp_path):
     import tvm
 
     from splitc import targets
-    from splitc.passes.extract import lift_weights
-    from splitc.tuning import Rpc, tune
+    from splitc.backend.tuning import Rpc, tune
+    from splitc.passes.ir import lift_weights
 
     from .runtime_fixtures import two_in_two_out
 

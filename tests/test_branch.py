@@ -11,13 +11,14 @@ from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
 
-from splitc import importer
-from splitc.cluster import Cluster
+from splitc import frontend
+from splitc.backend.torch_program import TorchProgram
 from splitc.errors import SplitcError
-from splitc.finetune import TorchProgram, distill
-from splitc.passes.branch import BranchRewrite, analyse, plan_branches, sync_candidates
-from splitc.passes.channel_split import ChannelSplit, plan_channel
-from splitc.passes.extract import extract
+from splitc.passes.split.branch import BranchRewrite, analyse, plan_branches, sync_candidates
+from splitc.passes.split.channel import ChannelSplit, plan_channel
+from splitc.planning.cluster import Cluster
+from splitc.planning.distill import distill
+from splitc.planning.extract import extract
 
 from .helpers import run_module
 
@@ -140,7 +141,7 @@ def test_a_plan_round_trips_through_json_and_bad_sync_names_are_refused():
 def test_zoo_branch_plans(name, k):
     """Every sync point kept: the original's answer. None kept: the split sends at most a
     tenth of the channel-parallel bytes."""
-    model = importer.load(name, tiny=True)
+    model = frontend.load(name, tiny=True)
     x = model.random_inputs(seed=0)
     ana = analyse(model.mod, k)
     exact = BranchRewrite(plan_branches(model.mod, k, "all", analysis=ana))(model.mod)
@@ -158,7 +159,7 @@ def test_zoo_branch_plans(name, k):
 
 
 def test_distillation_recovers_the_teacher():
-    model = importer.load("resnet18", tiny=True)
+    model = frontend.load("resnet18", tiny=True)
     cut = BranchRewrite(plan_branches(model.mod, 2, "none"))(model.mod)
     x = np.random.default_rng(1).standard_normal((400, 3, 32, 32)).astype("float32")
     teacher, student = TorchProgram(model.mod), TorchProgram(cut)
@@ -209,14 +210,16 @@ def test_cli_compile_finetune_run(tmp_path):
 
 
 def test_policy_search_takes_the_fewest_bytes_within_the_limit():
-    from splitc.finetune import search_policy
+    from splitc.planning.speeds import cluster_speeds
+    from splitc.planning.strategies.branch import search_policy
 
-    model = importer.load("resnet18", tiny=True)
+    model = frontend.load("resnet18", tiny=True)
     x = np.random.default_rng(2).standard_normal((200, 3, 32, 32)).astype("float32")
     # any loss allowed: the first policy tried, no sync point at all
     cluster = Cluster.uniform(["host", "host"])
     plan, student, trials = search_policy(model.mod, 2, x, None, max_drop=100.0, epochs=1,
-                                          cluster=cluster, log=lambda _m: None)
+                                          cluster=cluster, speeds=cluster_speeds(cluster),
+                                          log=lambda _m: None)
     assert [t.label for t in trials] == ["no sync"] and student is not None
     assert trials[0].latency > 0  # priced by the cost model
     assert trials[0].sync == [] and len(plan.branched) == 19

@@ -1,10 +1,11 @@
-"""splitc.build: weights packed at compile time, in numpy or by TVM, give the same answer."""
+"""splitc.backend.build: weights packed at compile time, in numpy or by TVM, give the same
+answer."""
 
 import numpy as np
 import tvm
 from tvm import relax
 
-from splitc import build as splitc_build
+from splitc.backend import build as splitc_build
 
 from .helpers import HOST
 from .test_pack_layout import Block

@@ -7,7 +7,8 @@ from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
 
-from splitc.passes.channel_split import ChannelPlan, ChannelSplit, even_bounds, plan_channel
+from splitc.passes.ops import even_bounds
+from splitc.passes.split.channel import ChannelPlan, ChannelSplit, plan_channel
 
 from .helpers import run_module
 

@@ -2,9 +2,9 @@
 
 Per op family, with odd shapes: channels that are not a multiple of the vector width, stride 2,
 asymmetric padding, depthwise and grouped convolutions, matmuls with odd sizes, pooling with
-padding. Each case is built twice through :func:`splitc.build.build` (default schedules, and
-TVM's plain lowering) and must agree; :func:`splitc.build.coverage` must show the heavy kernel
-scheduled, so a rule that silently stops matching fails here.
+padding. Each case is built twice through :func:`splitc.backend.build.build` (default
+schedules, and TVM's plain lowering) and must agree; :func:`splitc.backend.build.coverage` must
+show the heavy kernel scheduled, so a rule that silently stops matching fails here.
 """
 
 import numpy as np
@@ -12,9 +12,9 @@ import pytest
 import tvm
 from tvm import relax
 
-from splitc.build import coverage, pack, schedule
-from splitc.passes import cpu_schedules
-from splitc.passes.cpu_schedules import (
+from splitc.backend.build import coverage, pack, schedule
+from splitc.passes.codegen import cpu_schedules
+from splitc.passes.codegen.cpu_schedules import (
     RowSoftmax,
     conv_tile,
     matmul_tile,

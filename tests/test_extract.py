@@ -8,10 +8,10 @@ from tvm.script import ir as I
 from tvm.script import relax as R
 
 from splitc.errors import SplitcError
-from splitc.passes.channel_split import ChannelSplit, plan_channel
-from splitc.passes.extract import extract
-from splitc.passes.ir import TensorRef
-from splitc.passes.pipeline_split import PipelinePlan, PipelineSplit
+from splitc.passes.split.channel import ChannelSplit, plan_channel
+from splitc.passes.split.pipeline import PipelinePlan, PipelineSplit
+from splitc.planning.extract import extract
+from splitc.runtime.plan import Endpoint, Tensor, Transfer
 
 from .test_channel_split import W1, W2, conv_relu_conv
 
@@ -33,26 +33,36 @@ class TestPipelineExtract:
 
     def test_device_module(self):
         ex = extract(self.split)
-        tvm.ir.assert_structural_equal(ex.modules[1], self.ExpectedDevice1)
+        tvm.ir.assert_structural_equal(ex.modules["dev1"], self.ExpectedDevice1)
         np.testing.assert_array_equal(ex.weights["dev1_p0"][0], W2)
         np.testing.assert_array_equal(ex.weights["dev0_p0"][0], W1)
 
     def test_boundaries(self):
         ex = extract(self.split)
         assert [(p.name, p.device, p.inputs, p.outputs, p.num_weights) for p in ex.pieces] == [
-            ("dev0_p0", 0, ("x",), ("b",), 2), ("dev1_p0", 1, ("b",), ("d",), 1)]
-        [t] = ex.transfers
-        assert (t.tensor, t.src, t.dst) == (TensorRef("b", (1, 4, 4, 4), "float32"), 0, 1)
-        assert t.tensor.nbytes == 4 * 16 * 4
-        assert ex.inputs == [TensorRef("x", (1, 2, 4, 4), "float32")]
-        assert [o.name for o in ex.outputs] == ["d"] and ex.output_device == {"d": 1}
+            ("dev0_p0", "dev0", ("x",), ("b",), 2), ("dev1_p0", "dev1", ("b",), ("d",), 1)]
+        assert ex.transfers == (Transfer("b", "dev0", "dev1", 4 * 16 * 4),)
+        assert ex.tensors["b"] == Tensor((1, 4, 4, 4), "float32")
+        assert ex.inputs == (Endpoint("x", "x"),) and ex.tensors["x"].shape == (1, 2, 4, 4)
+        assert ex.outputs == (Endpoint("d", "d", "dev1"),)
+
+    def test_devices_take_the_names_given(self):
+        """A cluster file's names reach the plan: pieces, transfers, outputs, modules."""
+        ex = extract(self.split, ["pi0", "pi1"])
+        assert [p.device for p in ex.pieces] == ["pi0", "pi1"]
+        assert ex.transfers == (Transfer("b", "pi0", "pi1", 256),)
+        assert set(ex.modules) == {"pi0", "pi1"}
+        plan = ex.plan(["rpi4", "rpi4"], "pipeline", "test", ["logits"])
+        assert [(d.name, d.dir) for d in plan.devices] == [("pi0", "pi0"), ("pi1", "pi1")]
+        assert plan.outputs == (Endpoint("logits", "d", "pi1"),)
 
 
 def test_channel_transfers_are_the_all_gather():
     ex = extract(ChannelSplit(plan_channel(conv_relu_conv(), 2))(conv_relu_conv()))
-    moves = sorted((t.src, t.dst, t.tensor.shape) for t in ex.transfers)
+    moves = sorted((t.src, t.dst, ex.tensors[t.tensor].shape) for t in ex.transfers)
     # c's halves go both ways (all-gather for the second conv); d's half comes back to device 0.
-    assert moves == [(0, 1, (1, 2, 4, 4)), (1, 0, (1, 1, 4, 4)), (1, 0, (1, 2, 4, 4))]
+    assert moves == [("dev0", "dev1", (1, 2, 4, 4)), ("dev1", "dev0", (1, 1, 4, 4)),
+                     ("dev1", "dev0", (1, 2, 4, 4))]
     for mod in ex.modules.values():
         relax.analysis.well_formed(mod)
         for func in mod.functions.values():
@@ -74,19 +84,18 @@ def test_spatial_input_rows_become_slices_the_client_cuts():
     """A spatial split's tiles read rows of the model input: the caller cuts and sends only
     those rows; the client piece is neither a piece nor a transfer, and the plan carries the
     slices through JSON."""
-    from splitc.compiler import build_plan
-    from splitc.passes.spatial_split import SpatialPlan, SpatialSplit
+    from splitc.passes.split.spatial import SpatialPlan, SpatialSplit
     from splitc.runtime.plan import Plan, PlanError
 
     from .test_spatial_split import conv_relu_conv as row_chain
 
     ex = extract(SpatialSplit(SpatialPlan(2, ((0, 3),)))(row_chain()))
     assert [(s.tensor, s.source, s.axis, s.begin, s.end) for s in ex.slices] == [
-        (TensorRef("x_r0", (1, 2, 6, 8), "float32"), "x", 2, 0, 6),
-        (TensorRef("x_r1", (1, 2, 6, 8), "float32"), "x", 2, 2, 8)]
+        ("x_r0", "x", 2, 0, 6), ("x_r1", "x", 2, 2, 8)]
+    assert ex.tensors["x_r1"] == Tensor((1, 2, 6, 8), "float32")
     assert [p.name for p in ex.pieces] == ["dev0_p0", "dev1_p0", "dev0_p1"]
-    assert [(t.tensor.name, t.src, t.dst) for t in ex.transfers] == [("c_t1", 1, 0)]
-    plan = build_plan(ex, ["host", "host"], "spatial", "test")
+    assert [(t.tensor, t.src, t.dst) for t in ex.transfers] == [("c_t1", "dev1", "dev0")]
+    plan = ex.plan(["host", "host"], "spatial", "test")
     again = Plan.from_dict(plan.to_dict())
     assert again == plan and again.client_tensors == ["x", "x_r0", "x_r1"]
     x = np.arange(2 * 64, dtype="float32").reshape(1, 2, 8, 8)

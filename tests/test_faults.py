@@ -19,8 +19,8 @@ import psutil
 import pytest
 import zmq
 
-from splitc.runtime import connect, security, wire
-from splitc.runtime.client import AuthFailure, WorkerLost
+from splitc.runtime import security, wire
+from splitc.runtime.client import AuthFailure, WorkerLost, connect
 from splitc.runtime.plan import Plan, PlanError, sha256_file
 
 from .runtime_fixtures import random_inputs, reference, write_out

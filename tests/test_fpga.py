@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from splitc import importer
-from splitc.cluster import Cluster
-from splitc.compiler import compile_model
+from splitc import frontend
+from splitc.backend.fpga import FpgaOptions, check_precision
+from splitc.driver import compile_model
 from splitc.errors import SplitcError
-from splitc.fpga import FpgaOptions, check_precision
-from splitc.runtime import connect
+from splitc.planning.cluster import Cluster
+from splitc.runtime.client import connect
 from splitc.runtime.plan import Plan
 
 pytest.importorskip("hls4ml")
@@ -77,7 +77,7 @@ def test_mixed_plan_over_zeromq_gives_the_originals_top1(digits_mlp, tmp_path):
     assert any("run " in m and "build.sh" in m for m in said)  # how to build it, printed
     checked = [m for m in said if "max abs error vs float" in m]
     assert checked and "agrees with float on" in checked[0]
-    reference = importer.load(str(model)).reference
+    reference = frontend.load(str(model)).reference
     with connect(out, timeout=60) as session:
         got = session.infer_many([[x[i:i + 1]] for i in range(len(x))], inflight=8)
     fpga = np.concatenate([g[0] for g in got])
@@ -93,7 +93,7 @@ def test_mixed_plan_over_zeromq_gives_the_originals_top1(digits_mlp, tmp_path):
 
 def test_error_shrinks_as_precision_grows(digits_mlp, tmp_path):
     model, data, x, _ = digits_mlp
-    mod = importer.load(str(model)).mod
+    mod = frontend.load(str(model)).mod
     errors = []
     for i, precision in enumerate(["ap_fixed<10,5>", "ap_fixed<16,6>", "ap_fixed<24,8>"]):
         out = tmp_path / f"p{i}"
@@ -191,9 +191,9 @@ def test_cli_compile_and_run_check(digits_mlp, tmp_path):
 
 def test_cost_model_entry_for_the_fabric():
     from splitc import targets
-    from splitc.cluster import ClusterDevice
-    from splitc.cost import device_speed
-    from splitc.fpga import estimate
+    from splitc.backend.fpga import estimate
+    from splitc.planning.cluster import ClusterDevice
+    from splitc.planning.cost import device_speed
 
     speed = device_speed(ClusterDevice("f", "pynq-z1-fpga", 1e6))
     assert speed.flops_per_second == 44e9 and "FPGA estimate" in speed.source

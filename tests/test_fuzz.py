@@ -16,7 +16,8 @@ import random
 import numpy as np
 import zmq
 
-from splitc.runtime import connect, wire
+from splitc.runtime import wire
+from splitc.runtime.client import connect
 from splitc.runtime.plan import Plan
 
 from .runtime_fixtures import random_inputs, write_out

@@ -15,8 +15,9 @@ from onnx import TensorProto, helper
 from torch import nn
 from tvm import relax
 
-from splitc import importer, zoo
+from splitc import frontend
 from splitc.errors import SplitcError
+from splitc.frontend import onnx_import, relax_cleanup, zoo
 
 from .helpers import run_module
 
@@ -61,7 +62,7 @@ def assert_close(got: list[np.ndarray], expected: list[np.ndarray]) -> None:
         assert np.abs(g - e).max() <= 1e-4 * max(np.abs(e).max(), 1e-6)
 
 
-def check_against_reference(imported: importer.ImportedModel) -> None:
+def check_against_reference(imported: frontend.ImportedModel) -> None:
     inputs = imported.random_inputs(seed=1)
     assert_close(run_tvm(imported.mod, inputs), imported.reference(inputs))
 
@@ -121,42 +122,42 @@ def raw_tvm_import_and_run(path: Path, shape_dict: dict | None) -> None:
 
 @pytest.mark.parametrize("name", zoo.names())
 def test_zoo_tiny_imports_and_matches_onnxruntime(name: str) -> None:
-    imported = importer.load(name, tiny=True)
+    imported = frontend.load(name, tiny=True)
     assert imported.input_names == ["input"]
     assert imported.input_shapes == [zoo.input_shape(name, tiny=True)]
     assert imported.input_dtypes == ["float32"]
     assert imported.output_names == ["output"]
     assert name in imported.source
     assert imported.path is not None and imported.path.suffix == ".onnx"
-    assert not importer.dynamic_bindings(imported.mod["main"])
+    assert not relax_cleanup.dynamic_bindings(imported.mod["main"])
     check_against_reference(imported)
 
 
 def test_zoo_export_is_cached(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("SPLITC_CACHE", str(tmp_path))
-    first = importer.load("mlp", tiny=True)
+    first = frontend.load("mlp", tiny=True)
     assert first.path.parent == tmp_path / "zoo"
     mtime = first.path.stat().st_mtime_ns
-    assert importer.load("mlp", tiny=True).path == first.path
+    assert frontend.load("mlp", tiny=True).path == first.path
     assert first.path.stat().st_mtime_ns == mtime, "second load reuses the export"
 
 
 def test_zoo_input_shape_selects_batch_and_image_size() -> None:
-    imported = importer.load("resnet18", {"input": (2, 3, 48, 48)}, tiny=True)
+    imported = frontend.load("resnet18", {"input": (2, 3, 48, 48)}, tiny=True)
     assert imported.input_shapes == [(2, 3, 48, 48)]
     check_against_reference(imported)
 
 
 def test_zoo_rejects_bad_shape_and_names() -> None:
     with pytest.raises(SplitcError, match="S, S"):
-        importer.load("resnet18", {"input": (1, 3, 32)}, tiny=True)
+        frontend.load("resnet18", {"input": (1, 3, 32)}, tiny=True)
     with pytest.raises(SplitcError, match="'x'"):
-        importer.load("resnet18", {"x": (1, 3, 32, 32)}, tiny=True)
+        frontend.load("resnet18", {"x": (1, 3, 32, 32)}, tiny=True)
 
 
 def test_mobilenet_clip_becomes_relax_clip() -> None:
     """TVM lowers ONNX Clip (ReLU6) to call_tir; the importer turns it back into R.clip."""
-    mod = importer.load("mobilenet_v2", tiny=True).mod
+    mod = frontend.load("mobilenet_v2", tiny=True).mod
     ops = {getattr(b.value.op, "name", "") for block in mod["main"].body.blocks
            for b in block.bindings if isinstance(b.value, relax.Call)}
     assert "relax.clip" in ops and "relax.call_tir" not in ops
@@ -184,14 +185,14 @@ def test_dynamic_export_defeats_raw_tvm(dynamic_onnx: Path) -> None:
 
 
 def test_dynamic_export_imports_after_normalisation(dynamic_onnx: Path) -> None:
-    imported = importer.load(str(dynamic_onnx), {"input": (1, 3, 16, 16)})
+    imported = frontend.load(str(dynamic_onnx), {"input": (1, 3, 16, 16)})
     assert imported.input_shapes == [(1, 3, 16, 16)]
     assert imported.output_names == ["output"]
     check_against_reference(imported)
 
 
 def test_dynamic_export_any_pinned_shape(dynamic_onnx: Path) -> None:
-    imported = importer.load(str(dynamic_onnx), {"input": (2, 3, 12, 20)})
+    imported = frontend.load(str(dynamic_onnx), {"input": (2, 3, 12, 20)})
     inputs = imported.random_inputs(seed=2)
     out = run_tvm(imported.mod, inputs)
     assert out[0].shape == (2, 10)
@@ -200,8 +201,8 @@ def test_dynamic_export_any_pinned_shape(dynamic_onnx: Path) -> None:
 
 def test_normalise_removes_shape_computation(dynamic_onnx: Path) -> None:
     model = onnx.load(str(dynamic_onnx))
-    shapes = importer.normalise_onnx(model, {"input": (1, 3, 16, 16)})
-    assert shapes == [(1, 3, 16, 16)]
+    shapes, pinned = onnx_import.normalise_onnx(model, {"input": (1, 3, 16, 16)})
+    assert shapes == [(1, 3, 16, 16)] and pinned is not None
     ops = {n.op_type for n in model.graph.node}
     assert not ops & {"Shape", "Gather", "Concat", "Range", "Cast", "Unsqueeze", "Constant"}
     out = model.graph.output[0].type.tensor_type.shape
@@ -210,7 +211,7 @@ def test_normalise_removes_shape_computation(dynamic_onnx: Path) -> None:
 
 def test_unpinned_dynamic_dim_is_an_error(dynamic_onnx: Path) -> None:
     with pytest.raises(SplitcError) as err:
-        importer.load(str(dynamic_onnx))
+        frontend.load(str(dynamic_onnx))
     msg = str(err.value)
     assert "'input'" in msg and "'batch'" in msg and "'height'" in msg
     assert dynamic_onnx.name in msg
@@ -218,11 +219,11 @@ def test_unpinned_dynamic_dim_is_an_error(dynamic_onnx: Path) -> None:
 
 def test_wrong_rank_and_unknown_input_are_errors(dynamic_onnx: Path) -> None:
     with pytest.raises(SplitcError, match=r"'input' has rank 4.*rank 3"):
-        importer.load(str(dynamic_onnx), {"input": (1, 16, 16)})
+        frontend.load(str(dynamic_onnx), {"input": (1, 16, 16)})
     with pytest.raises(SplitcError, match=r"no input named 'image'.*input"):
-        importer.load(str(dynamic_onnx), {"image": (1, 3, 16, 16)})
+        frontend.load(str(dynamic_onnx), {"image": (1, 3, 16, 16)})
     with pytest.raises(SplitcError, match="dimension 1 is fixed at 3"):
-        importer.load(str(dynamic_onnx), {"input": (1, 4, 16, 16)})
+        frontend.load(str(dynamic_onnx), {"input": (1, 4, 16, 16)})
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,7 +238,7 @@ def test_pt2_file(tmp_path, factories) -> None:
     x = torch.randn(1, 3, 16, 16)
     path = tmp_path / "small.pt2"
     torch.export.save(torch.export.export(model, (x,)), str(path))
-    imported = importer.load(str(path))
+    imported = frontend.load(str(path))
     assert imported.input_names == ["x"]
     assert imported.input_shapes == [(1, 3, 16, 16)]
     assert imported.output_names == ["output"]
@@ -256,21 +257,21 @@ def test_pt2_dynamic_batch_needs_a_pin(tmp_path, factories) -> None:
     path = tmp_path / "dyn.pt2"
     torch.export.save(ep, str(path))
     with pytest.raises(SplitcError, match=r"'x' has dynamic dimension"):
-        importer.load(str(path))
-    imported = importer.load(str(path), {"x": (3, 3, 16, 16)})
+        frontend.load(str(path))
+    imported = frontend.load(str(path), {"x": (3, 3, 16, 16)})
     assert imported.input_shapes == [(3, 3, 16, 16)]
     check_against_reference(imported)
 
 
 def test_factory(factories) -> None:
-    imported = importer.load("factories:small_net", {"x": (1, 3, 16, 16)})
+    imported = frontend.load("factories:small_net", {"x": (1, 3, 16, 16)})
     assert imported.input_names == ["x"]
     assert "factories:small_net" in imported.source
     check_against_reference(imported)
 
 
 def test_factory_two_inputs_two_outputs(factories) -> None:
-    imported = importer.load("factories:two_in_out", {"x": (2, 8), "y": (2, 8)})
+    imported = frontend.load("factories:two_in_out", {"x": (2, 8), "y": (2, 8)})
     assert imported.input_names == ["x", "y"]
     assert imported.output_names == ["output_0", "output_1"]
     check_against_reference(imported)
@@ -278,17 +279,17 @@ def test_factory_two_inputs_two_outputs(factories) -> None:
 
 def test_factory_errors(factories) -> None:
     with pytest.raises(SplitcError, match=r"give the input shape.*x"):
-        importer.load("factories:small_net")
+        frontend.load("factories:small_net")
     with pytest.raises(SplitcError, match=r"cannot import module 'no_such_module_xyz'"):
-        importer.load("no_such_module_xyz:make", {"x": (1, 3)})
+        frontend.load("no_such_module_xyz:make", {"x": (1, 3)})
     with pytest.raises(SplitcError, match=r"no attribute 'missing'"):
-        importer.load("factories:missing", {"x": (1, 3)})
+        frontend.load("factories:missing", {"x": (1, 3)})
     with pytest.raises(SplitcError, match="not callable"):
-        importer.load("factories:NOT_CALLABLE", {"x": (1, 3)})
+        frontend.load("factories:NOT_CALLABLE", {"x": (1, 3)})
     with pytest.raises(SplitcError, match="not a torch.nn.Module"):
-        importer.load("factories:not_a_module", {"x": (1, 3)})
+        frontend.load("factories:not_a_module", {"x": (1, 3)})
     with pytest.raises(SplitcError, match=r"forward takes x"):
-        importer.load("factories:small_net", {"input": (1, 3, 16, 16)})
+        frontend.load("factories:small_net", {"input": (1, 3, 16, 16)})
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,7 +300,7 @@ def test_factory_errors(factories) -> None:
 def test_missing_file(tmp_path) -> None:
     missing = tmp_path / "nope.onnx"
     with pytest.raises(SplitcError, match="does not exist") as err:
-        importer.load(str(missing))
+        frontend.load(str(missing))
     assert str(missing) in str(err.value)
 
 
@@ -308,24 +309,24 @@ def test_garbage_file(tmp_path, suffix: str) -> None:
     path = tmp_path / f"garbage{suffix}"
     path.write_bytes(np.random.default_rng(0).bytes(4096))
     with pytest.raises(SplitcError) as err:
-        importer.load(str(path))
+        frontend.load(str(path))
     assert str(path) in str(err.value)
 
 
 def test_unknown_model_name_lists_zoo() -> None:
     with pytest.raises(SplitcError) as err:
-        importer.load("resnet9000")
+        frontend.load("resnet9000")
     assert "resnet9000" in str(err.value) and "resnet50" in str(err.value)
 
 
 def test_tiny_only_for_zoo(dynamic_onnx: Path) -> None:
     with pytest.raises(SplitcError, match="zoo models only"):
-        importer.load(str(dynamic_onnx), {"input": (1, 3, 16, 16)}, tiny=True)
+        frontend.load(str(dynamic_onnx), {"input": (1, 3, 16, 16)}, tiny=True)
 
 
 def unsupported_ops() -> list[str]:
     """Two real ONNX ops missing from TVM's converter table (checked, not assumed)."""
-    table = importer.tvm_onnx_ops()
+    table = onnx_import.tvm_onnx_ops()
     ops = [op for op in ("Celu", "Det", "ReverseSequence", "STFT") if op not in table]
     assert len(ops) >= 2
     return ops[:2]
@@ -345,7 +346,7 @@ def test_unsupported_operators_are_listed(tmp_path) -> None:
     path = tmp_path / "unsupported.onnx"
     onnx.save(model, str(path))
     with pytest.raises(SplitcError) as err:
-        importer.load(str(path))
+        frontend.load(str(path))
     msg = str(err.value)
     assert "Celu" in msg and "Det" in msg and "Relu" not in msg and str(path) in msg
 
@@ -356,15 +357,15 @@ def test_tvm_failure_is_wrapped_with_file_name(tmp_path, monkeypatch) -> None:
     def broken(*args, **kwargs):
         raise RuntimeError("boom inside TVM")
 
-    import tvm.relax.frontend.onnx as frontend
+    import tvm.relax.frontend.onnx as tvm_onnx
 
-    monkeypatch.setattr(frontend, "from_onnx", broken)
+    monkeypatch.setattr(tvm_onnx, "from_onnx", broken)
     with pytest.raises(SplitcError, match=r"TVM could not import .*mlp\.onnx.*boom inside TVM"):
-        importer.load(str(path))
+        frontend.load(str(path))
 
 
 def test_reference_checks_inputs() -> None:
-    imported = importer.load("mlp", tiny=True)
+    imported = frontend.load("mlp", tiny=True)
     with pytest.raises(SplitcError, match="takes 1 inputs"):
         imported.reference([])
     with pytest.raises(SplitcError, match="must have shape"):
@@ -403,7 +404,7 @@ def _conv_bn_onnx(path: Path, bn_after_conv: bool) -> Path:
 def test_batch_norm_folds_and_leaves_no_tuple(tmp_path, bn_after_conv) -> None:
     """A batch norm after a convolution folds into its weights and a bias add; any other is
     per-channel arithmetic bound directly (no ``(y, mean, var)[0]`` for passes to trip on)."""
-    model = importer.load(str(_conv_bn_onnx(tmp_path / "m.onnx", bn_after_conv)))
+    model = frontend.load(str(_conv_bn_onnx(tmp_path / "m.onnx", bn_after_conv)))
     ops = []
     for binding in model.mod["main"].body.blocks[0].bindings:
         assert not isinstance(binding.value, (relax.Tuple, relax.TupleGetItem)), binding

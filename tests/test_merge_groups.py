@@ -7,8 +7,8 @@ from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
 
-from splitc.build import build
-from splitc.passes.merge_groups import MergeGroups, merge_factor
+from splitc.backend.build import build
+from splitc.passes.codegen.merge_groups import MergeGroups, merge_factor
 
 from .helpers import HOST, run_built
 

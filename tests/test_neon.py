@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from splitc import targets
-from splitc.build import build
+from splitc.backend.build import build
 
 from .test_cpu_schedules import conv_module
 from .test_winograd import conv_model

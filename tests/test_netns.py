@@ -29,10 +29,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from splitc import importer, zoo
-from splitc.compiler import compile_imported
-from splitc.runtime import connect, security, wire
-from splitc.runtime.client import WorkerLost
+from splitc import frontend
+from splitc.driver import compile_imported
+from splitc.frontend import zoo
+from splitc.runtime import security, wire
+from splitc.runtime.client import WorkerLost, connect
 from splitc.runtime.local import LocalSession
 
 from .runtime_fixtures import random_inputs, write_out
@@ -226,7 +227,7 @@ def test_the_lab_is_cleaned_up(lab):
 @pytest.mark.parametrize("name", zoo.names())
 def test_zoo_models_across_namespaced_hosts_equal_onnxruntime(lab, tmp_path, name, strategy):
     """Every zoo model and exact strategy, one worker per test host behind a shaped link."""
-    model = importer.load(name, tiny=True)
+    model = frontend.load(name, tiny=True)
     out = tmp_path / "out"
     plan = compile_imported(model.mod, out, ["host"] * 3, strategy,
                             source={"model": name, "tiny": True, "input_shapes": {}})

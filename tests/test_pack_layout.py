@@ -7,7 +7,12 @@ from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
 
-from splitc.passes.pack_layout import ConvPacking, PackConvLayout, channel_block, plan_packing
+from splitc.passes.codegen.pack_layout import (
+    ConvPacking,
+    PackConvLayout,
+    channel_block,
+    plan_packing,
+)
 
 from .helpers import run_built, run_module
 

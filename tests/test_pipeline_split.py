@@ -9,8 +9,8 @@ from tvm.script import relax as R
 
 from splitc.errors import SplitcError
 from splitc.passes.analysis import cut_points, profile
-from splitc.passes.outline import OutlinePieces
-from splitc.passes.pipeline_split import PipelinePlan, PipelineSplit, plan_pipeline
+from splitc.passes.split.outline import OutlinePieces
+from splitc.passes.split.pipeline import PipelinePlan, PipelineSplit, plan_pipeline
 
 
 @I.ir_module
@@ -229,7 +229,7 @@ def test_planner_prices_stages_as_the_cost_model_does():
     """A wide convolution has the FLOPs, two 1x1 convolutions on one pixel the weights: cut
     by FLOPs alone, one stage gets both weight-heavy layers; with each device's speed (its
     time per weight byte), they are split between the stages."""
-    from splitc.cost import DeviceSpeed
+    from splitc.planning.cost import DeviceSpeed
 
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((1, 4, 32, 32), "float32"))

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import zmq
 
-from splitc.runtime import connect, wire
-from splitc.runtime.client import RemoteError, RequestTimeout, WorkerLost
+from splitc.runtime import wire
+from splitc.runtime.client import RemoteError, RequestTimeout, WorkerLost, connect
 from splitc.runtime.local import LocalSession
 from splitc.runtime.plan import Plan, PlanError
 
@@ -443,7 +443,7 @@ w.stop()
 thread.join()
 ctx.destroy(linger=0)
 heavy = ["torch", "onnx", "onnxruntime", "tvm.relax", "tvm.relax.frontend",
-         "splitc.passes", "splitc.compiler", "splitc.importer", "splitc.runtime.client",
+         "splitc.passes", "splitc.driver", "splitc.frontend", "splitc.runtime.client",
          "typer"]
 print(json.dumps({"pong": pong["device"], "pieces": pong["pieces"],
                   "loaded": [m for m in heavy if sys.modules.get(m) is not None]}))
@@ -491,9 +491,9 @@ def test_cli_run_prints_outputs_bytes_and_latency(outs, tmp_path, cli, monkeypat
         def reference(self, inputs):
             return reference(*inputs)
 
-    import splitc.compiler
+    import splitc.driver
 
-    monkeypatch.setattr(splitc.compiler, "load_reference", lambda _out: Reference())
+    monkeypatch.setattr(splitc.driver, "load_reference", lambda _out: Reference())
     result = cli("run", out, "--check")
     assert result.exit_code == 0, result.output
     assert "check passed" in result.output

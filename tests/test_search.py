@@ -5,12 +5,13 @@ import json
 
 import pytest
 
-from splitc import importer
-from splitc.cluster import Cluster, ClusterDevice, Link, parse_rate, parse_time
-from splitc.cost import DeviceSpeed, estimate
+from splitc import frontend
 from splitc.errors import SplitcError
+from splitc.planning import search as search_module
+from splitc.planning.cluster import Cluster, ClusterDevice, Link, parse_rate, parse_time
+from splitc.planning.cost import DeviceSpeed, estimate
+from splitc.planning.speeds import cluster_speeds
 from splitc.runtime.plan import Device, Endpoint, Piece, Plan, Tensor, Transfer
-from splitc.search import search
 
 
 def test_cluster_file_units_and_links(tmp_path):
@@ -129,7 +130,7 @@ def test_messages_leaving_together_share_the_senders_link():
 def test_rates_fitted_to_whole_model_and_piece_timings():
     """seconds = FLOPs / rate + weight bytes x per-weight-byte + boundary bytes x per-byte,
     fitted to runs; a term the runs make negative is dropped, the rest fitted again."""
-    from splitc.profiler import fit_rates
+    from splitc.planning.profiler import fit_rates
 
     def seconds(flops, weights, edge):
         return flops / 2e11 + weights * 4e-11 + edge * 3e-10
@@ -150,9 +151,14 @@ def test_rates_fitted_to_whole_model_and_piece_timings():
         assert f / r + w * pw + e * pb == pytest.approx(t, rel=0.01)
 
 
+def search(mod, cluster, **options):
+    """The search over ``cluster`` at its devices' speeds (profiled first where needed)."""
+    return search_module.search(mod, cluster, cluster_speeds(cluster), **options)
+
+
 @pytest.fixture(scope="module")
 def resnet():
-    return importer.load("resnet18", tiny=True).mod
+    return frontend.load("resnet18", tiny=True).mod
 
 
 def test_memory_cap_forces_a_split(resnet):
@@ -193,19 +199,20 @@ def test_plan_json_from_auto_round_trips(resnet):
 def test_a_faster_device_gets_more_rows(resnet):
     """Heterogeneous cluster: the spatial candidates divide rows in proportion to speed, so
     the slow devices are not the bottleneck (with equal rows they would be)."""
-    from splitc.passes.spatial_split import SpatialSplit, plan_spatial
-    from splitc.search import _candidate
+    from splitc.passes.split.spatial import SpatialSplit, plan_spatial
+    from splitc.planning.search import _candidate
+    from splitc.planning.strategies import Proposal
 
     cluster = Cluster((ClusterDevice("fast", "host", 2**30, 30), ClusterDevice("s1", "host",
                        2**30, 10), ClusterDevice("s2", "host", 2**30, 10)), Link(1e12, 1e-6))
     result = search(resnet, cluster)
     spatial = [c for c in result.candidates if c.strategy == "spatial"]
     assert spatial
-    equal = _candidate("equal rows", "spatial", SpatialSplit(plan_spatial(resnet, 3))(resnet),
-                       (0, 1, 2), cluster, result.speeds, "")
+    equal = _candidate(Proposal("equal rows", SpatialSplit(plan_spatial(resnet, 3))(resnet),
+                                (0, 1, 2)), "spatial", cluster, result.speeds, "")
     for c in spatial:
         busy = c.estimate.device_busy
-        assert busy["dev0"] > 1.5 * max(busy["dev1"], busy["dev2"]) * 10 / 30
+        assert busy["fast"] > 1.5 * max(busy["s1"], busy["s2"]) * 10 / 30
         assert max(busy.values()) < max(equal.estimate.device_busy.values())
 
 
@@ -213,13 +220,15 @@ def test_explicit_strategies_use_the_speeds_a_cluster_states(resnet, monkeypatch
     """`--strategy spatial` (or pipeline) with a cluster that states speeds plans with them, as
     auto's candidates do: 3:1 speeds give the fast device about 3/4 of the rows. A cluster
     stating none splits evenly and measures nothing."""
-    from splitc import cost
-    from splitc.compiler import split
-    from splitc.passes.extract import extract
+    from splitc import driver
+    from splitc.planning import strategies
+    from splitc.planning.extract import extract
 
     def flops(cluster, strategy="spatial"):
-        ex = extract(split(resnet, strategy, 2, cluster))
-        return [sum(p.flops for p in ex.pieces if p.device == k) for k in (0, 1)]
+        names = [d.name for d in cluster.devices]
+        ctx = strategies.Context(2, driver.stated_speeds(cluster, print), cluster)
+        ex = extract(strategies.get(strategy).split(resnet, ctx).module, names)
+        return [sum(p.flops for p in ex.pieces if p.device == k) for k in names]
 
     stated = Cluster((ClusterDevice("a", "host", 2**30, 30), ClusterDevice("b", "host", 2**30,
                                                                            10)), Link(1e9, 1e-4))
@@ -227,10 +236,10 @@ def test_explicit_strategies_use_the_speeds_a_cluster_states(resnet, monkeypatch
     assert 2.2 < fast / slow < 5  # (the fast one, device 0, also runs the head)
     fast_stage, slow_stage = flops(stated, "pipeline")  # stages priced on the stated speeds
 
-    def no_measuring(_device):
+    def no_measuring(*_args, **_kwargs):
         raise AssertionError("a cluster stating no speed was measured")
 
-    monkeypatch.setattr(cost, "device_speed", no_measuring)
+    monkeypatch.setattr(driver, "cluster_speeds", no_measuring)
     even = Cluster.uniform(["host", "host"])
     fast, slow = flops(even)
     assert 0.8 < fast / slow < 1.25
@@ -241,8 +250,8 @@ def test_explicit_strategies_use_the_speeds_a_cluster_states(resnet, monkeypatch
 def test_profile_table_gives_the_cost_model_its_speed(tmp_path, monkeypatch):
     """`splitc profile`'s table: FLOP/s, seconds per weight byte, call overhead and cost per
     boundary byte, stored where the cost model reads it for that target."""
-    from splitc import profiler
-    from splitc.cost import TILE_OVERHEAD, device_speed
+    from splitc.planning import profiler
+    from splitc.planning.cost import TILE_OVERHEAD, device_speed
 
     monkeypatch.setenv("SPLITC_CACHE", str(tmp_path))
     table = profiler.measure("resnet18", "host", tiny=True, number=1)
@@ -277,8 +286,8 @@ def test_profile_table_gives_the_cost_model_its_speed(tmp_path, monkeypatch):
 def test_a_device_may_name_its_own_profile(tmp_path):
     """Two boards of one target at different speeds: each names the table measured on it
     (relative to the cluster file); a bad one is an error naming the device and the cause."""
-    from splitc.build import CODEGEN
-    from splitc.cost import PROFILE_FORMAT, device_speed
+    from splitc.backend.build import CODEGEN
+    from splitc.planning.cost import PROFILE_FORMAT, device_speed
 
     table = {"target": "rpi4", "codegen": CODEGEN, "format": PROFILE_FORMAT,
              "flops_per_second": 6e9, "call_overhead": 1e-4, "seconds_per_byte": 2e-10,
@@ -326,7 +335,7 @@ def test_spatial_stages_are_priced_and_exact(resnet):
     import tvm
     from tvm import relax
 
-    from splitc.passes.spatial_split import SpatialSplit, plan_spatial_stages
+    from splitc.passes.split.spatial import SpatialSplit, plan_spatial_stages
     from splitc.targets import get
 
     cluster = Cluster(tuple(ClusterDevice(f"d{i}", "host", 2**30, 10) for i in range(4)),

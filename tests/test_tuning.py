@@ -6,9 +6,10 @@ import tvm
 from tvm import relax
 
 from splitc import targets
-from splitc.build import build
+from splitc.backend.build import build
+from splitc.backend.tuning import tune
+from splitc.backend.tuning_db import database_for, target_key
 from splitc.errors import SplitcError
-from splitc.tuning import database_for, target_key, tune
 
 from .test_cpu_schedules import conv_module
 
@@ -60,7 +61,7 @@ def test_tuning_a_board_target_here_is_refused(tmp_path):
     with pytest.raises(SplitcError, match=r"does not run here: give --rpc TRACKER_HOST:PORT "
                                           r"--key KEY.*splitc tune-agent"):
         tune(conv_module(8, 8, 4, 3, 1, 1), targets.get("rpi4"), tmp_path, trials=0)
-    with pytest.raises(SplitcError, match="FPGA fabric"):
+    with pytest.raises(targets.TargetError, match="FPGA fabric"):
         tune(conv_module(8, 8, 4, 3, 1, 1), targets.get("pynq-z1-fpga"), tmp_path, trials=0)
 
 

@@ -5,10 +5,10 @@ import pytest
 import tvm
 from tvm import relax
 
-from splitc.build import build, coverage, pack, schedule, split_transforms
-from splitc.passes import winograd
+from splitc.backend.build import build, coverage, pack, schedule, split_transforms
 from splitc.passes.analysis import profile
-from splitc.passes.winograd import (
+from splitc.passes.codegen import winograd
+from splitc.passes.codegen.winograd import (
     WinogradConv,
     conv2d_winograd,
     winograd_matrices,

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from splitc import zoo
 from splitc.errors import SplitcError
+from splitc.frontend import zoo
 
 ALL = zoo.names()
 

@@ -1,0 +1,153 @@
+"""Target kinds: how a device's pieces are built, priced before any measurement, and checked.
+
+A kind is one object per way of making pieces — ``tvm`` (CPUs: a TVM library) and ``hls4ml``
+(an FPGA fabric: HLS projects and their C simulation). A target names its kind
+(:attr:`splitc.targets.TargetSpec.kind`); the plan records it per device (``Device.kind``),
+and the board runtime loads each device by it (:data:`splitc.runtime.artifact.KINDS`). Nothing
+else asks whether a target is an FPGA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tvm
+
+from splitc import targets as target_registry
+from splitc.backend import fpga
+from splitc.backend.build import build
+from splitc.backend.tuning_db import database_for
+from splitc.errors import SplitcError
+from splitc.runtime.plan import Device, Plan, sha256_file
+
+Log = Callable[[str], None]
+
+#: Fraction of a CPU's published peak that splitc's default schedules reach without tuning.
+#: Measured on an x86 core (AVX2): ResNet-50 at 224 runs at about 70 GFLOP/s of a ~100
+#: GFLOP/s peak; not measured on ARM boards (none here), so a conservative 0.4 stands in.
+UNPROFILED_EFFICIENCY = 0.4
+
+
+@dataclass(frozen=True)
+class PublishedSpeed:
+    """A device's speed from published or derived figures, before anything was measured.
+    ``None`` fields take the cost model's defaults."""
+
+    flops_per_second: float
+    source: str
+    call_overhead: float | None = None
+    weight_bytes_per_second: float | None = None  # None: weights not priced apart
+    seconds_per_byte: float | None = None
+    tiles_slower: bool = True  # spatial tiles pay the cost model's tile term
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What a build of the devices is asked for."""
+
+    schedules: bool = True  # splitc's default schedules (False: TVM's plain lowering)
+    tuning_db: str | Path | None = None
+    fpga: fpga.FpgaOptions = field(default_factory=fpga.FpgaOptions)
+
+
+@dataclass(frozen=True)
+class Built:
+    """A device folder written: the plan's device with its files and hashes, and how many
+    weights each piece takes now (packing can change the number)."""
+
+    device: Device
+    num_weights: dict[str, int]
+
+
+class TargetKind:
+    """One way of making a device's pieces (see the module docstring)."""
+
+    #: the plan's and the runtime's name for it
+    name = ""
+    #: whether its pieces give the model's answer up to float rounding (else: checked)
+    exact = True
+
+    def build_device(self, dev: Device, spec: target_registry.TargetSpec,
+                     module: tvm.IRModule, weights: dict[str, list[np.ndarray]], plan: Plan,
+                     folder: Path, options: BuildOptions, log: Log) -> Built:
+        """Build ``dev``'s pieces (``module``; ``weights`` by piece) into ``folder``."""
+        raise NotImplementedError
+
+    def published_speed(self, spec: target_registry.TargetSpec) -> PublishedSpeed:
+        """How fast the target's pieces run by its published figures."""
+        raise NotImplementedError
+
+    def check(self, out_dir: Path, mod: tvm.IRModule, examples: np.ndarray,
+              options: BuildOptions, log: Log) -> None:
+        """After the build: refuse the compile (SplitcError) if the devices of this kind do
+        not compute ``mod`` well enough on ``examples``. Exact kinds check nothing."""
+
+
+class TvmKind(TargetKind):
+    """CPUs: TVM builds each device's pieces into one library, cross-compiled for boards."""
+
+    name = "tvm"
+
+    def build_device(self, dev, spec, module, weights, plan, folder, options, log):
+        own = {p.name: weights[p.name] for p in plan.pieces_on(dev.name)}
+        log(f"building {dev.name} ({spec.name}): {len(own)} pieces"
+            + ("" if options.schedules else ", plain lowering (no default schedules)"))
+        executable, own = build(module, spec.tvm_target(), own, schedules=options.schedules,
+                                log=lambda msg: log(f"  {dev.name}: {msg}"),
+                                tuning_db=database_for(spec, options.tuning_db))
+        np.savez(folder / dev.weights, **{f"{name}/{i}": w for name, ws in own.items()
+                                           for i, w in enumerate(ws)})
+        spec.export_library(executable, folder / dev.lib)
+        device = dataclasses.replace(dev, lib_sha256=sha256_file(folder / dev.lib),
+                                     weights_sha256=sha256_file(folder / dev.weights),
+                                     kind=self.name)
+        return Built(device, {name: len(ws) for name, ws in own.items()})
+
+    def published_speed(self, spec):
+        peak = spec.peak_gflops
+        if not peak:
+            raise SplitcError(f"no speed known for target {spec.name}: run `splitc profile "
+                              f"--target {spec.name}` or give gflops in the cluster file")
+        bandwidth = spec.memory_bandwidth_gbs
+        return PublishedSpeed(
+            peak * 1e9 * UNPROFILED_EFFICIENCY,
+            f"published peak {peak} GFLOP/s x {UNPROFILED_EFFICIENCY}"
+            + (f", weights at {bandwidth} GB/s" if bandwidth else ""),
+            weight_bytes_per_second=bandwidth * 1e9 if bandwidth else None)
+
+
+class Hls4mlKind(TargetKind):
+    """FPGA fabrics: each piece becomes an hls4ml project and its bit-accurate C simulation
+    (:mod:`splitc.backend.fpga`)."""
+
+    name = "hls4ml"
+    exact = False  # fixed point
+
+    def build_device(self, dev, spec, module, weights, plan, folder, options, log):
+        log(f"building {dev.name} ({spec.name}): {len(plan.pieces_on(dev.name))} pieces "
+            "with hls4ml")
+        device = fpga.write_device(dev, spec, module, weights, plan, folder, options.fpga, log)
+        return Built(device, {})
+
+    def published_speed(self, spec):
+        # a dense piece on the fabric is reuse-limited: DSPs x clock, like fpga.estimate's
+        # cycles (an estimate until synthesis or a board says more)
+        return PublishedSpeed(
+            spec.peak_gflops * 1e9,
+            f"FPGA estimate: {spec.fpga['dsp']} DSP slices x {spec.fpga['clock_mhz']} MHz x 2 "
+            "FLOP", call_overhead=spec.fpga.get("call_overhead_s", 1e-4),
+            seconds_per_byte=0.0, tiles_slower=False)
+
+    def check(self, out_dir, mod, examples, options, log):
+        fpga.check_precision(out_dir, mod, examples, options.fpga.min_agreement, log)
+
+
+KINDS: dict[str, TargetKind] = {k.name: k for k in (TvmKind(), Hls4mlKind())}
+
+
+def kind_of(spec: target_registry.TargetSpec) -> TargetKind:
+    return KINDS[spec.kind]

@@ -1,0 +1,189 @@
+"""A Relax module run by torch: :class:`TorchProgram` evaluates ``main`` with torch operators,
+its tensor constants turned into trainable parameters — one implementation of each operator,
+so a teacher (the original module) and a student (its branch rewrite) run the same code, and
+the FPGA path can run a float model around its emulated pieces.
+:meth:`TorchProgram.to_module` writes trained constants back into the Relax module.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tvm
+from tvm import relax
+
+from splitc.errors import SplitcError
+from splitc.passes.ir import (
+    main_block,
+    op_name,
+    output_vars,
+    rebuild_main,
+    static_shape,
+    substitute,
+)
+
+
+def _pads(padding) -> tuple[int, int, int, int]:
+    p = [int(v) for v in padding]
+    if len(p) == 2:
+        p = p + p
+    return p[0], p[1], p[2], p[3]  # top, left, bottom, right
+
+
+def _conv2d(x, w, a):
+    top, left, bottom, right = _pads(a.padding)
+    pad = (top, left)
+    if (top, left) != (bottom, right):
+        x, pad = F.pad(x, (left, right, top, bottom)), (0, 0)
+    return F.conv2d(x, w, stride=[int(s) for s in a.strides], padding=pad,
+                    dilation=[int(d) for d in a.dilation], groups=int(a.groups))
+
+
+def _pool(kind):
+    def run(x, a):
+        top, left, bottom, right = _pads(a.padding)
+        k, s = [int(v) for v in a.pool_size], [int(v) for v in a.strides]
+        if kind == "max":
+            x = F.pad(x, (left, right, top, bottom), value=-math.inf)
+            return F.max_pool2d(x, k, s, dilation=[int(d) for d in a.dilation],
+                                ceil_mode=bool(a.ceil_mode))
+        if (top, left) == (bottom, right):
+            return F.avg_pool2d(x, k, s, padding=(top, left), ceil_mode=bool(a.ceil_mode),
+                                count_include_pad=bool(a.count_include_pad))
+        raise SplitcError("avg_pool2d with asymmetric padding is not supported for training")
+    return run
+
+
+def _axes(a, rank):
+    return [int(v) % rank for v in a.axis] if a.axis is not None else list(range(rank))
+
+
+#: op name -> f(args, attrs, out_shape) (args are tensors or Python values)
+OPS: dict[str, Callable] = {
+    "nn.conv2d": lambda args, a, _s: _conv2d(args[0], args[1], a),
+    "add": lambda args, a, _s: args[0] + args[1],
+    "subtract": lambda args, a, _s: args[0] - args[1],
+    "multiply": lambda args, a, _s: args[0] * args[1],
+    "divide": lambda args, a, _s: args[0] / args[1],
+    "maximum": lambda args, a, _s: torch.maximum(args[0], args[1]),
+    "minimum": lambda args, a, _s: torch.minimum(args[0], args[1]),
+    "nn.relu": lambda args, a, _s: F.relu(args[0]),
+    "nn.relu6": lambda args, a, _s: F.relu6(args[0]),
+    "sigmoid": lambda args, a, _s: torch.sigmoid(args[0]),
+    "tanh": lambda args, a, _s: torch.tanh(args[0]),
+    "nn.silu": lambda args, a, _s: F.silu(args[0]),
+    "nn.gelu": lambda args, a, _s: F.gelu(args[0]),
+    "clip": lambda args, a, _s: torch.clamp(args[0], float(args[1]), float(args[2])),
+    "nn.dropout": lambda args, a, _s: args[0],
+    "nn.max_pool2d": lambda args, a, _s: _pool("max")(args[0], a),
+    "nn.avg_pool2d": lambda args, a, _s: _pool("avg")(args[0], a),
+    "nn.adaptive_avg_pool2d": lambda args, a, _s: F.adaptive_avg_pool2d(
+        args[0], [int(v) for v in a.output_size] if a.output_size is not None else 1),
+    "mean": lambda args, a, _s: args[0].mean(dim=_axes(a, args[0].dim()),
+                                            keepdim=bool(a.keepdims)),
+    "sum": lambda args, a, _s: args[0].sum(dim=_axes(a, args[0].dim()),
+                                          keepdim=bool(a.keepdims)),
+    # the batch axis follows the data (the module was imported for batch 1)
+    "reshape": lambda args, a, s: args[0].reshape(args[0].shape[0], *s[1:]),
+    "flatten": lambda args, a, s: args[0].reshape(args[0].shape[0], *s[1:]),
+    "matmul": lambda args, a, _s: args[0] @ args[1],
+    "permute_dims": lambda args, a, _s: args[0].permute(*[int(v) for v in a.axes]),
+    "concat": lambda args, a, _s: torch.cat(list(args[0]), dim=int(a.axis)),
+    "nn.softmax": lambda args, a, _s: F.softmax(args[0], dim=int(a.axis)),
+}
+
+
+class TorchProgram(torch.nn.Module):
+    """``main`` of a Relax module as a torch module; constants are parameters.
+
+    Parameters
+    ----------
+    mod : IRModule
+        A module with a single dataflow block in ``main`` (what the importer produces).
+    """
+
+    def __init__(self, mod: tvm.IRModule):
+        super().__init__()
+        self.mod = mod
+        func = mod["main"]
+        self.inputs = [p.name for p in func.params]
+        self.outputs = [v.name for v in output_vars(func)]
+        self.steps = []
+        params = {}
+        for b in main_block(mod).bindings:
+            call = b.value
+            name = op_name(call)
+            if name not in OPS:
+                raise SplitcError(f"`splitc finetune` cannot train through {name} (binding "
+                                  f"{b.var.name}); supported: {', '.join(sorted(OPS))}")
+            args = []
+            for i, a in enumerate(call.args):
+                if isinstance(a, relax.Var):
+                    args.append(("var", a.name))
+                elif isinstance(a, relax.Tuple):
+                    args.append(("tuple", [f.name for f in a.fields]))
+                elif isinstance(a, tvm.ir.GenericConst):
+                    key = f"{b.var.name}__{i}"
+                    value = torch.from_numpy(a.value.numpy().copy())
+                    params[key] = torch.nn.Parameter(value, requires_grad=value.is_floating_point()
+                                                     and value.dim() > 0)
+                    args.append(("param", key))
+                elif isinstance(a, relax.ShapeExpr):
+                    args.append(("value", None))  # a reshape's target: the static shape
+                elif isinstance(a, tvm.ir.Constant) and hasattr(a, "value") \
+                        and isinstance(a.value, int | float):  # a scalar (clip bounds)
+                    args.append(("value", float(a.value)))
+                else:
+                    raise SplitcError(f"`splitc finetune`: unsupported argument {type(a).__name__}"
+                                      f" of {name} ({b.var.name})")
+            self.steps.append((b.var.name, name, args, call.attrs, static_shape(b.var)))
+        self.weights = torch.nn.ParameterDict(params)
+
+    def forward(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
+        env = self.run(*inputs)
+        return [env[o] for o in self.outputs]
+
+    def activations(self, x: np.ndarray, limit: int = 256) -> dict[str, np.ndarray]:
+        """Every variable's value on (up to ``limit`` of) the examples ``x``."""
+        with torch.no_grad():
+            env = self.run(torch.from_numpy(np.ascontiguousarray(x[:limit], np.float32)))
+        return {k: v.numpy() for k, v in env.items() if isinstance(v, torch.Tensor)}
+
+    def run(self, *inputs: torch.Tensor,
+            override: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Every variable of ``main``, by name; ``override`` replaces the named variables'
+        values as they are computed (to run part of the model elsewhere)."""
+        env = dict(zip(self.inputs, inputs, strict=True))
+        override = override or {}
+        for var, name, args, attrs, shape in self.steps:
+            vals = []
+            for kind, ref in args:
+                if kind == "var":
+                    vals.append(env[ref])
+                elif kind == "tuple":
+                    vals.append([env[r] for r in ref])
+                elif kind == "param":
+                    vals.append(self.weights[ref])
+                else:
+                    vals.append(ref)
+            env[var] = override[var] if var in override else OPS[name](vals, attrs, shape)
+        return env
+
+    def to_module(self) -> tvm.IRModule:
+        """The Relax module with this program's (trained) constants."""
+        def rewrite(b, vmap):
+            args = []
+            for i, a in enumerate(b.value.args):
+                if isinstance(a, tvm.ir.GenericConst):
+                    a = relax.const(self.weights[f"{b.var.name}__{i}"].detach().cpu().numpy()
+                                    .astype(str(a.ty.dtype)))
+                else:
+                    a = substitute(a, vmap)
+                args.append(a)
+            return relax.Call(b.value.op, args, b.value.attrs, b.value.ty_args)
+
+        return rebuild_main(self.mod, rewrite)

@@ -1,0 +1,278 @@
+"""Tuning records: ``splitc tune`` fills a MetaSchedule database, every build can use one.
+
+A tuning database is a folder per target (``<root>/<key>/database_*.json``, the key names the
+target and, for the host, its CPU: records measured on one CPU mean nothing on another).
+Records are keyed by the kernel's structure (op, shapes, dtype), so a record tuned for one
+model serves every model and every split piece with the same kernel.
+
+:func:`tune` extracts the kernels of a model exactly as :func:`splitc.backend.build.build` compiles
+them (packed layouts, fused), and before searching commits each kernel's **default schedule**
+as a measured record. MetaSchedule then keeps whichever is fastest, so applying a database
+never makes a kernel slower than the default schedules, however few trials were run.
+
+At build time (:func:`~.tuning_db.database_for`), a database given with ``--tuning-db``
+is used, else the one shipped in ``splitc/backend/tuning_records/`` for that target key, if any;
+kernels without a record keep their default schedule.
+
+Where candidates are measured: the host tunes on this machine. A board tunes through TVM's
+RPC: candidates are cross-compiled here (a shared library linked by the target's cross
+compiler) and sent through an RPC tracker to a board running the runtime-only RPC server
+(``splitc tune-agent`` / ``python -m splitc.runtime.tune_agent``), which loads and times them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import tvm
+
+from splitc import targets as target_registry
+from splitc.backend.build import has_reduction, legalize_passes, pack, split_transforms
+from splitc.backend.tuning_db import target_key
+from splitc.errors import SplitcError
+from splitc.passes.codegen.cpu_schedules import default_rules, is_winograd, reassociating
+
+
+def kernels(module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """The fused, not yet scheduled kernels of ``module`` as a build compiles them."""
+    pieces, _ = split_transforms(pack(module, target))
+    with target:
+        return tvm.transform.Sequential(legalize_passes(target))(pieces)
+
+
+@dataclass(frozen=True)
+class Rpc:
+    """An RPC tracker (``host:port``) and the key the target's boards register under."""
+
+    host: str
+    port: int
+    key: str
+    session_timeout: int = 120
+
+    @classmethod
+    def parse(cls, tracker: str, key: str, session_timeout: int = 120) -> Rpc:
+        host, sep, port = tracker.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise SplitcError(f"--rpc {tracker!r}: give the tracker as HOST:PORT")
+        if not key:
+            raise SplitcError("--key: give the key the boards registered with the tracker")
+        return cls(host, int(port), key, session_timeout)
+
+
+def export_cross(mod, compiler: str) -> str:
+    """MetaSchedule's export for a board: a shared library linked by ``compiler``."""
+    from tvm.support.cc import cross_compiler
+
+    path = os.path.join(tempfile.mkdtemp(), "tvm_tmp_mod.so")
+    mod.export_library(path, fcompile=cross_compiler(compiler))
+    return path
+
+
+def alloc_from_here(session, device, args_info, alloc_repeat):
+    """MetaSchedule's argument allocation on a board whose runtime has no random fill (the
+    runtime-only library lacks ``tvm.contrib.random``): values are drawn here and copied."""
+    import numpy as np
+    from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common
+
+    rng = np.random.default_rng(0)
+
+    def fill(arr):
+        arr.copyfrom(rng.uniform(-1, 1, size=tuple(arr.shape)).astype(str(arr.dtype)))
+
+    return alloc_argument_common(fill, device, args_info, alloc_repeat)
+
+
+def _measurer(spec, rpc: Rpc | None):
+    """MetaSchedule's builder and runner for ``spec``: local for the host, cross-compiled
+    and timed through RPC for a board."""
+    from tvm.s_tir import meta_schedule as ms
+
+    if spec.is_fpga:
+        raise SplitcError(f"{spec.name} is an FPGA fabric: hls4ml builds its pieces, there "
+                          "is nothing to tune")
+    if spec.is_host and rpc is None:
+        builder = ms.builder.LocalBuilder(max_workers=1, timeout_sec=120, f_build=build_kernel)
+        return builder, ms.runner.LocalRunner(timeout_sec=60)
+    if rpc is None:
+        raise SplitcError(
+            f"tuning measures on the device; {spec.name} code does not run here: give --rpc "
+            f"TRACKER_HOST:PORT --key KEY, with a board running `splitc tune-agent --tracker "
+            f"TRACKER_HOST:PORT --key KEY` (start a tracker with `python -m "
+            "tvm.exec.rpc_tracker --port 9190`)")
+    export = "meta_schedule.builder.default_export" if spec.is_host else \
+        functools.partial(export_cross, compiler=spec.cross_compiler)
+    builder = ms.builder.LocalBuilder(max_workers=1, timeout_sec=300, f_build=build_kernel,
+                                      f_export=export)
+    runner = ms.runner.RPCRunner(
+        rpc_config=ms.runner.RPCConfig(rpc.host, rpc.port, rpc.key,
+                                       session_timeout_sec=rpc.session_timeout),
+        evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=0),
+        f_alloc_argument=alloc_from_here, max_workers=1)
+    return builder, runner
+
+
+def _progress(total: int, log: Callable[[str], None]):
+    """A measure callback that draws a progress bar of the trials measured so far."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    @derived_object
+    class Progress(ms.measure_callback.PyMeasureCallback):
+        def __init__(self):
+            self.done, self.best = 0, {}
+            self.start = time.perf_counter()
+
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results,
+                  runner_results):
+            self.done += len(measure_candidates)
+            for r in runner_results:
+                if not r.error_msg and r.run_secs:
+                    secs = sum(float(s) for s in r.run_secs) / len(r.run_secs)
+                    self.best[task_id] = min(self.best.get(task_id, secs), secs)
+            frac = min(1.0, self.done / max(1, total))
+            bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
+            print(f"\rtuning [{bar}] {self.done}/{total} trials, "
+                  f"{time.perf_counter() - self.start:.0f} s", end="", file=sys.stderr,
+                  flush=True)
+
+    return Progress()
+
+
+def tune(module: tvm.IRModule, spec: target_registry.TargetSpec, root: str | Path,
+         trials: int, log: Callable[[str], None] = print, *, rpc: Rpc | None = None,
+         progress: bool = True) -> list[dict]:
+    """Tune the kernels of ``module`` for ``spec`` into ``root/<key>``: on this machine for
+    the host, through ``rpc`` on a board.
+
+    Identical kernels (same structure) are tuned once however many pieces hold them. Returns
+    one row per tuned kernel: name, default-schedule seconds, best seconds after tuning.
+    Resumable: records already in the folder are kept and built on.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+
+    target = spec.tvm_target()
+    builder, runner = _measurer(spec, rpc)
+    work = Path(root) / target_key(spec)
+    work.mkdir(parents=True, exist_ok=True)
+    fused = kernels(module, target)
+    tasks = [t for t in ms.relax_integration.extract_tasks(fused, target)
+             if has_reduction(t.dispatched[0]["main"])]
+    if not tasks:
+        raise SplitcError("the model has no kernel with a reduction to tune")
+    database = ms.database.JSONDatabase(work_dir=str(work))
+    where = f"through RPC ({rpc.host}:{rpc.port}, key {rpc.key})" if rpc else "on this machine"
+    log(f"{len(tasks)} distinct kernels for {spec.name}, measured {where}")
+    baselines = _commit_defaults([t.dispatched[0] for t in tasks], target, database, builder,
+                                 runner, default_rules(), log)
+    rows = []
+    for task, baseline in zip(tasks, baselines, strict=True):
+        rows.append({"kernel": task.task_name, "default_s": baseline})
+        log(f"  {task.task_name}: default schedule {_ms(baseline)}")
+    # MetaSchedule's generic rules do not unroll a Winograd kernel's transforms into its
+    # constant terms: for ResNet-18's 56x56x64 layer the best of 64 candidates ran about 9x
+    # slower than the default schedule, and each candidate takes LLVM seconds to build. Those
+    # kernels keep their default-schedule record; the trials go to the others.
+    searched = [t for t in tasks if not is_winograd(t.dispatched[0]["main"])]
+    if len(searched) < len(tasks):
+        log(f"{len(tasks) - len(searched)} Winograd kernels keep their default schedule "
+            "(not searched)")
+    if trials > 0 and searched:
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            searched, work_dir=str(work))
+        start = time.perf_counter()
+        callbacks = ms.measure_callback.MeasureCallback.create("default")
+        if progress:
+            callbacks = [*callbacks, _progress(trials, log)]
+        ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work),
+                           max_trials_global=trials, num_trials_per_iter=min(64, trials),
+                           builder=builder, runner=runner, database=database,
+                           measure_callbacks=callbacks)
+        if progress:
+            print(file=sys.stderr)
+        log(f"tuned {len(searched)} kernels, {trials} trials in "
+            f"{time.perf_counter() - start:.0f} s")
+    for row, task in zip(rows, tasks, strict=True):
+        best = database.get_top_k(database.commit_workload(task.dispatched[0]), 1)
+        row["best_s"] = _seconds(best[0]) if best else None
+    _stop_pools()
+    return rows
+
+
+def _stop_pools() -> None:
+    """Stop the worker processes MetaSchedule's builder and runner pools started (they
+    would otherwise outlive this process)."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "tvm.exec.popen_worker" in " ".join(child.cmdline()):
+                child.terminate()
+        except psutil.Error:
+            pass
+
+
+def build_kernel(mod, target, _params=None):
+    """MetaSchedule's default build without ``import tvm.s_tir.tensor_intrin`` (which parses
+    every GPU and int8 intrinsic: ~30 s per builder process; fp32 CPU kernels use none), with
+    the code generator's freedom :func:`splitc.backend.build.build` gives (candidates are timed as
+    they will run)."""
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+
+    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod),
+                     target=reassociating(target))
+
+
+def _commit_defaults(mods, target, database, builder, runner, rules,
+                     log: Callable[[str], None] = print) -> list[float | None]:
+    """Measure each kernel's default schedule the way MetaSchedule measures its candidates,
+    and commit it as a tuning record; the seconds, or None where it has none or failed."""
+    from tvm.s_tir import meta_schedule as ms
+
+    schedules = []
+    for mod in mods:
+        sch = next((s for s in (r.apply(mod["main"], target, False) for r in rules)
+                    if s is not None), None)
+        schedules.append(sch if isinstance(sch, tvm.s_tir.Schedule) else None)
+    todo = [i for i, sch in enumerate(schedules) if sch is not None]
+    built = builder.build([ms.builder.BuilderInput(schedules[i].mod, target) for i in todo])
+    inputs, ran = [], []
+    for i, b in zip(todo, built, strict=True):
+        if b.error_msg:
+            log(f"  kernel {i}: default schedule did not build: "
+                f"{b.error_msg.strip().splitlines()[-1][:300]}")
+        if not b.error_msg:
+            args_info = ms.arg_info.ArgInfo.from_prim_func(mods[i]["main"])
+            inputs.append(ms.runner.RunnerInput(b.artifact_path, "cpu", args_info))
+            ran.append(i)
+    seconds: list[float | None] = [None] * len(mods)
+    for i, future in zip(ran, runner.run(inputs), strict=True):
+        result = future.result()
+        if result.error_msg or not result.run_secs:
+            log(f"  kernel {i}: default schedule did not run: "
+                f"{(result.error_msg or 'no times').strip().splitlines()[-1][:300]}")
+            continue
+        secs = [float(s) for s in result.run_secs]
+        database.commit_tuning_record(ms.database.TuningRecord(
+            schedules[i].trace, database.commit_workload(mods[i]), secs, target,
+            ms.arg_info.ArgInfo.from_prim_func(mods[i]["main"])))
+        seconds[i] = sum(secs) / len(secs)
+    return seconds
+
+
+def _seconds(record) -> float | None:
+    secs = [float(s) for s in record.run_secs] if record.run_secs else []
+    return sum(secs) / len(secs) if secs and max(secs) < 1e9 else None
+
+
+def _ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1e3:.3f} ms"

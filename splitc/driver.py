@@ -1,0 +1,228 @@
+"""``splitc compile``: the top-level driver, frontend → planning → backend.
+
+1. :mod:`splitc.frontend` imports the model into Relax;
+2. :mod:`splitc.planning` chooses the split — a registered strategy
+   (:mod:`splitc.planning.strategies`) plans and rewrites, or ``auto``'s search prices every
+   strategy's candidates — and :func:`~splitc.planning.extract.extract` cuts the split module
+   into per-device modules and the plan (the runtime's schema, devices by the cluster's names);
+3. :mod:`splitc.backend` builds each device for its target's kind and writes the folder.
+
+Nothing imports this module but the CLI (and tests): it is the one place that knows the order.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import tvm
+
+from splitc import frontend
+from splitc.backend import artifacts
+from splitc.backend.fpga import FpgaOptions
+from splitc.backend.kinds import BuildOptions
+from splitc.errors import SplitcError
+from splitc.frontend.data import check_examples, load_data
+from splitc.planning import strategies
+from splitc.planning.cluster import Cluster
+from splitc.planning.cost import DeviceSpeed
+from splitc.planning.extract import Extracted, extract
+from splitc.planning.profiler import Progress
+from splitc.planning.search import search
+from splitc.planning.speeds import cluster_speeds
+from splitc.runtime.plan import Plan
+
+Log = Callable[[str], None]
+
+#: The strategy name that asks the cost-model search to choose (see :mod:`splitc.planning.search`).
+AUTO = "auto"
+#: Where the compile records how to load the original model again (for ``splitc run --check``
+#: and ``splitc tune OUT``).
+REFERENCE_FILE = "reference.json"
+
+
+def strategy_names() -> list[str]:
+    """Every name ``--strategy`` takes."""
+    return [*strategies.names(), AUTO]
+
+
+def check_request(cluster: Cluster, strategy: str) -> None:
+    """Refuse an unknown strategy, or too few devices for it, before any work (targets were
+    checked when the cluster was made)."""
+    if not cluster.devices:
+        raise SplitcError("give at least one device (--devices host,host)")
+    if strategy == AUTO:
+        return
+    chosen = strategies.get(strategy)
+    if len(cluster.devices) < chosen.min_devices:
+        raise SplitcError(f"the {strategy} strategy needs at least {chosen.min_devices} "
+                          f"devices, got {len(cluster.devices)}")
+
+
+def stated_speeds(cluster: Cluster, log: Log, progress: Progress | None = None
+                  ) -> tuple[DeviceSpeed, ...] | None:
+    """The devices' speeds when the cluster file states any (``gflops`` or ``profile``): a
+    strategy then plans with them, as ``auto``'s candidates do. None when it states none:
+    the devices count as equal and nothing is measured."""
+    if not any(d.gflops or d.profile for d in cluster.devices):
+        return None
+    return tuple(cluster_speeds(cluster, log=log, progress=progress))
+
+
+def compile_model(model: str, out_dir: str | Path, devices: list[str] | None = None,
+                  strategy: str = "pipeline", *,
+                  input_shapes: Mapping[str, Sequence[int]] | None = None, tiny: bool = False,
+                  cluster: Cluster | None = None, objective: str = "latency",
+                  tuning_db: str | Path | None = None, sync: str | float = "none",
+                  calibration: str | Path | None = None, max_accuracy_drop: float = 1.0,
+                  epochs: int = 30, fpga: FpgaOptions | None = None,
+                  log: Log = lambda _msg: None, progress: Progress | None = None) -> Plan:
+    """Compile ``model`` for ``devices`` (target names) or a ``cluster`` with ``strategy``
+    (``auto``: the cost-model search picks it); write ``out_dir``.
+
+    Returns the plan, also written to ``out_dir/plan.json`` and to every device folder.
+    ``sync``, ``calibration``, ``max_accuracy_drop``, ``epochs``: options of the branch
+    strategy (:mod:`splitc.planning.strategies.branch`). ``fpga``: how devices of FPGA
+    targets are built; their pieces are then checked on ``calibration`` (or 256 seeded random
+    inputs) against float. ``progress``: told how a first-use profile of the host goes.
+    """
+    if cluster is None:
+        if not devices:
+            raise SplitcError("give at least one device (--devices host,host)")
+        cluster = Cluster.uniform(devices)
+    check_request(cluster, strategy)
+    imported = frontend.load(model, input_shapes, tiny=tiny)
+    log(f"imported {imported.source}")
+    source = {"model": model, "tiny": tiny,
+              "input_shapes": {k: list(v) for k, v in (input_shapes or {}).items()},
+              "output_names": list(imported.output_names)}
+    build_options = BuildOptions(tuning_db=tuning_db, fpga=fpga or FpgaOptions())
+    if strategy == AUTO:
+        speeds = cluster_speeds(cluster, log=log, progress=progress)
+        result = search(imported.mod, cluster, speeds, objective=objective,
+                        source=label(source))
+        best = result.best
+        log(f"auto: chose {best.label} (predicted latency {best.estimate.latency * 1e3:.2f} ms,"
+            f" {best.estimate.transfer_bytes:,} bytes per inference)")
+        plan = write_extracted(out_dir, best.extracted,
+                               [cluster.devices[i].target for i in best.devices],
+                               best.strategy, source, options=build_options, log=log)
+    else:
+        chosen = strategies.get(strategy)
+        options = {"sync": sync, "calibration": calibration,
+                   "max_accuracy_drop": max_accuracy_drop, "epochs": epochs}
+        speeds = (tuple(cluster_speeds(cluster, log=log, progress=progress))
+                  if chosen.needs_speeds(options) else stated_speeds(cluster, log, progress))
+        ctx = strategies.Context(len(cluster.devices), speeds, cluster, options, log)
+        split = chosen.split(imported.mod, ctx)
+        plan = write_extracted(out_dir, extract(split.module, [d.name for d in cluster.devices]),
+                               cluster.targets, chosen.name, source, files=split.files,
+                               options=build_options, log=log)
+    if artifacts.needs_check(plan):
+        artifacts.check(out_dir, plan, imported.mod, check_inputs(imported, calibration, log),
+                        build_options, log)
+    return plan
+
+
+def label(source: Mapping) -> str:
+    """What the plan says it was compiled from."""
+    return source["model"] + (" (tiny)" if source.get("tiny") else "")
+
+
+def write_extracted(out_dir: str | Path, ex: Extracted, targets: Sequence[str], strategy: str,
+                    source: Mapping, *, files: Mapping[str, str | bytes] | None = None,
+                    options: BuildOptions | None = None, log: Log = lambda _msg: None
+                    ) -> Plan:
+    """Build an extracted split for ``targets`` and write ``out_dir`` with ``files`` and
+    ``reference.json`` (``source``: how to load the original model again)."""
+    plan = ex.plan(targets, strategy, label(source), source.get("output_names"))
+    return artifacts.write(out_dir, plan, ex.modules, ex.weights,
+                           options=options or BuildOptions(),
+                           files={**(files or {}),
+                                  REFERENCE_FILE: json.dumps(dict(source), indent=1)}, log=log)
+
+
+def check_inputs(imported: frontend.ImportedModel, calibration, log: Log) -> np.ndarray:
+    """Inputs to check devices that are not exact on: the calibration data, else 256 seeded
+    random inputs."""
+    if calibration is not None:
+        x, y = load_data(calibration)
+        check_examples(imported.mod, x, y)
+        log(f"checking the fixed-point pieces on {calibration}")
+        return x
+    shape = imported.input_shapes[0]
+    log("checking the fixed-point pieces on 256 seeded random inputs (give --calibration for "
+        "real data)")
+    return np.random.default_rng(0).standard_normal((256, *shape[1:])).astype("float32")
+
+
+def compile_imported(mod: tvm.IRModule, out_dir: str | Path, devices: list[str], strategy: str,
+                     *, source: dict, log: Log = lambda _msg: None) -> Plan:
+    """Split an already imported module with one registered strategy (devices alike) and
+    write its artifacts."""
+    cluster = Cluster.uniform(devices)
+    check_request(cluster, strategy)
+    chosen = strategies.get(strategy)
+    split = chosen.split(mod, strategies.Context(len(devices), None, cluster, {}, log))
+    return write_extracted(out_dir, extract(split.module, [d.name for d in cluster.devices]),
+                           devices, chosen.name, source, files=split.files, log=log)
+
+
+def recompile(out_dir: str | Path, split: strategies.Split, *, log: Log = lambda _msg: None
+              ) -> Plan:
+    """Build ``split`` again over a compiled plan's devices (same names, targets, strategy
+    and source) — ``splitc finetune`` after training a branch model."""
+    out = Path(out_dir)
+    plan = Plan.load(out)
+    source = read_source(out)
+    ex = extract(split.module, [d.name for d in plan.devices])
+    return write_extracted(out, ex, [d.target for d in plan.devices], plan.strategy, source,
+                           files=split.files, log=log)
+
+
+def read_source(out_dir: str | Path) -> dict:
+    path = Path(out_dir) / REFERENCE_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SplitcError(f"{path} is missing: cannot find the original model") from None
+    except ValueError as e:
+        raise SplitcError(f"{path} is not readable: {e}") from None
+
+
+def load_original(out_dir: str | Path) -> frontend.ImportedModel:
+    """The model a compiled plan was made from, imported again."""
+    source = read_source(out_dir)
+    shapes = {k: tuple(v) for k, v in source["input_shapes"].items()} or None
+    return frontend.load(source["model"], shapes, tiny=source["tiny"])
+
+
+def load_reference(out_dir: str | Path):
+    """What a compiled plan must compute, to compare the split's answers against: the original
+    model, or what the plan's strategy says (a branch plan: the branch model with its
+    distilled weights) — anything with ``reference(inputs) -> outputs``."""
+    plan = Plan.load(out_dir)
+    return strategies.get(plan.strategy).reference(Path(out_dir), load_original(out_dir))
+
+
+def device_modules(out_dir: str | Path) -> dict[str, tvm.IRModule]:
+    """The pieces of a compiled plan as Relax, one module per target (all devices of a target
+    merged, so a kernel several pieces share appears once): the model re-imported and split
+    again exactly as the compile did (its strategy re-creates its split)."""
+    out = Path(out_dir)
+    plan = Plan.load(out)
+    mod = load_original(out).mod
+    split_mod = strategies.get(plan.strategy).recreate(mod, len(plan.devices), out)
+    ex = extract(split_mod, [d.name for d in plan.devices])
+    merged: dict[str, tvm.IRModule] = {}
+    for dev in plan.devices:
+        module = ex.modules.get(dev.name)
+        if module is None:
+            continue
+        target = merged.setdefault(dev.target, tvm.IRModule())
+        for gv, func in module.functions.items():
+            target[gv.name_hint] = func
+    return merged
+

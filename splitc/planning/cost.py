@@ -1,0 +1,275 @@
+"""The cost model, in one place.
+
+    piece seconds    = piece FLOPs / device FLOP/s + piece weight bytes / weight bandwidth
+                       + per-call overhead
+                       + bytes in and out of the piece x seconds per boundary byte
+                       (+ piece FLOPs x tile seconds per FLOP in a spatial split)
+    transfer seconds = bytes / link bandwidth + link latency   (each sender's link is shared:
+                       messages that leave together get fair shares of it, as TCP flows do)
+    device memory    = its weights + its largest piece's inputs and outputs
+
+A plan is priced by simulating it: each device runs its pieces in plan order as soon as their
+inputs have arrived; each message (a piece's outputs for one destination, delivered whole)
+waits for the sender's link. *Latency* is when the last output reaches the caller; the
+*period* (1 / throughput with requests pipelined) is the busiest device's or link's time per
+request.
+
+Every piece reads all of its weights once however few rows it computes, so a spatial split's
+tiles each pay the whole weight term, and a layer computed a few rows at a time runs slower
+per FLOP than the whole layer (the tile term). Measured figures for these terms, per CPU, are
+in ``benchmarks/README.md`` and ``benchmarks/results/``.
+
+Device speed comes from, in order: the cluster file's ``gflops`` (which prices the weights
+in with the FLOPs) or the table it names as the device's ``profile``; the table `splitc
+profile` measured for that target on this machine; else, for a target that cannot be
+measured here, its kind's published figures (:meth:`splitc.backend.kinds.TargetKind.
+published_speed`). A host with no table must be profiled first — an explicit step
+(:func:`splitc.planning.speeds.cluster_speeds` announces and runs it), never a side effect of
+asking a speed: :func:`device_speed` raises :class:`NeedsProfile`. A cached profile measured
+with other code generation, or in an older table format, is stale and ignored; one the
+cluster file names is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from splitc import targets as target_registry
+from splitc.backend.build import CODEGEN
+from splitc.backend.kinds import PublishedSpeed, kind_of
+from splitc.errors import SplitcError
+from splitc.planning.cluster import Cluster, ClusterDevice
+from splitc.runtime.plan import Plan
+
+#: How much longer a spatial split's tiles take per FLOP than whole layers, as a fraction of a
+#: FLOP's time, where no profile measured it (cluster-file ``gflops``, published peaks): 10 to
+#: 17 % in four profiles of ResNet-50 on an x86 core (AVX-512); boards are assumed alike.
+TILE_OVERHEAD = 0.13
+#: Seconds the ZeroMQ runtime spends around each piece call (receiving, converting and sending
+#: its tensors), on top of the VM call itself (benchmarks/cluster.py on tiny models, where it
+#: dominates).
+RUNTIME_DISPATCH = 150e-6
+#: Seconds a piece call costs besides its FLOPs when no profile says otherwise.
+DEFAULT_CALL_OVERHEAD = 50e-6 + RUNTIME_DISPATCH
+#: Seconds per byte a piece reads or writes at its boundary: a piece converts its inputs into
+#: the packed layouts its kernels use (NCHW16c, ...) and its outputs back, and the runtime
+#: copies them in and out. `splitc profile` measures it; when no profile says otherwise, about
+#: 6 GB/s (ResNet-50's one-layer pieces against the whole model on an x86 core).
+DEFAULT_SECONDS_PER_BYTE = 1.6e-10
+#: Profile tables older than this (or of other code generation) are measured again. 2: the
+#: weights are priced apart (``seconds_per_weight_byte``).
+PROFILE_FORMAT = 2
+
+
+def profile_dir() -> Path:
+    root = os.environ.get("SPLITC_CACHE") or Path.home() / ".cache" / "splitc"
+    return Path(root) / "profiles"
+
+
+@dataclass(frozen=True)
+class DeviceSpeed:
+    flops_per_second: float
+    call_overhead: float
+    source: str  # where the figure came from, for --explain
+    seconds_per_byte: float = 0.0  # at piece boundaries (see DEFAULT_SECONDS_PER_BYTE)
+    seconds_per_weight_byte: float = 0.0  # each weight a piece reads, once per call
+    tile_seconds_per_flop: float = 0.0  # a spatial split's pieces: a few rows at a time
+
+    @classmethod
+    def from_profile(cls, table: dict, source: str) -> DeviceSpeed:
+        """The speed `splitc profile` measured (a table from :func:`~.profiler.measure`)."""
+        return cls(table["flops_per_second"],
+                   table.get("call_overhead", 0.0) + RUNTIME_DISPATCH, source,
+                   table.get("seconds_per_byte", DEFAULT_SECONDS_PER_BYTE),
+                   table.get("seconds_per_weight_byte", 0.0),
+                   table.get("tile_seconds_per_flop", 0.0))
+
+    @classmethod
+    def from_published(cls, published: PublishedSpeed) -> DeviceSpeed:
+        """The speed a target kind states from published figures (cost-model defaults for
+        what it leaves open)."""
+        rate = published.flops_per_second
+        return cls(rate,
+                   DEFAULT_CALL_OVERHEAD if published.call_overhead is None
+                   else published.call_overhead, published.source,
+                   DEFAULT_SECONDS_PER_BYTE if published.seconds_per_byte is None
+                   else published.seconds_per_byte,
+                   1 / published.weight_bytes_per_second
+                   if published.weight_bytes_per_second else 0.0,
+                   TILE_OVERHEAD / rate if published.tiles_slower else 0.0)
+
+    def piece_seconds(self, flops: float, weight_bytes: float, edge_bytes: float,
+                      tiled: bool = False) -> float:
+        """One call of a piece with these FLOPs, weights, and bytes in and out (``tiled``: a
+        piece of a spatial split, its layers computed a few rows at a time)."""
+        return (flops * (1 / self.flops_per_second
+                         + (self.tile_seconds_per_flop if tiled else 0.0))
+                + weight_bytes * self.seconds_per_weight_byte
+                + self.call_overhead + edge_bytes * self.seconds_per_byte)
+
+
+def named_profile(device: ClusterDevice) -> dict:
+    """The table a cluster file names for ``device``, checked: one the cost model can read,
+    measured for the device's target with today's code generation (a stale table is an
+    error here, not skipped: the user chose it)."""
+    try:
+        table = json.loads(Path(device.profile).read_text())
+    except (OSError, ValueError) as e:
+        raise SplitcError(f"device {device.name}: cannot read profile {device.profile}: "
+                          f"{e}") from None
+    if not isinstance(table, dict) or "flops_per_second" not in table:
+        raise SplitcError(f"device {device.name}: {device.profile} is not a `splitc profile` "
+                          "table")
+    if table.get("target") != device.target:
+        raise SplitcError(f"device {device.name}: profile {device.profile} was measured for "
+                          f"{table.get('target')!r}, the device is a {device.target!r}")
+    if table.get("codegen") != CODEGEN or table.get("format") != PROFILE_FORMAT:
+        raise SplitcError(f"device {device.name}: profile {device.profile} was measured with "
+                          "another version of splitc's code generation; measure it again "
+                          f"(`splitc profile --target {device.target} --output ...`)")
+    return table
+
+
+class NeedsProfile(SplitcError):
+    """A device whose speed must be measured first (`splitc profile --target TARGET`, or
+    :func:`splitc.planning.speeds.cluster_speeds`, which announces it and runs it)."""
+
+    def __init__(self, target: str):
+        super().__init__(f"target {target} has no speed table yet: run `splitc profile "
+                         f"--target {target}` (or give gflops in the cluster file)")
+        self.target = target
+
+
+def cached_profile(target: str) -> tuple[dict, Path] | None:
+    """The table `splitc profile` stored for ``target`` on this machine, if it is current."""
+    path = profile_dir() / f"{target}.json"
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if table.get("codegen") == CODEGEN and table.get("format") == PROFILE_FORMAT:
+        return table, path
+    return None
+
+
+def needs_profile(device: ClusterDevice) -> bool:
+    """Whether ``device``'s speed can only come from measuring it here first."""
+    return (not device.gflops and not device.profile and cached_profile(device.target) is None
+            and target_registry.get(device.target).is_host)
+
+
+def device_speed(device: ClusterDevice) -> DeviceSpeed:
+    """How fast ``device`` runs compiled pieces (see the module docstring for the order).
+    Measures nothing: a host without a table raises :class:`NeedsProfile`."""
+    if device.gflops:
+        return DeviceSpeed(device.gflops * 1e9, DEFAULT_CALL_OVERHEAD, "cluster file",
+                           DEFAULT_SECONDS_PER_BYTE,
+                           tile_seconds_per_flop=TILE_OVERHEAD / (device.gflops * 1e9))
+    if device.profile:
+        return DeviceSpeed.from_profile(named_profile(device), f"profile {device.profile}")
+    cached = cached_profile(device.target)
+    if cached is not None:
+        return DeviceSpeed.from_profile(cached[0], f"profile {cached[1]}")
+    spec = target_registry.get(device.target)
+    if spec.is_host:
+        raise NeedsProfile(device.target)
+    return DeviceSpeed.from_published(kind_of(spec).published_speed(spec))
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What the cost model predicts for one plan on one cluster."""
+
+    latency: float
+    period: float
+    device_busy: dict[str, float]
+    device_memory: dict[str, float]
+    transfer_bytes: int
+
+    @property
+    def throughput(self) -> float:
+        return 1.0 / self.period if self.period else float("inf")
+
+
+def device_memory(plan: Plan) -> dict[str, float]:
+    """Weights plus the largest piece's inputs and outputs, per device (bytes)."""
+    out = {}
+    for d in plan.devices:
+        pieces = plan.pieces_on(d.name)
+        weights = sum(p.weight_bytes for p in pieces)
+        working = max((sum(plan.tensors[t].nbytes for t in (*p.inputs, *p.outputs))
+                       for p in pieces), default=0)
+        out[d.name] = float(weights + working)
+    return out
+
+
+def estimate(plan: Plan, cluster: Cluster, speeds: list[DeviceSpeed] | None = None,
+             *, client: str | None = None) -> Estimate:
+    """Simulate one request of ``plan`` on ``cluster`` (device ``i`` of the plan is the
+    cluster's device ``i``). The caller sits on the cluster's network (or at ``client``)."""
+    if len(plan.devices) != len(cluster.devices):
+        raise SplitcError(f"the plan has {len(plan.devices)} devices, the cluster "
+                          f"{len(cluster.devices)}")
+    speeds = speeds or [device_speed(d) for d in cluster.devices]
+    node = {d.name: c.name for d, c in zip(plan.devices, cluster.devices, strict=True)}
+    speed = {d.name: s for d, s in zip(plan.devices, speeds, strict=True)}
+
+    def link(a: str | None, b: str | None):
+        if a is None or b is None:
+            return cluster.network
+        return cluster.link(node[a], node[b])
+
+    ready: dict[tuple[str, str | None], float] = {}  # (tensor, where) -> time available
+    free = {d.name: 0.0 for d in plan.devices}
+    nic: dict[str | None, float] = {d.name: 0.0 for d in plan.devices}  # sender's link free
+    nic[None] = 0.0
+    busy = {d.name: 0.0 for d in plan.devices}
+    link_busy = {d.name: 0.0 for d in plan.devices}
+    # a spatial split's pieces compute their layers a few rows at a time (its few untiled
+    # pieces, a classifier head say, are priced alike)
+    tiled = plan.strategy == "spatial" and len(plan.devices) > 1
+    # where each tensor goes: the devices of the pieces that read it, and the caller
+    wanted: dict[str, set[str | None]] = defaultdict(set)
+    for p in plan.pieces:
+        for t in p.inputs:
+            wanted[t].add(p.device)
+    for e in plan.outputs:
+        wanted[e.tensor].add(None)
+
+    def send(src: str | None, at: float, tensors) -> None:
+        """``src`` sends ``tensors`` at ``at``, one message per destination (ZeroMQ delivers a
+        message whole). The messages leave together and share the sender's link (TCP flows
+        to several hosts get fair shares): each arrives when the link has carried it and,
+        of every other message, as much as it."""
+        by_dst: dict[str | None, list[str]] = defaultdict(list)
+        for t in tensors:
+            ready[(t, src)] = at
+            for dst in sorted(wanted[t] - {src}, key=str):
+                by_dst[dst].append(t)
+        nbytes = {dst: sum(plan.tensors[t].nbytes for t in ts) for dst, ts in by_dst.items()}
+        wire = {dst: b / link(src, dst).bytes_per_second for dst, b in nbytes.items()}
+        start = max(at, nic[src])
+        for dst, ts in by_dst.items():
+            others = sum(min(w, wire[dst]) for d, w in wire.items() if d != dst)
+            done = start + others + link(src, dst).seconds(nbytes[dst])
+            for t in ts:
+                ready[(t, dst)] = done
+        nic[src] = start + sum(wire.values())
+        if src is not None:
+            link_busy[src] += sum(wire.values())
+
+    send(None, 0.0, plan.client_tensors)  # the caller has these at time 0
+    for p in plan.pieces:
+        start = max([free[p.device]] + [ready[(t, p.device)] for t in p.inputs])
+        edge = sum(plan.tensors[t].nbytes for t in (*p.inputs, *p.outputs))
+        run = speed[p.device].piece_seconds(p.flops, p.weight_bytes, edge, tiled)
+        free[p.device] = start + run
+        busy[p.device] += run
+        send(p.device, free[p.device], p.outputs)
+    latency = max(ready[(e.tensor, None)] for e in plan.outputs)
+    period = max(list(busy.values()) + list(link_busy.values()))
+    return Estimate(latency, period, busy, device_memory(plan), plan.transfer_bytes)

@@ -1,0 +1,113 @@
+"""Distillation for branch plans: train a branch model (the student) to match the original
+(the teacher), both run by :class:`~splitc.backend.torch_program.TorchProgram`.
+
+:func:`distill` trains the student to match the teacher's softened outputs (and the labels,
+when given), on a GPU when one is present; :func:`top1` measures either.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from splitc.backend.torch_program import TorchProgram
+from splitc.errors import SplitcError
+
+
+@dataclass
+class Report:
+    """Accuracies (top-1 vs labels, or agreement with the teacher when there are none)."""
+
+    metric: str
+    teacher: float
+    before: float
+    after: float
+    epochs: int
+    seconds: float
+    device: str
+
+
+def top1(program: torch.nn.Module, x: np.ndarray, device, batch: int = 256) -> np.ndarray:
+    program.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            xb = torch.from_numpy(x[i:i + batch]).to(device)
+            out.append(program(xb)[0].argmax(-1).cpu().numpy())
+    return np.concatenate(out)
+
+
+def distill(teacher: TorchProgram, student: TorchProgram, x: np.ndarray,
+            y: np.ndarray | None = None, *, epochs: int = 30, lr: float = 2e-3,
+            batch: int = 64, temperature: float = 4.0, val_fraction: float = 0.2,
+            seed: int = 0, log: Callable[[str], None] = print,
+            progress: bool = True) -> Report:
+    """Train ``student`` to match ``teacher`` (soft targets at ``temperature``, plus the
+    labels ``y`` when given) on ``x``; report held-out accuracy before and after."""
+    if len(x) < 10:
+        raise SplitcError(f"distillation needs data: got {len(x)} examples")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(x))
+    n_val = max(1, int(len(x) * val_fraction))
+    val, train = order[:n_val], order[n_val:]
+    x = x.astype(np.float32, copy=False)
+    teacher.to(device).eval()
+    student.to(device)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    t_val = top1(teacher, x[val], device)
+    ref = y[val] if y is not None else t_val
+    metric = "top-1 accuracy" if y is not None else "top-1 agreement with the teacher"
+
+    def score(program) -> float:
+        return float((top1(program, x[val], device) == ref).mean())
+
+    teacher_score = float((t_val == ref).mean())
+    before = score(student)
+    opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs))
+    xt = torch.from_numpy(x[train]).to(device)
+    yt = torch.from_numpy(y[train].astype(np.int64)).to(device) if y is not None else None
+    with torch.no_grad():
+        soft = torch.cat([teacher(xt[i:i + 256])[0] for i in range(0, len(xt), 256)])
+    t0 = time.monotonic()
+    steps = math.ceil(len(train) / batch)
+    for epoch in range(epochs):
+        student.train()
+        perm = torch.randperm(len(train), device=device)
+        total = 0.0
+        for s in range(steps):
+            idx = perm[s * batch:(s + 1) * batch]
+            logits = student(xt[idx])[0]
+            loss = F.kl_div(F.log_softmax(logits / temperature, -1),
+                            F.softmax(soft[idx] / temperature, -1),
+                            reduction="batchmean") * temperature ** 2
+            if yt is not None:
+                loss = 0.5 * loss + 0.5 * F.cross_entropy(logits, yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+        sched.step()
+        if progress:
+            done = (epoch + 1) / epochs
+            bar = "#" * int(30 * done) + "." * (30 - int(30 * done))
+            print(f"\rdistilling [{bar}] epoch {epoch + 1}/{epochs} loss {total / steps:.4f}",
+                  end="" if epoch + 1 < epochs else "\n", file=sys.stderr, flush=True)
+    after = score(student)
+    student.cpu()
+    teacher.cpu()
+    report = Report(metric, teacher_score, before, after, epochs, time.monotonic() - t0,
+                    str(device))
+    log(f"{metric} on {n_val} held-out examples: teacher {teacher_score:.4f}, branch model "
+        f"before distillation {before:.4f}, after {after:.4f} ({epochs} epochs, "
+        f"{report.seconds:.1f} s on {device})")
+    return report

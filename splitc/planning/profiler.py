@@ -1,0 +1,271 @@
+"""``splitc profile --target host``: measure how fast this machine runs compiled pieces.
+
+The cost model prices a piece call as ``FLOPs / rate + weight bytes x per_weight_byte +
+boundary bytes x per_byte + call overhead`` (+ FLOPs x tile_seconds_per_flop in a spatial
+split's pieces). The three rates are fitted (least squares, in relative error) to timings of
+what splits are made of:
+
+* the whole model compiled as one piece, at its input size and at half the rows and columns
+  (a quarter of the FLOPs does not take a quarter of the time: every weight is still read
+  once, which is what a spatial split's tiles each pay);
+* the pieces of the model split two ways spatially (at the most and the least recomputation
+  the search tries), timed one after another as a worker runs them: each converts its inputs
+  and outputs between layouts, slices and concatenates rows.
+  What they took beyond the fitted rates, per FLOP, is the tile term: a layer computed a few
+  rows at a time runs slower than the whole layer.
+
+Every layer also becomes its own piece (the outline pass with one device per binding), timed
+with TVM's time evaluator: FLOP/s per operator kind, and the fixed cost of a call (the
+median of the pieces that compute next to nothing). The table is stored where the cost
+model reads it for that target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from splitc import frontend
+from splitc import targets as target_registry
+from splitc.backend.build import CODEGEN, build
+from splitc.errors import SplitcError
+from splitc.passes.analysis import profile as binding_costs
+from splitc.passes.ir import lift_weights, main_block, op_name
+from splitc.passes.split.outline import OutlinePieces
+from splitc.passes.split.spatial import HALO_CAPS, SpatialSplit, plan_spatial
+from splitc.planning.cost import PROFILE_FORMAT, DeviceSpeed, profile_dir
+from splitc.planning.extract import extract
+
+#: ``progress(fraction done, what now)``: told as the measurement goes.
+Progress = Callable[[float, str], None]
+
+
+def measure(model: str, target: str = "host", *, tiny: bool = False, number: int = 5,
+            input_shapes=None, progress: Progress | None = None) -> dict:
+    """Time every layer of ``model`` compiled for ``target`` on this machine."""
+    tell = progress or (lambda _f, _what: None)
+    spec = target_registry.get(target)
+    if spec.cross_compiler:
+        raise SplitcError(f"profiling runs the code here; {target} code does not run on this "
+                          "machine (profile on the board, or give gflops in the cluster file)")
+    tell(0.0, f"importing {model}")
+    imported = frontend.load(model, input_shapes, tiny=tiny)
+    bindings = list(main_block(imported.mod).bindings)
+    split = OutlinePieces({b.var.name: i for i, b in enumerate(bindings)})(imported.mod)
+    tell(0.02, f"compiling {len(bindings)} layers, each as its own piece")
+    ex, vm, weights = _compile_pieces(split, spec)
+    env = {name: tvm.runtime.tensor(x) for name, x in
+           zip(imported.input_names, imported.random_inputs(), strict=True)}
+    kinds: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # kind -> [flops, seconds]
+    overhead = []
+    for i, p in enumerate(ex.pieces):
+        tell(0.2 + 0.3 * i / len(ex.pieces), f"timing layer {i + 1} of {len(ex.pieces)}")
+        args = [env[t] for t in p.inputs] + [tvm.runtime.tensor(w) for w in weights[p.name]]
+        out = vm[p.name](*args)
+        outs = [out] if len(p.outputs) == 1 else [out[i] for i in range(len(p.outputs))]
+        env.update(zip(p.outputs, outs, strict=True))
+        seconds = vm.time_evaluator(p.name, tvm.cpu(), number=number)(*args).mean
+        kind = op_name(split[p.name].body.blocks[0].bindings[0].value)
+        kinds[kind][0] += p.flops
+        kinds[kind][1] += seconds
+        if p.flops < 1e4:
+            overhead.append(seconds)
+    total_flops = sum(v[0] for v in kinds.values())
+    total_seconds = sum(v[1] for v in kinds.values())
+    call = overhead_of(overhead)
+    tell(0.5, "timing the whole model")
+    runs, notes = [_whole_model_run(imported, spec, number)], []
+    half = halved_inputs(imported)
+    if half is None:
+        notes.append("no smaller input (not images)")
+    else:  # the whole model at half the rows and columns: FLOPs / 4, the same weights
+        tell(0.65, f"timing the whole model at {half}")
+        try:
+            runs.append(_whole_model_run(frontend.load(model, half, tiny=tiny), spec, number))
+            notes.append(f"the model at {half}")
+        except Exception as e:  # (any importer or compiler failure: fit without it)
+            notes.append(f"not the model at {half}: {e}".splitlines()[0])
+    tell(0.8, "timing the pieces of two-way spatial splits")
+    spatial = _spatial_runs(imported.mod, spec, number)
+    tell(1.0, "fitting the rates")
+    runs += spatial
+    notes.append(f"{len(spatial)} pieces of two-way spatial splits" if spatial else
+                 "no spatial split (nothing to tile)")
+    runs = [(x, seconds - call) for x, seconds in runs]
+    # the whole model counts as WHOLE_MODEL_WEIGHT pieces: the one-device plan, which every
+    # split is weighed against, is priced to within a few per cent; the pieces fit as well
+    # as three rates allow (ResNet-50's first pieces, with the stem convolution, take ~30 %
+    # longer than the rates say)
+    whole = len(runs) - len(spatial)
+    rate, per_weight_byte, per_byte = fit_rates(
+        runs, [WHOLE_MODEL_WEIGHT] * whole + [1.0] * len(spatial))
+    # what the spatial split's tiles took beyond the three rates, per FLOP: a layer computed
+    # a few rows at a time runs slower than the whole layer (ResNet-50's two-way tiles:
+    # ~13 % over the rates that fit the whole model)
+    fitted = DeviceSpeed(rate, 0.0, "fit", per_byte, per_weight_byte)
+    tiles = runs[whole:]
+    tile_seconds_per_flop = max(0.0, sum(t - fitted.piece_seconds(*x) for x, t in tiles)) / \
+        max(sum(x[0] for x, _ in tiles), 1)
+    fitted = dataclasses.replace(fitted, tile_seconds_per_flop=tile_seconds_per_flop)
+    error = float(np.mean([abs(fitted.piece_seconds(*x, tiled=i >= whole) - t) / t
+                           for i, (x, t) in enumerate(runs)]))
+    return {
+        "target": target, "model": model + (" (tiny)" if tiny else ""), "codegen": CODEGEN,
+        "format": PROFILE_FORMAT,
+        # fitted to whole-model and split-piece timings (module docstring); one layer per
+        # piece, the pieces also convert every tensor (kept as layer_flops_per_second)
+        "flops_per_second": rate,
+        "seconds_per_weight_byte": per_weight_byte,
+        "seconds_per_byte": per_byte,
+        "tile_seconds_per_flop": tile_seconds_per_flop,
+        "fitted_on": "the whole model, " + ", ".join(notes),
+        "fit_error": error,
+        "layer_flops_per_second": total_flops / total_seconds,
+        "call_overhead": call,
+        "ops": {k: {"flops": f, "seconds": s, "flops_per_second": f / s if s else None}
+                for k, (f, s) in sorted(kinds.items(), key=lambda kv: -kv[1][1])},
+        "total_seconds": total_seconds,
+    }
+
+
+def _compile_pieces(split: tvm.IRModule, spec):
+    """Extract the pieces of ``split`` and compile them all into one module for ``spec``."""
+    ex = extract(split)
+    module = tvm.IRModule()
+    for dev_mod in ex.modules.values():
+        for gv, func in dev_mod.functions.items():
+            if gv.name_hint not in [g.name_hint for g in module.get_global_vars()]:
+                module[gv] = func
+    executable, weights = build(module, spec.tvm_target(), ex.weights)
+    return ex, relax.VirtualMachine(executable, tvm.cpu()), weights
+
+
+Run = tuple[tuple[float, float, float], float]  # ((FLOPs, weight bytes, edge bytes), seconds)
+#: How much more a whole-model timing counts in the fit than one piece's (see measure).
+WHOLE_MODEL_WEIGHT = 10.0
+
+
+def _spatial_runs(mod: tvm.IRModule, spec, number: int) -> list[Run]:
+    """The pieces of ``mod`` split two ways spatially, at the most and the least recomputation
+    the search tries (few long pieces, or many short ones that hand on more bytes: without
+    these the boundary term took in what the long tiles' layers lose), each timed in plan
+    order as a worker runs them; none where the model has nothing to tile."""
+    plans = {}  # segments -> plan: two caps can give the same split
+    for cap in (max(HALO_CAPS), min(HALO_CAPS)):
+        plan = plan_spatial(mod, 2, max_overhead=cap)
+        if plan.segments:
+            plans.setdefault(plan.segments, plan)
+    return [run for plan in plans.values() for run in _spatial_pieces(mod, spec, number, plan)]
+
+
+def _spatial_pieces(mod: tvm.IRModule, spec, number: int, plan) -> list[Run]:
+    """The pieces of spatial split ``plan``, timed one after another as a worker runs them
+    (what one piece leaves in the caches is not the next one's), each the median of
+    ``max(number, 3)`` rounds."""
+    ex, vm, weights = _compile_pieces(SpatialSplit(plan)(mod), spec)
+    rng = np.random.default_rng(0)
+    tensors = ex.tensors
+    calls = [(p, vm[p.name], [tvm.runtime.tensor(rng.random(tensors[t].shape, "float32")
+                                                 .astype(tensors[t].dtype)) for t in p.inputs]
+              + [tvm.runtime.tensor(w) for w in weights[p.name]]) for p in ex.pieces]
+    times: dict[str, list[float]] = defaultdict(list)
+    for _ in range(max(number, 3) + 1):  # (the first round warms up)
+        for p, f, args in calls:
+            t0 = time.perf_counter()
+            f(*args)
+            times[p.name].append(time.perf_counter() - t0)
+    return [((p.flops, p.weight_bytes, sum(tensors[t].nbytes for t in (*p.inputs, *p.outputs))),
+             float(np.median(times[p.name][1:]))) for p, _, _ in calls]
+
+
+def halved_inputs(imported: frontend.ImportedModel) -> dict | None:
+    """The input shapes with half the rows and columns, or None unless every input is an
+    image batch (N, C, H, W) of at least 8x8."""
+    shapes = {name: tuple(x.shape) for name, x in
+              zip(imported.input_names, imported.random_inputs(), strict=True)}
+    if not all(len(s) == 4 and min(s[2:]) >= 8 for s in shapes.values()):
+        return None
+    return {name: (*s[:2], s[2] // 2, s[3] // 2) for name, s in shapes.items()}
+
+
+def fit_rates(runs: list[Run], weights: list[float] | None = None
+              ) -> tuple[float, float, float]:
+    """FLOP/s, seconds per weight byte and seconds per boundary byte that fit ``runs`` best,
+    ``seconds = FLOPs / rate + weight bytes x per_weight_byte + edge bytes x per_byte``, in
+    relative error (least squares, each run's error times its weight, default 1). Terms the
+    runs cannot tell apart (fewer runs than terms) are left out, last first; a term fitted
+    negative is dropped and the rest fitted again; a run set that cannot tell FLOPs from the
+    rest gives their plain ratio."""
+    x = np.array([r[0] for r in runs], dtype=float)
+    t = np.array([r[1] for r in runs], dtype=float)
+    w = (np.ones(len(runs)) if weights is None else np.array(weights)) / np.maximum(t, 1e-9)
+    keep = [0, 1, 2]
+    while len(keep) > 1 and np.linalg.matrix_rank(x[:, keep] * w[:, None]) < len(keep):
+        keep.pop()
+    while True:
+        coef = np.zeros(3)
+        coef[keep] = np.linalg.lstsq(x[:, keep] * w[:, None], t * w, rcond=None)[0]
+        if coef[0] <= 0:
+            return float(x[:, 0].sum() / max(t.sum(), 1e-9)), 0.0, 0.0
+        negative = [k for k in keep[1:] if coef[k] < 0]
+        if not negative:
+            return 1.0 / float(coef[0]), float(coef[1]), float(coef[2])
+        keep.remove(min(negative, key=lambda k: coef[k]))
+
+
+def overhead_of(calls: list[float]) -> float:
+    return float(np.median(calls)) if calls else 0.0
+
+
+def _whole_model_run(imported: frontend.ImportedModel, spec, number: int) -> Run:
+    """The whole model compiled as one function (weights lifted, as in pieces), timed."""
+    rows = binding_costs(imported.mod)
+    edge = sum(x.nbytes for x in imported.random_inputs()) + sum(
+        r.out_bytes for r in rows[-1:])
+    return ((float(sum(r.flops for r in rows)), float(sum(r.weight_bytes for r in rows)),
+             float(edge)), _whole_model_seconds(imported, spec, number))
+
+
+def _whole_model_seconds(imported: frontend.ImportedModel, spec, number: int) -> float:
+    """Seconds for the whole model compiled as one function (weights lifted, as in pieces)."""
+    func, arrays = lift_weights(imported.mod["main"])
+    executable, weights = build(tvm.IRModule({"main": func}), spec.tvm_target(),
+                                {"main": arrays})
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    args = [tvm.runtime.tensor(x) for x in imported.random_inputs()]
+    args += [tvm.runtime.tensor(w) for w in weights["main"]]
+    # the fastest of three: the rates come from differences of these timings
+    return min(vm.time_evaluator("main", tvm.cpu(), number=number, repeat=3)(*args).results)
+
+
+def save(table: dict, path: str | Path | None = None) -> Path:
+    """Store the table where the cost model looks for ``table['target']``."""
+    path = Path(path) if path else profile_dir() / f"{table['target']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(table, indent=1))
+    return path
+
+
+def describe(table: dict) -> str:
+    weights = table.get("seconds_per_weight_byte", 0.0)
+    lines = [f"{table['target']}: {table['flops_per_second'] / 1e9:.2f} GFLOP/s overall on "
+             f"{table['model']}, " + (f"weights read at {1 / weights / 1e9:.1f} GB/s, "
+                                      if weights else "") +
+             f"{table['call_overhead'] * 1e6:.0f} µs per piece call, "
+             f"{table.get('seconds_per_byte', 0) * 1e12:.0f} ps per byte in or out of a piece, "
+             f"tiles {table.get('tile_seconds_per_flop', 0) * 1e12:.2f} ps more per FLOP",
+             f"fitted on {table.get('fitted_on', 'the whole model')}: mean error "
+             f"{table.get('fit_error', 0) * 100:.1f} %",
+             f"{'op':<24} {'GFLOP/s':>9} {'ms':>9}"]
+    for kind, row in table["ops"].items():
+        rate = row["flops_per_second"]
+        lines.append(f"{kind:<24} {rate / 1e9 if rate else 0:>9.2f} {row['seconds'] * 1e3:>9.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,211 @@
+"""``branch`` (approximate): K nearly independent branches, one per device, exchanging
+activations only at a few sync points (:mod:`splitc.passes.split.branch`); the branch model is
+then channel-split, branch k on device k, and distilled from the original
+(:mod:`splitc.planning.distill`, ``splitc finetune``) to recover its accuracy.
+
+Options (``Context.options``): ``sync`` — ``"all"`` (exact), ``"none"`` (fewest bytes), or a
+weight-mass budget in [0, 1]; ``calibration`` — training data: the transmission policy is then
+searched instead (policies priced by the cost model and tried from the lowest predicted latency
+up, each distilled and measured on a held-out fifth; the first within ``max_accuracy_drop``
+points is compiled with its distilled weights), ``epochs`` of distillation per policy tried.
+
+The output folder keeps the branch plan (``branch.json``) and the trained constants
+(``student.npz``), from which ``run --check`` rebuilds the branch model as its reference and
+``splitc tune OUT`` the split.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import tvm
+
+from splitc.backend.torch_program import TorchProgram
+from splitc.frontend.data import check_examples, load_data
+from splitc.passes.split.branch import (
+    BranchPlan,
+    BranchRewrite,
+    analyse,
+    plan_branches,
+    sync_candidates,
+)
+from splitc.passes.split.channel import ChannelSplit, plan_channel
+from splitc.planning.cluster import Cluster
+from splitc.planning.cost import DeviceSpeed, estimate
+from splitc.planning.distill import Report, distill
+from splitc.planning.extract import extract
+from splitc.planning.registry import Context, Split, Strategy, register
+
+#: Where a branch compile records its branch plan (``splitc finetune`` and ``run --check``).
+BRANCH_FILE = "branch.json"
+#: Trained constants of the branch model, written by the policy search and ``splitc finetune``.
+STUDENT_FILE = "student.npz"
+
+
+def channel_split(student: tvm.IRModule, k: int) -> tvm.IRModule:
+    """The branch model split with branch k on device k (its sync points become gathers)."""
+    return ChannelSplit(plan_channel(student, k))(student)
+
+
+def student_file(student: TorchProgram | tvm.IRModule) -> bytes:
+    """A branch model's trained constants, as ``student.npz``."""
+    program = student if isinstance(student, TorchProgram) else TorchProgram(student)
+    buffer = io.BytesIO()
+    np.savez(buffer, **{k: v.detach().cpu().numpy() for k, v in program.weights.items()})
+    return buffer.getvalue()
+
+
+@register
+class Branch(Strategy):
+    name = "branch"
+    summary = ("approximate: one branch per device, exchanging at a few sync points; "
+               "recover accuracy with `splitc finetune`")
+    exact = False
+    min_devices = 2
+
+    def needs_speeds(self, options) -> bool:
+        return options.get("calibration") is not None  # the policies are priced
+
+    def plan(self, mod, ctx: Context) -> BranchPlan:
+        k = ctx.n_devices
+        ana = analyse(mod, k)
+        plan = plan_branches(mod, k, ctx.options.get("sync", "none"), analysis=ana)
+        cands = {c.layer: c for c in sync_candidates(ana)}
+        kept = sorted(set(cands) - plan.branched)
+        ctx.log(f"branch: {k} branches; {len(plan.branched)} of {len(cands)} candidate layers "
+                f"cut into branches, {len(kept)} kept as sync points"
+                + (f" ({', '.join(kept)})" if kept else "")
+                + f"; weight mass dropped "
+                f"{sum(cands[c].dropped_mass for c in plan.branched):.2f} layer(s)' worth")
+        return plan
+
+    def rewrite(self, plan: BranchPlan) -> Callable[[tvm.IRModule], tvm.IRModule]:
+        return lambda mod: channel_split(BranchRewrite(plan)(mod), plan.k)
+
+    def split(self, mod, ctx: Context) -> Split:
+        calibration = ctx.options.get("calibration")
+        if calibration is None:
+            plan = self.plan(mod, ctx)
+            return self.trained(plan, BranchRewrite(plan)(mod))
+        x, y = load_data(calibration)
+        check_examples(mod, x, y)
+        plan, student, _trials = search_policy(
+            mod, ctx.n_devices, x, y, max_drop=ctx.options.get("max_accuracy_drop", 1.0),
+            epochs=ctx.options.get("epochs", 30), cluster=ctx.cluster, speeds=ctx.speeds,
+            log=ctx.log)
+        return self.trained(plan, student if student is not None else BranchRewrite(plan)(mod),
+                            keep_weights=student is not None)
+
+    def trained(self, plan: BranchPlan, student: tvm.IRModule | TorchProgram,
+                keep_weights: bool = True) -> Split:
+        """The split of a branch model (``student``: rewritten, and perhaps distilled), with
+        its plan and (``keep_weights``) its trained constants kept in the output folder."""
+        module = student.to_module() if isinstance(student, TorchProgram) else student
+        files: dict[str, str | bytes] = {BRANCH_FILE: plan.to_json()}
+        if keep_weights:
+            files[STUDENT_FILE] = student_file(student)
+        return Split(channel_split(module, plan.k), files)
+
+    def recreate(self, mod, n_devices, out_dir):
+        plan = BranchPlan.from_json((Path(out_dir) / BRANCH_FILE).read_text())
+        return self.rewrite(plan)(mod)
+
+    def reference(self, out_dir, original):
+        return BranchReference(out_dir, original)
+
+
+class BranchReference:
+    """The branch model of a branch plan (with its distilled weights, if any), run by torch:
+    what the plan's answers are checked against."""
+
+    def __init__(self, out_dir: str | Path, original):
+        out = Path(out_dir)
+        self.plan = BranchPlan.from_json((out / BRANCH_FILE).read_text())
+        self.original = original
+        self.student_mod = BranchRewrite(self.plan)(original.mod)
+        self.trained = out / STUDENT_FILE
+
+    def program(self) -> TorchProgram:
+        program = TorchProgram(self.student_mod)
+        if self.trained.exists():
+            with np.load(self.trained) as stored:
+                program.weights.load_state_dict({k: torch.from_numpy(stored[k])
+                                                 for k in stored.files})
+        return program
+
+    def reference(self, inputs) -> list[np.ndarray]:
+        with torch.no_grad():
+            out = self.program().eval()(*[torch.from_numpy(np.asarray(x)) for x in inputs])
+        return [o.numpy() for o in out]
+
+
+# -- transmission-policy search ------------------------------------------------------------
+@dataclass
+class PolicyTrial:
+    label: str
+    sync: list[str]          # candidate layers kept as sync points
+    gather_bytes: int        # estimated bytes per inference at those sync points
+    latency: float | None    # the cost model's predicted latency on the cluster (s)
+    report: Report | None    # None: exact (nothing cut, nothing to train)
+
+
+def search_policy(mod: tvm.IRModule, k: int, x: np.ndarray, y: np.ndarray | None, *,
+                  max_drop: float, epochs: int = 30, budgets=(0.1, 0.25, 0.5, 0.75),
+                  cluster: Cluster | None = None, speeds=None,
+                  log: Callable[[str], None] = print):
+    """The cheapest transmission policy whose *distilled* branch model stays within
+    ``max_drop`` points of the original on held-out calibration data.
+
+    The channels are partitioned with the weights and the co-firing of activations on ``x``.
+    Candidate policies: no sync point, the mass budgets of
+    :func:`~splitc.passes.split.branch.choose_sync`, every sync point (exact, always within). With
+    a ``cluster`` each is priced by the cost model (:func:`splitc.planning.cost.estimate` on its
+    extracted plan) and tried from the lowest predicted latency up, else from the fewest
+    bytes up. Each is distilled on ``x`` (``y``: labels, optional) and measured. Returns
+    ``(plan, trained student module or None, trials)``."""
+    teacher = TorchProgram(mod)
+    ana = analyse(mod, k, activations=teacher.activations(x))
+    cost = {c.layer: c.gather_bytes for c in sync_candidates(ana)}
+    seen, policies = set(), []
+    for label, sync in [("no sync", "none"), *[(f"mass budget {b}", b) for b in budgets],
+                        ("every sync kept", "all")]:
+        plan = plan_branches(mod, k, sync, analysis=ana)
+        if plan.branched in seen:
+            continue
+        seen.add(plan.branched)
+        kept = sorted(set(cost) - plan.branched)
+        latency = (predicted_latency(BranchRewrite(plan)(mod), cluster, speeds)
+                   if cluster else None)
+        policies.append((latency or 0.0, sum(cost[c] for c in kept), label, plan, kept))
+    policies.sort(key=lambda p: (p[0], p[1]))
+    trials = []
+    for latency, nbytes, label, plan, kept in policies:
+        priced = f", predicted {latency * 1e3:.2f} ms" if cluster else ""
+        if not plan.branched:
+            trials.append(PolicyTrial(label, kept, nbytes, latency if cluster else None, None))
+            log(f"policy {label}: exact, {nbytes:,} bytes at sync points{priced}")
+            return plan, None, trials
+        student = TorchProgram(BranchRewrite(plan)(mod))
+        report = distill(teacher, student, x, y, epochs=epochs, log=lambda _m: None)
+        drop = (report.teacher - report.after) * 100
+        trials.append(PolicyTrial(label, kept, nbytes, latency if cluster else None, report))
+        log(f"policy {label}: {len(plan.branched)} layers cut, {nbytes:,} bytes at sync "
+            f"points{priced}; {report.metric} {report.teacher:.4f} -> {report.after:.4f} "
+            f"after distillation (drop {drop:.2f} points, limit {max_drop})")
+        if drop <= max_drop:
+            return plan, student.to_module(), trials
+    raise AssertionError("unreachable: the exact policy is always within")
+
+
+def predicted_latency(student: tvm.IRModule, cluster: Cluster,
+                      speeds: list[DeviceSpeed] | None) -> float:
+    """The cost model's latency for a branch module split over ``cluster`` (branch k on
+    device k)."""
+    ex = extract(channel_split(student, len(cluster.devices)),
+                 [d.name for d in cluster.devices])
+    return estimate(ex.plan(cluster.targets, "branch", "policy"), cluster, speeds).latency
