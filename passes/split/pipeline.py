@@ -1,9 +1,9 @@
 """Pipeline split: contiguous ranges of ``main``'s bindings, one range per device.
 
 :func:`plan_pipeline` is the analysis (where to cut); :class:`PipelineSplit` only applies a
-:class:`PipelinePlan` it is given. Cutting inside a residual block sends two tensors, between
-blocks one: the planner prefers the cuts with the fewest crossing tensors, so blocks stay whole
-whenever the model has enough such cuts.
+:class:`PipelinePlan` it is given. The cuts balance the priced stage times: each stage's
+compute plus what it sends on; cutting inside a residual block sends two tensors, between
+blocks one, so blocks stay whole unless cutting one pays.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import tvm
 
 from splitc.errors import SplitcError
@@ -54,9 +55,9 @@ def plan_pipeline(mod: tvm.IRModule, n_devices: int, *,
     (``flops_per_second``: one figure for all, or one per device) plus the bytes it sends
     onward at ``bytes_per_second``. ``speeds``, one per device, price a stage instead as the
     cost model prices a piece: ``speeds[k].piece_seconds(FLOPs, weight bytes, bytes in and
-    out)`` (:class:`splitc.planning.cost.DeviceSpeed`), plus the sending. Only cuts crossed by the
-    fewest tensors the model allows are considered while there are enough of them (so
-    residual blocks are not cut).
+    out)`` (:class:`splitc.planning.cost.DeviceSpeed`), plus the sending. Every cut is
+    priced (dynamic programming over the cuts): one inside a residual block sends two tensors,
+    so blocks are cut only where that balances the stages by more than the bytes cost.
     """
     if n_devices < 1:
         raise SplitcError("a pipeline needs at least one device")
@@ -71,53 +72,44 @@ def plan_pipeline(mod: tvm.IRModule, n_devices: int, *,
         return PipelinePlan((), (0,))
     bindings = list(main_block(mod).bindings)
     cuts = [c for c in cut_points(mod) if c.crossing and not _splits_bias(bindings, c.index)]
-    candidates = []
-    for width in sorted({len(c.crossing) for c in cuts}):
-        candidates = [c for c in cuts if len(c.crossing) <= width]
-        if len(candidates) >= n_devices - 1:
-            break
-    if len(candidates) < n_devices - 1:
+    if len(cuts) < n_devices - 1:
         raise SplitcError(f"the model has {len(cuts)} places to cut; it cannot be split "
                           f"into {n_devices} pipeline stages")
-
-    prefix, weights = [0.0], [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c.flops)
-        weights.append(weights[-1] + c.weight_bytes)
+    flops = np.concatenate([[0.0], np.cumsum([c.flops for c in costs], dtype=float)])
+    weights = np.concatenate([[0.0], np.cumsum([c.weight_bytes for c in costs], dtype=float)])
     end = len(costs) - 1
-    points = [(c.index, c.nbytes / bytes_per_second) for c in candidates]
-    crossing = {c.index: c.nbytes for c in candidates}
+    # every cut is a candidate, priced: what crosses it is sent at bytes_per_second (a cut
+    # inside a residual block sends two tensors, so blocks stay whole unless cutting one
+    # balances the stages by more than the extra bytes cost)
+    index = np.array([-1] + [c.index for c in cuts] + [end])
+    sent = np.array([0.0] + [c.nbytes for c in cuts] + [0.0])
 
-    def stage_cost(k: int, lo: int, hi: int, send: float) -> float:  # bindings lo+1 .. hi
-        flops = prefix[hi + 1] - prefix[lo + 1]
+    def stage_cost(k: int, lo, hi):  # stage k runs bindings index[lo]+1 .. index[hi]
+        work = flops[index[hi] + 1] - flops[index[lo] + 1]
+        send = sent[hi] / bytes_per_second
         if speeds is None:
-            return flops / speed[k] + send
-        edge = crossing.get(lo, 0) + crossing.get(hi, 0)
-        return speed[k].piece_seconds(flops, weights[hi + 1] - weights[lo + 1], edge) + send
+            return work / speed[k] + send
+        return speed[k].piece_seconds(work, weights[index[hi] + 1] - weights[index[lo] + 1],
+                                      sent[lo] + sent[hi]) + send
 
-    # best[k][j]: slowest stage when the first k+1 stages end at candidate j.
-    inf = float("inf")
-    best = [[inf] * len(points) for _ in range(n_devices - 1)]
-    back = [[-1] * len(points) for _ in range(n_devices - 1)]
-    for j, (idx, send) in enumerate(points):
-        best[0][j] = stage_cost(0, -1, idx, send)
-    for k in range(1, n_devices - 1):
-        for j, (idx, send) in enumerate(points):
-            for i in range(j):
-                prev = best[k - 1][i]
-                if prev == inf:
-                    continue
-                value = max(prev, stage_cost(k, points[i][0], idx, send))
-                if value < best[k][j]:
-                    best[k][j], back[k][j] = value, i
-    k = n_devices - 2
-    last = min(range(len(points)),
-               key=lambda j: max(best[k][j], stage_cost(k + 1, points[j][0], end, 0.0)))
-    chosen = [last]
-    for kk in range(k, 0, -1):
-        chosen.append(back[kk][chosen[-1]])
-    cut_idx = tuple(points[j][0] for j in reversed(chosen))
-    return PipelinePlan(cut_idx, tuple(range(n_devices)))
+    # best[k][j]: the slowest of stages 0..k when stage k ends at point j (0: before the
+    # first binding, 1..P: the cuts, P+1: the end); a vector over j, filled stage by stage
+    points = len(index)
+    everything = np.arange(points)
+    best = np.full((n_devices, points), np.inf)
+    back = np.zeros((n_devices, points), dtype=int)
+    best[0, 1:] = stage_cost(0, np.zeros(points - 1, dtype=int), everything[1:])
+    for k in range(1, n_devices):
+        for j in range(k + 1, points):
+            starts = everything[k:j]
+            value = np.maximum(best[k - 1, starts], stage_cost(k, starts, np.full(len(starts), j)))
+            i = int(np.argmin(value))
+            best[k, j], back[k, j] = value[i], starts[i]
+    chosen, j = [], points - 1
+    for k in range(n_devices - 1, 0, -1):
+        j = back[k, j]
+        chosen.append(int(index[j]))
+    return PipelinePlan(tuple(reversed(chosen)), tuple(range(n_devices)))
 
 
 def _splits_bias(bindings, index: int) -> bool:

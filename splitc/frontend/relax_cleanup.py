@@ -11,6 +11,7 @@ import tvm
 from tvm import relax
 
 from splitc.errors import SplitcError, short_message
+from splitc.passes.ir import copy_helpers, main_block, output_vars, substitute
 
 #: ``call_tir`` callees that TVM's ONNX ``Clip`` converter emits (``topi.maximum/minimum``).
 _CLIP_PRIMFUNC_RE = re.compile(r"^(maximum|minimum)\d*$")
@@ -181,7 +182,40 @@ def finish_relax(mod: tvm.IRModule, label: str) -> tvm.IRModule:
         raise SplitcError(f"{label}: after import, {len(dynamic)} tensor(s) still have dynamic "
                           f"shapes ({shown}); splitc needs static shapes (pin the inputs, or "
                           "the model computes a data-dependent shape)")
-    return mod
+    return unique_names(mod)
+
+
+def unique_names(mod: tvm.IRModule) -> tvm.IRModule:
+    """``mod`` with every parameter and binding of ``main`` named differently.
+
+    TVM's importers and passes may give two bindings the same name (a torch import repeats
+    ``lv5``...); the split passes and the plan name tensors by their variables' names, so a
+    repeat would make two tensors one. A repeated name gets the first free ``_<n>`` suffix."""
+    func = mod["main"]
+    bindings = list(main_block(mod).bindings)
+    names = [p.name for p in func.params] + [b.var.name for b in bindings]
+    if len(set(names)) == len(names):
+        return mod
+    taken = set(names)
+    seen = {p.name for p in func.params}
+    outputs = set(output_vars(func))
+    bb = relax.BlockBuilder()
+    params = [relax.Var(p.name, p.ty) for p in func.params]
+    vmap: dict[relax.Var, relax.Expr] = dict(zip(func.params, params, strict=True))
+    with bb.function("main", params, attrs=dict(func.attrs.items()) if func.attrs else {}):
+        with bb.dataflow():
+            for b in bindings:
+                name, i = b.var.name, 0
+                while name in seen or (i and name in taken):  # (taken: a later original)
+                    i += 1
+                    name = f"{b.var.name}_{i}"
+                seen.add(name)
+                taken.add(name)
+                emit = bb.emit_output if b.var in outputs else bb.emit
+                vmap[b.var] = emit(substitute(b.value, vmap), name_hint=name)
+        results = [vmap[v] for v in output_vars(func)]
+        bb.emit_func_output(results[0] if len(results) == 1 else relax.Tuple(results))
+    return copy_helpers(mod, bb.get())
 
 
 def _is_static(ty) -> bool:
