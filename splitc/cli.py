@@ -158,7 +158,8 @@ def compile(
                          tuning_db=tuning_db, sync=parse_sync(sync), calibration=calibration,
                          max_accuracy_drop=max_accuracy_drop, epochs=epochs, fpga=fpga,
                          log=lambda m: typer.echo(m, err=True))
-    typer.echo(f"wrote {out}/plan.json: {plan.strategy} split, {len(plan.devices)} devices, "
+    n = len(plan.devices)
+    typer.echo(f"wrote {out}/plan.json: {plan.strategy} split, {n} device{'s' * (n != 1)}, "
                f"{len(plan.pieces)} pieces, {len(plan.transfers)} transfers, "
                f"{plan.transfer_bytes:,} bytes between devices per inference")
 

@@ -113,12 +113,24 @@ def parse_endpoints(text: str) -> dict[str, str]:
 def run(
     out: Annotated[Path, typer.Argument(help="A folder written by `splitc compile`.")],
     input: Annotated[list[Path] | None, typer.Option(
-        "--input", help="Input .npy file(s), in the model's input order. Default: random.")]
+        "--input", help="The model's inputs: one .npy per input (in the model's input order), "
+                        "one .npz holding each by name, or an image file (resized to the "
+                        "input's height and width, scaled to [0, 1], then --mean/--std). "
+                        "Default: seeded random values (another seed per request).")]
         = None,
+    mean: Annotated[str, typer.Option(
+        help="Images: the mean to subtract per channel, e.g. 0.485,0.456,0.406.")] = "0",
+    std: Annotated[str, typer.Option(
+        help="Images: the standard deviation to divide by, e.g. 0.229,0.224,0.225.")] = "1",
     output: Annotated[Path | None, typer.Option(help="Write the first output here (.npy).")]
         = None,
     check: Annotated[bool, typer.Option(
-        help="Compare with the original model (ONNX Runtime or torch).")] = False,
+        help="Compare every request's outputs with the original model (ONNX Runtime or "
+             "torch); a difference beyond the tolerance fails the command (exit 1).")] = False,
+    rtol: Annotated[float, typer.Option(
+        help="--check: relative tolerance, times the reference output's largest magnitude.")]
+        = 1e-4,
+    atol: Annotated[float, typer.Option(help="--check: absolute tolerance.")] = 1e-6,
     endpoints: Annotated[str | None, typer.Option(
         help="Running workers (`splitc serve`), e.g. dev0=tcp://10.0.0.2:5555,"
              "dev1=tcp://10.0.0.3:5555. Default: one local worker process per device.")]
@@ -145,15 +157,20 @@ def run(
     import numpy as np
 
     from splitc.runtime.client import connect
-    from splitc.runtime.plan import Plan
 
-    plan = Plan.load(out)
-    arrays = load_inputs(input, plan, seed)
+    plan = load_plan_folder(out)
+    batches = request_inputs(input, plan, seed, requests, parse_floats(mean, "--mean"),
+                             parse_floats(std, "--std"))
+    reference = None
+    if check:  # before anything runs: a reference that cannot load fails at once
+        from splitc.driver import load_reference
+
+        reference = load_reference(out)
     addresses = parse_endpoints(endpoints) if endpoints is not None else None
     with connect(out, addresses, timeout=timeout, start_timeout=timeout, keys=keys,
                  insecure=insecure, retries=retries) as session:
         t0 = time.perf_counter()
-        results = session.infer_many([arrays] * requests, inflight=inflight)
+        results = session.infer_many(batches, inflight=inflight)
         elapsed = time.perf_counter() - t0
         crossed = session.transfer_bytes()
     outputs = results[0]
@@ -161,8 +178,8 @@ def run(
         f"{d}={e}" for d, e in addresses.items())
     if session.retried:
         typer.echo(f"{session.retried} request(s) sent again after a fault")
-    typer.echo(f"ran {len(plan.pieces)} pieces on {len(plan.devices)} devices {where}; "
-               f"{crossed:,} bytes crossed between devices"
+    typer.echo(f"ran {len(plan.pieces)} pieces on {plural(len(plan.devices), 'device')} "
+               f"{where}; {crossed:,} bytes crossed between devices"
                + (f" ({crossed // requests:,} per request)" if requests > 1 else ""))
     for endpoint, y in zip(plan.outputs, outputs, strict=True):
         typer.echo(f"output {endpoint.name}: {y.dtype}{list(y.shape)}")
@@ -174,62 +191,91 @@ def run(
     if output is not None:
         np.save(output, outputs[0])
         typer.echo(f"wrote {output}")
-    if check:
-        from splitc.driver import load_reference
-
-        model = load_reference(out)
-        reference = model.reference(arrays)
-        what = "the branch model's" if hasattr(model, "student_mod") else "the original's"
-        worst = 0.0
-        for y, r in zip(outputs, reference, strict=True):
-            err = float(np.abs(y - r).max())
-            scale = float(np.abs(r).max()) or 1.0
-            worst = max(worst, err / scale)
-            typer.echo(f"max abs error {err:.3g} (reference max abs {scale:.3g}, "
-                       f"relative {err / scale:.3g})")
-        from splitc.runtime.artifact import KINDS
-
-        if any(not KINDS[d.kind].exact for d in plan.devices):  # fixed point: compare top-1
-            same = all(np.array_equal(y.reshape(y.shape[0], -1).argmax(-1),
-                                      r.reshape(r.shape[0], -1).argmax(-1))
-                       for y, r in zip(outputs, reference, strict=True))
-            if not same:
-                typer.echo("check FAILED: the FPGA plan's top-1 differs from the original's",
-                           err=True)
-                raise typer.Exit(1)
-            typer.echo("check passed: the FPGA pieces compute in fixed point; the top-1 is "
-                       f"{what} (the error is above)")
-            return
-        if worst > 1e-4:
-            typer.echo(f"check FAILED: the split does not give {what} answer", err=True)
-            raise typer.Exit(1)
-        typer.echo(f"check passed: the split gives {what} answer (relative error ≤ 1e-4)")
+    if reference is not None:
+        check_requests(plan, reference, batches, results, rtol, atol)
 
 
-def load_inputs(paths: list[Path] | None, plan, seed: int):
-    """The model inputs: from .npy files, or seeded random values of the right shapes."""
+def check_requests(plan, reference, batches, results, rtol: float, atol: float) -> None:
+    """``run --check``: every request's outputs against the reference on the same inputs;
+    a failure exits 1 naming the request and the output."""
+    from splitc.report import compare, same_top1
+    from splitc.runtime.artifact import KINDS
+
+    what = "the branch model's" if hasattr(reference, "student_mod") else "the original's"
+    fixed_point = any(not KINDS[d.kind].exact for d in plan.devices)
+    failed, worst = [], None
+    for i, (inputs, outputs) in enumerate(zip(batches, results, strict=True)):
+        expected = reference.reference(inputs)
+        for endpoint, y, r in zip(plan.outputs, outputs, expected, strict=True):
+            if fixed_point:
+                if not same_top1(y, r):
+                    failed.append(f"request {i}, output {endpoint.name}: top-1 differs")
+                continue
+            c = compare(y, r, rtol=rtol, atol=atol)
+            if worst is None or c.max_abs - c.tolerance > worst[1].max_abs - worst[1].tolerance:
+                worst = (f"request {i}, output {endpoint.name}", c)
+            if not c.passed:
+                failed.append(f"request {i}, output {endpoint.name}: {c.describe()}")
+    checked = f"{plural(len(batches), 'request')} checked"
+    if worst is not None:
+        typer.echo(f"worst ({worst[0]}): {worst[1].describe()}")
+    if failed:
+        for line in failed[:5]:
+            typer.echo(f"check FAILED: {line}", err=True)
+        typer.echo(f"check FAILED: {len(failed)} of the outputs of {checked} differ from "
+                   f"{what}", err=True)
+        raise typer.Exit(1)
+    if fixed_point:
+        typer.echo(f"check passed ({checked}): the FPGA pieces compute in fixed point; the "
+                   f"top-1 is {what} on every request")
+        return
+    typer.echo(f"check passed ({checked}): the split gives {what} answer within rtol {rtol:g} "
+               f"x max abs + atol {atol:g}")
+
+
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def parse_floats(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise SplitcError(f"{flag} {text!r}: give numbers separated by commas") from None
+    return values
+
+
+def load_plan_folder(out: Path):
+    """The plan of an output folder, or an error naming what was given instead (one
+    device's folder, a folder with no plan)."""
+    from splitc.runtime.plan import Plan
+
+    plan = Plan.load(out)
+    parent = Path(out).resolve().parent
+    if (parent / "plan.json").exists() and Path(out).name in {d.dir for d in plan.devices}:
+        raise SplitcError(f"{out} is one device's folder (what a board serves); give the "
+                          f"output folder of `splitc compile`, {parent}")
+    return plan
+
+
+def request_inputs(paths: list[Path] | None, plan, seed: int, requests: int,
+                   mean: list[float], std: list[float]) -> list[list]:
+    """The inputs of each request: the files given (the same for every request), or seeded
+    random values (seed, seed + 1, ... for the requests)."""
     import numpy as np
 
-    specs = [(e.name, plan.tensors[e.tensor]) for e in plan.inputs]
-    if not paths:
-        rng = np.random.default_rng(seed)
-        return [rng.standard_normal(t.shape).astype(t.dtype) for _, t in specs]
-    if len(paths) != len(specs):
-        raise SplitcError(f"the model takes {len(specs)} inputs "
-                          f"({', '.join(n for n, _ in specs)}), got {len(paths)} --input files")
-    arrays = []
-    for path, (name, t) in zip(paths, specs, strict=True):
-        try:
-            x = np.load(path, allow_pickle=False)
-        except FileNotFoundError:
-            raise SplitcError(f"input file {path} does not exist") from None
-        except (ValueError, OSError) as e:
-            raise SplitcError(f"{path} is not a readable .npy file: {e}") from None
-        if tuple(x.shape) != t.shape:
-            raise SplitcError(f"{path}: input {name!r} must have shape {list(t.shape)}, "
-                              f"the file holds {list(x.shape)}")
-        arrays.append(x.astype(t.dtype, copy=False))
-    return arrays
+    from splitc.frontend.inputs import InputSpec, load_inputs
+
+    specs = [InputSpec(e.name, plan.tensors[e.tensor].shape, plan.tensors[e.tensor].dtype)
+             for e in plan.inputs]
+    if paths:
+        arrays = load_inputs(paths, specs, mean=mean, std=std)
+        return [arrays] * requests
+    out = []
+    for i in range(requests):
+        rng = np.random.default_rng(seed + i)
+        out.append([rng.standard_normal(s.shape).astype(s.dtype) for s in specs])
+    return out
 
 
 def register(app: typer.Typer) -> None:

@@ -13,6 +13,7 @@ Nothing imports this module but the CLI (and tests): it is the one place that kn
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -97,7 +98,7 @@ def compile_model(model: str, out_dir: str | Path, devices: list[str] | None = N
     log(f"imported {imported.source}")
     source = {"model": model, "tiny": tiny,
               "input_shapes": {k: list(v) for k, v in (input_shapes or {}).items()},
-              "output_names": list(imported.output_names)}
+              "output_names": list(imported.output_names), **model_file(model, out_dir)}
     build_options = BuildOptions(tuning_db=tuning_db, fpga=fpga or FpgaOptions())
     if strategy == AUTO:
         speeds = cluster_speeds(cluster, log=log, progress=progress)
@@ -182,6 +183,32 @@ def recompile(out_dir: str | Path, split: strategies.Split, *, log: Log = lambda
                            files=split.files, log=log)
 
 
+def model_file(model: str, out_dir: str | Path) -> dict:
+    """Where a model file is, for ``reference.json``: absolute, and relative to the output
+    folder (so the folder and the model can move together); nothing for zoo names and
+    factories."""
+    path = Path(model).expanduser()
+    if not path.is_file():
+        return {}
+    return {"model_path": str(path.resolve()),
+            "model_relative": os.path.relpath(path.resolve(), Path(out_dir).resolve())}
+
+
+def resolve_model(source: Mapping, out_dir: str | Path) -> str:
+    """The model a compiled plan came from: a model file where the output folder says it is
+    (relative to the folder first, then the absolute path it was compiled from), or the zoo
+    name / factory it was given as. A file that is gone is an error naming where it looked."""
+    if "model_path" not in source:
+        return source["model"]
+    relative = Path(out_dir) / source.get("model_relative", "")
+    for candidate in (relative, Path(source["model_path"])):
+        if candidate.is_file():
+            return str(candidate)
+    raise SplitcError(f"the model {Path(out_dir)} was compiled from is gone: neither "
+                      f"{relative} nor {source['model_path']} exists (move it back, or "
+                      "compile again)")
+
+
 def read_source(out_dir: str | Path) -> dict:
     path = Path(out_dir) / REFERENCE_FILE
     try:
@@ -196,7 +223,7 @@ def load_original(out_dir: str | Path) -> frontend.ImportedModel:
     """The model a compiled plan was made from, imported again."""
     source = read_source(out_dir)
     shapes = {k: tuple(v) for k, v in source["input_shapes"].items()} or None
-    return frontend.load(source["model"], shapes, tiny=source["tiny"])
+    return frontend.load(resolve_model(source, out_dir), shapes, tiny=source["tiny"])
 
 
 def load_reference(out_dir: str | Path):

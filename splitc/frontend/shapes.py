@@ -48,18 +48,18 @@ def resolve_input_shapes(label: str, declared: Sequence[tuple[str, Sequence[Dim]
 def _resolve_one(label: str, name: str, dims: Sequence[Dim] | None,
                  shape: tuple[int, ...] | None) -> tuple[int, ...]:
     """Static shape of one input (see :func:`resolve_input_shapes`)."""
-    example = f"(CLI: --input-shape {name}={_example_dims(dims)})"
+    flag = f"--input-shape {name}={_example_dims(dims)}"
     if shape is None:
         if dims is None:
-            raise SplitcError(f"{label}: input {name!r} has an unknown rank; give its shape "
-                              f"{example}")
+            raise SplitcError(f"{label}: input {name!r} has an unknown rank; give its shape: "
+                              f"{flag} (Python: input_shapes={{{name!r}: (...)}})")
         dynamic = [f"{i} ({d!r})" if isinstance(d, str) else str(i)
                    for i, d in enumerate(dims) if not isinstance(d, int)]
         if dynamic:
             raise SplitcError(
                 f"{label}: input {name!r} has dynamic dimension(s) {', '.join(dynamic)} "
-                f"(shape {_fmt_dims(dims)}); pin them with input_shapes={{{name!r}: (...)}} "
-                f"{example}")
+                f"(shape {_fmt_dims(dims)}); pin them: {flag} (Python: "
+                f"input_shapes={{{name!r}: (...)}})")
         return tuple(int(d) for d in dims)
     if dims is not None:
         if len(dims) != len(shape):
