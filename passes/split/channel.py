@@ -16,6 +16,7 @@ channel-parallel all-gather after every layer.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,11 +94,16 @@ class _Split:
     parts: tuple[relax.Var, ...]  # part k lives on device k
 
 
-class _ChannelRewriter:
+class ChannelRewriter:
     """Emits the split ``main`` and records which device computes each new binding."""
 
-    def __init__(self, plan: ChannelPlan):
+    def __init__(self, plan: ChannelPlan, home: Mapping[str, int] | None = None,
+                 gathers: Mapping[str, Sequence[relax.Var]] | None = None):
         self.plan = plan
+        self.home = home or {}  # the device of each binding the plan does not split
+        # whole tensors concatenated from row tiles (a spatial rewrite's): on another device
+        # the same parts are concatenated there, rather than the whole moved from its home
+        self.gathers = gathers or {}
         self.bb = relax.BlockBuilder()
         self.state: dict[relax.Var, _Full | _Split] = {}
         self.gathered: dict[tuple[relax.Var, int], relax.Var] = {}
@@ -113,6 +119,13 @@ class _ChannelRewriter:
         """``var`` as a whole tensor usable on ``device`` (gathering slices there once)."""
         st = self.state[var]
         if isinstance(st, _Full):
+            if var.name in self.gathers and device != st.device:
+                key = (var, device)
+                if key not in self.gathered:
+                    parts = [self.state[p].var for p in self.gathers[var.name]]
+                    self.gathered[key] = self.emit(relax.op.concat(parts, axis=2),
+                                                   f"{var.name}_at{device}", device)
+                return self.gathered[key]
             return st.var
         if len(st.parts) == 1:
             return st.parts[0]
@@ -132,11 +145,12 @@ class _ChannelRewriter:
             if result is not None:
                 self.state[var] = result
                 return
-        self.state[var] = self._on_device0(var, call)
+        self.state[var] = self._on_home(var, call)
 
-    def _on_device0(self, var, call) -> _Full:
-        vmap = {v: self.full_on(v, 0) for v in var_inputs(call) if v in self.state}
-        return _Full(self.emit(substitute(call, vmap), var.name, 0), 0)
+    def _on_home(self, var, call) -> _Full:
+        device = self.home.get(var.name, 0)
+        vmap = {v: self.full_on(v, device) for v in var_inputs(call) if v in self.state}
+        return _Full(self.emit(substitute(call, vmap), var.name, device), device)
 
     def _split_layer(self, var, call, name):
         if var.name not in self.plan.layers or name not in ("nn.conv2d", "matmul"):
@@ -272,9 +286,10 @@ class _ChannelRewriter:
                     self.rewrite(b)
                 results = []
                 for v in outputs:
-                    full = self.full_on(v, 0)
+                    device = self.home.get(v.name, 0)
+                    full = self.full_on(v, device)
                     out = self.bb.emit_output(full, name_hint=f"{v.name}_out")
-                    self.device_of[out.name] = 0
+                    self.device_of[out.name] = device
                     results.append(out)
             self.bb.emit_func_output(results[0] if len(results) == 1 else relax.Tuple(results))
         return copy_helpers(mod, self.bb.get())
@@ -296,6 +311,6 @@ class ChannelSplit:
         self.plan = plan
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        rewriter = _ChannelRewriter(self.plan)
+        rewriter = ChannelRewriter(self.plan)
         flat = rewriter.run(mod)
         return OutlinePieces(rewriter.device_of)(flat)

@@ -388,7 +388,7 @@ def _tile_call(call: relax.Call, args: list[relax.Expr], rows: Rows,
                 out_layout=a.out_layout)
 
 
-class _SpatialRewriter:
+class SpatialRewriter:
     """Emits the tiled ``main`` and records which device computes each new binding."""
 
     def __init__(self, plan: SpatialPlan):
@@ -402,6 +402,9 @@ class _SpatialRewriter:
         self.stage = 0
         self.reserved: set[str] = set()
         self.home = plan.group(0)[0] if plan.segments else 0  # runs what no segment holds
+        #: every whole tensor gathered from tiles: its name -> the parts concatenated (a
+        #: later rewrite may gather the same parts on another device instead of moving it)
+        self.gathers: dict[str, list[relax.Var]] = {}
 
     # -- emission helpers ---------------------------------------------------------------
     def emit(self, value: relax.Expr, name: str, device: int, *, output: bool = False,
@@ -437,6 +440,8 @@ class _SpatialRewriter:
                     f"{var.name}_r{device}", t.device, stage=self.stage_of[t.var.name]))
             out = parts[0] if len(parts) == 1 else self.emit(
                 relax.op.concat(parts, axis=2), f"{var.name}_g{device}", device)
+            if len(parts) > 1 and rows == (0, _height(var)):
+                self.gathers[out.name] = parts
         else:  # sliced where it lives, so only the rows travel (model inputs: by the caller)
             new, where = self.whole[var]
             out = self.emit(_row_slice(new, *rows), f"{var.name}_r{device}",
@@ -574,7 +579,7 @@ class _SpatialRewriter:
         return copy_helpers(mod, self.bb.get())
 
 
-def _check(plan: SpatialPlan, mod: tvm.IRModule) -> None:
+def check_plan(plan: SpatialPlan, mod: tvm.IRModule) -> None:
     """A plan's segments must be ordered, disjoint runs of row-local bindings of ``main``."""
     bindings = list(main_block(mod).bindings)
     if plan.groups and (len(plan.groups) != len(plan.segments) or not all(
@@ -619,7 +624,7 @@ class SpatialSplit:
         self.plan = plan
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        _check(self.plan, mod)
-        rewriter = _SpatialRewriter(self.plan)
+        check_plan(self.plan, mod)
+        rewriter = SpatialRewriter(self.plan)
         flat = rewriter.run(mod)
         return OutlinePieces(rewriter.device_of, rewriter.stage_of)(flat)

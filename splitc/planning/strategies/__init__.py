@@ -14,7 +14,7 @@ from splitc.planning.registry import (
     register,
     unregister,
 )
-from splitc.planning.strategies import branch, channel, pipeline, spatial
+from splitc.planning.strategies import branch, channel, hybrid, pipeline, spatial
 
 __all__ = ["Context", "Proposal", "Split", "Strategy", "all_strategies", "branch", "channel",
-           "describe", "get", "names", "pipeline", "register", "spatial", "unregister"]
+           "describe", "get", "hybrid", "names", "pipeline", "register", "spatial", "unregister"]
