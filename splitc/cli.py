@@ -234,6 +234,9 @@ def plan(
     objective: ObjectiveOpt = "latency",
     explain: Annotated[bool, typer.Option(
         help="Show every candidate with its predicted cost, and why the best won.")] = False,
+    trace: Annotated[Path | None, typer.Option(
+        help="Write the best plan's predicted timeline here (Chrome Trace Event JSON: open in "
+             "ui.perfetto.dev; `splitc run --trace` writes the measured one).")] = None,
     input_shape: ShapeOpt = None,
     tiny: TinyOpt = False,
 ) -> None:
@@ -253,6 +256,12 @@ def plan(
                f"{best.estimate.transfer_bytes:,} bytes per inference")
     if explain:
         typer.echo(result.explain(spec))
+    if trace is not None:
+        from splitc.planning.search import predicted_timeline
+
+        path = predicted_timeline(best, spec, result.speeds).write(
+            trace, f"predicted: {best.label}, {model}")
+        typer.echo(f"wrote {path} (the predicted timeline of {best.label})")
 
 
 @app.command()

@@ -44,6 +44,7 @@ from splitc.backend.kinds import PublishedSpeed, kind_of
 from splitc.errors import SplitcError
 from splitc.planning.cluster import Cluster, ClusterDevice
 from splitc.runtime.plan import Plan
+from splitc.runtime.trace import CLIENT, Timeline
 
 #: How much longer a spatial split's tiles take per FLOP than whole layers, as a fraction of a
 #: FLOP's time, where no profile measured it (cluster-file ``gflops``, published peaks): 10 to
@@ -207,10 +208,15 @@ def device_memory(plan: Plan) -> dict[str, float]:
     return out
 
 
+#: Strategies whose pieces compute layers a few rows at a time (they pay the tile term).
+TILED_STRATEGIES = frozenset({"spatial", "hybrid"})
+
+
 def estimate(plan: Plan, cluster: Cluster, speeds: list[DeviceSpeed] | None = None,
-             *, client: str | None = None) -> Estimate:
+             *, client: str | None = None, timeline: Timeline | None = None) -> Estimate:
     """Simulate one request of ``plan`` on ``cluster`` (device ``i`` of the plan is the
-    cluster's device ``i``). The caller sits on the cluster's network (or at ``client``)."""
+    cluster's device ``i``). The caller sits on the cluster's network (or at ``client``).
+    ``timeline``: filled with every piece and message as simulated (the predicted trace)."""
     if len(plan.devices) != len(cluster.devices):
         raise SplitcError(f"the plan has {len(plan.devices)} devices, the cluster "
                           f"{len(cluster.devices)}")
@@ -231,7 +237,7 @@ def estimate(plan: Plan, cluster: Cluster, speeds: list[DeviceSpeed] | None = No
     link_busy = {d.name: 0.0 for d in plan.devices}
     # a spatial split's pieces compute their layers a few rows at a time (its few untiled
     # pieces, a classifier head say, are priced alike)
-    tiled = plan.strategy == "spatial" and len(plan.devices) > 1
+    tiled = plan.strategy in TILED_STRATEGIES and len(plan.devices) > 1
     # where each tensor goes: the devices of the pieces that read it, and the caller
     wanted: dict[str, set[str | None]] = defaultdict(set)
     for p in plan.pieces:
@@ -258,6 +264,9 @@ def estimate(plan: Plan, cluster: Cluster, speeds: list[DeviceSpeed] | None = No
             done = start + others + link(src, dst).seconds(nbytes[dst])
             for t in ts:
                 ready[(t, dst)] = done
+            if timeline is not None:
+                timeline.message(", ".join(ts), src or CLIENT, dst or CLIENT, start, done,
+                                 nbytes[dst], 0)
         nic[src] = start + sum(wire.values())
         if src is not None:
             link_busy[src] += sum(wire.values())
@@ -267,6 +276,13 @@ def estimate(plan: Plan, cluster: Cluster, speeds: list[DeviceSpeed] | None = No
         start = max([free[p.device]] + [ready[(t, p.device)] for t in p.inputs])
         edge = sum(plan.tensors[t].nbytes for t in (*p.inputs, *p.outputs))
         run = speed[p.device].piece_seconds(p.flops, p.weight_bytes, edge, tiled)
+        if timeline is not None:
+            if start > free[p.device]:
+                timeline.span(p.device, "wait", "waiting for " + ", ".join(
+                    t for t in p.inputs if ready[(t, p.device)] > free[p.device]),
+                    free[p.device], start, 0)
+            timeline.span(p.device, "compute", p.name, start, start + run, 0,
+                          flops=p.flops, weight_bytes=p.weight_bytes)
         free[p.device] = start + run
         busy[p.device] += run
         send(p.device, free[p.device], p.outputs)

@@ -24,6 +24,7 @@ from splitc.planning.cost import DeviceSpeed, Estimate, estimate
 from splitc.planning.extract import Extracted, extract
 from splitc.planning.strategies import Context, Proposal
 from splitc.runtime.plan import Plan
+from splitc.runtime.trace import Timeline
 
 
 @dataclass
@@ -121,3 +122,15 @@ def search(mod: tvm.IRModule, cluster: Cluster, speeds: list[DeviceSpeed], *,
                           f"({closest.label}) exceeds memory on {short}")
     best = min(fitting, key=key)
     return SearchResult(best, cands, objective, time.perf_counter() - t0, speeds)
+
+
+def predicted_timeline(candidate: Candidate, cluster: Cluster, speeds: list[DeviceSpeed]
+                       ) -> Timeline:
+    """The cost model's timeline of one request of ``candidate`` (every piece, message and
+    wait as simulated), to lay beside a measured one."""
+    idx = candidate.devices
+    sub = Cluster(tuple(cluster.devices[i] for i in idx), cluster.network, cluster.links)
+    timeline = Timeline()
+    estimate(candidate.plan, sub, [speeds[i] for i in idx], timeline=timeline)
+    return timeline
+
