@@ -17,6 +17,7 @@ Layout of ``plan.json`` (format ``splitc-plan/1``)::
     outputs    [{name, tensor, device}]             # model output name -> tensor, its device
     slices     [{tensor, source, axis, begin, end}] # parts of model inputs the caller cuts
                                                     # and sends instead of the whole (optional)
+    labels     {tensor: what a user calls it}       # for pictures and timelines (optional)
 """
 
 from __future__ import annotations
@@ -117,6 +118,9 @@ class Plan:
     source: str = ""
     versions: dict[str, str] = field(default_factory=dict)
     slices: tuple[Slice, ...] = ()
+    #: what a user calls each tensor (the producing layer, with the rows or channels it holds);
+    #: for pictures and timelines only (optional)
+    labels: dict[str, str] = field(default_factory=dict)
 
     # -- queries --------------------------------------------------------------------------
     def device(self, name: str) -> Device:
@@ -174,6 +178,7 @@ class Plan:
             "inputs": [asdict(e) for e in self.inputs],
             "outputs": [asdict(e) for e in self.outputs],
             **({"slices": [asdict(s) for s in self.slices]} if self.slices else {}),
+            **({"labels": dict(self.labels)} if self.labels else {}),
         }
 
     def _io(self, e: Endpoint) -> dict:
@@ -203,6 +208,7 @@ class Plan:
                 source=d["model"].get("source", ""),
                 versions=d.get("versions", {}),
                 slices=tuple(Slice(**s) for s in d.get("slices", ())),
+                labels={str(k): str(v) for k, v in d.get("labels", {}).items()},
             )
         except (KeyError, TypeError) as e:
             raise PlanError(f"plan is missing or has a malformed field: {e}") from e

@@ -9,6 +9,7 @@ for tool in aarch64-linux-gnu-g++ arm-linux-gnueabihf-g++; do
   command -v "$tool" >/dev/null || need_apt+=("g++-${tool%-g++}")
 done
 command -v file >/dev/null || need_apt+=(file)
+command -v dot >/dev/null || need_apt+=(graphviz)  # `splitc inspect --draw` lays out with dot
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   echo "installing ${need_apt[*]} (Debian packages)"

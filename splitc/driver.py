@@ -107,8 +107,10 @@ def compile_model(model: str, out_dir: str | Path, devices: list[str] | None = N
         best = result.best
         log(f"auto: chose {best.label} (predicted latency {best.estimate.latency * 1e3:.2f} ms,"
             f" {best.estimate.transfer_bytes:,} bytes per inference)")
-        plan = write_extracted(out_dir, best.extracted,
-                               [cluster.devices[i].target for i in best.devices],
+        used = [cluster.devices[i] for i in best.devices]
+        plan = write_extracted(out_dir, extract(best.split_mod, [d.name for d in used],
+                                                imported.layer_names),
+                               [d.target for d in used],
                                best.strategy, source, options=build_options, log=log)
     else:
         chosen = strategies.get(strategy)
@@ -118,7 +120,8 @@ def compile_model(model: str, out_dir: str | Path, devices: list[str] | None = N
                   if chosen.needs_speeds(options) else stated_speeds(cluster, log, progress))
         ctx = strategies.Context(len(cluster.devices), speeds, cluster, options, log)
         split = chosen.split(imported.mod, ctx)
-        plan = write_extracted(out_dir, extract(split.module, [d.name for d in cluster.devices]),
+        plan = write_extracted(out_dir, extract(split.module, [d.name for d in cluster.devices],
+                                                imported.layer_names),
                                cluster.targets, chosen.name, source, files=split.files,
                                options=build_options, log=log)
     if artifacts.needs_check(plan):

@@ -51,6 +51,9 @@ class ImportedModel:
     path: Path | None = None
     runner: Callable[[list[np.ndarray]], list[np.ndarray]] = field(
         default=None, repr=False, compare=False)
+    #: binding name in ``main`` -> the layer's name in the original model, where known (ONNX
+    #: convolutions and pools); pictures and timelines say these
+    layer_names: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def reference(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Run the ORIGINAL model (ONNX Runtime or torch) on ``inputs``.

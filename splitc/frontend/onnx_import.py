@@ -19,6 +19,7 @@ from splitc.errors import SplitcError, short_message
 from splitc.frontend.model import ImportedModel, OnnxReference
 from splitc.frontend.relax_cleanup import finish_relax
 from splitc.frontend.shapes import Dim, resolve_input_shapes
+from splitc.passes.ir import main_block, op_name, var_inputs
 
 #: Constant folding never materialises a tensor larger than this (elements).
 MAX_FOLD_ELEMENTS = 1 << 24
@@ -388,6 +389,37 @@ def onnx_to_relax(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
     return finish_relax(mod, label)
 
 
+#: ONNX ops that stay one Relax binding each, in order, through import (batch norms fold into
+#: the convolution before them): the k-th such node is the k-th such binding.
+NAMED_OPS = {"Conv": "nn.conv2d", "ConvTranspose": "nn.conv2d_transpose",
+             "MaxPool": "nn.max_pool2d", "AveragePool": "nn.avg_pool2d"}
+
+
+def layer_names(model: onnx.ModelProto, mod: tvm.IRModule) -> dict[str, str]:
+    """What a user knows each Relax binding as: the ONNX node name of each of
+    :data:`NAMED_OPS` (e.g. ``/layer1/layer1.0/conv1/Conv``), where the counts agree; a bias
+    add keeps its layer's name, and what follows (an activation, a residual add) is that layer
+    with the op after it (``/layer1/layer1.0/conv1/Conv+relu``)."""
+    names: dict[str, str] = {}
+    bindings = list(main_block(mod).bindings)
+    for onnx_op, relax_op in NAMED_OPS.items():
+        nodes = [n.name for n in model.graph.node if n.op_type == onnx_op]
+        found = [b.var.name for b in bindings if op_name(b.value) == relax_op]
+        if len(nodes) == len(found):
+            names.update({v: n for v, n in zip(found, nodes, strict=True) if n})
+    for b in bindings:
+        if b.var.name in names:
+            continue
+        first = next((v.name for v in var_inputs(b.value)), None)
+        if first not in names:
+            continue
+        layer = names[first].split("+")[0]
+        op = op_name(b.value)
+        bias = op == "add" and any(isinstance(a, tvm.ir.GenericConst) for a in b.value.args)
+        names[b.var.name] = layer if bias else f"{layer}+{op.removeprefix('nn.')}"
+    return names
+
+
 def load_onnx(path: str | Path, input_shapes: Mapping[str, tuple[int, ...]] | None = None,
               *, source: str | None = None) -> ImportedModel:
     """Import an ONNX file: read, pin, normalise, check ops, convert.
@@ -407,4 +439,5 @@ def load_onnx(path: str | Path, input_shapes: Mapping[str, tuple[int, ...]] | No
                         dict(zip(names, dtypes, strict=True)), label)
     return ImportedModel(mod=mod, input_names=names, input_shapes=shapes, input_dtypes=dtypes,
                          output_names=[o.name for o in model.graph.output],
-                         source=source or f"ONNX file {path}", path=path, runner=reference)
+                         source=source or f"ONNX file {path}", path=path, runner=reference,
+                         layer_names=layer_names(model, mod))

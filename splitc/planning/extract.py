@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import tvm
@@ -54,6 +55,8 @@ class Extracted:
     outputs: tuple[Endpoint, ...]  # named after their tensors until :meth:`plan` names them
     slices: tuple[Slice, ...]
     names: tuple[str, ...]  # device index in the split form -> device name
+    #: what a user calls each tensor (see :func:`labels`)
+    labels: dict[str, str] = field(default_factory=dict)
 
     @property
     def transfer_bytes(self) -> int:
@@ -86,7 +89,7 @@ class Extracted:
             pieces=self.pieces, tensors=dict(self.tensors), transfers=self.transfers,
             inputs=self.inputs, outputs=outputs, source=source,
             versions={"splitc": splitc.__version__, "tvm": tvm.__version__},
-            slices=self.slices)
+            slices=self.slices, labels=dict(self.labels))
 
 
 def _tensor(var: relax.Var) -> Tensor:
@@ -112,11 +115,13 @@ def client_slices(func: relax.Function, args: list[relax.Var]) -> dict[relax.Var
     return out
 
 
-def extract(mod: tvm.IRModule, names: Sequence[str] | None = None) -> Extracted:
+def extract(mod: tvm.IRModule, names: Sequence[str] | None = None,
+            layer_names: Mapping[str, str] | None = None) -> Extracted:
     """Cut a split-form module into per-device modules and the transfers between them.
 
     ``names``: the name of each device index of the split form (a cluster file's names);
-    default ``dev0``, ``dev1``, ..."""
+    default ``dev0``, ``dev1``, ... ``layer_names``: the model's names of ``main``'s original
+    bindings (:attr:`splitc.frontend.ImportedModel.layer_names`), for the tensors' labels."""
     main = mod["main"]
     device_of_piece: dict[str, int] = {}
     for gv, func in mod.functions.items():
@@ -207,6 +212,51 @@ def extract(mod: tvm.IRModule, names: Sequence[str] | None = None) -> Extracted:
         modules[names[device]] = device_mod
     outputs = tuple(Endpoint(v.name, v.name, names[produced_on[v]])
                     for v in output_vars(main))
+    ops = {b.var.name: op_name(b.value) for gv, f in mod.functions.items()
+           if isinstance(f, relax.Function) and gv.name_hint in device_of_piece
+           for blk in f.body.blocks for b in blk.bindings}
     return Extracted(modules, constants, tuple(pieces), tensors, tuple(transfers.values()),
                      tuple(Endpoint(p.name, p.name) for p in main.params), outputs,
-                     tuple(slices.values()), names)
+                     tuple(slices.values()), names,
+                     labels(tensors, ops, slices.values(), layer_names or {}))
+
+
+#: The suffixes the split passes give the parts of a tensor (see their rewriters): a row tile,
+#: rows cut for a device, a channel slice, input channels, a gathered whole, an output alias,
+#: and the number that makes a name unique.
+_ROLE = re.compile(r"_(t|r|c|in|g|at|out)?(\d*)$")
+
+
+def labels(tensors: Mapping[str, Tensor], ops: Mapping[str, str], slices,
+           layer_names: Mapping[str, str]) -> dict[str, str]:
+    """What a user calls each tensor: the layer that makes it — its name in the model where
+    known, else its operator — with the part of it the tensor is (rows of a tile, channels of
+    a slice, gathered), e.g. ``/layer2/layer2.0/conv1/Conv, 7 rows``."""
+    cut = {s.tensor: s for s in slices}
+    out = {}
+    for name, t in tensors.items():
+        if name in cut:
+            s = cut[name]
+            out[name] = f"{s.source}, rows {s.begin}-{s.end - 1}"
+            continue
+        base, parts = name, []
+        while True:
+            m = _ROLE.search(base)
+            if not m or m.end() == m.start() or m.start() == 0:
+                break
+            parts.append(m.group(1))
+            base = base[:m.start()]
+        op = ops.get(base) or next((ops[n] for n in (f"{base}_t0", f"{base}_c0", name)
+                                    if n in ops), "tensor")
+        layer = layer_names.get(base) or f"{op} {base}"
+        role = ""
+        if "t" in parts or "r" in parts:
+            rows = t.shape[2] if len(t.shape) == 4 else 0
+            role = f", {rows} row{'s' * (rows != 1)}" if rows else ", rows"
+        elif "c" in parts or "in" in parts:
+            axis = 1 if len(t.shape) == 4 else len(t.shape) - 1
+            role = f", {t.shape[axis]} channels"
+        elif "g" in parts or "at" in parts:
+            role = ", gathered"
+        out[name] = layer + role
+    return out
