@@ -106,7 +106,7 @@ def test_auto_compile_with_cluster_file_and_drawing(tmp_path):
     r = splitc("inspect", out, "--draw", tmp_path / "plan.svg")
     assert r.returncode == 0, r.stderr
     svg = (tmp_path / "plan.svg").read_text()
-    assert "<svg" in svg and "dev0 (host)" in svg and "client" in svg
+    assert "<svg" in svg and "host0 (host)" in svg and "client" in svg
 
 
 def test_missing_cluster_file(tmp_path):

@@ -391,8 +391,9 @@ def onnx_to_relax(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
 
 #: ONNX ops that stay one Relax binding each, in order, through import (batch norms fold into
 #: the convolution before them): the k-th such node is the k-th such binding.
-NAMED_OPS = {"Conv": "nn.conv2d", "ConvTranspose": "nn.conv2d_transpose",
-             "MaxPool": "nn.max_pool2d", "AveragePool": "nn.avg_pool2d"}
+NAMED_OPS = {("Conv",): "nn.conv2d", ("ConvTranspose",): "nn.conv2d_transpose",
+             ("MaxPool",): "nn.max_pool2d", ("AveragePool",): "nn.avg_pool2d",
+             ("Gemm", "MatMul"): "matmul"}
 
 
 def layer_names(model: onnx.ModelProto, mod: tvm.IRModule) -> dict[str, str]:
@@ -402,8 +403,8 @@ def layer_names(model: onnx.ModelProto, mod: tvm.IRModule) -> dict[str, str]:
     with the op after it (``/layer1/layer1.0/conv1/Conv+relu``)."""
     names: dict[str, str] = {}
     bindings = list(main_block(mod).bindings)
-    for onnx_op, relax_op in NAMED_OPS.items():
-        nodes = [n.name for n in model.graph.node if n.op_type == onnx_op]
+    for onnx_ops, relax_op in NAMED_OPS.items():
+        nodes = [n.name for n in model.graph.node if n.op_type in onnx_ops]
         found = [b.var.name for b in bindings if op_name(b.value) == relax_op]
         if len(nodes) == len(found):
             names.update({v: n for v, n in zip(found, nodes, strict=True) if n})
