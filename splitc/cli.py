@@ -332,8 +332,9 @@ def tune(
         imported = frontend.load(model, parse_shapes(input_shape), tiny=tiny)
         func, _ = lift_weights(imported.mod["main"])
         module = tvm.IRModule({"main": func})
-    rows = tuning.tune(module, spec, db, trials, log=lambda m: typer.echo(m, err=True),
-                       rpc=remote)
+    with progress_bar(f"tuning {spec.name}") as tell:
+        rows = tuning.tune(module, spec, db, trials, log=lambda m: typer.echo(m, err=True),
+                           rpc=remote, progress=tell)
     typer.echo(f"{'kernel':<48} {'default':>11} {'best':>11}")
     for r in rows:
         typer.echo(f"{r['kernel'][:48]:<48} {tuning._ms(r['default_s']):>11} "

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -118,8 +117,9 @@ def _measurer(spec, rpc: Rpc | None):
     return builder, runner
 
 
-def _progress(total: int, log: Callable[[str], None]):
-    """A measure callback that draws a progress bar of the trials measured so far."""
+def _progress(total: int, tell: Callable[[float, str], None]):
+    """A measure callback that tells ``tell(fraction, text)`` how many trials are measured
+    and the best time of the kernel just measured."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
 
@@ -127,7 +127,6 @@ def _progress(total: int, log: Callable[[str], None]):
     class Progress(ms.measure_callback.PyMeasureCallback):
         def __init__(self):
             self.done, self.best = 0, {}
-            self.start = time.perf_counter()
 
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results,
                   runner_results):
@@ -136,24 +135,23 @@ def _progress(total: int, log: Callable[[str], None]):
                 if not r.error_msg and r.run_secs:
                     secs = sum(float(s) for s in r.run_secs) / len(r.run_secs)
                     self.best[task_id] = min(self.best.get(task_id, secs), secs)
-            frac = min(1.0, self.done / max(1, total))
-            bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
-            print(f"\rtuning [{bar}] {self.done}/{total} trials, "
-                  f"{time.perf_counter() - self.start:.0f} s", end="", file=sys.stderr,
-                  flush=True)
+            best = self.best.get(task_id)
+            tell(min(1.0, self.done / max(1, total)),
+                 f"{self.done}/{total} trials; kernel {task_id}: best {_ms(best)}")
 
     return Progress()
 
 
 def tune(module: tvm.IRModule, spec: target_registry.TargetSpec, root: str | Path,
          trials: int, log: Callable[[str], None] = print, *, rpc: Rpc | None = None,
-         progress: bool = True) -> list[dict]:
+         progress: Callable[[float, str], None] | None = None) -> list[dict]:
     """Tune the kernels of ``module`` for ``spec`` into ``root/<key>``: on this machine for
     the host, through ``rpc`` on a board.
 
     Identical kernels (same structure) are tuned once however many pieces hold them. Returns
     one row per tuned kernel: name, default-schedule seconds, best seconds after tuning.
-    Resumable: records already in the folder are kept and built on.
+    Resumable: records already in the folder are kept and built on. ``progress(fraction,
+    text)`` is told as trials are measured.
     """
     from tvm.s_tir import meta_schedule as ms
 
@@ -189,14 +187,12 @@ def tune(module: tvm.IRModule, spec: target_registry.TargetSpec, root: str | Pat
             searched, work_dir=str(work))
         start = time.perf_counter()
         callbacks = ms.measure_callback.MeasureCallback.create("default")
-        if progress:
-            callbacks = [*callbacks, _progress(trials, log)]
+        if progress is not None:
+            callbacks = [*callbacks, _progress(trials, progress)]
         ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work),
                            max_trials_global=trials, num_trials_per_iter=min(64, trials),
                            builder=builder, runner=runner, database=database,
                            measure_callbacks=callbacks)
-        if progress:
-            print(file=sys.stderr)
         log(f"tuned {len(searched)} kernels, {trials} trials in "
             f"{time.perf_counter() - start:.0f} s")
     for row, task in zip(rows, tasks, strict=True):
