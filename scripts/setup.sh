@@ -25,7 +25,7 @@ stamp=.venv/.splitc-deps
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   # torch is pinned to the CPU build: a bare `torch` requirement pulls a multi-GB CUDA build.
-  .venv/bin/python -m pip install -q -e '.[compiler,test]'
+  .venv/bin/python -m pip install -q -e '.[compiler,test,bench]'
   touch "$stamp"
 fi
 .venv/bin/python - <<'PY'
