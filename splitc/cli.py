@@ -195,7 +195,7 @@ def finetune(
     student. 20 % of the data is held out to report accuracy before and after. Uses a GPU
     when torch sees one.
     """
-    from splitc.backend.torch_program import TorchProgram
+    from splitc.backend.torch_program import TorchProgram, check_trainable
     from splitc.driver import load_reference, recompile
     from splitc.frontend.data import check_examples, load_data
     from splitc.planning import strategies
@@ -207,10 +207,13 @@ def finetune(
         raise SplitcError(f"{out} is not a branch plan: compile with --strategy branch first")
     x, y = load_data(data)
     check_examples(reference.original.mod, x, y)
+    check_trainable(reference.original.mod)  # (before any training: exit 2 naming the ops)
+    check_trainable(reference.student_mod)
     student = reference.program()
     report = distill(TorchProgram(reference.original.mod), student, x, y, epochs=epochs, lr=lr,
                      batch=batch, seed=seed, log=lambda m: typer.echo(m, err=True))
-    recompile(out, strategies.get("branch").trained(reference.plan, student),
+    recompile(out, strategies.get("branch").trained(reference.original.mod, reference.plan,
+                                                     student),
               log=lambda m: typer.echo(m, err=True))
     drop = (report.teacher - report.after) * 100
     typer.echo(f"{report.metric}: original {report.teacher:.4f}, branch model before "
