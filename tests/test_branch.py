@@ -22,10 +22,10 @@ from splitc.passes.split.branch import (
     sync_candidates,
 )
 from splitc.passes.split.channel import ChannelSplit, plan_channel
-from splitc.planning.strategies.branch import branch_split
 from splitc.planning.cluster import Cluster
 from splitc.planning.distill import distill
 from splitc.planning.extract import extract
+from splitc.planning.strategies.branch import branch_split
 
 from .helpers import run_module
 

@@ -134,6 +134,8 @@ class Structure:
 
     def __init__(self, mod: tvm.IRModule, k: int):
         self.k = k
+        mod = unique_names(mod)
+        self.mod = mod
         func = mod["main"]
         self.block = main_block(mod)
         self.bindings = {b.var.name: b for b in self.block.bindings}
@@ -338,6 +340,9 @@ class Structure:
         for j in range(len(b)):
             if int(np.prod(b[:j])) == before and b[j] == a[ax]:
                 return self._keep_axis(var, src, j)
+        step = self._shuffle(var, src)
+        if step.kind != "whole":
+            return step
         for j in range(len(b)):  # channels grouped (a group norm's view) or split back
             if int(np.prod(b[:j])) != before or min(a[ax], b[j]) < self.k:
                 continue
@@ -353,7 +358,7 @@ class Structure:
                 self.relations.append((var.name, np.arange(b[j]), src.name,
                                        np.arange(b[j]) // r))
                 return Step("same", src.name, ratio=-r)
-        return self._shuffle(var, src)
+        return Step("whole")
 
     def _shuffle(self, var, src) -> Step:
         """A chain of moves from ``src`` (reshape, transpose, reshape) that ends in a tensor
@@ -486,6 +491,40 @@ class Structure:
         return Step("group_norm", src.name)
 
 
+def unique_names(mod: tvm.IRModule) -> tvm.IRModule:
+    """``mod`` with every binding of ``main`` named apart (the torch importer may bind two
+    tensors to one name; plans and device maps name tensors): a repeated name ``v`` becomes
+    ``v_2``, ``v_3``, ... Returns ``mod`` itself when the names are already unique."""
+    block = main_block(mod)
+    names = [b.var.name for b in block.bindings]
+    if len(set(names)) == len(names):
+        return mod
+    func = mod["main"]
+    taken = set(names) | {p.name for p in func.params}
+    seen: set[str] = set()
+    bb = relax.BlockBuilder()
+    params = [relax.Var(p.name, p.ty) for p in func.params]
+    vmap: dict[relax.Var, relax.Expr] = dict(zip(func.params, params, strict=True))
+    outputs = set(output_vars(func))
+    with bb.function("main", params, attrs=dict(func.attrs.items()) if func.attrs else {}):
+        with bb.dataflow():
+            for b in block.bindings:
+                name, n = b.var.name, 1
+                while name in seen:
+                    n += 1
+                    name = f"{b.var.name}_{n}"
+                    if name in taken and name not in seen and n > 1:
+                        continue
+                seen.add(name)
+                value = bb.normalize(substitute(b.value, vmap))
+                var = (relax.Var if b.var in outputs else relax.DataflowVar)(name, value.ty)
+                bb.emit_normalized(relax.VarBinding(var, value))
+                vmap[b.var] = var
+        results = [vmap[v] for v in output_vars(func)]
+        bb.emit_func_output(results[0] if len(results) == 1 else relax.Tuple(results))
+    return copy_helpers(mod, bb.get())
+
+
 def _is_tensor(expr) -> bool:
     return isinstance(expr.ty, relax.TensorType)
 
@@ -598,16 +637,20 @@ def analyse(mod: tvm.IRModule, k: int, refine_rounds: int = 4,
                              np.concatenate([np.arange(n), *ab]) if ab else np.arange(n))
     roots, atom = np.unique(atom_label, return_inverse=True)
     n_atoms = len(roots)
-    # the contiguous partition, tensor by tensor in order
+    # the contiguous partition, tensor by tensor in order: a tensor's atoms not placed yet
+    # fill, in channel order, the branches that hold fewer than C/K of its channels
     branch = np.full(n_atoms, -1)
     for v, c in st.channels.items():
         a = atom[offset[v]:offset[v] + c]
-        fresh = branch[a] < 0
-        if fresh.any():
-            want = np.arange(c) * k // c
-            for i in np.flatnonzero(fresh):
-                if branch[a[i]] < 0:
-                    branch[a[i]] = want[i]
+        if not (branch[a] < 0).any():
+            continue
+        held = np.bincount(branch[a][branch[a] >= 0], minlength=k).astype(float)
+        size = dict(zip(*np.unique(a, return_counts=True), strict=True))
+        for i in range(c):
+            if branch[a[i]] < 0:
+                g = int(np.argmax(np.minimum(c / k - held, 1e9) - np.arange(k) * 1e-6))
+                branch[a[i]] = g
+                held[g] += size[a[i]]
     ana = Analysis(k, st, offset, atom, branch)
     _refine(ana, refine_rounds, activations or {})
     return ana
@@ -836,8 +879,9 @@ class _Rewriter:
     """Emits the branch model of one plan and records each binding's device."""
 
     def __init__(self, mod: tvm.IRModule, plan: BranchPlan):
-        self.mod, self.plan, self.k = mod, plan, plan.k
+        self.plan, self.k = plan, plan.k
         self.st = Structure(mod, plan.k)
+        self.mod = self.st.mod
         missing = set(self.st.channels) - set(plan.branches)
         if missing:
             raise SplitcError(f"the branch plan does not fit this model: no branches for "
