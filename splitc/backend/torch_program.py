@@ -25,6 +25,7 @@ from splitc.passes.ir import (
     static_shape,
     substitute,
 )
+from splitc.passes.split.branch import unique_names
 
 
 def _pads(padding) -> tuple[int, int, int, int]:
@@ -214,6 +215,7 @@ class TorchProgram(torch.nn.Module):
 
     def __init__(self, mod: tvm.IRModule):
         super().__init__()
+        mod = unique_names(mod)  # (parameters and values are keyed by binding name)
         self.mod = mod
         func = mod["main"]
         self.inputs = [p.name for p in func.params]
@@ -237,6 +239,9 @@ class TorchProgram(torch.nn.Module):
             for i, a in enumerate(call.args):
                 if isinstance(a, relax.Var):
                     args.append(("var", a.name))
+                elif isinstance(a, relax.Tuple) and all(isinstance(f, tvm.tirx.IntImm)
+                                                        for f in a.fields):
+                    args.append(("value", [int(f.value) for f in a.fields]))  # slice bounds
                 elif isinstance(a, relax.Tuple):
                     args.append(("tuple", [f.name for f in a.fields]))
                 elif isinstance(a, tvm.ir.GenericConst):
@@ -247,9 +252,6 @@ class TorchProgram(torch.nn.Module):
                     args.append(("param", key))
                 elif isinstance(a, relax.ShapeExpr):
                     args.append(("value", None))  # a reshape's target: the static shape
-                elif isinstance(a, relax.Tuple) and all(isinstance(f, tvm.tirx.IntImm)
-                                                        for f in a.fields):
-                    args.append(("value", [int(f.value) for f in a.fields]))  # slice bounds
                 elif isinstance(a, tvm.ir.Constant) and hasattr(a, "value") \
                         and isinstance(a.value, int | float):  # a scalar (clip bounds)
                     args.append(("value", float(a.value)))
