@@ -235,13 +235,15 @@ def plan(
     cluster: ClusterOpt = None,
     objective: ObjectiveOpt = "latency",
     explain: Annotated[bool, typer.Option(
-        help="Show every candidate with its predicted cost, and why the best won.")] = False,
+        help="Show every candidate with its predicted cost, why the best won, and the bytes "
+             "a branch plan would send against the channel plan and the best exact plan.")]
+        = False,
     input_shape: ShapeOpt = None,
     tiny: TinyOpt = False,
 ) -> None:
     """Search for the best split of MODEL on a cluster (no compile)."""
     from splitc import frontend
-    from splitc.planning.search import search
+    from splitc.planning.search import branch_savings, search
     from splitc.planning.speeds import cluster_speeds
 
     spec = load_cluster(cluster, devices)
@@ -255,6 +257,7 @@ def plan(
                f"{best.estimate.transfer_bytes:,} bytes per inference")
     if explain:
         typer.echo(result.explain(spec))
+        typer.echo(branch_savings(imported.mod, result))
 
 
 @app.command()

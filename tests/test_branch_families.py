@@ -112,8 +112,8 @@ def splitc(*args, cwd=None):
                           capture_output=True, text=True, timeout=900, cwd=cwd)
 
 
-@pytest.mark.parametrize(("name", "how", "k"), [("shufflenet", "onnx", 2),
-                                                 ("convnext", "pt2", 4)])
+@pytest.mark.parametrize(("name", "how", "k"), [
+    pytest.param("shufflenet", "onnx", 2, marks=pytest.mark.slow), ("convnext", "pt2", 4)])
 def test_cli_compile_sync_all_runs_and_checks(tmp_path, name, how, k):
     """``splitc compile --strategy branch --sync all``, then ``run --check``: the split gives
     the branch model's answer, and the branch model is the original's."""
@@ -158,3 +158,23 @@ def test_families_module_is_importable_as_a_factory(models):
     finally:
         sys.path.remove(here)
     assert plan_branches(model.mod, 2, "none").branched
+
+
+def test_explain_shows_what_a_branch_plan_saves(models):
+    """``plan --explain``'s last lines: the branch plan's bytes against the channel plan and
+    the exact split that sends the fewest."""
+    from splitc.planning.cluster import Cluster
+    from splitc.planning.cost import DeviceSpeed
+    from splitc.planning.search import branch_savings, search
+
+    model = models("efficientnet", "onnx")
+    cluster = Cluster.uniform(["host", "host"])
+    result = search(model.mod, cluster, [DeviceSpeed(1e9, 1e-4, "test")] * 2)
+    text = branch_savings(model.mod, result)
+    channel = next(c for c in result.candidates if c.strategy == "channel")
+    none = extract(branch_split(model.mod, plan_branches(model.mod, 2, "none"))).transfer_bytes
+    assert f"{none:,} bytes per inference with no sync point" in text
+    fewer = (1 - none / channel.estimate.transfer_bytes) * 100
+    assert f"vs the channel plan (channel over all): {channel.estimate.transfer_bytes:,} " \
+           f"bytes -> {fewer:.1f} % fewer" in text
+    assert "vs the exact split sending the fewest" in text

@@ -260,6 +260,12 @@ def search_policy(mod: tvm.IRModule, k: int, x: np.ndarray, y: np.ndarray | None
     raise AssertionError("unreachable: the exact policy is always within")
 
 
+def branch_bytes(original: tvm.IRModule, k: int, sync: str | float = "none") -> int:
+    """Bytes the devices of a ``k``-branch plan of ``original`` send each other per inference
+    (``sync`` as for :func:`~splitc.passes.split.branch.plan_branches`)."""
+    return extract(branch_split(original, plan_branches(original, k, sync))).transfer_bytes
+
+
 def predicted_latency(original: tvm.IRModule, plan: BranchPlan, cluster: Cluster,
                       speeds: list[DeviceSpeed] | None) -> float:
     """The cost model's latency for a branch plan split over ``cluster`` (branch k on
