@@ -180,7 +180,7 @@ def main() -> int:
                         log=lambda _m: None, progress=False)
             after = float((top1(student, xte, "cpu") == yte).mean())
             out = work / f"branch{k}-{sync}"
-            split = strategies.get("branch").trained(bplan, student)
+            split = strategies.get("branch").trained(imported.mod, bplan, student)
             plan = write_extracted(out, extract(split.module), targets, "branch", source,
                                    files=split.files)
             r = distributed(out, xte, yte, args.repeats)

@@ -196,7 +196,7 @@ def finetune(
     student. 20 % of the data is held out to report accuracy before and after. Uses a GPU
     when torch sees one.
     """
-    from splitc.backend.torch_program import TorchProgram
+    from splitc.backend.torch_program import TorchProgram, check_trainable
     from splitc.driver import load_reference, recompile
     from splitc.frontend.data import check_examples, load_data
     from splitc.planning import strategies
@@ -208,10 +208,13 @@ def finetune(
         raise SplitcError(f"{out} is not a branch plan: compile with --strategy branch first")
     x, y = load_data(data)
     check_examples(reference.original.mod, x, y)
+    check_trainable(reference.original.mod)  # (before any training: exit 2 naming the ops)
+    check_trainable(reference.student_mod)
     student = reference.program()
     report = distill(TorchProgram(reference.original.mod), student, x, y, epochs=epochs, lr=lr,
                      batch=batch, seed=seed, log=lambda m: typer.echo(m, err=True))
-    recompile(out, strategies.get("branch").trained(reference.plan, student),
+    recompile(out, strategies.get("branch").trained(reference.original.mod, reference.plan,
+                                                     student),
               log=lambda m: typer.echo(m, err=True))
     drop = (report.teacher - report.after) * 100
     typer.echo(f"{report.metric}: original {report.teacher:.4f}, branch model before "
@@ -233,7 +236,9 @@ def plan(
     cluster: ClusterOpt = None,
     objective: ObjectiveOpt = "latency",
     explain: Annotated[bool, typer.Option(
-        help="Show every candidate with its predicted cost, and why the best won.")] = False,
+        help="Show every candidate with its predicted cost, why the best won, and the bytes "
+             "a branch plan would send against the channel plan and the best exact plan.")]
+        = False,
     trace: Annotated[Path | None, typer.Option(
         help="Write the best plan's predicted timeline here (Chrome Trace Event JSON: open in "
              "ui.perfetto.dev; `splitc run --trace` writes the measured one).")] = None,
@@ -242,7 +247,7 @@ def plan(
 ) -> None:
     """Search for the best split of MODEL on a cluster (no compile)."""
     from splitc import frontend
-    from splitc.planning.search import search
+    from splitc.planning.search import branch_savings, search
     from splitc.planning.speeds import cluster_speeds
 
     spec = load_cluster(cluster, devices)
@@ -256,6 +261,7 @@ def plan(
                f"{best.estimate.transfer_bytes:,} bytes per inference")
     if explain:
         typer.echo(result.explain(spec))
+        typer.echo(branch_savings(imported.mod, result))
     if trace is not None:
         from splitc.planning.search import predicted_timeline
 

@@ -25,6 +25,7 @@ from splitc.passes.ir import (
     static_shape,
     substitute,
 )
+from splitc.passes.split.branch import unique_names
 
 
 def _pads(padding) -> tuple[int, int, int, int]:
@@ -87,14 +88,120 @@ OPS: dict[str, Callable] = {
                                             keepdim=bool(a.keepdims)),
     "sum": lambda args, a, _s: args[0].sum(dim=_axes(a, args[0].dim()),
                                           keepdim=bool(a.keepdims)),
-    # the batch axis follows the data (the module was imported for batch 1)
-    "reshape": lambda args, a, s: args[0].reshape(args[0].shape[0], *s[1:]),
-    "flatten": lambda args, a, s: args[0].reshape(args[0].shape[0], *s[1:]),
+    # the batch axis follows the data (the module was imported for batch 1; a reshape that
+    # folds positions into the leading axis, [1, H, W, C] -> [H * W, C], folds the batch too)
+    "reshape": lambda args, a, s: args[0].reshape(-1, *s[1:]),
+    "flatten": lambda args, a, s: args[0].reshape(-1, *s[1:]),
     "matmul": lambda args, a, _s: args[0] @ args[1],
     "permute_dims": lambda args, a, _s: args[0].permute(*[int(v) for v in a.axes]),
     "concat": lambda args, a, _s: torch.cat(list(args[0]), dim=int(a.axis)),
     "nn.softmax": lambda args, a, _s: F.softmax(args[0], dim=int(a.axis)),
+    # what importers produce for normalisation, attention to channels and modern activations
+    "nn.log_softmax": lambda args, a, _s: F.log_softmax(args[0], dim=int(a.axis)),
+    "nn.layer_norm": lambda args, a, _s: _layer_norm(args, a),
+    "nn.group_norm": lambda args, a, _s: _group_norm(args, a),
+    "nn.gelu_tanh": lambda args, a, _s: F.gelu(args[0], approximate="tanh"),
+    "nn.leakyrelu": lambda args, a, _s: F.leaky_relu(args[0], float(a.alpha)),
+    "nn.softplus": lambda args, a, _s: F.softplus(args[0], float(a.beta), float(a.threshold)),
+    "nn.selu": lambda args, a, _s: F.selu(args[0]),
+    "nn.prelu": lambda args, a, _s: _prelu(args, a),
+    "erf": lambda args, a, _s: torch.erf(args[0]),
+    "exp": lambda args, a, _s: torch.exp(args[0]),
+    "log": lambda args, a, _s: torch.log(args[0]),
+    "sqrt": lambda args, a, _s: torch.sqrt(args[0]),
+    "rsqrt": lambda args, a, _s: torch.rsqrt(args[0]),
+    "square": lambda args, a, _s: args[0] * args[0],
+    "abs": lambda args, a, _s: torch.abs(args[0]),
+    "negative": lambda args, a, _s: -args[0],
+    "power": lambda args, a, _s: torch.pow(args[0], args[1]),
+    "astype": lambda args, a, _s: args[0].to(getattr(torch, str(a.dtype))),
+    "variance": lambda args, a, _s: args[0].var(dim=_axes(a, args[0].dim()), unbiased=False,
+                                                keepdim=bool(a.keepdims)),
+    "std": lambda args, a, _s: args[0].std(dim=_axes(a, args[0].dim()), unbiased=False,
+                                          keepdim=bool(a.keepdims)),
+    "max": lambda args, a, _s: args[0].amax(dim=_axes(a, args[0].dim()),
+                                           keepdim=bool(a.keepdims)),
+    "min": lambda args, a, _s: args[0].amin(dim=_axes(a, args[0].dim()),
+                                           keepdim=bool(a.keepdims)),
+    "expand_dims": lambda args, a, s: args[0].reshape(-1, *s[1:]),
+    "squeeze": lambda args, a, s: args[0].reshape(-1, *s[1:]),
+    # moving channels: what branch models and channel shuffles are made of
+    "take": lambda args, a, _s: torch.index_select(args[0], int(a.axis) % args[0].dim(),
+                                                   args[1].long()),
+    "strided_slice": lambda args, a, _s: _strided_slice(args),
+    "split": lambda args, a, _s: _split(args[0], a),
 }
+
+
+def _layer_norm(args, a):
+    x, gamma, beta = args
+    axes = [int(v) % x.dim() for v in a.axes]
+    mean = x.mean(dim=axes, keepdim=True)
+    var = x.var(dim=axes, unbiased=False, keepdim=True)
+    y = (x - mean) / torch.sqrt(var + float(a.epsilon))
+    shape = [x.shape[i] if i in axes else 1 for i in range(x.dim())]
+    if bool(a.scale):
+        y = y * gamma.reshape(shape)
+    if bool(a.center):
+        y = y + beta.reshape(shape)
+    return y
+
+
+def _group_norm(args, a):
+    x, gamma, beta = args
+    ax = int(a.channel_axis) % x.dim()
+    if ax != 1 or sorted(int(v) % x.dim() for v in a.axes) != list(range(2, x.dim())):
+        raise SplitcError("group_norm over other axes than channels-first is not supported "
+                          "for training")
+    return F.group_norm(x, int(a.num_groups), gamma if bool(a.scale) else None,
+                        beta if bool(a.center) else None, float(a.epsilon))
+
+
+def _prelu(args, a):
+    x, alpha = args
+    shape = [1] * x.dim()
+    shape[int(a.axis) % x.dim()] = -1
+    return torch.where(x >= 0, x, x * alpha.reshape(shape))
+
+
+def _strided_slice(args):
+    x, axes, begin, end = args[:4]
+    strides = args[4] if len(args) > 4 else [1] * len(axes)
+    index = [slice(None)] * x.dim()
+    for ax, b, e, st in zip(axes, begin, end, strides, strict=True):
+        ax = int(ax) % x.dim()
+        if ax == 0:
+            raise SplitcError("strided_slice on the batch axis is not supported for training")
+        index[ax] = slice(int(b), int(e), int(st))
+    return x[tuple(index)]
+
+
+def _split(x, a):
+    ax = int(a.axis) % x.dim()
+    sections = a.indices_or_sections
+    if isinstance(sections, tvm.tirx.IntImm | int):
+        return list(torch.tensor_split(x, int(sections), dim=ax))
+    return list(torch.tensor_split(x, [int(v) for v in sections], dim=ax))
+
+
+def unsupported(mod: tvm.IRModule) -> dict[str, str]:
+    """The ops of ``main`` that :class:`TorchProgram` cannot run: op -> first binding."""
+    out: dict[str, str] = {}
+    for b in main_block(mod).bindings:
+        name = op_name(b.value)
+        if name not in OPS and name != "TupleGetItem" and not isinstance(b.value, relax.Var):
+            out.setdefault(name, b.var.name)
+    return out
+
+
+def check_trainable(mod: tvm.IRModule) -> None:
+    """Refuse, before any training, a module with ops torch cannot train through (naming
+    every one)."""
+    missing = unsupported(mod)
+    if missing:
+        shown = ", ".join(f"{op} (binding {var})" for op, var in sorted(missing.items()))
+        raise SplitcError(f"`splitc finetune` cannot train through {shown}: these ops have no "
+                          "torch implementation in splitc.backend.torch_program")
 
 
 class TorchProgram(torch.nn.Module):
@@ -108,6 +215,7 @@ class TorchProgram(torch.nn.Module):
 
     def __init__(self, mod: tvm.IRModule):
         super().__init__()
+        mod = unique_names(mod)  # (parameters and values are keyed by binding name)
         self.mod = mod
         func = mod["main"]
         self.inputs = [p.name for p in func.params]
@@ -117,13 +225,23 @@ class TorchProgram(torch.nn.Module):
         for b in main_block(mod).bindings:
             call = b.value
             name = op_name(call)
+            if isinstance(call, relax.TupleGetItem):  # an item of a split
+                self.steps.append((b.var.name, "TupleGetItem",
+                                   [("var", call.tuple_value.name), ("value", int(call.index))],
+                                   None, None))
+                continue
+            if isinstance(call, relax.Var):  # an alias
+                self.steps.append((b.var.name, "alias", [("var", call.name)], None, None))
+                continue
             if name not in OPS:
-                raise SplitcError(f"`splitc finetune` cannot train through {name} (binding "
-                                  f"{b.var.name}); supported: {', '.join(sorted(OPS))}")
+                check_trainable(mod)
             args = []
             for i, a in enumerate(call.args):
                 if isinstance(a, relax.Var):
                     args.append(("var", a.name))
+                elif isinstance(a, relax.Tuple) and all(isinstance(f, tvm.tirx.IntImm)
+                                                        for f in a.fields):
+                    args.append(("value", [int(f.value) for f in a.fields]))  # slice bounds
                 elif isinstance(a, relax.Tuple):
                     args.append(("tuple", [f.name for f in a.fields]))
                 elif isinstance(a, tvm.ir.GenericConst):
@@ -140,7 +258,8 @@ class TorchProgram(torch.nn.Module):
                 else:
                     raise SplitcError(f"`splitc finetune`: unsupported argument {type(a).__name__}"
                                       f" of {name} ({b.var.name})")
-            self.steps.append((b.var.name, name, args, call.attrs, static_shape(b.var)))
+            shape = static_shape(b.var) if isinstance(b.var.ty, relax.TensorType) else None
+            self.steps.append((b.var.name, name, args, call.attrs, shape))
         self.weights = torch.nn.ParameterDict(params)
 
     def forward(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
@@ -170,12 +289,21 @@ class TorchProgram(torch.nn.Module):
                     vals.append(self.weights[ref])
                 else:
                     vals.append(ref)
-            env[var] = override[var] if var in override else OPS[name](vals, attrs, shape)
+            if var in override:
+                env[var] = override[var]
+            elif name == "TupleGetItem":
+                env[var] = vals[0][vals[1]]
+            elif name == "alias":
+                env[var] = vals[0]
+            else:
+                env[var] = OPS[name](vals, attrs, shape)
         return env
 
     def to_module(self) -> tvm.IRModule:
         """The Relax module with this program's (trained) constants."""
         def rewrite(b, vmap):
+            if not isinstance(b.value, relax.Call):
+                return substitute(b.value, vmap)
             args = []
             for i, a in enumerate(b.value.args):
                 if isinstance(a, tvm.ir.GenericConst):

@@ -23,6 +23,7 @@ from splitc.planning.cluster import Cluster
 from splitc.planning.cost import DeviceSpeed, Estimate, estimate
 from splitc.planning.extract import Extracted, extract
 from splitc.planning.strategies import Context, Proposal
+from splitc.planning.strategies.branch import branch_bytes
 from splitc.runtime.plan import Plan
 from splitc.runtime.trace import Timeline
 
@@ -134,3 +135,36 @@ def predicted_timeline(candidate: Candidate, cluster: Cluster, speeds: list[Devi
     estimate(candidate.plan, sub, [speeds[i] for i in idx], timeline=timeline)
     return timeline
 
+
+def branch_savings(mod: tvm.IRModule, result: SearchResult) -> str:
+    """What a branch plan (approximate: each device one branch, exchanging only at the head,
+    then distilled with ``splitc finetune``) would send per inference, against the channel
+    plan and the best exact plan the search found: for ``plan --explain``."""
+    k = max(len(c.plan.devices) for c in result.candidates)
+    if k < 2:
+        return "branch plan: needs at least 2 devices"
+    channel = [c for c in result.candidates if c.strategy == "channel"
+               and len(c.plan.devices) == k]
+    split = [c for c in result.candidates if c.fits and len(c.plan.devices) > 1]
+    none, every = branch_bytes(mod, k, "none"), branch_bytes(mod, k, "all")
+    lines = [f"branch plan over {k} devices (approximate; distil with `splitc finetune`): "
+             f"{none:,} bytes per inference with no sync point, {every:,} with every sync "
+             "point kept (exact)"]
+
+    def versus(label: str, nbytes: int) -> str:
+        if not nbytes:
+            return f"  vs {label}: 0 bytes"
+        return (f"  vs {label}: {nbytes:,} bytes -> {(1 - none / nbytes) * 100:.1f} % fewer"
+                if none <= nbytes else
+                f"  vs {label}: {nbytes:,} bytes -> {(none / nbytes - 1) * 100:.1f} % more")
+
+    if channel:
+        lines.append(versus(f"the channel plan ({channel[0].label})",
+                            channel[0].estimate.transfer_bytes))
+    if split:
+        exact = min(split, key=lambda c: c.estimate.transfer_bytes)
+        lines.append(versus(f"the exact split sending the fewest ({exact.label})",
+                            exact.estimate.transfer_bytes))
+    lines.append(versus(f"the chosen plan ({result.best.label})",
+                        result.best.estimate.transfer_bytes))
+    return "\n".join(lines)

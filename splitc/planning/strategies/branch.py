@@ -10,7 +10,8 @@ up, each distilled and measured on a held-out fifth; the first within ``max_accu
 points is compiled with its distilled weights), ``epochs`` of distillation per policy tried.
 
 The output folder keeps the branch plan (``branch.json``) and the trained constants
-(``student.npz``), from which ``run --check`` rebuilds the branch model as its reference and
+(``student.npz``), from which ``run --check`` rebuilds the branch model as its reference (built
+with TVM, so the check never depends on which ops the torch interpreter knows) and
 ``splitc tune OUT`` the split.
 """
 
@@ -24,17 +25,21 @@ from pathlib import Path
 import numpy as np
 import torch
 import tvm
+from tvm import relax
 
-from splitc.backend.torch_program import TorchProgram
+from splitc.backend.torch_program import TorchProgram, check_trainable
+from splitc.errors import SplitcError
 from splitc.frontend.data import check_examples, load_data
+from splitc.passes.ir import rebuild_main, substitute
 from splitc.passes.split.branch import (
     BranchPlan,
     BranchRewrite,
+    BranchSplit,
     analyse,
+    branch_devices,
     plan_branches,
     sync_candidates,
 )
-from splitc.passes.split.channel import ChannelSplit, plan_channel
 from splitc.planning.cluster import Cluster
 from splitc.planning.cost import DeviceSpeed, estimate
 from splitc.planning.distill import Report, distill
@@ -47,9 +52,13 @@ BRANCH_FILE = "branch.json"
 STUDENT_FILE = "student.npz"
 
 
-def channel_split(student: tvm.IRModule, k: int) -> tvm.IRModule:
-    """The branch model split with branch k on device k (its sync points become gathers)."""
-    return ChannelSplit(plan_channel(student, k))(student)
+def branch_split(original: tvm.IRModule, plan: BranchPlan,
+                 student: tvm.IRModule | None = None) -> tvm.IRModule:
+    """The branch model (``student``: trained, else the plan's rewrite of ``original``) in
+    split form, branch k on device k (its sync points become transfers)."""
+    if student is None:
+        student = BranchRewrite(plan)(original)
+    return BranchSplit(branch_devices(original, plan))(student)
 
 
 def student_file(student: TorchProgram | tvm.IRModule) -> bytes:
@@ -85,31 +94,34 @@ class Branch(Strategy):
         return plan
 
     def rewrite(self, plan: BranchPlan) -> Callable[[tvm.IRModule], tvm.IRModule]:
-        return lambda mod: channel_split(BranchRewrite(plan)(mod), plan.k)
+        return lambda mod: branch_split(mod, plan)
 
     def split(self, mod, ctx: Context) -> Split:
         calibration = ctx.options.get("calibration")
         if calibration is None:
             plan = self.plan(mod, ctx)
-            return self.trained(plan, BranchRewrite(plan)(mod))
+            return self.trained(mod, plan, BranchRewrite(plan)(mod))
         x, y = load_data(calibration)
         check_examples(mod, x, y)
+        check_trainable(mod)
         plan, student, _trials = search_policy(
             mod, ctx.n_devices, x, y, max_drop=ctx.options.get("max_accuracy_drop", 1.0),
             epochs=ctx.options.get("epochs", 30), cluster=ctx.cluster, speeds=ctx.speeds,
             log=ctx.log)
-        return self.trained(plan, student if student is not None else BranchRewrite(plan)(mod),
+        return self.trained(mod, plan,
+                            student if student is not None else BranchRewrite(plan)(mod),
                             keep_weights=student is not None)
 
-    def trained(self, plan: BranchPlan, student: tvm.IRModule | TorchProgram,
-                keep_weights: bool = True) -> Split:
-        """The split of a branch model (``student``: rewritten, and perhaps distilled), with
-        its plan and (``keep_weights``) its trained constants kept in the output folder."""
+    def trained(self, original: tvm.IRModule, plan: BranchPlan,
+                student: tvm.IRModule | TorchProgram, keep_weights: bool = True) -> Split:
+        """The split of a branch model of ``original`` (``student``: rewritten, and perhaps
+        distilled), with its plan and (``keep_weights``) its trained constants kept in the
+        output folder."""
         module = student.to_module() if isinstance(student, TorchProgram) else student
         files: dict[str, str | bytes] = {BRANCH_FILE: plan.to_json()}
         if keep_weights:
             files[STUDENT_FILE] = student_file(student)
-        return Split(channel_split(module, plan.k), files)
+        return Split(branch_split(original, plan, module), files)
 
     def recreate(self, mod, n_devices, out_dir):
         plan = BranchPlan.from_json((Path(out_dir) / BRANCH_FILE).read_text())
@@ -120,28 +132,75 @@ class Branch(Strategy):
 
 
 class BranchReference:
-    """The branch model of a branch plan (with its distilled weights, if any), run by torch:
-    what the plan's answers are checked against."""
+    """The branch model of a branch plan (with its distilled weights, if any): what the plan's
+    answers are checked against. :meth:`reference` builds it with TVM for this CPU (so the
+    check does not depend on the torch interpreter); :meth:`program` is the trainable torch
+    view (``splitc finetune``)."""
 
     def __init__(self, out_dir: str | Path, original):
         out = Path(out_dir)
-        self.plan = BranchPlan.from_json((out / BRANCH_FILE).read_text())
+        try:
+            text = (out / BRANCH_FILE).read_text()
+        except FileNotFoundError:
+            raise SplitcError(f"{out / BRANCH_FILE} is missing: compile with --strategy "
+                              "branch again") from None
+        self.plan = BranchPlan.from_json(text)
         self.original = original
         self.student_mod = BranchRewrite(self.plan)(original.mod)
         self.trained = out / STUDENT_FILE
 
+    def stored(self) -> dict[str, np.ndarray]:
+        """The distilled constants (``student.npz``), by parameter name; {} before
+        ``splitc finetune``."""
+        if not self.trained.exists():
+            return {}
+        with np.load(self.trained) as stored:
+            return {k: stored[k] for k in stored.files}
+
     def program(self) -> TorchProgram:
         program = TorchProgram(self.student_mod)
-        if self.trained.exists():
-            with np.load(self.trained) as stored:
-                program.weights.load_state_dict({k: torch.from_numpy(stored[k])
-                                                 for k in stored.files})
+        stored = self.stored()
+        if stored:
+            program.weights.load_state_dict({k: torch.from_numpy(v) for k, v in stored.items()})
         return program
 
+    def module(self) -> tvm.IRModule:
+        """The branch model with its distilled constants, as Relax."""
+        return with_constants(self.student_mod, self.stored())
+
     def reference(self, inputs) -> list[np.ndarray]:
-        with torch.no_grad():
-            out = self.program().eval()(*[torch.from_numpy(np.asarray(x)) for x in inputs])
-        return [o.numpy() for o in out]
+        ex = tvm.compile(self.module(), tvm.target.Target({"kind": "llvm"}))
+        out = relax.VirtualMachine(ex, tvm.cpu())["main"](
+            *[tvm.runtime.tensor(np.ascontiguousarray(x)) for x in inputs])
+        outs = out if isinstance(out, tvm.ir.Array | list | tuple) else [out]
+        return [o.numpy() for o in outs]
+
+
+def with_constants(mod: tvm.IRModule, arrays: dict[str, np.ndarray]) -> tvm.IRModule:
+    """``mod`` with the constants named in ``arrays`` (``{binding}__{argument index}``, as
+    :class:`~splitc.backend.torch_program.TorchProgram` names its parameters) replaced."""
+    if not arrays:
+        return mod
+
+    def rewrite(b, vmap):
+        call = b.value
+        if not isinstance(call, relax.Call):
+            return substitute(call, vmap)
+        args = []
+        for i, a in enumerate(call.args):
+            key = f"{b.var.name}__{i}"
+            if isinstance(a, tvm.ir.GenericConst) and key in arrays:
+                value = np.asarray(arrays[key])
+                if value.shape != tuple(int(d) for d in a.ty.shape.values):
+                    raise SplitcError(f"{STUDENT_FILE}: {key} has shape {list(value.shape)}, "
+                                      "the branch model another: compile again")
+                a = relax.const(value.astype(str(a.ty.dtype)))
+            else:
+                a = substitute(a, vmap)
+            args.append(a)
+        return relax.Call(call.op, args, call.attrs, call.ty_args)
+
+    return rebuild_main(mod, rewrite)
 
 
 # -- transmission-policy search ------------------------------------------------------------
@@ -179,8 +238,7 @@ def search_policy(mod: tvm.IRModule, k: int, x: np.ndarray, y: np.ndarray | None
             continue
         seen.add(plan.branched)
         kept = sorted(set(cost) - plan.branched)
-        latency = (predicted_latency(BranchRewrite(plan)(mod), cluster, speeds)
-                   if cluster else None)
+        latency = predicted_latency(mod, plan, cluster, speeds) if cluster else None
         policies.append((latency or 0.0, sum(cost[c] for c in kept), label, plan, kept))
     policies.sort(key=lambda p: (p[0], p[1]))
     trials = []
@@ -202,10 +260,15 @@ def search_policy(mod: tvm.IRModule, k: int, x: np.ndarray, y: np.ndarray | None
     raise AssertionError("unreachable: the exact policy is always within")
 
 
-def predicted_latency(student: tvm.IRModule, cluster: Cluster,
+def branch_bytes(original: tvm.IRModule, k: int, sync: str | float = "none") -> int:
+    """Bytes the devices of a ``k``-branch plan of ``original`` send each other per inference
+    (``sync`` as for :func:`~splitc.passes.split.branch.plan_branches`)."""
+    return extract(branch_split(original, plan_branches(original, k, sync))).transfer_bytes
+
+
+def predicted_latency(original: tvm.IRModule, plan: BranchPlan, cluster: Cluster,
                       speeds: list[DeviceSpeed] | None) -> float:
-    """The cost model's latency for a branch module split over ``cluster`` (branch k on
+    """The cost model's latency for a branch plan split over ``cluster`` (branch k on
     device k)."""
-    ex = extract(channel_split(student, len(cluster.devices)),
-                 [d.name for d in cluster.devices])
+    ex = extract(branch_split(original, plan), [d.name for d in cluster.devices])
     return estimate(ex.plan(cluster.targets, "branch", "policy"), cluster, speeds).latency
