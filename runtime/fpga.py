@@ -3,8 +3,11 @@
 Board-side code: imports numpy and ctypes (and ``pynq`` in board mode) only.
 
 A device folder for an FPGA target holds ``fpga.json`` (the manifest: each piece's HLS
-project, its C-simulation library, symbol and sizes, and the compile's resource estimate)
-next to ``weights.npz`` and ``plan.json``. Two modes:
+project, its C-simulation library, symbol and sizes, the layouts of its input and output,
+and the compile's resource estimate) next to ``weights.npz`` and ``plan.json``. hls4ml holds
+feature maps channels last: a piece reads and writes flat ``H x W x C`` vectors, and
+:meth:`FpgaPieces.run` transposes the plan's NCHW tensors into them and back, as the
+manifest's layouts say. Two modes:
 
 * ``emulation`` (default; what tests and CI use): each piece runs in hls4ml's bit-accurate C
   simulation of the generated HLS code, compiled with g++ at ``splitc compile`` time
@@ -27,9 +30,39 @@ import numpy as np
 from .plan import PlanError, sha256_file
 
 MANIFEST = "fpga.json"
+#: the manifest's format; 2 added each piece's input and output layout (1: flat vectors)
+FORMAT = "splitc-fpga/2"
+FORMATS = ("splitc-fpga/1", FORMAT)
 #: the plan's name for devices whose pieces these are (``Device.kind``)
 KIND = "hls4ml"
 MODES = ("emulation", "board")
+
+
+class Layout:
+    """How the plan's tensor (NCHW) lies in a piece's flat vector (channels last): the
+    manifest's ``{"stored": [...], "order": [...]}``, ``stored = tensor.reshape(view)
+    .transpose(order)`` (see ``splitc.backend.hls_graph.Layout``). Missing: flat, as is."""
+
+    def __init__(self, entry: dict | None, size: int):
+        if entry is None:
+            entry = {"stored": [size], "order": [0]}
+        self.stored = tuple(int(d) for d in entry["stored"])
+        self.order = tuple(int(a) for a in entry["order"])
+        if sorted(self.order) != list(range(len(self.stored))) or \
+                int(np.prod(self.stored)) != size:
+            raise PlanError(f"{MANIFEST}: layout {entry} does not describe {size} values")
+        self.inverse = tuple(int(a) for a in np.argsort(self.order))
+        self.view = tuple(self.stored[a] for a in self.inverse)
+
+    def to_fabric(self, x: np.ndarray) -> np.ndarray:
+        """The plan's tensor -> the flat channels-last vector the piece reads."""
+        return np.ascontiguousarray(x.reshape(self.view).transpose(self.order),
+                                    dtype=np.float32).reshape(-1)
+
+    def from_fabric(self, y: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """The piece's flat vector -> the plan's tensor of ``shape``."""
+        return np.ascontiguousarray(y.reshape(self.stored).transpose(self.inverse)).reshape(
+            shape)
 
 
 class FpgaPieces:
@@ -43,7 +76,14 @@ class FpgaPieces:
             raise PlanError(f"FPGA mode {mode!r}: choose {' or '.join(MODES)}")
         self.folder, self.mode = Path(folder), mode
         self.manifest = json.loads((self.folder / MANIFEST).read_text())
+        if self.manifest.get("format") not in FORMATS:
+            raise PlanError(f"{self.folder / MANIFEST} is in format "
+                            f"{self.manifest.get('format')!r}; this runtime reads "
+                            f"{', '.join(FORMATS)}: compile again")
         self._run = {}
+        self._layouts = {name: (Layout(p.get("input"), p["in_size"]),
+                                Layout(p.get("output"), p["out_size"]))
+                         for name, p in self.manifest["pieces"].items()}
         for name, p in self.manifest["pieces"].items():
             if mode == "emulation":
                 self._run[name] = self._emulated(name, p, verify)
@@ -98,4 +138,12 @@ class FpgaPieces:
         return run
 
     def run(self, piece: str, x: np.ndarray, out_shape: tuple[int, ...]) -> np.ndarray:
-        return self._run[piece](x).reshape(out_shape)
+        """One inference of ``piece`` on the plan's tensor ``x`` (NCHW, or a vector); its
+        output as the plan's tensor of ``out_shape``. The fabric holds maps channels last:
+        the manifest's layouts say how to get there and back."""
+        into, back = self._layouts[piece]
+        x = np.asarray(x, dtype=np.float32)
+        if x.size != int(np.prod(into.stored)):
+            raise PlanError(f"FPGA piece {piece} takes {int(np.prod(into.stored))} values, "
+                            f"got {x.size}")
+        return back.from_fabric(self._run[piece](into.to_fabric(x)), tuple(out_shape))
