@@ -3,12 +3,15 @@ ZeroMQ with its fabric piece in hls4ml's C simulation and gives ONNX Runtime's t
 maps reach the fabric channels last and come back NCHW (a wrong layout is visibly wrong);
 the resource and latency estimates are the stated model and the reuse factors the fastest
 that fit; a piece too big or holding an op the fabric has no layer for is refused with the
-numbers or the op."""
+numbers or the op; ``auto`` puts a CNN segment on the fabric when its estimates pay and says
+why in ``plan --explain``."""
 
 from __future__ import annotations
 
 import itertools
 import json
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -29,6 +32,8 @@ from splitc.driver import compile_model
 from splitc.errors import SplitcError
 from splitc.passes.ir import lift_weights
 from splitc.planning.cluster import Cluster
+from splitc.planning.search import search
+from splitc.planning.speeds import cluster_speeds
 from splitc.runtime.client import connect
 from splitc.runtime.fpga import MANIFEST, FpgaPieces
 
@@ -283,3 +288,65 @@ def test_an_op_the_fabric_has_no_layer_for_is_refused_naming_it(tmp_path):
     with pytest.raises(SplitcError, match=r"dev1_p0: nn\.max_pool2d with padding.* \(\w+\) is "
                                           r"not something the hls4ml path takes"):
         compile_model(str(path), tmp_path / "out", ["host", "pynq-z1-fpga"], "pipeline")
+
+
+# -- auto ---------------------------------------------------------------------------------
+
+class Block(torch.nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.a = torch.nn.Conv2d(c, c, 3, padding=1)
+        self.b = torch.nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(x + self.b(torch.relu(self.a(x))))
+
+
+@pytest.fixture(scope="module")
+def small_cnn(tmp_path_factory):
+    """conv 1 -> 24 on 12x12, two residual blocks, max pooling, dense: 6 MFLOP."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 24, 3, padding=1), torch.nn.ReLU(),
+                                Block(24), Block(24), torch.nn.MaxPool2d(2),
+                                torch.nn.Flatten(), torch.nn.Linear(24 * 6 * 6, 10))
+    return export(model, (1, 1, 12, 12), tmp_path_factory.mktemp("auto") / "cnn.onnx")
+
+
+def fabric_pieces(result):
+    best = result.best
+    return [p for p in best.plan.pieces if p.name in best.priced
+            and best.priced[p.name].seconds is not None]
+
+
+def test_auto_puts_a_cnn_segment_on_the_fabric_when_its_estimates_pay(small_cnn):
+    cluster = Cluster.uniform(["rpi4", "pynq-z1-fpga"])
+    mod = frontend.load(str(small_cnn)).mod
+    result = search(mod, cluster, cluster_speeds(cluster), objective="throughput")
+    on_fabric = fabric_pieces(result)
+    assert on_fabric, result.explain(cluster)
+    (piece,) = on_fabric
+    assert "conv2d" in result.best.priced[piece.name].note
+    assert [d.target for d in result.best.plan.devices] == ["rpi4", "pynq-z1-fpga"]
+    without = min((c for c in result.candidates if c.fits and not any(
+        p.seconds is not None for p in c.priced.values())), key=lambda c: c.estimate.period)
+    assert result.best.estimate.period < without.estimate.period
+
+    said = subprocess.run([sys.executable, "-m", "splitc.cli", "plan", str(small_cnn),
+                           "--devices", "rpi4,pynq-z1-fpga", "--objective", "throughput",
+                           "--explain"], capture_output=True, text=True, timeout=300)
+    assert said.returncode == 0, said.stderr
+    text = said.stdout
+    assert f"{piece.name} on dev1 (pynq-z1-fpga): " in text and "DSP" in text
+    assert "(estimate)" in text and "the fabric pays: " in text
+    assert "the best plan without it, single device dev0" in text
+
+
+def test_auto_keeps_work_off_the_fabric_when_its_estimates_do_not_pay(small_cnn):
+    cluster = Cluster.uniform(["rpi4", "pynq-z1-fpga"])
+    mod = frontend.load(str(small_cnn)).mod
+    result = search(mod, cluster, cluster_speeds(cluster), objective="latency")
+    assert not fabric_pieces(result)
+    text = result.explain(cluster)
+    assert "nothing goes to the fabric: the best candidate using it, " in text
+    # ... and the pieces the fabric was offered were priced, not refused
+    assert any(p.seconds for c in result.candidates for p in c.priced.values())
