@@ -174,8 +174,10 @@ class PieceGraph:
     @property
     def tail(self) -> set[str]:
         """The output layers: the last convolution or dense layer and what follows it (they
-        get :data:`OUTPUT_EXTRA_BITS` more integer bits)."""
-        last = max(i for i, layer in enumerate(self.layers) if layer.op in COMPUTE)
+        get :data:`OUTPUT_EXTRA_BITS` more integer bits); all layers of a piece that only
+        pools."""
+        last = max((i for i, layer in enumerate(self.layers) if layer.op in COMPUTE),
+                   default=1)  # no multiplying layer: everything but the input
         return {layer.name for layer in self.layers[last:]}
 
     def consumers(self) -> dict[str, int]:
@@ -253,15 +255,16 @@ class _Reader:
 
     def refuse(self, what: str, var: str) -> SplitcError:
         return SplitcError(
-            f"FPGA piece {self.piece}: {what} ({var}) is not something the hls4ml path takes "
-            "(2-D convolutions, max/average pooling, ReLU/sigmoid/tanh, residual adds, "
-            "flatten and dense layers): keep that part of the model on a CPU device")
+            f"FPGA piece {self.piece}: {var} is {what}, which the hls4ml path does not take "
+            "(it takes 2-D convolutions, max/average pooling without padding, ReLU/sigmoid/"
+            "tanh, residual adds, flatten and dense layers): keep that part of the model on a "
+            "CPU device")
 
     def tensor(self, arg, var: str) -> Layer:
         if not isinstance(arg, relax.Var) or arg.name not in self.env or \
                 self.env[arg.name][0] != "layer":
-            raise self.refuse("an operand that is neither the piece's input nor a layer's "
-                              "output", var)
+            raise self.refuse("computed from an operand that is neither the piece's input "
+                              "nor a layer's output", var)
         return self.layer(self.env[arg.name][1])
 
     def param(self, arg) -> tuple[str, bool] | None:
@@ -355,8 +358,8 @@ class _Reader:
         if a.layout != "NCHW" or len(src.out) != 3:
             raise self.refuse(f"{name} in layout {a.layout}", var)
         if any(_ints(a.padding)) or bool(a.ceil_mode) or any(d != 1 for d in _ints(a.dilation)):
-            raise self.refuse(f"{name} with padding, ceil mode or dilation, which hls4ml's "
-                              "streaming pooling does not take,", var)
+            raise self.refuse(f"{name} with padding, ceil mode or dilation (hls4ml's "
+                              "streaming pooling has none)", var)
         h, w, c = src.out
         ph, pw = _ints(a.pool_size)
         sh, sw = _ints(a.strides)
@@ -391,7 +394,7 @@ class _Reader:
             shape = self.params[p[0]]
             if src.op not in COMPUTE or src.name in self.biased or math.prod(shape) != c or \
                     (len(shape) >= 3 and shape[-1] != 1 and len(src.out) == 3):
-                raise self.refuse("add of a constant that is not a layer's per-channel bias",
+                raise self.refuse("an add of a constant that is not a layer's per-channel bias",
                                   var)
             value = self.value(p[0])
             src.bias = None if value is None else value.reshape(c)
@@ -400,7 +403,7 @@ class _Reader:
             return
         x, y = self.tensor(a, var), self.tensor(b, var)
         if x.out != y.out or self.flat_from.get(x.name) != self.flat_from.get(y.name):
-            raise self.refuse(f"add of tensors shaped {list(x.out)} and {list(y.out)}", var)
+            raise self.refuse(f"an add of tensors shaped {list(x.out)} and {list(y.out)}", var)
         layer = self._add(Layer(_ident(var), "add", (x.name, y.name), x.out,
                                 {"in_shape": x.out}), var)
         if x.name in self.flat_from:
@@ -425,11 +428,11 @@ class _Reader:
         src = self.tensor(call.args[0], var)
         p = self.param(call.args[1])
         if p is None or len(src.out) != 1 or len(self.params[p[0]]) != 2:
-            raise self.refuse("matmul that is not a vector times a weight matrix", var)
+            raise self.refuse("a matmul that is not a vector times a weight matrix", var)
         shape = self.params[p[0]]
         n_in, n_out = (shape[1], shape[0]) if p[1] else shape
         if n_in != src.out[0]:
-            raise self.refuse(f"matmul of {src.out[0]} values by a {n_in}-row matrix", var)
+            raise self.refuse(f"a matmul of {src.out[0]} values by a {n_in}-row matrix", var)
         weight = self.value(p[0])
         if weight is not None:
             weight = weight.T if p[1] else weight
@@ -466,9 +469,6 @@ class _Reader:
         if output.size != math.prod(shape):
             raise SplitcError(f"FPGA piece {self.piece}: output {out.name} {list(shape)} does "
                               f"not match its layer's {list(last.out)}")
-        if not self.compute:
-            raise SplitcError(f"FPGA piece {self.piece} has no convolution or dense layer to "
-                              "put on the fabric")
         return PieceGraph(self.piece, self.layers, self.input, output, self.notes)
 
     @property
@@ -669,6 +669,8 @@ def choose_reuse(graph: PieceGraph, fabric: Fabric, width: int,
         chosen = {n: (closest_reuse(v, reuse) if reuse > 1 else 1) for n, v in valid.items()}
         return chosen, estimate(graph, fabric, width, chosen)
     intervals = sorted({layer.items * r for layer in layers for r in valid[layer.name]})
+    if not intervals:  # nothing multiplies: no factor to choose
+        return {}, estimate(graph, fabric, width, {})
 
     def at(t: int) -> dict[str, int]:
         out = {}
