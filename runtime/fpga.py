@@ -11,8 +11,9 @@ manifest's layouts say. Two modes:
 
 * ``emulation`` (default; what tests and CI use): each piece runs in hls4ml's bit-accurate C
   simulation of the generated HLS code, compiled with g++ at ``splitc compile`` time
-  (``<piece>.so``, called through ctypes). Same fixed-point arithmetic as the hardware; not its
-  speed.
+  (``<piece>.so``, called through ctypes), reading its weights from ``<piece>.weights/`` next
+  to it (so the folder runs wherever it is copied). Same fixed-point arithmetic as the
+  hardware; not its speed.
 * ``board`` (on the PYNQ board, after building the bitstream with the vendor tools — see the
   project's ``BUILD.md``): each piece's overlay (``<piece>.bit`` + ``<piece>.hwh`` next to the
   manifest) is loaded with the ``pynq`` package and fed through its AXI DMA, as hls4ml's
@@ -22,6 +23,7 @@ manifest's layouts say. Two modes:
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 from pathlib import Path
 
@@ -65,6 +67,12 @@ class Layout:
             shape)
 
 
+def weights_digest(folder: Path) -> str:
+    """One SHA-256 over a C simulation's weights folder (its files' names and contents)."""
+    return hashlib.sha256("".join(f"{p.name}:{sha256_file(p)};" for p in
+                                  sorted(folder.iterdir())).encode()).hexdigest()
+
+
 class FpgaPieces:
     """The FPGA pieces of one device folder, ready to run (see the module docstring)."""
 
@@ -97,7 +105,18 @@ class FpgaPieces:
         if verify and sha256_file(path) != p["sha256"]:
             raise PlanError(f"{path} does not match its hash in {MANIFEST}: copy the folder "
                             "again")
-        fn = getattr(ctypes.CDLL(str(path.resolve())), p["symbol"])
+        lib = ctypes.CDLL(str(path.resolve()))
+        if "weights_dir" in p:  # (format 1 read them from the compile's own path)
+            weights = self.folder / p["weights_dir"]
+            if not weights.is_dir():
+                raise PlanError(f"{weights} is missing: the FPGA artifact folder is incomplete")
+            if verify and weights_digest(weights) != p["weights_sha256"]:
+                raise PlanError(f"{weights} does not match its hash in {MANIFEST}: copy the "
+                                "folder again")
+            setter = getattr(lib, p["weights_setter"])
+            setter.argtypes, setter.restype = [ctypes.c_char_p], None
+            setter(str(weights.resolve()).encode())
+        fn = getattr(lib, p["symbol"])
         fn.restype = None
         fn.argtypes = [ctypes.POINTER(ctypes.c_float)] * 2
         n_in, n_out = p["in_size"], p["out_size"]

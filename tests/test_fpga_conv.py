@@ -1,6 +1,7 @@
 """Convolutions on the FPGA (issue 24): a residual CNN split host + pynq-z1-fpga runs over
 ZeroMQ with its fabric piece in hls4ml's C simulation and gives ONNX Runtime's top-1; feature
-maps reach the fabric channels last and come back NCHW (a wrong layout is visibly wrong);
+maps reach the fabric channels last and come back NCHW (a wrong layout is visibly wrong), and
+the C simulation runs from a copied device folder;
 the resource and latency estimates are the stated model and the reuse factors the fastest
 that fit; a piece too big or holding an op the fabric has no layer for is refused with the
 numbers or the op; ``auto`` puts a CNN segment on the fabric when its estimates pay and says
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import subprocess
 import sys
 import warnings
@@ -36,6 +38,7 @@ from splitc.planning.search import search
 from splitc.planning.speeds import cluster_speeds
 from splitc.runtime.client import connect
 from splitc.runtime.fpga import MANIFEST, FpgaPieces
+from splitc.runtime.plan import PlanError
 
 pytest.importorskip("hls4ml")
 FABRIC = targets.get("pynq-z1-fpga")
@@ -167,38 +170,79 @@ class MapToMap(torch.nn.Module):
         return self.pw(torch.tanh(self.pool(torch.relu(self.dw(torch.relu(self.grouped(x)))))))
 
 
-def test_feature_maps_reach_the_fabric_channels_last_and_a_wrong_layout_shows(tmp_path):
+@pytest.fixture(scope="module")
+def map_piece(tmp_path_factory):
+    """MapToMap built as FPGA piece p0 in a device folder; the model and the manifest entry."""
+    folder = tmp_path_factory.mktemp("map-piece")
     torch.manual_seed(1)
     model = MapToMap().eval()
-    func, weights = relax_main(model, (1, 4, 6, 10), tmp_path / "m.onnx")
+    func, weights = relax_main(model, (1, 4, 6, 10), folder / "m.onnx")
     opts = FpgaOptions()
     priced = price(func, weights, "p0", FABRIC, opts)
     assert [layer.op for layer in priced.graph.layers] == [
         "input", "conv2d", "act", "depthwise2d", "act", "avg_pool2d", "act", "conv2d"]
     assert any("block-diagonal" in n for n in priced.graph.notes)  # the 2 groups
-    said = []
-    entry = build_piece("p0", priced, FABRIC, opts, tmp_path, said.append)
+    entry = build_piece("p0", priced, FABRIC, opts, folder, lambda _m: None)
+    (folder / MANIFEST).write_text(json.dumps({"format": "splitc-fpga/2",
+                                               "pieces": {"p0": entry}}))
+    return model, folder, entry
+
+
+def test_feature_maps_reach_the_fabric_channels_last_and_a_wrong_layout_shows(map_piece,
+                                                                              tmp_path):
+    model, folder, entry = map_piece
     assert entry["input"] == {"stored": [6, 10, 4], "order": [1, 2, 0]}
     assert entry["output"] == {"stored": [3, 5, 5], "order": [1, 2, 0]}
-    manifest = {"format": "splitc-fpga/2", "pieces": {"p0": entry}}
-    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
-
     x = np.random.default_rng(0).uniform(-1, 1, (16, 1, 4, 6, 10)).astype("float32")
     with torch.no_grad():
         want = np.stack([model(torch.from_numpy(v)).numpy() for v in x])
-    fabric = FpgaPieces(tmp_path)
-    got = np.stack([fabric.run("p0", v, (1, 5, 3, 5)) for v in x])
+    got = np.stack([FpgaPieces(folder).run("p0", v, (1, 5, 3, 5)) for v in x])
     err = float(np.abs(got - want).max())
 
     # the same C simulation fed the NCHW tensor as it lies, read back as NCHW
-    wrong = dict(entry, input=None, output=None)
-    (tmp_path / MANIFEST).write_text(json.dumps({**manifest, "pieces": {"p0": wrong}}))
-    as_is = np.stack([FpgaPieces(tmp_path).run("p0", v, (1, 5, 3, 5)) for v in x])
+    wrong = tmp_path / "wrong"
+    shutil.copytree(folder, wrong, ignore=shutil.ignore_patterns("hls"))
+    (wrong / MANIFEST).write_text(json.dumps({"format": "splitc-fpga/2", "pieces": {
+        "p0": dict(entry, input=None, output=None)}}))
+    as_is = np.stack([FpgaPieces(wrong).run("p0", v, (1, 5, 3, 5)) for v in x])
     wrong_err = float(np.abs(as_is - want).max())
     print(f"map-to-map piece: max abs error {err:.3g} channels last, {wrong_err:.3g} with the "
           "NCHW tensor passed as it lies")
     assert err < 0.05
     assert wrong_err > 10 * err and wrong_err > 0.1
+
+
+RUN_COPY = r"""
+import json, sys
+import numpy as np
+from splitc.runtime.fpga import FpgaPieces
+x = np.load(sys.argv[2])
+print(json.dumps(FpgaPieces(sys.argv[1]).run("p0", x, (1, 5, 3, 5)).tolist()))
+"""
+
+
+def test_a_copied_device_folder_runs_without_the_hls_project(map_piece, tmp_path):
+    """The C simulation reads its weights from the folder it is in (hls4ml's own build read
+    them from the compile's absolute path, and exits the process when they are gone)."""
+    _, folder, _ = map_piece
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("hls", "*.onnx"))
+    x = np.random.default_rng(2).uniform(-1, 1, (1, 4, 6, 10)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    here = FpgaPieces(folder).run("p0", x, (1, 5, 3, 5))
+    hidden = folder.with_name(folder.name + "-moved")
+    folder.rename(hidden)  # the compile's project is gone from where it was built
+    try:
+        ran = subprocess.run([sys.executable, "-c", RUN_COPY, str(copy), str(tmp_path / "x.npy")],
+                             capture_output=True, text=True, timeout=60)
+    finally:
+        hidden.rename(folder)
+    assert ran.returncode == 0, ran.stderr
+    assert np.array_equal(np.array(json.loads(ran.stdout)), here)
+    (copy / "p0.weights" / next(iter(sorted(p.name for p in (copy / "p0.weights").iterdir())))
+     ).write_text("0")
+    with pytest.raises(PlanError, match="p0.weights does not match its hash"):
+        FpgaPieces(copy)
 
 
 # -- estimates (no hls4ml build) ----------------------------------------------------------

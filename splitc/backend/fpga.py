@@ -34,8 +34,10 @@ import dataclasses
 import io
 import json
 import math
+import os
 import re
 import shutil
+import subprocess
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,7 +61,7 @@ from splitc.backend.hls_graph import (
 )
 from splitc.backend.torch_program import TorchProgram
 from splitc.errors import SplitcError
-from splitc.runtime.fpga import FORMAT, KIND, MANIFEST, FpgaPieces
+from splitc.runtime.fpga import FORMAT, KIND, MANIFEST, FpgaPieces, weights_digest
 from splitc.runtime.plan import Device, Plan, sha256_file
 
 
@@ -255,12 +257,8 @@ def build_piece(piece: str, priced: Priced, spec, opts: FpgaOptions, folder: Pat
         est = estimate(graph, Fabric.of(spec), opts.width(), used)
         if not est.fits:
             raise SplitcError(Priced(graph, used, est).refusal(spec, opts))
-        hls.compile()
-    lib = next((project / "firmware").glob(f"{piece}-*.so"), None)
-    if lib is None:
-        raise SplitcError(f"hls4ml did not build the C simulation of {piece}: "
-                          f"{chatter.getvalue()[-2000:]}")
-    shutil.copy(lib, folder / f"{piece}.so")
+        hls.write()
+    weights = compile_emulation(project, piece, folder)
     write_build_notes(project, piece, spec)
     for note in graph.notes:
         log(f"  {piece}: {note}")
@@ -270,11 +268,60 @@ def build_piece(piece: str, priced: Priced, spec, opts: FpgaOptions, folder: Pat
         f"{est.cycles:,} cycles, latency {est.latency_s * 1e6:.1f} us at "
         f"{fab['clock_mhz']} MHz (estimates: no synthesis here)")
     return {"emulation": f"{piece}.so", "sha256": sha256_file(folder / f"{piece}.so"),
-            "symbol": f"{piece}_float", "in_size": graph.input.size,
+            "symbol": f"{piece}_float", "weights_dir": weights.name,
+            "weights_sha256": weights_digest(weights),
+            "weights_setter": f"{piece}_set_weights_dir", "in_size": graph.input.size,
             "out_size": graph.output.size, "input": graph.input.to_json(),
             "output": graph.output.to_json(), "io_type": graph.io_type,
             "project": f"hls/{piece}", "precision": opts.precision, "reuse": used,
             "layers": graph.describe(), "hidden": graph.hidden, "estimate": est.to_json()}
+
+
+#: Where the C simulation reads its weights: hls4ml's build bakes the project's absolute path
+#: in (``WEIGHTS_DIR``), so a device folder copied elsewhere, or whose ``hls/`` is left behind,
+#: made the worker exit. splitc builds it with this shim instead; the worker sets the folder.
+WEIGHTS_SHIM = """#include <string>
+namespace {{ std::string weights_dir; }}
+extern "C" void {piece}_set_weights_dir(const char *dir) {{ weights_dir = dir; }}
+const char *{piece}_weights_dir() {{ return weights_dir.c_str(); }}
+"""
+
+
+def compile_emulation(project: Path, piece: str, folder: Path) -> Path:
+    """Compile the project's bit-accurate C simulation into ``folder/<piece>.so`` with g++,
+    as hls4ml's ``build_lib.sh`` does but reading its weights from a folder the worker names
+    (``folder/<piece>.weights``, copied here). Returns that folder."""
+    weights = folder / f"{piece}.weights"
+    shutil.rmtree(weights, ignore_errors=True)
+    shutil.copytree(project / "firmware" / "weights", weights,
+                    ignore=shutil.ignore_patterns("*.h"))
+    (project / "splitc_weights.h").write_text(f"const char *{piece}_weights_dir();\n")
+    (project / "splitc_weights.cpp").write_text(WEIGHTS_SHIM.format(piece=piece))
+    flags = ["-O3", "-fPIC", "-std=c++11", "-Ifirmware/ap_types/",
+             f"-DWEIGHTS_DIR={piece}_weights_dir()", "-include", "splitc_weights.h"]
+    sources = [f"firmware/{piece}.cpp", f"firmware/{piece}_axi.cpp", f"{piece}_bridge.cpp",
+               "splitc_weights.cpp"]
+    at_once = max(1, min(len(sources), os.cpu_count() or 1))
+    for i in range(0, len(sources), at_once):
+        jobs = [(src, subprocess.Popen(["g++", *flags, "-c", src, "-o",
+                                        f"{Path(src).stem}.o"], cwd=project,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       text=True)) for src in sources[i:i + at_once]]
+        for src, job in jobs:
+            said, _ = job.communicate()
+            if job.returncode:
+                raise SplitcError(f"g++ did not compile {project / src} (the C simulation "
+                                  f"of {piece}): {said[-2000:]}")
+    objects = [f"{Path(src).stem}.o" for src in sources]
+    link = subprocess.run(["g++", "-shared", *objects, "-o", str((folder / f"{piece}.so")
+                                                                   .resolve())],
+                          cwd=project, capture_output=True, text=True)
+    for o in objects:
+        (project / o).unlink(missing_ok=True)
+    if link.returncode:
+        raise SplitcError(f"g++ did not link the C simulation of {piece}: "
+                          f"{link.stderr[-2000:]}")
+    return weights
 
 
 def write_build_notes(project: Path, piece: str, spec) -> None:
