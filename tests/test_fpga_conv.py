@@ -156,18 +156,20 @@ def test_a_residual_cnn_on_host_and_fabric_over_zeromq_gives_onnxruntimes_top1(d
 
 class MapToMap(torch.nn.Module):
     """A piece that reads and writes feature maps shaped so that no two of C, H, W agree: a
-    grouped convolution (2 groups), a depthwise one, average pooling, tanh, a pointwise
-    convolution."""
+    grouped convolution (2 groups), a depthwise one, max pooling with padding, average
+    pooling, tanh, a pointwise convolution."""
 
     def __init__(self):
         super().__init__()
         self.grouped = torch.nn.Conv2d(4, 6, 3, padding=1, groups=2)
         self.dw = torch.nn.Conv2d(6, 6, 3, padding=1, groups=6)
+        self.maxpool = torch.nn.MaxPool2d(2, 2, padding=1)
         self.pool = torch.nn.AvgPool2d(2)
         self.pw = torch.nn.Conv2d(6, 5, 1)
 
     def forward(self, x):
-        return self.pw(torch.tanh(self.pool(torch.relu(self.dw(torch.relu(self.grouped(x)))))))
+        x = self.maxpool(torch.relu(self.dw(torch.relu(self.grouped(x)))))
+        return self.pw(torch.tanh(self.pool(x)))
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +182,8 @@ def map_piece(tmp_path_factory):
     opts = FpgaOptions()
     priced = price(func, weights, "p0", FABRIC, opts)
     assert [layer.op for layer in priced.graph.layers] == [
-        "input", "conv2d", "act", "depthwise2d", "act", "avg_pool2d", "act", "conv2d"]
+        "input", "conv2d", "act", "depthwise2d", "act", "zero_pad", "max_pool2d", "avg_pool2d",
+        "act", "conv2d"]
     assert any("block-diagonal" in n for n in priced.graph.notes)  # the 2 groups
     entry = build_piece("p0", priced, FABRIC, opts, folder, lambda _m: None)
     (folder / MANIFEST).write_text(json.dumps({"format": "splitc-fpga/2",
@@ -192,11 +195,11 @@ def test_feature_maps_reach_the_fabric_channels_last_and_a_wrong_layout_shows(ma
                                                                               tmp_path):
     model, folder, entry = map_piece
     assert entry["input"] == {"stored": [6, 10, 4], "order": [1, 2, 0]}
-    assert entry["output"] == {"stored": [3, 5, 5], "order": [1, 2, 0]}
+    assert entry["output"] == {"stored": [2, 3, 5], "order": [1, 2, 0]}
     x = np.random.default_rng(0).uniform(-1, 1, (16, 1, 4, 6, 10)).astype("float32")
     with torch.no_grad():
         want = np.stack([model(torch.from_numpy(v)).numpy() for v in x])
-    got = np.stack([FpgaPieces(folder).run("p0", v, (1, 5, 3, 5)) for v in x])
+    got = np.stack([FpgaPieces(folder).run("p0", v, (1, 5, 2, 3)) for v in x])
     err = float(np.abs(got - want).max())
 
     # the same C simulation fed the NCHW tensor as it lies, read back as NCHW
@@ -204,7 +207,7 @@ def test_feature_maps_reach_the_fabric_channels_last_and_a_wrong_layout_shows(ma
     shutil.copytree(folder, wrong, ignore=shutil.ignore_patterns("hls"))
     (wrong / MANIFEST).write_text(json.dumps({"format": "splitc-fpga/2", "pieces": {
         "p0": dict(entry, input=None, output=None)}}))
-    as_is = np.stack([FpgaPieces(wrong).run("p0", v, (1, 5, 3, 5)) for v in x])
+    as_is = np.stack([FpgaPieces(wrong).run("p0", v, (1, 5, 2, 3)) for v in x])
     wrong_err = float(np.abs(as_is - want).max())
     print(f"map-to-map piece: max abs error {err:.3g} channels last, {wrong_err:.3g} with the "
           "NCHW tensor passed as it lies")
@@ -217,7 +220,7 @@ import json, sys
 import numpy as np
 from splitc.runtime.fpga import FpgaPieces
 x = np.load(sys.argv[2])
-print(json.dumps(FpgaPieces(sys.argv[1]).run("p0", x, (1, 5, 3, 5)).tolist()))
+print(json.dumps(FpgaPieces(sys.argv[1]).run("p0", x, (1, 5, 2, 3)).tolist()))
 """
 
 
@@ -229,7 +232,7 @@ def test_a_copied_device_folder_runs_without_the_hls_project(map_piece, tmp_path
     shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("hls", "*.onnx"))
     x = np.random.default_rng(2).uniform(-1, 1, (1, 4, 6, 10)).astype("float32")
     np.save(tmp_path / "x.npy", x)
-    here = FpgaPieces(folder).run("p0", x, (1, 5, 3, 5))
+    here = FpgaPieces(folder).run("p0", x, (1, 5, 2, 3))
     hidden = folder.with_name(folder.name + "-moved")
     folder.rename(hidden)  # the compile's project is gone from where it was built
     try:
@@ -324,14 +327,30 @@ def test_a_piece_too_big_for_the_part_is_refused_with_the_numbers(tmp_path):
     assert not (tmp_path / "hls").exists()  # refused before hls4ml wrote anything
 
 
+class ConvSoftmax(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.b = torch.nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return torch.softmax(self.b(torch.relu(self.a(x))), dim=1)
+
+
 def test_an_op_the_fabric_has_no_layer_for_is_refused_naming_it(tmp_path):
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
-                                torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
-                                torch.nn.MaxPool2d(3, 2, padding=1))
-    path = export(model, (1, 3, 16, 16), tmp_path / "padpool.onnx")
-    with pytest.raises(SplitcError, match=r"dev1_p0: \w+ is nn\.max_pool2d with padding.*, "
-                                          r"which the hls4ml path does not take"):
+    path = export(ConvSoftmax(), (1, 3, 16, 16), tmp_path / "softmax.onnx")
+    with pytest.raises(SplitcError, match=r"FPGA piece dev1_p0: \w+ is nn\.softmax, which the "
+                                          r"hls4ml path does not take"):
         compile_model(str(path), tmp_path / "out", ["host", "pynq-z1-fpga"], "pipeline")
+    # hls4ml's streaming pooling asserts (aborting the process) on windows that overlap, and
+    # a max pooling's padding is zeros only where its input cannot be negative
+    overlapping = (torch.nn.MaxPool2d(3, 2, padding=1), r"3x3 with stride 2x2 .*stride = size")
+    padded = (torch.nn.MaxPool2d(2, 2, padding=1), "with padding of a tensor that may be negative")
+    for pool, why in [overlapping, padded]:
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), pool)
+        func, _ = relax_main(model, (1, 3, 16, 16), tmp_path / "pool.onnx")
+        with pytest.raises(SplitcError, match=r"\w+ is nn\.max_pool2d " + why):
+            piece_graph(func, None, "p0")
 
 
 # -- auto ---------------------------------------------------------------------------------

@@ -177,6 +177,13 @@ def hls_layer_list(graph: PieceGraph) -> list[dict]:
                      in_width=w, n_filt=c, pool_height=ph, pool_width=pw, stride_height=sh,
                      stride_width=sw, padding="valid", out_height=ho, out_width=wo, pad_top=0,
                      pad_bottom=0, pad_left=0, pad_right=0, count_pad=False)
+        elif layer.op == "zero_pad":
+            h, w, c = layer.in_shape
+            ho, wo, _ = layer.out
+            pt, pb, pl, pr = layer.attrs["pad"]
+            d.update(class_name="ZeroPadding2D", data_format="channels_last", in_height=h,
+                     in_width=w, n_chan=c, out_height=ho, out_width=wo, pad_top=pt,
+                     pad_bottom=pb, pad_left=pl, pad_right=pr)
         elif layer.op == "global_avg_pool":
             h, w, c = layer.in_shape
             d.update(class_name="GlobalAveragePooling2D", data_format="channels_last",

@@ -74,11 +74,6 @@ class Layout:
     order: tuple[int, ...]
 
     @property
-    def view(self) -> tuple[int, ...]:
-        inverse = np.argsort(self.order)
-        return tuple(self.stored[i] for i in inverse)
-
-    @property
     def size(self) -> int:
         return math.prod(self.stored)
 
@@ -91,8 +86,8 @@ class Layer:
     """One hls4ml layer of a piece. ``out``: its output as stored (channels last)."""
 
     name: str
-    op: str  # input conv2d depthwise2d dense max_pool2d avg_pool2d global_avg_pool act add
-    #          flatten
+    op: str  # input conv2d depthwise2d dense max_pool2d avg_pool2d zero_pad global_avg_pool
+    #          act add flatten
     inputs: tuple[str, ...]
     out: tuple[int, ...]
     attrs: dict = field(default_factory=dict)
@@ -195,6 +190,11 @@ class PieceGraph:
         return ", ".join(f"{n} {op}" for op, n in kinds.items())
 
 
+def _nonneg(layer: Layer) -> bool:
+    """Whether the layer's output is never negative (a ReLU's, and pooling or adding such)."""
+    return bool(layer.attrs.get("nonneg"))
+
+
 def _ident(name: str) -> str:
     out = "".join(c if c.isalnum() else "_" for c in name)
     return out if out[:1].isalpha() else f"t_{out}"
@@ -256,7 +256,8 @@ class _Reader:
     def refuse(self, what: str, var: str) -> SplitcError:
         return SplitcError(
             f"FPGA piece {self.piece}: {var} is {what}, which the hls4ml path does not take "
-            "(it takes 2-D convolutions, max/average pooling without padding, ReLU/sigmoid/"
+            "(it takes 2-D convolutions, max/average pooling in windows that do not overlap, "
+            "ReLU/sigmoid/"
             "tanh, residual adds, flatten and dense layers): keep that part of the model on a "
             "CPU device")
 
@@ -291,7 +292,8 @@ class _Reader:
         elif name in ACTIVATIONS:
             src = self.tensor(call.args[0], var)
             self._add(Layer(_ident(var), "act", (src.name,), src.out,
-                            {"activation": ACTIVATIONS[name], "in_shape": src.out}), var)
+                            {"activation": ACTIVATIONS[name], "in_shape": src.out,
+                             "nonneg": name in ("nn.relu", "sigmoid")}), var)
         elif name == "add":
             self.add(call, var)
         elif name in ("reshape", "flatten"):
@@ -357,16 +359,38 @@ class _Reader:
         src = self.tensor(call.args[0], var)
         if a.layout != "NCHW" or len(src.out) != 3:
             raise self.refuse(f"{name} in layout {a.layout}", var)
-        if any(_ints(a.padding)) or bool(a.ceil_mode) or any(d != 1 for d in _ints(a.dilation)):
-            raise self.refuse(f"{name} with padding, ceil mode or dilation (hls4ml's "
-                              "streaming pooling has none)", var)
-        h, w, c = src.out
+        if bool(a.ceil_mode) or any(d != 1 for d in _ints(a.dilation)):
+            raise self.refuse(f"{name} with ceil mode or dilation (hls4ml's streaming pooling "
+                              "has neither)", var)
         ph, pw = _ints(a.pool_size)
         sh, sw = _ints(a.strides)
+        if (ph, pw) != (sh, sw):
+            raise self.refuse(f"{name} {ph}x{pw} with stride {sh}x{sw} (hls4ml's streaming "
+                              "pooling takes windows that do not overlap: stride = size)", var)
+        pads = _ints(a.padding)
+        pt, pl, pb, pr = pads if len(pads) == 4 else pads + pads
+        if any((pt, pl, pb, pr)):
+            # hls4ml's pooling takes no padding, but zeros can be padded first: what a max
+            # pads with (-inf) never wins over a non-negative input, and an average that
+            # counts the padding counts zeros
+            if "max" in name and not _nonneg(src):
+                raise self.refuse(f"{name} with padding of a tensor that may be negative "
+                                  "(zeros padded before the pooling would be what it picks)",
+                                  var)
+            if "avg" in name and not bool(a.count_include_pad):
+                raise self.refuse(f"{name} with padding it does not count (hls4ml's streaming "
+                                  "pooling has no padding)", var)
+            h, w, c = src.out
+            src = self._add(Layer(_ident(var) + "_pad", "zero_pad", (src.name,),
+                                  (h + pt + pb, w + pl + pr, c),
+                                  {"in_shape": src.out, "pad": (pt, pb, pl, pr),
+                                   "nonneg": _nonneg(src)}), var)
+        h, w, c = src.out
         out = ((h - ph) // sh + 1, (w - pw) // sw + 1, c)
         self._add(Layer(_ident(var), "max_pool2d" if "max" in name else "avg_pool2d",
                         (src.name,), out,
-                        {"in_shape": src.out, "pool": (ph, pw), "stride": (sh, sw)}), var)
+                        {"in_shape": src.out, "pool": (ph, pw), "stride": (sh, sw),
+                         "nonneg": _nonneg(src)}), var)
 
     def global_pool(self, call, var, name):
         src = self.tensor(call.args[0], var)
@@ -405,7 +429,8 @@ class _Reader:
         if x.out != y.out or self.flat_from.get(x.name) != self.flat_from.get(y.name):
             raise self.refuse(f"an add of tensors shaped {list(x.out)} and {list(y.out)}", var)
         layer = self._add(Layer(_ident(var), "add", (x.name, y.name), x.out,
-                                {"in_shape": x.out}), var)
+                                {"in_shape": x.out, "nonneg": _nonneg(x) and _nonneg(y)}),
+                          var)
         if x.name in self.flat_from:
             self.flat_from[layer.name] = self.flat_from[x.name]
 
@@ -651,6 +676,8 @@ def _cycles(layer: Layer, r: int, streaming: bool) -> tuple[float, float, float]
         return layer.items * ii, ((kh - 1) * width + kw) * ii, ii
     if layer.op in ("global_avg_pool", "flatten"):
         return layer.items, layer.items, 1
+    if layer.op == "zero_pad":  # writes every padded pixel, one a cycle
+        return math.prod(layer.out[:-1]), 1, 1
     return layer.items, 1, 1  # act, add: one pixel a cycle
 
 
