@@ -31,6 +31,10 @@ from splitc.planning.extract import Extracted, extract
 from splitc.planning.strategies import Context, Proposal
 from splitc.runtime.plan import Plan
 
+#: What marks a candidate a strategy cut a second time, with the fabric at the FLOP rate its
+#: pieces' estimates reached (see :func:`search`).
+RECUT = " (re-cut)"
+
 
 @dataclass
 class Candidate:
@@ -161,8 +165,8 @@ class SearchResult:
             for d, before, after in zip(cluster.devices, self.speeds, self.steer, strict=True):
                 if before != after:
                     lines.append(f"  {d.name}'s pieces reach {after.flops_per_second / 1e9:.2f} "
-                                 "GFLOP/s by their estimates; the candidates marked '(cut at the"
-                                 " fabric's estimated rate)' were cut at that rate")
+                                 "GFLOP/s by their estimates; the candidates marked "
+                                 f"'{RECUT.strip()}' were cut again at that rate")
         reasons: dict[str, str] = {}
         for c in self.candidates:
             for why in c.refused.values():
@@ -252,8 +256,7 @@ def search(mod: tvm.IRModule, cluster: Cluster, speeds: list[DeviceSpeed], *,
     steer = _reached(cands, speeds)
     if steer != speeds:
         seen = {c.label for c in cands}
-        cands += [c for c in offered(steer, " (cut at the fabric's estimated rate)")
-                  if c.label.removesuffix(" (cut at the fabric's estimated rate)") in seen
+        cands += [c for c in offered(steer, RECUT) if c.label.removesuffix(RECUT) in seen
                   and not any(_same(c, d) for d in cands)]
     key = (lambda c: c.estimate.latency) if objective == "latency" else \
         (lambda c: c.estimate.period)
