@@ -185,12 +185,14 @@ def auto(output: Path | None) -> None:
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 24, 3, padding=1), torch.nn.ReLU(),
                                 Block(24), Block(24), torch.nn.MaxPool2d(2),
                                 torch.nn.Flatten(), torch.nn.Linear(24 * 6 * 6, 10)).eval()
-    path = Path(tempfile.mkdtemp(prefix="splitc-fpga-auto-")) / "cnn.onnx"
+    scratch = tempfile.TemporaryDirectory(prefix="splitc-fpga-auto-")
+    path = Path(scratch.name) / "cnn.onnx"
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (torch.zeros(1, 1, 12, 12),), str(path), dynamo=False,
                           input_names=["input"], output_names=["output"], opset_version=17)
     mod = frontend.load(str(path)).mod
+    scratch.cleanup()
     cluster = Cluster.uniform(["rpi4", "pynq-z1-fpga"])
     lines = [f"# auto on rpi4 + pynq-z1-fpga, {time.strftime('%Y-%m-%d %H:%M')}: published "
              "figures and hls4ml estimates, nothing measured"]
@@ -238,7 +240,8 @@ def main() -> None:
              f"{fab['clock_mhz']:g} MHz | fits |" + (" C-sim max abs error |" if args.csim
                                                      else ""),
              "|---|---|---|---|---|---|" + ("---|" if args.csim else "")]
-    tmp = Path(tempfile.mkdtemp(prefix="splitc-fpga-bench-"))
+    scratch = tempfile.TemporaryDirectory(prefix="splitc-fpga-bench-")
+    tmp = Path(scratch.name)
     for name, func, weights, priced in pieces:
         if isinstance(priced, str):
             lines.append(f"| {relax_label(func)} | | | | | no: {refusal(priced, name)} |"
@@ -253,6 +256,7 @@ def main() -> None:
                              args.samples) if est.fits else None
             row += f" {err:.3g} |" if err is not None else " |"
         lines.append(row)
+    scratch.cleanup()
     # the whole model, and the longest run of consecutive pieces that fits as one piece
     everything, _ = estimate_pieces(mod, (), spec, opts)
     whole = everything[0][3]
