@@ -141,8 +141,8 @@ def compile(
         help="FPGA targets: hls4ml fixed-point type of weights and activations.")]
         = "ap_fixed<16,6>",
     fpga_reuse: Annotated[int | None, typer.Option(
-        min=1, help="FPGA targets: hls4ml reuse factor (multiplications per multiplier); "
-                    "default: the smallest that fits the part's DSP slices.")] = None,
+        min=1, help="FPGA targets: hls4ml reuse factor (multiplications per multiplier) for "
+                    "every layer; default: per layer, the fastest that fits the part.")] = None,
     fpga_min_agreement: Annotated[float, typer.Option(
         help="FPGA targets: refuse a precision whose top-1 agreement with float on the "
              "calibration data (--calibration, else random inputs) is lower.")] = 0.99,

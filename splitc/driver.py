@@ -103,7 +103,7 @@ def compile_model(model: str, out_dir: str | Path, devices: list[str] | None = N
     if strategy == AUTO:
         speeds = cluster_speeds(cluster, log=log, progress=progress)
         result = search(imported.mod, cluster, speeds, objective=objective,
-                        source=label(source))
+                        source=label(source), options=build_options)
         best = result.best
         log(f"auto: chose {best.label} (predicted latency {best.estimate.latency * 1e3:.2f} ms,"
             f" {best.estimate.transfer_bytes:,} bytes per inference)")

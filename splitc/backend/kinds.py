@@ -46,6 +46,15 @@ class PublishedSpeed:
 
 
 @dataclass(frozen=True)
+class PiecePrice:
+    """What a kind that prices its pieces itself says of one piece: seconds per call on the
+    target, or None and why the piece cannot run there; ``note`` says how it was priced."""
+
+    seconds: float | None
+    note: str
+
+
+@dataclass(frozen=True)
 class BuildOptions:
     """What a build of the devices is asked for."""
 
@@ -80,6 +89,13 @@ class TargetKind:
     def published_speed(self, spec: target_registry.TargetSpec) -> PublishedSpeed:
         """How fast the target's pieces run by its published figures."""
         raise NotImplementedError
+
+    def price_piece(self, spec: target_registry.TargetSpec, name: str, func: tvm.relax.Function,
+                    options: BuildOptions) -> PiecePrice | None:
+        """The seconds one call of piece ``name`` (its Relax function, weights lifted into
+        parameters) takes on the target, when the kind knows better than a FLOP rate; None:
+        the cost model prices it from the device's speed."""
+        return None
 
     def check(self, out_dir: Path, mod: tvm.IRModule, examples: np.ndarray,
               options: BuildOptions, log: Log) -> None:
@@ -134,13 +150,27 @@ class Hls4mlKind(TargetKind):
         return Built(device, {})
 
     def published_speed(self, spec):
-        # a dense piece on the fabric is reuse-limited: DSPs x clock, like fpga.estimate's
-        # cycles (an estimate until synthesis or a board says more)
+        # the fabric's peak, every DSP slice busy: what a split is cut with before its pieces
+        # are priced one by one (price_piece); an estimate until synthesis or a board says more
         return PublishedSpeed(
             spec.peak_gflops * 1e9,
             f"FPGA estimate: {spec.fpga['dsp']} DSP slices x {spec.fpga['clock_mhz']} MHz x 2 "
-            "FLOP", call_overhead=spec.fpga.get("call_overhead_s", 1e-4),
-            seconds_per_byte=0.0, tiles_slower=False)
+            "FLOP; each piece priced by its hls4ml estimate", call_overhead=spec.fpga.get(
+                "call_overhead_s", 1e-4), seconds_per_byte=0.0, tiles_slower=False)
+
+    def price_piece(self, spec, name, func, options):
+        """The piece's estimated latency on the fabric (:func:`splitc.backend.fpga.price`:
+        its layers, reuse factors chosen to fit, cycles at the clock); None seconds when an
+        op is not one the fabric takes or the piece does not fit, with the reason."""
+        try:
+            priced = fpga.price(func, None, name, spec, options.fpga)
+        except SplitcError as e:
+            return PiecePrice(None, str(e))
+        if not priced.estimate.fits:
+            return PiecePrice(None, priced.refusal(spec, options.fpga))
+        return PiecePrice(priced.estimate.latency_s,
+                          f"{priced.graph.describe()}; {priced.estimate.short()} at "
+                          f"{spec.fpga['clock_mhz']} MHz (estimate)")
 
     def check(self, out_dir, mod, examples, options, log):
         fpga.check_precision(out_dir, mod, examples, options.fpga.min_agreement, log)

@@ -8,6 +8,10 @@
                        messages that leave together get fair shares of it, as TCP flows do)
     device memory    = its weights + its largest piece's inputs and outputs
 
+A piece on a device whose target kind prices pieces itself (an FPGA fabric: the piece's
+hls4ml estimate, :meth:`splitc.backend.kinds.TargetKind.price_piece`) costs that estimate plus
+the runtime's dispatch instead of the first line (:func:`kind_prices`).
+
 A plan is priced by simulating it: each device runs its pieces in plan order as soon as their
 inputs have arrived; each message (a piece's outputs for one destination, delivered whole)
 waits for the sender's link. *Latency* is when the last output reaches the caller; the
@@ -40,7 +44,7 @@ from pathlib import Path
 
 from splitc import targets as target_registry
 from splitc.backend.build import CODEGEN
-from splitc.backend.kinds import PublishedSpeed, kind_of
+from splitc.backend.kinds import BuildOptions, PiecePrice, PublishedSpeed, kind_of
 from splitc.errors import SplitcError
 from splitc.planning.cluster import Cluster, ClusterDevice
 from splitc.runtime.plan import Plan
@@ -212,11 +216,29 @@ def device_memory(plan: Plan) -> dict[str, float]:
 TILED_STRATEGIES = frozenset({"spatial", "hybrid"})
 
 
+def kind_prices(plan: Plan, modules: dict, options: BuildOptions | None = None
+                ) -> dict[str, PiecePrice]:
+    """The pieces whose device's target kind prices them itself (FPGA pieces: their hls4ml
+    estimates), by piece name; ``modules``: each device's module of pieces, by device name."""
+    out = {}
+    for dev in plan.devices:
+        spec = target_registry.get(dev.target)
+        for piece in plan.pieces_on(dev.name):
+            price = kind_of(spec).price_piece(spec, piece.name, modules[dev.name][piece.name],
+                                              options or BuildOptions())
+            if price is not None:
+                out[piece.name] = price
+    return out
+
+
 def estimate(plan: Plan, cluster: Cluster, speeds: list[DeviceSpeed] | None = None,
-             *, client: str | None = None, timeline: Timeline | None = None) -> Estimate:
+             *, client: str | None = None, piece_seconds: dict[str, float] | None = None,
+             timeline: Timeline | None = None) -> Estimate:
     """Simulate one request of ``plan`` on ``cluster`` (device ``i`` of the plan is the
     cluster's device ``i``). The caller sits on the cluster's network (or at ``client``).
-    ``timeline``: filled with every piece and message as simulated (the predicted trace)."""
+    ``piece_seconds``: pieces priced by their device's kind (:func:`kind_prices`), which
+    take that long plus the runtime's dispatch. ``timeline``: filled with every piece and
+    message as simulated (the predicted trace)."""
     if len(plan.devices) != len(cluster.devices):
         raise SplitcError(f"the plan has {len(plan.devices)} devices, the cluster "
                           f"{len(cluster.devices)}")
@@ -275,7 +297,10 @@ def estimate(plan: Plan, cluster: Cluster, speeds: list[DeviceSpeed] | None = No
     for p in plan.pieces:
         start = max([free[p.device]] + [ready[(t, p.device)] for t in p.inputs])
         edge = sum(plan.tensors[t].nbytes for t in (*p.inputs, *p.outputs))
-        run = speed[p.device].piece_seconds(p.flops, p.weight_bytes, edge, tiled)
+        if piece_seconds and p.name in piece_seconds:
+            run = piece_seconds[p.name] + RUNTIME_DISPATCH
+        else:
+            run = speed[p.device].piece_seconds(p.flops, p.weight_bytes, edge, tiled)
         if timeline is not None:
             if start > free[p.device]:
                 timeline.span(p.device, "wait", "waiting for " + ", ".join(
