@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 
 import zmq
 import zmq.auth
+from zmq.utils import z85
 
 from .plan import PlanError
 
@@ -144,6 +145,10 @@ class Curve:
             from zmq.auth.thread import ThreadAuthenticator
 
             self._auth = ThreadAuthenticator(ctx)
+            # the user id of a connection (ZMQ's "User-Id" on each message) is the name its
+            # key is registered under: the worker knows who is speaking, whatever ``src`` says
+            names = {key: name for name, key in self.trusted.items()}
+            self._auth.curve_user_id = lambda key: names.get(z85.encode(key), "")
             self._auth.start()
             self._auth.configure_curve(domain="*", location=str(self.folder))
         sock.curve_secretkey = self.secret
