@@ -23,7 +23,9 @@ class DeviceArtifact:
     folder : path
         ``OUT/<device>``: ``plan.json``, the library and the weights file named there.
     verify : bool
-        Check the library's and weights' SHA-256 against the plan before loading.
+        Check the library's and weights' SHA-256 against the plan before loading. A plan that
+        gives no hash for a file it needs is refused (a library is code this process will
+        run: it is never loaded unchecked); ``verify=False`` skips both, for tests only.
     fpga_mode : str
         For a device of an FPGA target (its "library" is ``fpga.json``): ``emulation`` (the
         bit-accurate C simulation) or ``board`` (the PYNQ overlay); see :mod:`.fpga`.
@@ -43,7 +45,11 @@ class DeviceArtifact:
         for path, digest in files:
             if not path.exists():
                 raise PlanError(f"{path} is missing: the artifact folder is incomplete")
-            if verify and digest and sha256_file(path) != digest:
+            if verify and not digest:
+                raise PlanError(f"the plan gives no SHA-256 for {path.name} of {name}: a board "
+                                "loads nothing unchecked; compile again (`splitc compile` "
+                                "writes the hashes)")
+            if verify and sha256_file(path) != digest:
                 raise PlanError(f"{path} does not match the plan's hash: it comes from another "
                                 "compile; copy this device's folder again")
         self.fpga = None
@@ -55,14 +61,20 @@ class DeviceArtifact:
 
         self._tensor = tvm.runtime.tensor
         self._funcs = {}
-        if self.pieces:
-            lib = tvm.runtime.load_module(str(lib_path))
-            vm = tvm.runtime.vm.VirtualMachine(lib, tvm.cpu())
-            self._funcs = {n: vm[n] for n in self.pieces}
-        with np.load(weights_path) as stored:
-            self._weights = {
-                p.name: [self._tensor(stored[f"{p.name}/{i}"]) for i in range(p.num_weights)]
-                for p in self.pieces.values()}
+        try:
+            if self.pieces:
+                lib = tvm.runtime.load_module(str(lib_path))
+                vm = tvm.runtime.vm.VirtualMachine(lib, tvm.cpu())
+                self._funcs = {n: vm[n] for n in self.pieces}
+            with np.load(weights_path) as stored:
+                self._weights = {
+                    p.name: [self._tensor(stored[f"{p.name}/{i}"])
+                             for i in range(p.num_weights)]
+                    for p in self.pieces.values()}
+        except Exception as e:  # a file that passed its hash but does not load
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise PlanError(f"{name}: cannot load its compiled pieces from {self.folder}: "
+                            f"{type(e).__name__}: {first}") from None
 
     def run(self, piece: str | Piece, inputs: list[np.ndarray]) -> list[np.ndarray]:
         """Run one piece on its input arrays; returns its outputs in the plan's order."""
