@@ -121,6 +121,13 @@ class Session:
         self._local = local
         self._closed = False
         self.curve = security.Curve(keys, security.CLIENT) if keys else None
+        for dev, endpoint in self.endpoints.items():
+            try:
+                security.parse_endpoint(endpoint)
+            except security.KeyProblem:
+                raise PlanError(f"the endpoint for {dev}, {endpoint!r}, is not one splitc takes:"
+                                " write tcp://HOST:PORT (not ZeroMQ's tcp://SOURCE;DESTINATION "
+                                "form)") from None
         security.require(list(self.endpoints.values()), self.curve, insecure, "connect to")
         self._ctx = zmq.Context()
         self._socks: dict[str, zmq.Socket] = {}

@@ -322,7 +322,7 @@ def test_unreachable_endpoint_times_out_naming_it(outs):
         connect(plan, {"dev0": "tcp://127.0.0.1:9"})
     with pytest.raises(PlanError, match="devices the plan does not have: dev7"):
         connect(plan, {"dev0": "tcp://127.0.0.1:9", "dev1": "x", "dev7": "y"})
-    with pytest.raises(PlanError, match="endpoint for dev1, 'x', is not one ZeroMQ"):
+    with pytest.raises(PlanError, match="endpoint for dev1, 'x', is not one splitc takes"):
         connect(plan, {"dev0": "tcp://127.0.0.1:9", "dev1": "x"})
 
 
