@@ -190,6 +190,29 @@ def raise_open_files() -> int:
     return soft
 
 
+class LogLimit:
+    """At most ``rate`` log lines a second (in bursts of up to ``burst``): a flood of hostile
+    messages must not become a flood of log lines. Lines over the limit are counted, and the
+    count goes out with the next line that passes. One per thread."""
+
+    def __init__(self, logger: logging.Logger, rate: float = 20.0, burst: int = 50):
+        self.logger, self.rate, self.burst = logger, rate, burst
+        self.tokens, self.at, self.dropped = float(burst), time.monotonic(), 0
+
+    def __call__(self, level: int, msg: str, *args, exc_info: bool = False) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < 1:
+            self.dropped += 1
+            return
+        self.tokens -= 1
+        if self.dropped:
+            msg = f"({self.dropped} lines not logged) {msg}"
+            self.dropped = 0
+        self.logger.log(level, msg, *args, exc_info=exc_info)
+
+
 @dataclass
 class _Conn:
     fd: int
@@ -245,6 +268,7 @@ class Guard:
         self._mon = router.get_monitor_socket(_EVENTS)
         self._router = router
         self._thread = threading.Thread(target=self._run, name="splitc-guard", daemon=True)
+        self._log = LogLimit(log)
 
     def start(self) -> None:
         self._thread.start()
@@ -307,18 +331,16 @@ class Guard:
 
     def _accepted(self, fd: int) -> None:
         c = self._conns[fd] = _Conn(fd, _peer(fd), time.monotonic())
-        if len(self._conns) > self.max_connections:
-            anonymous = sorted((x for x in self._conns.values() if x.role is None),
-                               key=lambda x: x.opened)
-            victim = anonymous[0] if anonymous else c
+        open_ = [x for x in self._conns.values() if not x.closing]
+        anonymous = sorted((x for x in open_ if x.role is None), key=lambda x: x.opened)
+        if len(open_) > self.max_connections:
             self.counters.over_cap += 1
-            self._close(victim, f"more than {self.max_connections} connections")
-        elif sum(x.role is None for x in self._conns.values()) > self.max_anonymous:
-            victim = min((x for x in self._conns.values() if x.role is None),
-                         key=lambda x: x.opened)
+            self._close(anonymous[0] if anonymous else c,
+                        f"more than {self.max_connections} connections")
+        elif len(anonymous) > self.max_anonymous:
             self.counters.over_cap += 1
-            self._close(victim, f"more than {self.max_anonymous} connections that have not "
-                                "shown who they are")
+            self._close(anonymous[0], f"more than {self.max_anonymous} connections that have "
+                                      "not shown who they are")
 
     def _check(self, now: float, rss_due: bool) -> None:
         readings = {fd: _LIBC.read_bytes(fd) for fd in list(self._conns)}
@@ -384,7 +406,7 @@ class Guard:
         c.closing = True
         peer = f"{c.peer[0]}:{c.peer[1]}" if c.peer else "?"
         text = f"closed the connection from {peer} ({c.role or 'anonymous'}): {why}"
-        log.warning("memory guard: %s", text)
+        self._log(logging.WARNING, "memory guard: %s", text)
         self.counters.last = [*self.counters.last[-9:], text]
         try:
             dup = socket.socket(fileno=os.dup(c.fd))  # (never close libzmq's own descriptor)

@@ -233,6 +233,7 @@ class Worker:
         self.session: _Session | None = None
         self.stopping = threading.Event()
         self._swept = 0.0
+        self._log = guard.LogLimit(log)  # (every message a peer sends can log a line)
 
     # -- memory ----------------------------------------------------------------------------
     def warm_up(self) -> None:
@@ -318,7 +319,8 @@ class Worker:
                 self._account(e.origin, sender)
                 continue
             except Exception:  # a check the wire missed: drop the message, keep serving
-                log.exception("%s: unreadable message dropped", self.device)
+                self._log(logging.ERROR, "%s: unreadable message dropped", self.device,
+                          exc_info=True)
                 while self.router.getsockopt(zmq.RCVMORE):
                     self.router.recv(copy=False)
                 continue
@@ -333,7 +335,8 @@ class Worker:
                 self._fail(f"refused {msg.kind} from {msg.src or '?'}: {e}", rid=e.rid,
                            route=msg.route, to_client=self._ours(msg.head, e.rid))
             except Exception as e:  # never let one message end the worker
-                log.exception("%s: handling %s failed", self.device, msg.kind)
+                self._log(logging.ERROR, "%s: handling %s failed", self.device, msg.kind,
+                          exc_info=True)
                 self._fail(f"{type(e).__name__}: {e}", rid=msg.rid, route=msg.route,
                            to_client=self._ours(msg.head, msg.rid))
             finally:
@@ -484,7 +487,7 @@ class Worker:
             except zmq.Again:
                 return
             except wire.WireError as e:
-                log.warning("%s: bad reply from a peer: %s", self.device, e)
+                self._log(logging.WARNING, "%s: bad reply from a peer: %s", self.device, e)
                 continue
             peer = next((d for d, p in s.peers.items() if p is sock), "?")
             if msg.kind == wire.PONG:
@@ -503,8 +506,8 @@ class Worker:
                 else:  # not set up for this session yet: ask again shortly
                     s.pinged.pop(peer, None)
             else:
-                log.warning("%s: %s from peer %s: %s", self.device, msg.kind, peer,
-                            msg.head.get("message", ""))
+                self._log(logging.WARNING, "%s: %s from peer %s: %s", self.device, msg.kind,
+                          peer, msg.head.get("message", ""))
 
     def _check_setup(self) -> None:
         s = self.session
@@ -688,13 +691,14 @@ class Worker:
 
     def _send(self, route: bytes | None, head: dict) -> None:
         if route is None:
-            log.warning("%s: nobody to send %s to: %s", self.device, head["kind"],
-                        head.get("message", ""))
+            self._log(logging.WARNING, "%s: nobody to send %s to: %s", self.device,
+                      head["kind"], head.get("message", ""))
             return
         try:
             wire.send(self.router, head, route=route, flags=zmq.NOBLOCK)
         except zmq.ZMQError as e:
-            log.warning("%s: could not send %s: %s", self.device, head["kind"], e)
+            self._log(logging.WARNING, "%s: could not send %s: %s", self.device, head["kind"],
+                      e)
 
     def _fail(self, message: str, *, rid: int | None = None, piece: str = "",
               route: bytes | None = None, to_client: bool | None = None, code: str = "",
@@ -706,7 +710,7 @@ class Worker:
         self.counters["errors"] += 1
         where = f" running {piece}" if piece else ""
         req = f" (request {rid})" if rid is not None else ""
-        log.warning("%s%s%s: %s", self.device, where, req, message)
+        self._log(logging.WARNING, "%s%s%s: %s", self.device, where, req, message)
         fields = dict(rid=rid, device=self.device, piece=piece, message=message, code=code)
         if to_client is None:
             to_client = bool(piece) or rid is not None
