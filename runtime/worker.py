@@ -172,20 +172,18 @@ class Worker:
         largest tensor this device receives, at least MIN_MESSAGE_LIMIT.
     compute_priority : "idle" or "normal"
         The scheduling priority :meth:`serve` runs the pieces at (module docstring, point 8).
-    max_connections : int
-        Connections kept open at most (module docstring, point 4).
+    max_connections : int, optional
+        Connections kept open at most (module docstring, point 4); default MAX_CONNECTIONS,
+        more for a plan of many devices.
     """
 
     def __init__(self, folder: str | Path, bind: str = "tcp://127.0.0.1:5555", *,
                  keys: str | Path | None = None, insecure: bool = False,
                  max_message_bytes: int | None = None, fpga_mode: str = "emulation",
-                 compute_priority: str = "idle", max_connections: int = MAX_CONNECTIONS):
+                 compute_priority: str = "idle", max_connections: int | None = None):
         if compute_priority not in COMPUTE_PRIORITIES:
             raise BadInput(f"compute priority {compute_priority!r}: "
                            f"{' or '.join(COMPUTE_PRIORITIES)}")
-        if max_connections < 2:
-            raise BadInput(f"max connections {max_connections}: at least 2 (the client and "
-                           "a peer)")
         self.compute_priority = compute_priority
         self.artifact = DeviceArtifact(folder, fpga_mode=fpga_mode)
         self.plan = self.artifact.plan
@@ -203,6 +201,11 @@ class Worker:
         security.require([bind], self.curve, insecure, f"bind {self.device} to")
         self.max_message_bytes = max_message_bytes or max(
             [MIN_MESSAGE_LIMIT, *(2 * t.nbytes for t in self.specs.values())])
+        if max_connections is None:  # every device may connect, and a few strangers
+            max_connections = max(MAX_CONNECTIONS, len(self.plan.devices) + MAX_ANONYMOUS + 2)
+        if max_connections < 2:
+            raise BadInput(f"max connections {max_connections}: at least 2 (the client and "
+                           "a peer)")
         self.budget = budgets(self.plan, self.device, curve=self.curve is not None,
                               max_connections=max_connections)
         self.memory = {"baseline": 0, "bound": 0, "rss_limit": 0}
@@ -216,12 +219,8 @@ class Worker:
         # no PINGs from here: a peer's own PINGs (with their TTL) keep its connection checked,
         # and every heartbeat byte a peer sends counts against its byte account
         self.router.setsockopt(zmq.HEARTBEAT_IVL, 0)
-        self.guard = None
-        if guard.available():
-            self.guard = guard.Guard(self.router, self.budget.roles, self.budget.anonymous,
-                                     curve=self.curve is not None,
-                                     max_connections=max_connections,
-                                     max_anonymous=self.budget.max_anonymous)
+        self.guard: guard.Guard | None = None  # started by warm_up()
+        self.max_connections = max_connections
         try:
             if self.curve is not None:
                 self.curve.serve(self.ctx, self.router)
@@ -252,12 +251,20 @@ class Worker:
         base = guard.rss()
         self.memory = {"baseline": base, "bound": base + self.budget.held + MEMORY_MARGIN,
                        "rss_limit": base + self.budget.held + MEMORY_MARGIN // 2}
-        if self.guard is not None:
-            self.guard.rss_limit = self.memory["rss_limit"]
-            self.guard.start()
-        else:
-            log.warning("%s: no byte account of connections on this platform (it needs "
-                        "Linux's TCP_INFO): a peer can grow this worker", self.device)
+        port = self.endpoint.rpartition(":")[2]
+        if self.endpoint.startswith("tcp://") and port.isdigit():
+            self.guard = guard.start(self.router, int(port), guard.Config(
+                self.budget.roles, self.budget.anonymous, self.curve is not None,
+                self.max_connections, self.budget.max_anonymous, self.memory["rss_limit"]))
+        if self.guard is None:
+            log.warning("%s: no byte account of connections here (it needs TCP and Linux's "
+                        "TCP_INFO): a peer can grow this worker", self.device)
+        elif isinstance(self.guard, guard.Thread) and self.compute_priority == "idle":
+            # a serving thread at idle priority would hold the account's thread up
+            self.compute_priority = "normal"
+            log.warning("%s: pieces run at normal priority (the memory guard runs in this "
+                        "process, and at idle priority a busy CPU would hold it up)",
+                        self.device)
 
     # -- the loop --------------------------------------------------------------------------
     def serve(self) -> None:
@@ -268,6 +275,9 @@ class Worker:
             idle_priority()
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
+        reports = self.guard.fileno if self.guard is not None else None
+        if reports is not None:
+            poller.register(reports, zmq.POLLIN)
         registered: set[zmq.Socket] = set()
         session = None
         try:
@@ -283,6 +293,8 @@ class Worker:
                 events = dict(poller.poll(100))
                 if self.router in events:
                     self._drain_router()
+                if reports in events:
+                    self.guard.on_report()
                 for s in registered & events.keys():
                     if not s.closed:  # (a setup just now may have replaced the peers)
                         self._on_peer_reply(s)
@@ -298,6 +310,7 @@ class Worker:
     def close(self) -> None:
         if self.guard is not None and not self.ctx.closed:
             self.guard.stop()
+            self.guard = None
         if self.curve is not None:
             self.curve.stop()
         if not self.ctx.closed:
@@ -448,7 +461,8 @@ class Worker:
         sockets = {}
         for d in needed:
             sock = sockets[d] = wire.tune(self.ctx.socket(zmq.DEALER))
-            sock.setsockopt(zmq.IMMEDIATE, 1)  # nothing queued for a connection not up
+            # (what is sent while the peer is down waits, up to SNDHWM messages: its loss is
+            # the client's to tell, naming it)
             sock.setsockopt(zmq.SNDHWM, SNDHWM)
             try:
                 security.require([peers[d]], self.curve, self.insecure,
@@ -726,15 +740,12 @@ class Worker:
 
     def stats(self) -> dict:
         c = self.counters
-        g = self.guard
-        memory = {**self.memory, "rss": guard.rss(),
-                  "unread": g.unread() if g else {},
-                  "peak_held": g.counters.peak_held if g else 0,
-                  "closed": ({"over_budget": g.counters.over_budget,
-                              "over_cap": g.counters.over_cap,
-                              "over_rss": g.counters.over_rss} if g else {}),
-                  "budgets": {**self.budget.roles, "anonymous": self.budget.anonymous},
-                  "guarded": g is not None}
+        g = self.guard.status() if self.guard is not None else {}
+        memory = {**self.memory, "rss": guard.rss(), "guard": g.get("where", ""),
+                  "unread": g.get("unread", {}), "peak_held": g.get("peak_held", 0),
+                  "closed": {k: g.get(k, 0) for k in ("over_budget", "over_cap", "over_rss")},
+                  "last": g.get("last", []),
+                  "budgets": {**self.budget.roles, "anonymous": self.budget.anonymous}}
         return {"device": self.device,
                 "recv": {k: {"tensors": v[0], "bytes": v[1]} for k, v in c["recv"].items()},
                 "sent": {k: {"tensors": v[0], "bytes": v[1]} for k, v in c["sent"].items()},
@@ -865,10 +876,6 @@ class WorkerOptions:
         "help": "run pieces at idle priority (default), so tensors leave the moment they are "
                 "sent; normal where other busy processes share the board",
         "choices": COMPUTE_PRIORITIES})
-    max_connections: int = field(default=MAX_CONNECTIONS, metadata={
-        "help": f"keep at most this many connections open (default {MAX_CONNECTIONS}); the "
-                "oldest that has not shown who it is makes room"})
-
     @classmethod
     def parser(cls) -> argparse.ArgumentParser:
         parser = argparse.ArgumentParser(prog="python -m splitc.runtime.worker",
@@ -909,29 +916,32 @@ def run(options: WorkerOptions) -> int:
     """Serve as ``options`` say (under the supervisor with ``restart``); the exit status: 0
     after SIGTERM or SIGINT, 2 when the worker cannot start (bad folder, plan, keys,
     endpoint), 1 when it stops on an error it did not expect.
-    Logs to stderr: where it listens, each session, and every error it reports."""
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s splitc-worker %(message)s")
+    Logs to stderr, never waiting for it (:class:`guard.Log`): where it listens, each
+    session, and every error it reports."""
+    logs = guard.Log.install()
     log.setLevel(logging.INFO)
-    if options.restart:
-        child = replace(options, restart=False, announce=None)
-        return supervise(child, options.bind, options.announce)
     try:
-        serve(options.folder, options.bind, announce=options.announce, keys=options.keys,
-              insecure=options.insecure, max_message_bytes=options.max_message_bytes,
-              fpga_mode=options.fpga, compute_priority=options.compute_priority,
-              max_connections=options.max_connections)
-    except (OSError, BadInput) as e:  # PlanError and KeyProblem are BadInputs
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        if options.restart:
+            child = replace(options, restart=False, announce=None)
+            return supervise(child, options.bind, options.announce)
+        try:
+            serve(options.folder, options.bind, announce=options.announce, keys=options.keys,
+                  insecure=options.insecure, max_message_bytes=options.max_message_bytes,
+                  fpga_mode=options.fpga, compute_priority=options.compute_priority)
+        except (OSError, BadInput) as e:  # PlanError and KeyProblem are BadInputs
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    finally:
+        if logs is not None:
+            logs.close()
 
 
 def serve(device_folder: str | Path, bind: str = "tcp://127.0.0.1:5555", *,
           announce: str | Path | None = None, keys: str | Path | None = None,
           insecure: bool = False, max_message_bytes: int | None = None,
           fpga_mode: str = "emulation", compute_priority: str = "idle",
-          max_connections: int = MAX_CONNECTIONS) -> None:
+          max_connections: int | None = None) -> None:
     """Load ``device_folder`` and serve it on ``bind`` until SIGTERM or SIGINT.
 
     ``announce``: a file to write the bound endpoint to once listening (for a ``*`` port),
@@ -955,7 +965,7 @@ def serve(device_folder: str | Path, bind: str = "tcp://127.0.0.1:5555", *,
                  "MiB peers may make it hold + %d MiB margin)", worker.device,
                  len(worker.pieces), worker.endpoint, worker.digest,
                  "CURVE-encrypted" if worker.curve else "unencrypted",
-                 worker.max_message_bytes, max_connections, files,
+                 worker.max_message_bytes, worker.max_connections, files,
                  worker.memory["bound"] >> 20, worker.memory["baseline"] >> 20,
                  worker.budget.held >> 20, MEMORY_MARGIN >> 20)
         if announce is not None:
