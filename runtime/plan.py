@@ -305,7 +305,7 @@ def validate(d: dict) -> None:
              f"devices[{i}].name", "must be unique, not empty and not 'client'", x["name"])
         names.add(x["name"])
         for key in ("dir", "lib", "weights"):
-            if key in x:
+            if key in x and not (key == "lib" and x[key] == ""):  # (an idle device: none)
                 need(is_file_name(x[key]), f"devices[{i}].{key}",
                      "must be a file name inside the output folder", x[key])
         for key in ("lib_sha256", "weights_sha256"):
@@ -314,9 +314,12 @@ def validate(d: dict) -> None:
                  f"devices[{i}].{key}", "must be 64 hex digits (or empty)", digest)
     pieces = records("pieces", {"name": str, "device": str, "inputs": list, "outputs": list},
                      {"num_weights": int, "flops": int, "weight_bytes": int})
+    libraries = {x["name"]: x.get("lib", "lib.so") for x in devices}
     for i, x in enumerate(pieces):
         need(x["device"] in names, f"pieces[{i}].device", "must be a device of the plan",
              x["device"])
+        need(libraries[x["device"]] != "", f"pieces[{i}].device",
+             "has pieces but no library (devices[].lib is empty)", x["device"])
         for key in ("inputs", "outputs"):
             for t in x[key]:
                 need(isinstance(t, str) and t in tensors, f"pieces[{i}].{key}",
