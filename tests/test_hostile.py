@@ -500,10 +500,18 @@ def test_a_thawed_worker_does_not_compute_requests_the_client_failed(cluster):
 
 # -- plans, restarts, keys, endpoints, connections ----------------------------------------------
 def run_worker(folder: Path, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "splitc.runtime.worker", str(folder),
-                           "--bind", "tcp://127.0.0.1:*", *args], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ,
-                                                            "TVM_USE_RUNTIME_LIB": "1"})
+    """``python -m splitc.runtime.worker FOLDER ARGS`` to its end (its process group killed
+    after ``timeout``: a supervisor that never gives up leaves no worker behind)."""
+    proc = subprocess.Popen([sys.executable, "-m", "splitc.runtime.worker", str(folder),
+                             "--bind", "tcp://127.0.0.1:*", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "TVM_USE_RUNTIME_LIB": "1"})
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def rewrite(out: Path, tmp: Path, change) -> Path:
