@@ -14,9 +14,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import tvm
+import tvm_ffi
 from tvm import relax
 
 from splitc.errors import SplitcError
+
+# keep the type when raised inside a TVM pass (errors cross TVM's FFI by registered name);
+# registered here, with the passes, so that the CLI's board path (`splitc serve`) never
+# imports tvm_ffi, which imports torch
+tvm_ffi.register_error(SplitcError)
 
 #: Function attribute naming the device a piece runs on (set by :mod:`splitc.passes.split.outline`).
 DEVICE_ATTR = "splitc.device"

@@ -26,14 +26,20 @@ class TvmPieces:
 
         self._tensor = tvm.runtime.tensor
         self._funcs = {}
-        if pieces:
-            lib = tvm.runtime.load_module(str(folder / device.lib))
-            vm = tvm.runtime.vm.VirtualMachine(lib, tvm.cpu())
-            self._funcs = {n: vm[n] for n in pieces}
-        with np.load(folder / device.weights) as stored:
-            self._weights = {
-                p.name: [self._tensor(stored[f"{p.name}/{i}"]) for i in range(p.num_weights)]
-                for p in pieces.values()}
+        try:
+            if pieces:
+                lib = tvm.runtime.load_module(str(folder / device.lib))
+                vm = tvm.runtime.vm.VirtualMachine(lib, tvm.cpu())
+                self._funcs = {n: vm[n] for n in pieces}
+            with np.load(folder / device.weights) as stored:
+                self._weights = {
+                    p.name: [self._tensor(stored[f"{p.name}/{i}"])
+                             for i in range(p.num_weights)]
+                    for p in pieces.values()}
+        except Exception as e:  # a file that passed its hash but does not load
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise PlanError(f"{device.name}: cannot load its compiled pieces from {folder}: "
+                            f"{type(e).__name__}: {first}") from None
 
     def run(self, piece: Piece, inputs: list[np.ndarray], plan: Plan) -> list[np.ndarray]:
         args = [self._tensor(np.require(x, requirements="C")) for x in inputs]  # 0-d stays 0-d
@@ -71,7 +77,9 @@ class DeviceArtifact:
     folder : path
         ``OUT/<device>``: ``plan.json``, the library and the weights file named there.
     verify : bool
-        Check the library's and weights' SHA-256 against the plan before loading.
+        Check the library's and weights' SHA-256 against the plan before loading. A plan that
+        gives no hash for a file it needs is refused (a library is code this process will
+        run: it is never loaded unchecked); ``verify=False`` skips both, for tests only.
     fpga_mode : str
         For a device of kind ``hls4ml`` (an FPGA target): ``emulation`` (the bit-accurate C
         simulation) or ``board`` (the PYNQ overlay); see :mod:`.fpga`.
@@ -94,7 +102,11 @@ class DeviceArtifact:
         for path, digest in files:
             if not path.exists():
                 raise PlanError(f"{path} is missing: the artifact folder is incomplete")
-            if verify and digest and sha256_file(path) != digest:
+            if verify and not digest:
+                raise PlanError(f"the plan gives no SHA-256 for {path.name} of {name}: a board "
+                                "loads nothing unchecked; compile again (`splitc compile` "
+                                "writes the hashes)")
+            if verify and sha256_file(path) != digest:
                 raise PlanError(f"{path} does not match the plan's hash: it comes from another "
                                 "compile; copy this device's folder again")
         self._impl = KINDS[self.device.kind](self.folder, self.device, self.pieces,

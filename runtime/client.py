@@ -18,7 +18,14 @@ down: every request in flight fails at once with :class:`WorkerLost` naming the 
 its endpoint, and new requests fail fast while it is down. The client keeps pinging it; when
 it answers again (restarted by hand or by ``splitc serve --restart``) and holds the same
 compile, the session is set up afresh on every worker and requests succeed again. With
-``retries`` a failed request is sent again once the session is back.
+``retries`` a failed request is sent again once the session is back. A worker that says it
+no longer holds this session (another setup replaced it) is set up again at once, and the
+client says so (a warning, and :attr:`Session.events`); its requests in flight fail with
+:class:`SessionReplaced`, which retries cure. At most ``wire.MAX_INFLIGHT`` requests are in
+flight per session (the depth a worker's memory bound is computed for).
+
+Sessions: the session id is a 128-bit secret. Without keys it is what tells a worker a
+message comes from this client or its peers, so no worker reply to anyone else carries it.
 
 Security: with a key folder (``keys``), every connection is CurveZMQ-encrypted and the workers
 admit only known keys (:mod:`splitc.runtime.security`); off loopback that is required unless
@@ -27,6 +34,7 @@ admit only known keys (:mod:`splitc.runtime.security`); off loopback that is req
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import shutil
@@ -49,6 +57,7 @@ from . import security, wire
 from .errors import BadInput, RuntimeFailure
 from .plan import Plan, PlanError
 
+log = logging.getLogger("splitc.client")
 #: Default seconds to wait for one request's outputs.
 REQUEST_TIMEOUT = 60.0
 #: Default seconds for workers to start (local ones) and answer the setup.
@@ -71,8 +80,14 @@ class AuthFailure(RuntimeFailure):
     """A worker refused this client's CURVE handshake (wrong, missing or unexpected keys)."""
 
 
-#: Faults a retry can cure (a worker that comes back; a request that was too slow).
-RETRYABLE = (WorkerLost, RequestTimeout)
+class SessionReplaced(RuntimeFailure):
+    """A worker no longer holds this client's session (another setup replaced it, or it
+    restarted): the client sets the session up again."""
+
+
+#: Faults a retry can cure (a worker that comes back; a request that was too slow; a session
+#: set up again).
+RETRYABLE = (WorkerLost, RequestTimeout, SessionReplaced)
 #: While a worker is down the client pings it this often (seconds).
 PING_EVERY = 0.25
 #: A setup (after a worker came back) not answered this fast is sent again (seconds).
@@ -102,10 +117,17 @@ class Session:
         self.endpoints = dict(endpoints)
         self.timeout = timeout
         self.retries = retries
-        self.id = secrets.token_hex(8)
+        self.id = secrets.token_hex(16)  # the session's secret (module docstring)
         self._local = local
         self._closed = False
         self.curve = security.Curve(keys, security.CLIENT) if keys else None
+        for dev, endpoint in self.endpoints.items():
+            try:
+                security.parse_endpoint(endpoint)
+            except security.KeyProblem:
+                raise PlanError(f"the endpoint for {dev}, {endpoint!r}, is not one splitc takes:"
+                                " write tcp://HOST:PORT (not ZeroMQ's tcp://SOURCE;DESTINATION "
+                                "form)") from None
         security.require(list(self.endpoints.values()), self.curve, insecure, "connect to")
         self._ctx = zmq.Context()
         self._socks: dict[str, zmq.Socket] = {}
@@ -154,6 +176,10 @@ class Session:
             # read everything the workers send: a full queue would stop libzmq reading the
             # connection, heartbeats included, and a live worker would look dead
             sock.setsockopt(zmq.RCVHWM, 0)
+            # nothing is queued for a connection that is not up: after a reconnection the
+            # first message a worker reads is a ping, not a backlog (its byte account lets a
+            # connection that has not shown who it is hold little)
+            sock.setsockopt(zmq.IMMEDIATE, 1)
             mon = sock.get_monitor_socket(_MONITOR)
             self._socks[dev] = sock
             self._monitors[mon] = dev
@@ -176,8 +202,7 @@ class Session:
     def _open(self, start_timeout: float) -> None:
         """Ping every worker, then set the session up on all of them."""
         deadline = time.monotonic() + start_timeout
-        for sock in self._socks.values():
-            wire.send(sock, wire.header(wire.PING, src=wire.CLIENT))
+        self._ping_missing()  # (again every PING_EVERY until they answer, in _poll)
         self._wait(lambda: len(self._replies) == len(self._socks), deadline,
                    lambda: "no answer to ping from " + self._missing(self._replies), strict=True)
         for dev in self._socks:
@@ -185,8 +210,7 @@ class Session:
             if problem:
                 raise PlanError(problem)
         for sock in self._socks.values():
-            wire.send(sock, self._head(wire.SETUP, peers=self.endpoints,
-                                       timeout=max(1.0, deadline - time.monotonic())))
+            self._send_setup(sock, max(1.0, deadline - time.monotonic()))
         self._wait(lambda: len(self._ready) == len(self._socks), deadline,
                    lambda: "no answer to setup from " + self._missing(self._ready), strict=True)
         self._opening = False
@@ -257,8 +281,8 @@ class Session:
         """Run many requests with up to ``inflight`` in flight at once (a pipeline keeps every
         device busy); returns the outputs in the order of ``batches``. Per-request latencies
         are left in :attr:`latencies`. ``retries``: as for :meth:`infer`, per request."""
-        if inflight < 1:
-            raise BadInput("inflight must be at least 1")
+        if not 1 <= inflight <= wire.MAX_INFLIGHT:
+            raise BadInput(f"inflight must be 1 to {wire.MAX_INFLIGHT}, not {inflight}")
         retries = self.retries if retries is None else retries
         todo = iter(enumerate(batches))
         results: dict[int, list[np.ndarray]] = {}
@@ -318,6 +342,10 @@ class Session:
                             endpoint=self.endpoints[dev])
         if not self.ready:
             self.wait_ready(timeout)
+        if len(self._pending) >= wire.MAX_INFLIGHT:
+            raise BadInput(f"{len(self._pending)} requests are in flight already, the most a "
+                           f"session keeps (wire.MAX_INFLIGHT): collect some with result() "
+                           "first")
         plan = self.plan
         if len(inputs) != len(plan.inputs):
             raise PlanError(f"the model takes {len(plan.inputs)} inputs, got {len(inputs)}")
@@ -335,12 +363,19 @@ class Session:
         self._pending[rid] = _Pending(rid, now, now + timeout)
         for dev, names in self._inputs_of.items():
             try:
-                head = self._head(wire.TENSORS, rid=rid, ttl=round(timeout, 4))
+                head = self._head(wire.TENSORS, rid=rid, deadline=round(now + timeout, 4))
                 self.bytes_sent += wire.send(self._socks[dev], head,
                                              [arrays[n] for n in names], names,
                                              flags=zmq.NOBLOCK)
             except zmq.Again:
                 self._abandon(rid)
+                self._poll(0)  # (news of a loss may be waiting)
+                if dev not in self._down and dev not in self._shook:
+                    self._lose(dev, "its connection dropped")  # (nothing queues for it)
+                err = self._down.get(dev)
+                if err is not None:
+                    raise type(err)(f"request {rid}: {err}", device=dev,
+                                    endpoint=self.endpoints[dev], rid=rid) from None
                 raise RequestTimeout(f"cannot send request {rid} to {dev} at "
                                      f"{self.endpoints[dev]}: its queue is full",
                                      device=dev, endpoint=self.endpoints[dev], rid=rid) from None
@@ -385,8 +420,10 @@ class Session:
             self._drop(rid)
 
     def _drop(self, rid: int) -> None:
-        if self._closed or self._stale:
-            return  # (a session set up again has forgotten every old request anyway)
+        """Tell every worker to forget request ``rid`` (also while recovering: a worker that
+        still holds the old session frees its inputs; one that is down gets nothing)."""
+        if self._closed:
+            return
         for sock in self._socks.values():
             try:
                 wire.send(sock, self._head(wire.DROP, rid=rid), flags=zmq.NOBLOCK)
@@ -400,7 +437,10 @@ class Session:
         self._check_open()
         self._replies.clear()
         for sock in self._socks.values():
-            wire.send(sock, self._head(wire.STATS))
+            try:
+                wire.send(sock, self._head(wire.STATS), flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # (not connected: reported as no answer)
         self._wait(lambda: len(self._replies) == len(self._socks),
                    time.monotonic() + timeout,
                    lambda: "no answer to stats from " + self._missing(self._replies),
@@ -434,14 +474,8 @@ class Session:
         if now - self._ticked > 0.05:
             self._ticked = now
             self._check_local()
-            if self._down and now - self._pinged > PING_EVERY:
-                self._pinged = now
-                for dev in self._down:
-                    try:
-                        wire.send(self._socks[dev], wire.header(wire.PING, src=wire.CLIENT),
-                                  flags=zmq.NOBLOCK)
-                    except zmq.ZMQError:
-                        pass
+            if (self._down or self._opening) and now - self._pinged > PING_EVERY:
+                self._ping_missing()
             if (not self._down and self._stale) or (
                     not self._opening and not self._down and len(self._ready) < len(self._socks)
                     and now - self._setup_sent > RESETUP_EVERY):
@@ -452,19 +486,37 @@ class Session:
             else:
                 self._on_message(self._dev_of[sock], sock)
 
+    def _ping_missing(self) -> None:
+        """Ping the workers that are down (or, while opening, have not answered yet)."""
+        self._pinged = time.monotonic()
+        for dev in (self._down if not self._opening else
+                    [d for d in self._socks if d not in self._replies]):
+            try:
+                wire.send(self._socks[dev], wire.header(wire.PING, src=wire.CLIENT),
+                          flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # (not connected yet)
+
+    def _send_setup(self, sock: zmq.Socket, timeout: float, previous: str = "") -> None:
+        try:
+            wire.send(sock, self._head(wire.SETUP, peers=self.endpoints, timeout=timeout,
+                                       clock=round(time.monotonic(), 6),
+                                       request_timeout=self.timeout, previous=previous),
+                      flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # (not connected: the setup is sent again, or times out naming the device)
+
     def _resetup(self) -> None:
         """Every worker is up again: open a new session on all of them (the old one's
-        requests have failed already; their late tensors are refused as another session's)."""
-        self.id = secrets.token_hex(8)
+        requests have failed already; their late tensors are refused as another session's).
+        The setup names the old session, so a worker that still holds it knows the setup is
+        this client's."""
+        previous, self.id = self.id, secrets.token_hex(16)
         self._stale = False
         self._ready.clear()
         self._setup_sent = time.monotonic()
         for sock in self._socks.values():
-            try:
-                wire.send(sock, self._head(wire.SETUP, peers=self.endpoints,
-                                           timeout=RESETUP_EVERY), flags=zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
+            self._send_setup(sock, RESETUP_EVERY, previous)
 
     def _on_message(self, dev: str, sock: zmq.Socket) -> None:
         while sock.getsockopt(zmq.EVENTS) & wire.POLLIN:
@@ -488,6 +540,9 @@ class Session:
                     self.events.append((time.monotonic(), "*", "session set up again"))
             elif kind == wire.STATS:
                 self._replies[dev] = msg.head["counters"]
+            elif kind == wire.ERROR and msg.head.get("code") in ("replaced", "session") \
+                    and msg.head.get("session") == self.id:
+                self._replaced(dev, msg.head.get("message", ""))
             elif kind == wire.ERROR:
                 where = msg.head.get("device") or dev
                 piece = msg.head.get("piece") or ""
@@ -595,6 +650,22 @@ class Session:
             if p.error is None and len(p.outputs) < len(self._outputs):
                 p.error = kind(f"request {p.rid}: {text}", device=dev,
                                endpoint=self.endpoints[dev], rid=p.rid)
+
+    def _replaced(self, dev: str, why: str) -> None:
+        """``dev`` no longer holds this session: fail the requests in flight (retryable) and
+        set the session up again on every worker, saying so (events, and a warning)."""
+        if self._closed or self._stale:
+            return
+        where = f"worker {dev} at {self.endpoints[dev]}"
+        text = f"{where} no longer holds this session ({why}): setting it up again"
+        log.warning("splitc client: %s", text)
+        self.events.append((time.monotonic(), dev, f"session replaced: {why}"))
+        self._stale = True
+        self._ready.clear()
+        for p in self._pending.values():
+            if p.error is None and len(p.outputs) < len(self._outputs):
+                p.error = SessionReplaced(f"request {p.rid}: {text}", device=dev,
+                                          endpoint=self.endpoints[dev], rid=p.rid)
 
     def _back(self, dev: str, pong: dict) -> None:
         """A device that was down answered a ping."""

@@ -190,8 +190,12 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict) -> Plan:
-        if d.get("format") != FORMAT:
-            raise PlanError(f"not a {FORMAT} plan (format: {d.get('format')!r})")
+        """The plan ``d`` (as :meth:`to_dict` writes it), checked field by field first: a
+        malformed one raises :class:`PlanError` naming the field (see :func:`validate`)."""
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            got = d.get("format") if isinstance(d, dict) else type(d).__name__
+            raise PlanError(f"not a {FORMAT} plan (format: {got!r})")
+        validate(d)
         try:
             plan = cls(
                 strategy=d["strategy"],
@@ -243,6 +247,107 @@ class Plan:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json())
+
+
+#: The largest tensor a plan may name (bytes): more than any board holds.
+MAX_TENSOR_BYTES = 1 << 36
+_HEX = frozenset("0123456789abcdef")
+
+
+def validate(d: dict) -> None:
+    """Check every field of a plan dict before it is used: types, names that refer to
+    something the plan has, shapes of non-negative integers with a size a board can hold,
+    known dtypes, file names that stay inside the device folder, and SHA-256 hashes that are
+    64 hex digits or empty (a board refuses an empty one, see
+    :class:`~splitc.runtime.artifact.DeviceArtifact`). Raises :class:`PlanError` naming the
+    first bad field."""
+
+    def need(ok: bool, where: str, what: str, value: Any = None) -> None:
+        if not ok:
+            shown = repr(value)
+            raise PlanError(f"plan field {where}: {what}"
+                            + ("" if value is None else
+                               f", got {shown[:80]}{'…' if len(shown) > 80 else ''}"))
+
+    def is_int(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    def is_file_name(x: Any) -> bool:
+        return (isinstance(x, str) and x not in ("", ".", "..") and "/" not in x
+                and "\\" not in x and "\0" not in x)
+
+    def records(key: str, fields: dict[str, type], optional: dict | None = None) -> list:
+        optional = optional or {}
+        items = d.get(key, [] if key == "slices" else None)
+        need(isinstance(items, list), key, "must be a list", items)
+        for i, x in enumerate(items):
+            need(isinstance(x, dict), f"{key}[{i}]", "must be an object", x)
+            for name, kind in {**fields, **optional}.items():
+                if name not in x and name in optional:
+                    continue
+                need(name in x, f"{key}[{i}]", f"has no {name!r}")
+                ok = is_int(x[name]) if kind is int else isinstance(x[name], kind)
+                need(ok, f"{key}[{i}].{name}", f"must be {_KIND.get(kind, kind)}", x[name])
+        return items
+
+    need(isinstance(d.get("strategy"), str), "strategy", "must be a string", d.get("strategy"))
+    need(isinstance(d.get("model"), dict), "model", "must be an object", d.get("model"))
+    need(isinstance(d["model"].get("source", ""), str), "model.source", "must be a string")
+    need(isinstance(d.get("versions", {}), dict), "versions", "must be an object")
+    tensors = d.get("tensors")
+    need(isinstance(tensors, dict), "tensors", "must be an object", tensors)
+    for name, t in tensors.items():
+        where = f"tensors[{name!r}]"
+        need(isinstance(t, dict), where, "must be an object", t)
+        shape, dtype = t.get("shape"), t.get("dtype")
+        need(isinstance(shape, list) and len(shape) <= 16 and all(map(is_int, shape)),
+             f"{where}.shape", "must be a list of at most 16 non-negative integers", shape)
+        need(dtype in _BITS, f"{where}.dtype", f"must be one of {', '.join(sorted(_BITS))}",
+             dtype)
+        nbytes = math.prod(shape) * _BITS[dtype] // 8
+        need(nbytes <= MAX_TENSOR_BYTES, where, f"{nbytes} bytes is more than any board holds")
+    devices = records("devices", {"name": str, "target": str, "index": int, "dir": str},
+                      {"lib": str, "weights": str, "lib_sha256": str, "weights_sha256": str})
+    names = set()
+    for i, x in enumerate(devices):
+        need(x["name"] not in names and x["name"] != "client" and x["name"] != "",
+             f"devices[{i}].name", "must be unique, not empty and not 'client'", x["name"])
+        names.add(x["name"])
+        for key in ("dir", "lib", "weights"):
+            if key in x and not (key == "lib" and x[key] == ""):  # (an idle device: none)
+                need(is_file_name(x[key]), f"devices[{i}].{key}",
+                     "must be a file name inside the output folder", x[key])
+        for key in ("lib_sha256", "weights_sha256"):
+            digest = x.get(key, "")
+            need(digest == "" or (len(digest) == 64 and set(digest) <= _HEX),
+                 f"devices[{i}].{key}", "must be 64 hex digits (or empty)", digest)
+    pieces = records("pieces", {"name": str, "device": str, "inputs": list, "outputs": list},
+                     {"num_weights": int, "flops": int, "weight_bytes": int})
+    libraries = {x["name"]: x.get("lib", "lib.so") for x in devices}
+    for i, x in enumerate(pieces):
+        need(x["device"] in names, f"pieces[{i}].device", "must be a device of the plan",
+             x["device"])
+        need(libraries[x["device"]] != "", f"pieces[{i}].device",
+             "has pieces but no library (devices[].lib is empty)", x["device"])
+        for key in ("inputs", "outputs"):
+            for t in x[key]:
+                need(isinstance(t, str) and t in tensors, f"pieces[{i}].{key}",
+                     "must name tensors of the plan", t)
+    for i, x in enumerate(records("transfers", {"tensor": str, "src": str, "dst": str,
+                                                "bytes": int})):
+        need(x["tensor"] in tensors, f"transfers[{i}].tensor", "must be a tensor of the plan",
+             x["tensor"])
+        for key in ("src", "dst"):
+            need(x[key] in names, f"transfers[{i}].{key}", "must be a device of the plan",
+                 x[key])
+    for key in ("inputs", "outputs"):
+        for i, x in enumerate(records(key, {"name": str, "tensor": str}, {"device": str})):
+            need(x["tensor"] in tensors, f"{key}[{i}].tensor", "must be a tensor of the plan",
+                 x["tensor"])
+    records("slices", {"tensor": str, "source": str, "axis": int, "begin": int, "end": int})
+
+
+_KIND = {int: "a non-negative integer", str: "a string", list: "a list", dict: "an object"}
 
 
 def sha256_file(path: str | Path) -> str:

@@ -27,11 +27,13 @@ Default: encryption is required off loopback. Binding or connecting to any addre
 from __future__ import annotations
 
 import ipaddress
+import os
+import re
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import zmq
 import zmq.auth
+from zmq.utils import z85
 
 from .plan import PlanError
 
@@ -41,42 +43,85 @@ PUBLIC, SECRET = ".key", ".key_secret"
 
 
 class KeyProblem(PlanError):
-    """Keys that are missing or unreadable, or an unencrypted address off loopback."""
+    """Keys that are missing or unreadable, an unencrypted address off loopback, or an
+    endpoint of a form splitc does not take."""
 
 
 def generate(keydir: str | Path, names: list[str], *, force: bool = False) -> dict[str, Path]:
     """Write a key pair for each of ``names`` and one folder per name holding its own secret
-    key and every public key; returns ``{name: its folder}``."""
+    key and every public key; returns ``{name: its folder}``. Secret key files are created
+    with mode 0600 (never readable by others, not even for a moment), public ones 0644."""
     keydir = Path(keydir)
     existing = [n for n in names if (keydir / f"{n}{SECRET}").exists()]
     if existing and not force:
         raise KeyProblem(f"{keydir} already holds keys for {', '.join(existing)}: "
                          "keep them (boards have copies) or pass --force to replace them")
     keydir.mkdir(parents=True, exist_ok=True)
-    for n in names:
-        zmq.auth.create_certificates(str(keydir), n)
+    pairs = {n: zmq.curve_keypair() for n in names}
+    for n, (public, secret) in pairs.items():
+        _write(keydir / f"{n}{PUBLIC}", _certificate(public), 0o644)
+        _write(keydir / f"{n}{SECRET}", _certificate(public, secret), 0o600)
     folders = {}
     for n in names:
         folder = folders[n] = keydir / n
         folder.mkdir(exist_ok=True)
         for old in folder.glob(f"*{PUBLIC}*"):
             old.unlink()
-        (folder / f"{n}{SECRET}").write_bytes((keydir / f"{n}{SECRET}").read_bytes())
-        (folder / f"{n}{SECRET}").chmod(0o600)
-        for m in names:
-            (folder / f"{m}{PUBLIC}").write_bytes((keydir / f"{m}{PUBLIC}").read_bytes())
-    for n in names:
-        (keydir / f"{n}{SECRET}").chmod(0o600)
+        _write(folder / f"{n}{SECRET}", _certificate(*pairs[n]), 0o600)
+        for m, (public, _) in pairs.items():
+            _write(folder / f"{m}{PUBLIC}", _certificate(public), 0o644)
     return folders
 
 
+def _certificate(public: bytes, secret: bytes | None = None) -> bytes:
+    """A key file in pyzmq's certificate format (``zmq.auth.load_certificate`` reads it)."""
+    kind = "Secret" if secret else "Public"
+    lines = [f"#   ZeroMQ CURVE {kind} Certificate (splitc keys)", "", "metadata", "curve",
+             f'    public-key = "{public.decode()}"']
+    if secret:
+        lines.append(f'    secret-key = "{secret.decode()}"')
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    """Write ``path`` anew, created with ``mode`` (a file there is replaced, not reused: an
+    old file's looser mode must not carry over)."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+#: The endpoints splitc takes: tcp://HOST:PORT — HOST an IPv4 address, [an IPv6 address], a
+#: host or interface name, or * (bind only); PORT a number, or * (bind only) — ipc://PATH and
+#: inproc://NAME. Nothing else: in particular not ZeroMQ's tcp://SOURCE;DESTINATION form,
+#: whose source part would pass for the address.
+_TCP = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.*-]+):(\*|[0-9]{1,5})")
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, str]:
+    """(scheme, host) of a ZeroMQ endpoint splitc takes (``_TCP``, ipc:// or inproc://); the
+    host of ipc and inproc is "". Raises :class:`KeyProblem` naming the endpoint otherwise."""
+    if not isinstance(endpoint, str):
+        raise KeyProblem(f"endpoint {endpoint!r} is not a string")
+    scheme, sep, rest = endpoint.partition("://")
+    if sep and scheme in ("ipc", "inproc") and rest and ";" not in rest:
+        return scheme, ""
+    m = _TCP.fullmatch(endpoint)
+    if m is None or (m[2] != "*" and not 0 <= int(m[2]) <= 65535):
+        raise KeyProblem(f"endpoint {endpoint!r} is not one splitc takes: write tcp://HOST:PORT "
+                         "(an address or name, and a port), ipc://PATH or inproc://NAME")
+    return "tcp", m[1][1:-1] if m[1].startswith("[") else m[1]
+
+
 def is_loopback(endpoint: str) -> bool:
-    """Whether a ZeroMQ endpoint stays on this machine (loopback TCP, ipc, inproc)."""
-    scheme, _, rest = endpoint.partition("://")
-    if scheme in ("ipc", "inproc"):
-        return True
-    host = urlsplit(f"//{rest}").hostname or ""
-    if host == "localhost":
+    """Whether a ZeroMQ endpoint stays on this machine (loopback TCP, ipc, inproc). An endpoint
+    of another form (:func:`parse_endpoint`) is not."""
+    try:
+        scheme, host = parse_endpoint(endpoint)
+    except KeyProblem:
+        return False
+    if scheme in ("ipc", "inproc") or host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -85,11 +130,13 @@ def is_loopback(endpoint: str) -> bool:
 
 
 def require(endpoints: list[str], curve: Curve | None, insecure: bool, what: str) -> None:
-    """Refuse to ``what`` (bind, connect) in the clear off loopback unless ``insecure``."""
+    """Refuse an endpoint of a form splitc does not take, and refuse to ``what`` (bind,
+    connect) in the clear off loopback unless ``insecure``."""
+    for e in endpoints:
+        parse_endpoint(e)
     if curve is not None or insecure:
         return
-    # (a malformed endpoint is left to ZeroMQ's own error)
-    outside = [e for e in endpoints if "://" in e and not is_loopback(e)]
+    outside = [e for e in endpoints if not is_loopback(e)]
     if outside:
         raise KeyProblem(
             f"refusing to {what} {', '.join(outside)} unencrypted: off loopback splitc "
@@ -144,6 +191,10 @@ class Curve:
             from zmq.auth.thread import ThreadAuthenticator
 
             self._auth = ThreadAuthenticator(ctx)
+            # the user id of a connection (ZMQ's "User-Id" on each message) is the name its
+            # key is registered under: the worker knows who is speaking, whatever ``src`` says
+            names = {key: name for name, key in self.trusted.items()}
+            self._auth.curve_user_id = lambda key: names.get(z85.encode(key), "")
             self._auth.start()
             self._auth.configure_curve(domain="*", location=str(self.folder))
         sock.curve_secretkey = self.secret

@@ -16,28 +16,51 @@ Header fields (every message)::
     v        1 (VERSION); anything else is refused
     kind     one of KINDS (below)
     src      who sends: "client" or a device name from the plan
-    session  the session id the client opened with ``setup`` ("" before one)
+    session  the session id the client opened with ``setup`` ("" before one, and in every
+             reply a worker sends to anyone but the session's client: the id is a secret)
     digest   the plan digest (``Plan.digest()``) the sender holds ("" on ``ping``)
 
 Kinds::
 
-    ping     anyone -> worker      liveness; answered with pong
+    ping     anyone -> worker      liveness; answered with pong. A worker pinging its peers
+                                     during a setup adds the session id; the pong then says
+                                     + member: whether that id is the peer's session
     pong     worker -> anyone      + device, digest, pid, pieces, lib_sha256, weights_sha256
-                                     (the client refuses a worker holding another compile)
-    setup    client -> worker      + peers {device: endpoint}, timeout (s): opens a session;
+                                     (the client refuses a worker holding another compile);
+                                     never the session id
+    setup    client -> worker      + peers {device: endpoint}, timeout (s), clock (the
+                                     client's monotonic clock, s), request_timeout (s),
+                                     previous (the id it replaces, or ""): opens a session;
                                      the worker refuses (error) if its plan digest differs,
                                      then connects to the peers it sends to and pings them
     ready    worker -> client      + device: the session is set up, peers answered
     tensors  client/peer -> worker + rid, tensors [{name, dtype, shape}]: model inputs (from
              worker -> client        the client), transfers (from a peer device), or model
                                      outputs (to the client); one raw frame per entry;
-                                     + ttl (s, optional): the request's deadline, as seconds
-                                     left when sent (boards' clocks differ); a worker skips
-                                     the pieces of a request whose deadline has passed
-    error    worker -> client      + rid (or null), device, piece (or ""), message
+                                     + deadline (s, optional): when the client gives up on
+                                     the request, on the client's clock (workers convert it
+                                     with the clock of the setup, so boards' clocks need not
+                                     agree, and forward it unchanged); a worker skips the
+                                     pieces of a request whose deadline has passed
+    error    worker -> client      + rid (or null), device, piece (or ""), message, code
+                                     ("session": the message named a session this worker
+                                     does not hold, "replaced": another setup replaced the
+                                     session, "refused": the sender may not send it, "" else)
     drop     client -> worker      + rid: forget a failed or abandoned request
     stats    client -> worker      ask for counters; the worker answers with kind stats and
-             worker -> client        + device, counters {recv, sent, pieces_run, ...}
+             worker -> client        + device, counters {recv, sent, pieces_run, memory, ...}
+
+Who may send what (checked by the worker, see :mod:`splitc.runtime.worker`): anyone may ping.
+With keys (CurveZMQ) the sender is the name its public key is registered under (ZAP's user
+id), whatever ``src`` says: only the client's key may ``setup``, ``drop`` or ask for
+``stats``, and a device's key may send a worker only the tensors the plan routes from that
+device to it. Without keys (loopback only) the session id is the secret: ``setup`` is refused
+while another client's session is alive unless it names that session as ``previous``,
+``drop`` and ``stats`` come only from the connection that set the session up, and
+``tensors`` must carry the session id (as ``src`` "client" only from that connection).
+
+At most MAX_INFLIGHT requests are in flight per session: a client submits no more, and a
+worker holds the partial inputs of at most MAX_PENDING requests (each until its deadline).
 
 Checks on receipt (:func:`recv`): header size, valid JSON object, version, known kind, integer
 ``rid`` where one is needed, and for ``tensors``: each entry's dtype in DTYPES, shape a list of
@@ -77,6 +100,11 @@ COPY_THRESHOLD = 64 * 1024
 MAX_HEADER = 64 * 1024
 #: At most this many dimensions in a tensor's shape.
 MAX_RANK = 16
+#: A client keeps at most this many requests in flight per session (the in-flight depth that
+#: a worker's memory bound is computed for, see :mod:`splitc.runtime.guard`).
+MAX_INFLIGHT = 16
+#: A request without a deadline is given this many seconds.
+DEFAULT_DEADLINE_S = 60.0
 #: libzmq heartbeats on every runtime connection (a ZMTP PING every HEARTBEAT_IVL_MS, answered
 #: by the peer's I/O thread, so a worker busy computing still answers): a peer from which no
 #: complete message arrives for HEARTBEAT_TIMEOUT_MS after a PING is disconnected, which the
@@ -93,6 +121,8 @@ TENSORS, ERROR, DROP, STATS = "tensors", "error", "drop", "stats"
 KINDS = frozenset({PING, PONG, SETUP, READY, TENSORS, ERROR, DROP, STATS})
 #: Kinds that carry a request id.
 WITH_RID = frozenset({TENSORS, DROP})
+#: Header fields that, where present, must be finite numbers (seconds).
+NUMBERS = ("deadline", "clock", "timeout", "request_timeout")
 #: The dtypes allowed on the wire (numpy names, as in the plan).
 DTYPES = frozenset({"float16", "float32", "float64", "int8", "int16", "int32", "int64",
                     "uint8", "uint16", "uint32", "bool"})
@@ -108,6 +138,7 @@ class WireError(ValueError):
         super().__init__(message)
         self.head = head or {}
         self.route: bytes | None = None  # set by recv on a ROUTER: who sent it
+        self.origin = Origin()
 
     @property
     def rid(self) -> int | None:
@@ -123,13 +154,26 @@ class TensorSpec(Protocol):
 
 
 @dataclass
+class Origin:
+    """Where a message came from, as ZeroMQ tells it on a ROUTER: the connection's file
+    descriptor (``ZMQ_SRCFD``; None where the transport has none), the user id the ZAP
+    handler gave its key (None without keys), and the size of every frame read (for the
+    connection's byte account, :mod:`splitc.runtime.guard`)."""
+
+    fd: int | None = None
+    user: str | None = None
+    sizes: list[int] = field(default_factory=list)
+
+
+@dataclass
 class Message:
     """One received message: its header, its arrays (in header order), and on a ROUTER the
-    routing id of the connection it came from."""
+    routing id of the connection it came from and what ZeroMQ says of that connection."""
 
     head: dict
     arrays: list[np.ndarray] = field(default_factory=list)
     route: bytes | None = None
+    origin: Origin = field(default_factory=Origin)
 
     @property
     def kind(self) -> str:
@@ -238,10 +282,12 @@ def parse_header(raw: bytes) -> dict:
         if not isinstance(rid, int) or isinstance(rid, bool) or rid < 0:
             raise WireError(f"{head['kind']} message needs a request id (rid >= 0), "
                             f"got {rid!r}", head)
-    ttl = head.get("ttl")
-    if ttl is not None and (not isinstance(ttl, (int, float)) or isinstance(ttl, bool)
-                            or not math.isfinite(ttl)):
-        raise WireError(f"ttl must be a number of seconds, got {str(ttl)[:100]!r}", head)
+    for key in NUMBERS:
+        value = head.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                  or not math.isfinite(value)):
+            raise WireError(f"{key} must be a number of seconds, got {str(value)[:100]!r}",
+                            head)
     return head
 
 
@@ -278,9 +324,21 @@ def tensor_entries(head: dict, specs: Mapping[str, TensorSpec] | None
     return out
 
 
-def _drain(sock: zmq.Socket) -> None:
+def _drain(sock: zmq.Socket, sizes: list[int]) -> None:
     while sock.getsockopt(zmq.RCVMORE):
-        sock.recv(copy=False)
+        sizes.append(len(sock.recv(copy=False)))
+
+
+def _origin(frame: zmq.Frame) -> Origin:
+    try:
+        fd = frame.get(zmq.SRCFD)
+    except zmq.ZMQError:  # (a transport without a file descriptor)
+        fd = None
+    try:
+        user = frame.get("User-Id")
+    except zmq.ZMQError:  # no ZAP handler: no keys
+        user = None
+    return Origin(fd if isinstance(fd, int) and fd >= 0 else None, user or None)
 
 
 def recv(sock: zmq.Socket, *, route: bool = False,
@@ -289,30 +347,38 @@ def recv(sock: zmq.Socket, *, route: bool = False,
          flags: int = 0) -> Message:
     """Receive and check one message (raises :class:`WireError`, the message drained).
 
-    ``route``: the socket is a ROUTER (the first frame is the sender's routing id).
+    ``route``: the socket is a ROUTER (the first frame is the sender's routing id; the
+    message's ``origin`` says which connection and key it came from).
     ``specs``: the tensors this side accepts, by name (shape and dtype must match); their
     frames are read with ``recv_into`` into ``alloc(shape, dtype)`` (default ``np.empty``).
     Without specs, frames are wrapped zero-copy (read-only arrays).
     """
-    route_id = sock.recv(flags) if route else None
+    origin = Origin()
+    route_id = None
+    if route:
+        frame = sock.recv(flags, copy=False)
+        route_id, origin = frame.bytes, _origin(frame)
     try:
         # the header is the first frame on a DEALER: it gets the caller's flags (NOBLOCK)
-        return _recv_rest(sock, route_id, specs, alloc or np.empty,
-                          0 if route else flags)
+        msg = _recv_rest(sock, route_id, specs, alloc or np.empty, 0 if route else flags,
+                         origin.sizes)
     except WireError as e:
-        e.route = route_id
+        e.route, e.origin = route_id, origin
         raise
+    msg.origin = origin
+    return msg
 
 
-def _recv_rest(sock, route_id, specs, alloc, flags) -> Message:
+def _recv_rest(sock, route_id, specs, alloc, flags, sizes) -> Message:
     if route_id is not None and not sock.getsockopt(zmq.RCVMORE):
         raise WireError("message has a routing id and nothing else")
     raw = sock.recv(flags)
+    sizes.append(len(raw))
     try:
         head = parse_header(raw)
         entries = tensor_entries(head, specs)
     except WireError:
-        _drain(sock)
+        _drain(sock, sizes)
         raise
     arrays = []
     for i, (name, shape, dtype) in enumerate(entries):
@@ -330,13 +396,14 @@ def _recv_rest(sock, route_id, specs, alloc, flags) -> Message:
             got = len(frame.buffer)
             arr = np.frombuffer(frame.buffer, dtype=dtype).reshape(shape) if got == nbytes \
                 else None
+        sizes.append(got)
         if got != nbytes:
-            _drain(sock)
+            _drain(sock, sizes)
             raise WireError(f"tensor {name!r}: frame of {got} bytes, {dtype}{list(shape)} "
                             f"needs {nbytes}", head)
         arrays.append(arr)
     if sock.getsockopt(zmq.RCVMORE):
-        _drain(sock)
+        _drain(sock, sizes)
         raise WireError(f"message has more frames than the {len(entries)} its header "
                         "announces", head)
     return Message(head, arrays, route_id)

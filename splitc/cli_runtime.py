@@ -33,7 +33,11 @@ def serve(
              "by themselves).")] = False,
     max_message_bytes: Annotated[int | None, typer.Option(
         help="Close connections that send larger frames (default: twice the largest tensor "
-             "this device receives, at least 1 MiB).")] = None,
+             "this device receives, at least 1 MiB); the worker's memory bound does not rely "
+             "on it.")] = None,
+    max_connections: Annotated[int | None, typer.Option(
+        help="Connections held at once (default: 64, or every device and a few strangers for "
+             "bigger plans).")] = None,
     compute_priority: Annotated[str, typer.Option(
         help="idle: pieces run at SCHED_IDLE, so tensors leave the moment they are sent; "
              "normal: where other busy processes share the board.")] = "idle",
@@ -52,7 +56,8 @@ def serve(
     options = worker.WorkerOptions(
         str(device_folder), bind, announce=str(announce) if announce else None,
         keys=str(keys) if keys else None, insecure=insecure,
-        max_message_bytes=max_message_bytes, restart=restart, fpga=fpga,
+        max_message_bytes=max_message_bytes, max_connections=max_connections,
+        restart=restart, fpga=fpga,
         compute_priority=compute_priority)
     code = worker.run(options)
     if code:
@@ -139,7 +144,8 @@ def run(
         min=1, help="Run this many requests and report latency percentiles and throughput.")]
         = 1,
     inflight: Annotated[int, typer.Option(
-        min=1, help="With --requests: how many requests are in flight at once.")] = 4,
+        min=1, max=16, help="With --requests: how many requests are in flight at once (at most "
+                            "16, what a worker holds per client).")] = 4,
     seed: Annotated[int, typer.Option(help="Seed for the random default input.")] = 0,
     timeout: Annotated[float, typer.Option(
         help="Seconds to wait for a request (and for workers to start).")] = 60.0,

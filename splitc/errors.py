@@ -18,11 +18,3 @@ def short_message(e: BaseException | str, limit: int = MAX_MESSAGE_CHARS) -> str
     if len(text) <= limit:
         return text
     return text[: limit // 3] + " ... " + text[-(2 * limit) // 3:]
-
-
-try:  # keep the type when raised inside a TVM pass (errors cross TVM's FFI by registered name)
-    import tvm_ffi
-
-    tvm_ffi.register_error(SplitcError)
-except ImportError:  # pragma: no cover - tvm_ffi ships with every TVM install
-    pass

@@ -61,9 +61,13 @@ class Board:
         self.endpoint = self.announce.read_text().strip()
 
     def worker_pid(self) -> int:
-        """The serving process: the supervisor's child with --restart, else the process."""
-        children = psutil.Process(self.proc.pid).children()
-        return children[0].pid if children else self.proc.pid
+        """The serving process: the supervisor's child with --restart, else the process (not
+        the worker's own helper, ``splitc.runtime.guard``)."""
+        for proc in [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children()]:
+            cmd = proc.cmdline()
+            if "splitc.runtime.worker" in cmd and "--restart" not in cmd:
+                return proc.pid
+        raise AssertionError("no serving process")
 
     def stop(self) -> int:
         if self.proc.poll() is None:
