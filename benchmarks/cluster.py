@@ -1,50 +1,41 @@
-"""Emulated-cluster benchmark: N single-core devices, side by side in one run.
+"""Emulated-cluster benchmark: N boards on this machine's two cores, side by side in one run.
 
-For one model and N devices it measures, in this order and on the same cores:
+For one model and N devices it measures ONNX Runtime on one device, splitc on one device, the
+channel, pipeline, spatial and hybrid splits and ``--strategy auto``, each with one worker per
+device, and prints per row: latency (median of ``--requests`` sequential requests),
+throughput (N in flight), bytes between devices per inference, the largest weights a device
+holds, the cost model's prediction and its error, the busiest device's time in its pieces,
+the rest of the latency (waiting for tensors and the network), the runtime's own CPU time per
+inference, and the ideal (one device's compute / N + the bytes that must cross / bandwidth).
 
-* ONNX Runtime on one core (the single-board tool a user already has);
-* splitc on one device (default schedules, one worker);
-* the plain channel-parallel split (all-gather after every layer), the best pipeline split,
-  the spatial split, and ``--strategy auto``, each with one worker per device;
-* ``auto`` again with the workers' pieces at normal scheduling priority instead of idle
-  (``--compute-priority``: what letting tensors leave at once is worth);
+**Devices: time dilation** (DieCast, NSDI 2008). A device of slowdown F runs each piece once,
+measures the CPU time the piece took on its own thread (``time.thread_time``), and releases
+the piece's outputs, and starts its next piece, only when F x that CPU time has passed since
+the piece started. N devices then need about N/F cores, so at F=10 (a Raspberry Pi 4 core is
+1/10 to 1/14 of these) eight devices share two cores and stay honest while the machine is
+not saturated. The run checks that: a piece whose real run took longer than F x its CPU time
+was starved (it waited for a core) and made late; the table prints the late share per row,
+and a row with more than 5 % of its dilated time late is marked VOID. The runtime's own work
+(receiving, converting and sending tensors, ZeroMQ's I/O thread) is not dilated: a board does
+it F times slower too; each row prints that CPU time per inference and the most it flatters
+the latency ((F-1) x the busiest device's). ``--emulation repeat`` is the method dilation
+replaced, kept as its cross-check (each device pinned to its own core runs every piece F
+times; possible only with N <= cores): ``--validate`` runs every row both ways.
 
-and prints per row the measured latency (median of ``--requests`` sequential requests), the
-throughput with N requests in flight, bytes between devices per inference, the speedup over
-one device, the cost model's prediction and its error, and the ideal
-(one device's compute, FLOPs and every weight read once, divided by N, plus the bytes that
-must cross / bandwidth).
+**Links**: with ``--netns`` (root) each worker runs in its own network namespace behind a veth
+pair on a bridge, each veth (and the client's side) shaped with ``tc tbf`` to ``--bandwidth``
+(this kernel has no netem). ``--delay D`` adds D one way, in user space: every message a
+worker sends is held D after it is sent (a delay line in the worker's send path, flushed by
+its loop and during dilated pieces), and the client waits D before sending a request. The
+header's link table checks it: ping-pong of 4 B and 600 kB messages against
+size / rate + D + the runtime's cost of a message. Without ``--netns`` the workers talk over
+loopback.
 
-Devices are worker processes pinned to their own core (``taskset``) with one TVM thread;
-where there are more cores than devices, the client (and ONNX Runtime) get a core of their
-own. Links: with ``--netns`` (root), each worker runs in its own network namespace behind a
-veth pair on a bridge, each veth shaped with ``tc tbf`` to ``--bandwidth``, and the client's
-side of the bridge too (as a board's or a laptop's one Ethernet port would be). ``--delay D``
-adds ``tc netem`` delay D/2 on both ends of every veth, so a message between two devices takes
-D longer (one between the client and a device, D/2); kernels without netem (this VM's) refuse
-it. The cost model is given the links as measured before the rows (:func:`measure_link`):
-the bandwidth and the time per message of runtime messages through them (plus D), as a user
-would write measured figures into a cluster file. The links carry jumbo frames (:data:`MTU`).
-Without ``--netns`` the workers talk over loopback, unshaped, and the cost model is given
-loopback figures. The header says which.
-
-``--slowdown F`` (a whole number) makes the devices, and ONNX Runtime's row, compute F times
-as long: boards slower than this machine meet the same links with a compute-to-network ratio
-F times higher (a Raspberry Pi 4 core peaks at 12 GFLOP/s, about 1/14 of this one). Each
-worker runs every piece F times (the runtime, its network I/O and the links keep their
-speed), ONNX Runtime runs F times per request, and the profile's piece terms are scaled by F.
-(A CFS quota on the workers' threads, used before, ran a thread 1 ms in every 10: every wait
-for a tensor could cost a period, and one device ran 1.5x slower than the profile said.)
-``--slowdown 1,2`` gives each device its own factor, a heterogeneous cluster: the cost model
-is given each device's scaled table as that device's ``profile`` (as a cluster file would name
-it), the one-device rows run on the first device at its factor, and the ideal divides one
-device's compute by the devices' summed speed.
-
-    sudo .venv/bin/python benchmarks/cluster.py --model resnet50 -n 2 --netns
-    sudo .venv/bin/python benchmarks/cluster.py --model resnet50 -n 2 --netns --slowdown 10
-    sudo .venv/bin/python benchmarks/cluster.py --model resnet50 -n 2 --netns --slowdown 1,2
-    sudo .venv/bin/python benchmarks/cluster.py --model resnet50 -n 8 --netns --delay 0.5ms
-    .venv/bin/python benchmarks/cluster.py --model resnet18 --tiny -n 2      # quick look
+    sudo .venv/bin/python benchmarks/cluster.py --model resnet50 -n 8 --netns --slowdown 10 \\
+        --delay 0.5ms
+    sudo .venv/bin/python benchmarks/cluster.py --model resnet50 -n 2 --netns --slowdown 10 \\
+        --delay 0.5ms --validate
+    .venv/bin/python benchmarks/cluster.py --model resnet18 --tiny -n 4 --slowdown 10  # quick
 """
 
 from __future__ import annotations
@@ -64,13 +55,16 @@ from contextlib import ExitStack  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-from common import interleaved, ort_latency, ort_runner  # noqa: E402
+import psutil  # noqa: E402
+from common import interleaved, ort_runner  # noqa: E402
 
-from splitc import frontend  # noqa: E402
+from splitc import frontend, targets  # noqa: E402
 from splitc.driver import compile_model  # noqa: E402
 from splitc.passes.analysis import profile as profile_bindings  # noqa: E402
+from splitc.planning import profiler  # noqa: E402
 from splitc.planning.cluster import Cluster, ClusterDevice, Link, parse_rate, parse_time  # noqa: E402
 from splitc.planning.cost import DeviceSpeed, estimate  # noqa: E402
+from splitc.runtime import wire  # noqa: E402
 from splitc.runtime.client import connect  # noqa: E402
 from splitc.runtime.plan import Plan  # noqa: E402
 
@@ -97,20 +91,19 @@ def sh(*cmd: str) -> None:
 class Namespaces:
     """N test hosts: namespaces on a bridge, each link shaped with tbf. Removed on close."""
 
-    def __init__(self, n: int, rate_bytes: float, delay: float = 0.0, lab: int = 0,
-                 mtu: int = MTU):
+    def __init__(self, n: int, rate_bytes: float, lab: int = 0, mtu: int = MTU):
         self.tag = f"{NETNS_PREFIX}{lab or ''}"
         self.subnet = f"{SUBNET}.{7 + lab}"
         self.n, self.names = n, [f"{self.tag}n{i}" for i in range(n)]
         rate = f"{int(rate_bytes * 8)}bit"
         self.cleanup()
         try:
-            self._build(rate, delay, mtu)
+            self._build(rate, mtu)
         except SystemExit:
             self.cleanup()
             raise
 
-    def _build(self, rate: str, delay: float, mtu: int) -> None:
+    def _build(self, rate: str, mtu: int) -> None:
         sh("ip", "link", "add", f"{self.tag}br", "type", "bridge")
         sh("ip", "addr", "add", f"{self.subnet}.254/24", "dev", f"{self.tag}br")
         sh("ip", "link", "set", f"{self.tag}br", "up")
@@ -133,9 +126,6 @@ class Namespaces:
             for dev, prefix in ((outer, ()), (inner, ("ip", "netns", "exec", ns))):
                 sh(*prefix, "tc", "qdisc", "add", "dev", dev, "root", "handle", "1:", "tbf",
                    "rate", rate, "burst", BURST, "latency", "50ms")
-                if delay:  # half on each end: device to device crosses two veths
-                    sh(*prefix, "tc", "qdisc", "add", "dev", dev, "parent", "1:1", "handle",
-                       "10:", "netem", "delay", f"{delay / 2 * 1e6:.0f}us", "limit", "100000")
         sh("ip", "link", "set", f"{self.tag}br", "mtu", str(mtu))  # the client's side (ports first)
 
     def address(self, i: int) -> str:
@@ -150,36 +140,123 @@ class Namespaces:
         subprocess.run(["ip", "link", "del", f"{self.tag}br"], capture_output=True)
 
 
+
+
+def sh_quiet(*cmd: str) -> None:
+    subprocess.run(cmd, capture_output=True)
+
+
+#: The emulated board: a worker whose pieces are time-dilated (or, ``repeat``, run F times)
+#: and whose sends are held ``DELAY`` (the link's one-way delay), through the worker's
+#: emulation hooks (``Worker.poll_ms`` / ``Worker.each_turn``); nothing else changes.
+EMULATED_WORKER = r'''
+import collections, resource, sys, time
+from splitc.runtime import worker
+from splitc.runtime.artifact import DeviceArtifact
+
+mode, F, DELAY = sys.argv.pop(1), float(sys.argv.pop(1)), float(sys.argv.pop(1))
+EMU = {"pieces": 0, "piece_cpu_s": 0.0, "dilated_s": 0.0, "late": 0, "late_s": 0.0,
+       "delayed": 0}
+OUTBOX = collections.deque()  # (due, worker, arguments of Worker._send_outputs)
+send_outputs = worker.Worker._send_outputs
+
+
+def flush():
+    now = time.perf_counter()
+    while OUTBOX and OUTBOX[0][0] <= now:
+        _, w, args = OUTBOX.popleft()
+        send_outputs(w, *args)
+
+
+def wait_until(t):  # sleeping, but sending what falls due meanwhile
+    while True:
+        flush()
+        now = time.perf_counter()
+        if now >= t:
+            return
+        time.sleep(max(0.0, min(t, OUTBOX[0][0] if OUTBOX else t) - now))
+
+
+run = DeviceArtifact.run
+
+
+def dilated(self, piece, inputs):
+    w0, c0 = time.perf_counter(), time.thread_time()
+    out = run(self, piece, inputs)
+    cpu = time.thread_time() - c0
+    due = w0 + F * cpu
+    late = time.perf_counter() - due
+    if late > 0:  # the piece waited for a core: the emulated board was slower than F
+        EMU["late"] += 1
+        EMU["late_s"] += late
+    wait_until(due)
+    EMU["pieces"] += 1
+    EMU["piece_cpu_s"] += cpu
+    EMU["dilated_s"] += time.perf_counter() - w0
+    return out
+
+
+def repeated(self, piece, inputs):  # the method dilation replaced (a core per device)
+    w0, c0 = time.perf_counter(), time.thread_time()
+    for _ in range(round(F) - 1):
+        run(self, piece, inputs)
+    out = run(self, piece, inputs)
+    EMU["pieces"] += 1
+    EMU["piece_cpu_s"] += (time.thread_time() - c0) / round(F)
+    EMU["dilated_s"] += time.perf_counter() - w0
+    return out
+
+
+def delayed(self, *args):
+    OUTBOX.append((time.perf_counter() + DELAY, self, args))
+    EMU["delayed"] += 1
+    return True
+
+
+stats = worker.Worker.stats
+
+
+def with_emulation(self):
+    out = stats(self)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    out["emulation"] = {**EMU, "process_cpu_s": usage.ru_utime + usage.ru_stime}
+    return out
+
+
+DeviceArtifact.run = dilated if mode == "dilated" else repeated
+worker.Worker.stats = with_emulation
+if DELAY > 0:
+    worker.Worker._send_outputs = delayed
+    worker.Worker.each_turn = lambda self: flush()
+    worker.Worker.poll_ms = lambda self: (
+        max(0, min(100, int((OUTBOX[0][0] - time.perf_counter()) * 1e3))) if OUTBOX else 100)
+sys.exit(worker.main(sys.argv[1:]))
+'''
+
 ECHO = r"""
-import sys, numpy, zmq
+import sys, time, numpy, zmq
 from splitc.runtime import wire
+delay = float(sys.argv[2])
 ack = numpy.zeros(1, dtype="float32")
 ctx = zmq.Context()
 sock = ctx.socket(zmq.ROUTER)
 sock.bind(sys.argv[1])
 while True:
     msg = wire.recv(sock, route=True)
+    time.sleep(delay)  # the echo's link delay, as a worker's
     wire.send(sock, wire.header(wire.TENSORS, src="echo", rid=msg.rid), [ack], ["ack"],
               route=msg.route)
 """
 
 
-def measure_link(nets: Namespaces, port: int,
-                 sizes=(4, 65_536, 131_072, 262_144, 524_288, 1_048_576),
-                 rounds: int = 25) -> tuple[float, float]:
-    """(bytes per second, seconds per message) of the emulated link: what the cost model
-    should be told about these links (tbf passes slightly less than its rate and every
-    message costs the stack and the runtime some time). Each is the median time of sending a
-    tensor of each size through the runtime's wire format, from the client to a process in
-    the first namespace, answered with a 4-byte one: the bandwidth from the slope over the
-    sizes, the cost of a message half the round trip of a 4-byte one (the fit's intercept
-    swung between 0 and 550 us from run to run)."""
+def ping_pong(endpoint: str, prefix: list[str], sizes, delay: float, rounds: int = 20
+              ) -> list[float]:
+    """Median round trip of a message of each size through the runtime's wire format, from
+    the client (here) to an echo in the first namespace answering with 4 bytes; both sides
+    hold their sends ``delay``, as the emulated devices do."""
     import zmq
 
-    from splitc.runtime import wire
-
-    endpoint = f"tcp://{nets.address(0)}:{port}"
-    server = subprocess.Popen([*nets.prefix(0), sys.executable, "-c", ECHO, endpoint])
+    server = subprocess.Popen([*prefix, sys.executable, "-c", ECHO, endpoint, str(delay)])
     ctx = zmq.Context()
     try:
         sock = wire.tune(ctx.socket(zmq.DEALER))
@@ -187,74 +264,73 @@ def measure_link(nets: Namespaces, port: int,
         sock.setsockopt(zmq.RCVTIMEO, 10_000)
         medians = []
         for size in sizes:
-            x, times = np.zeros(size // 4, dtype="float32"), []
+            x, times = np.zeros(max(1, size // 4), dtype="float32"), []
             for _ in range(rounds + 1):  # (the first warms up the connection)
                 t = time.perf_counter()
+                time.sleep(delay)
                 wire.send(sock, wire.header(wire.TENSORS, src="client", rid=0), [x], ["x"])
                 wire.recv(sock)
                 times.append(time.perf_counter() - t)
-                # a fresh bucket each round, as between a plan's messages; spun, not slept:
-                # a core that sleeps takes this VM ~0.2 ms to wake, which devices busy with
-                # a request do not pay (with 5 ms sleeps the fit said 550 us per message
-                # where back to back 4-byte round trips take 120 us)
-                t = time.perf_counter() + 1e-3
+                t = time.perf_counter() + 1e-3  # a fresh tbf bucket, spun not slept
                 while time.perf_counter() < t:
                     pass
             medians.append(statistics.median(times[1:]))
-        slope, _ = np.polyfit(np.array(sizes, dtype=float), np.array(medians), 1)
-        return 1.0 / slope, medians[0] / 2
+        return medians
     finally:
         server.kill()
         ctx.destroy(linger=0)
 
 
+def link_table(nets, rate: float, delay: float) -> tuple[Link, list[str]]:
+    """The emulated link as the cost model is told it, and the table that checks it: the
+    bandwidth fitted over message sizes, the cost of a message from a 4-byte round trip
+    without the delay; then 4 B and 600 kB round trips with the delay against size / rate
+    + delay each way + that cost."""
+    endpoint = (f"tcp://{nets.address(0)}:5590" if nets else "tcp://127.0.0.1:5590")
+    prefix = nets.prefix(0) if nets else []
+    sizes = (4, 131_072, 262_144, 524_288, 1_048_576)
+    plain = ping_pong(endpoint, prefix, sizes, 0.0)
+    slope = np.polyfit(np.array(sizes, float), np.array(plain), 1)[0]
+    measured_rate = 1 / slope if nets else 2e9
+    per_message = plain[0] / 2
+    lines = [f"# link: {measured_rate * 8 / 1e6:,.0f} Mbit/s measured with the runtime's "
+             f"messages (tbf {rate * 8 / 1e6:,.0f} Mbit/s), {per_message * 1e6:.0f} us per "
+             "message (half a 4-byte round trip), + the delay"]
+    if delay:
+        got = ping_pong(endpoint.replace("5590", "5591"), prefix, (4, 600_000), delay)
+        for size, t in zip((4, 600_000), got, strict=True):
+            want = size / measured_rate + 4 / measured_rate + 2 * delay + 2 * per_message
+            lines.append(f"#   ping-pong {size:>7,} B: {t * 1e3:7.3f} ms measured, "
+                         f"{want * 1e3:7.3f} ms = size / rate + 2 x {delay * 1e3:g} ms + 2 "
+                         f"messages' cost ({(t - want) / want * 100:+.1f} %)")
+    return Link(measured_rate, per_message + delay), lines
+
+
 def slowed(table: dict, k: float) -> dict:
-    """A profile table for a device that runs every piece k times (k times slower at
-    everything a piece does)."""
+    """A profile table for a device k times slower at everything a piece does."""
     return {**table, "flops_per_second": table["flops_per_second"] / k,
             **{key: table[key] * k for key in ("seconds_per_weight_byte", "seconds_per_byte",
                                                "call_overhead", "tile_seconds_per_flop")},
             "slowdown": k}
 
 
-#: A worker whose pieces each run ``F`` times (``--slowdown F``): the board it emulates computes
-#: F times slower; the runtime and the network keep their speed.
-SLOW_WORKER = r"""
-import sys
-from splitc.runtime import worker
-from splitc.runtime.artifact import DeviceArtifact
-times = int(sys.argv.pop(1))
-run = DeviceArtifact.run
-def slow(self, piece, inputs):
-    for _ in range(times - 1):
-        run(self, piece, inputs)
-    return run(self, piece, inputs)
-DeviceArtifact.run = slow
-sys.exit(worker.main(sys.argv[1:]))
-"""
-
-
 class Workers:
-    """One worker per device, pinned to its own core, started from the plan's folders."""
+    """One emulated board per device of a plan, started from its folders."""
 
-    def __init__(self, out: Path, plan: Plan, nets: Namespaces | None, port0: int,
-                 cores: list[int], keys: Path | None, priority: str = "idle",
-                 slowdown: list[int] | None = None):
+    def __init__(self, out: Path, plan: Plan, nets, port0: int, mode: str, factors,
+                 delay: float, cores: list[int] | None):
         self.procs, self.endpoints = [], {}
         for i, dev in enumerate(plan.devices):
             if not plan.pieces_on(dev.name):
                 continue
             host = nets.address(i) if nets else "127.0.0.1"
             endpoint = f"tcp://{host}:{port0 + i}"
-            core = cores[i % len(cores)]
-            times = slowdown[i] if slowdown else 1
-            cmd = [*(nets.prefix(i) if nets else []), "taskset", "-c", str(core), "env",
-                   "TVM_NUM_THREADS=1", sys.executable,
-                   *(["-c", SLOW_WORKER, str(times)] if times > 1 else
-                     ["-m", "splitc.runtime.worker"]),
-                   str(out / dev.dir), "--bind", endpoint, "--compute-priority", priority,
-                   *(["--keys", str(keys / dev.name)] if keys else ["--insecure"])]
-            self.procs.append(subprocess.Popen(cmd, stderr=subprocess.PIPE))
+            pin = ["taskset", "-c", str(cores[i % len(cores)])] if cores else []
+            cmd = [*(nets.prefix(i) if nets else []), *pin, "env", "TVM_NUM_THREADS=1",
+                   "TVM_USE_RUNTIME_LIB=1", sys.executable, "-c", EMULATED_WORKER, mode,
+                   str(factors[i]), str(delay), str(out / dev.dir), "--bind", endpoint,
+                   "--insecure"]
+            self.procs.append(subprocess.Popen(cmd, stderr=subprocess.DEVNULL))
             self.endpoints[dev.name] = endpoint
 
     def close(self) -> None:
@@ -267,36 +343,66 @@ class Workers:
                 p.kill()
 
 
-def measure(out: Path, x, reference, nets, port0, repeats, inflight, cores,
-            keys: Path | None, priority: str = "idle", slowdown: list[int] | None = None
-            ) -> dict:
+def measure(out: Path, x, reference, nets, port0: int, repeats: int, inflight: int,
+            mode: str, factors, delay: float, cores) -> dict:
+    """One row: latency and throughput of the plan in ``out`` on emulated boards, with what
+    the workers report (dilated busy time, the runtime's CPU, late pieces)."""
     plan = Plan.load(out)
-    workers = Workers(out, plan, nets, port0, cores, keys, priority, slowdown)
+    workers = Workers(out, plan, nets, port0, mode, factors, delay, cores)
     try:
-        with connect(out, workers.endpoints, start_timeout=120, timeout=600,
-                     keys=keys / "client" if keys else None, insecure=True) as session:
+        with connect(out, workers.endpoints, start_timeout=300, timeout=900,
+                     insecure=True) as session:
             y = session.infer(*x)  # warm up, and check the answer
             err = max(float(np.abs(a - b).max() / (np.abs(b).max() or 1))
                       for a, b in zip(y, reference, strict=True))
             before = session.worker_stats()
+            psutil.cpu_percent()
             times = []
             for _ in range(repeats):
                 t = time.perf_counter()
+                time.sleep(delay)  # the client's link delay
                 session.infer(*x)
                 times.append(time.perf_counter() - t)
+            load = psutil.cpu_percent()
             after = session.worker_stats()
-            # the busiest device's time in its pieces per request (the rest of the latency
-            # is waiting: for tensors, the network and the runtime)
-            busy = max((after[d]["compute_s"] - before[d]["compute_s"]) / repeats
-                       for d in after)
             t = time.perf_counter()
             n = max(repeats, 2 * inflight)
             list(session.infer_many([x] * n, inflight=inflight))
             throughput = n / (time.perf_counter() - t)
     finally:
         workers.close()
+
+    def per_request(dev, key):
+        return (after[dev]["emulation"][key] - before[dev]["emulation"][key]) / repeats
+
+    busy = {d: per_request(d, "dilated_s") for d in after}
+    piece_cpu = {d: per_request(d, "piece_cpu_s") for d in after}
+    runtime_cpu = {d: per_request(d, "process_cpu_s") - piece_cpu[d] for d in after}
+    late = sum(per_request(d, "late_s") for d in after)
+    weights = max(sum(p.weight_bytes for p in plan.pieces_on(d.name)) for d in plan.devices)
     return {"latency": statistics.median(times), "throughput": throughput, "rel_err": err,
-            "bytes": plan.transfer_bytes, "busy": busy, "plan": plan}
+            "bytes": plan.transfer_bytes, "weights": weights, "busy": max(busy.values()),
+            "busy_by_device": busy, "runtime_cpu": max(runtime_cpu.values()),
+            "late_share": late / max(sum(busy.values()), 1e-9), "load": load, "plan": plan}
+
+
+#: The rows: (key for --configs, label, strategy, devices: None for all N)
+CONFIGS = [("one", "splitc, 1 device", "pipeline", 1), ("channel", "channel", "channel", None),
+           ("pipeline", "pipeline", "pipeline", None), ("spatial", "spatial", "spatial", None),
+           ("hybrid", "hybrid", "hybrid", None), ("auto", "auto", "auto", None)]
+
+
+def parse_factors(text: str, n: int) -> list[float]:
+    try:
+        factors = [float(f) for f in text.split(",")]
+    except ValueError:
+        factors = []
+    if len(factors) == 1:
+        factors *= n
+    if len(factors) != n or min(factors) < 1:
+        sys.exit(f"--slowdown takes one factor >= 1, or {n} of them (one per device), "
+                 f"not {text!r}")
+    return factors
 
 
 def main() -> int:
@@ -307,189 +413,212 @@ def main() -> int:
     ap.add_argument("-n", "--devices", type=int, default=2)
     ap.add_argument("--requests", type=int, default=5)
     ap.add_argument("--bandwidth", default="1Gbit")
+    ap.add_argument("--delay", default="0ms", help="one-way link delay, e.g. 0.5ms (user space)")
     ap.add_argument("--netns", action="store_true", help="shape links in namespaces (root)")
-    ap.add_argument("--lab", type=int, default=0,
-                    help="namespace set number, so two runs can share a machine (0-9)")
-    ap.add_argument("--delay", default="0ms",
-                    help="added delay between two devices, e.g. 0.5ms (--netns, needs netem)")
-    ap.add_argument("--curve", action="store_true",
-                    help="encrypt every link with CurveZMQ (default: plaintext, --insecure)")
-    ap.add_argument("--out", type=Path, default=None, help="keep artifacts and results here")
-    ap.add_argument("--slowdown", default="1",
-                    help="devices (and ONNX Runtime) compute F times as long, as boards "
-                         "slower than this machine would (each piece runs F times); F1,F2,.. "
-                         "one factor per device (ONNX Runtime takes the first)")
+    ap.add_argument("--lab", type=int, default=0, help="namespace set number (0-9)")
+    ap.add_argument("--slowdown", default="10",
+                    help="devices compute F times as slowly as this machine (time-dilated); "
+                         "F1,F2,... one per device")
+    ap.add_argument("--emulation", choices=("dilated", "repeat"), default="dilated")
+    ap.add_argument("--validate", action="store_true",
+                    help="also run every row with --emulation repeat and compare (N <= cores)")
+    ap.add_argument("--configs", default=",".join(c[0] for c in CONFIGS),
+                    help="which rows: " + ",".join(c[0] for c in CONFIGS))
+    ap.add_argument("--out", type=Path, default=None, help="keep artifacts here")
+    ap.add_argument("--save", type=Path, default=None,
+                    help="write the report, JSON and plots here (benchmarks/results)")
     args = ap.parse_args()
 
     n = args.devices
-    shapes = None
-    if args.image_size:
-        shapes = {"input": (1, 3, args.image_size, args.image_size)}
-    label = args.model + (" (tiny)" if args.tiny else "")
+    factors = parse_factors(args.slowdown, n)
+    shapes = {"input": (1, 3, args.image_size, args.image_size)} if args.image_size else None
     work = args.out or Path(tempfile.mkdtemp(prefix="splitc-cluster-"))
     work.mkdir(parents=True, exist_ok=True)
     model = frontend.load(args.model, shapes, tiny=args.tiny)
     x = model.random_inputs()
     reference = model.reference(x)
-    cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < n:
-        print(f"# warning: {n} devices on {len(cores)} cores: devices share cores")
-    os.sched_setaffinity(0, {cores[0]})  # ONNX Runtime, the profile and the client: one core
-    worker_cores = cores[1:n + 1] if len(cores) > n else cores
     delay = parse_time(args.delay)
-    if delay and not args.netns:
-        sys.exit("--delay needs --netns")
+    rate = parse_rate(args.bandwidth)
+    cores = sorted(os.sched_getaffinity(0))
+    cpu = psutil_cpu_name()
+    label = f"{args.model}{' (tiny)' if args.tiny else ''} {list(x[0].shape)}"
+    out_lines: list[str] = []
 
-    from splitc.planning import profiler
+    def say(line: str = "") -> None:
+        print(line, flush=True)
+        out_lines.append(line)
 
     table = profiler.measure(args.model, "host", tiny=args.tiny, input_shapes=shapes, number=2)
-    ort = ort_latency(model, x, args.requests)
-    try:
-        ks = [int(f) for f in args.slowdown.split(",")]
-    except ValueError:
-        ks = []
-    if len(ks) == 1:
-        ks *= n
-    if len(ks) != n or min(ks) < 1:
-        sys.exit(f"--slowdown takes one whole number >= 1, or {n} of them (one per device), "
-                 f"not {args.slowdown!r}")
-    k = ks[0]
-    if k > 1:  # everything the (first) device computes takes k times longer
-        run = ort_runner(model, x)
-        ort = interleaved({"ort": lambda: [run() for _ in range(k)]}, 5)["ort"]
-    tables = [slowed(table, f) if f > 1 else table for f in ks]
-    speeds = [DeviceSpeed.from_profile(t, "profile (1 core)") for t in tables]
-    speed = speeds[0]
-    # the search reads the same tables (all their terms) from a cache of this run's own, or,
-    # devices of different speeds, from the profile each device names
+    tables = [slowed(table, f) for f in factors]
+    speeds = [DeviceSpeed.from_profile(t, f"profile x {f:g}") for t, f in zip(tables, factors,
+                                                                            strict=True)]
+    profiles = [profiler.save(t, work / "profiles" / f"dev{i}.json")
+                for i, t in enumerate(tables)]
     os.environ["SPLITC_CACHE"] = str(work / "cache")
-    profiler.save(tables[0])
-    profiles = [None] * n
-    if len(set(ks)) > 1:
-        profiles = [profiler.save(t, work / "profiles" / f"dev{i}.json")
-                    for i, t in enumerate(tables)]
-    bandwidth = parse_rate(args.bandwidth) if args.netns else 2e9
-    hop = 1e-4  # seconds per message; the runtime's per-hop goal, checked by hop_overhead.py
+    run_ort = ort_runner(model, x)
+    ort = interleaved({"ort": run_ort}, 5)["ort"] * factors[0]
     costs = profile_bindings(model.mod)
-    # one device's compute: the whole model's FLOPs and every weight read once
-    one_device = (sum(r.flops for r in costs) / speed.flops_per_second
-                  + sum(r.weight_bytes for r in costs) * speed.seconds_per_weight_byte)
+    one_device = (sum(r.flops for r in costs) / speeds[0].flops_per_second
+                  + sum(r.weight_bytes for r in costs) * speeds[0].seconds_per_weight_byte)
 
-    weights = table["seconds_per_weight_byte"]
-    print(f"# cluster benchmark: {label}, input {list(x[0].shape)}, {n} devices x 1 core "
-          f"(taskset, TVM_NUM_THREADS=1), splitc {table['flops_per_second'] / 1e9:.2f} "
-          f"GFLOP/s per core" + (f" and weights at {1 / weights / 1e9:.1f} GB/s" if weights
-                                 else "") + " (profiled)")
-    if args.netns:
-        print(f"# links: namespaces on a bridge, each veth and the client's side shaped with "
-              f"tc tbf to {args.bandwidth} (burst {BURST}, MTU {MTU})"
-              + (f", netem delay {delay / 2 * 1e3:g} ms per veth ({delay * 1e3:g} ms device to "
-                 f"device)" if delay else ", no added delay"))
-    else:
-        print("# links: loopback (unshaped); cost model: 2 GB/s, 100 us/hop")
-    print(f"# cores: client and ONNX Runtime on {cores[0]}, devices on {worker_cores}")
-    if len(set(ks)) > 1:
-        print(f"# devices compute {', '.join(f'dev{i} {f}x' for i, f in enumerate(ks))} as "
-              f"long as this core (each piece runs that many times; ONNX Runtime {k} times "
-              "per request); the cost model is given each device's profile scaled so")
-    elif k > 1:
-        print(f"# devices and ONNX Runtime compute {k} times as long (each piece, and ONNX "
-              f"Runtime, runs {k} times per request; the runtime and the links keep their "
-              f"speed), and the profile's piece terms are scaled by {k}")
-    rows = []
-    rows.append({"config": "ONNX Runtime, 1 core", "latency": ort, "throughput": 1 / ort,
-                 "bytes": 0, "rel_err": 0.0, "predicted": None})
-    keys = None
-    if args.curve:
-        from splitc.runtime import security
-
-        keys = work / "keys"
-        security.generate(keys, [f"dev{i}" for i in range(n)] + ["client"], force=True)
-        print("# every link encrypted and authenticated with CurveZMQ")
+    say(f"# emulated cluster: {label}, {n} devices, {time.strftime('%Y-%m-%d %H:%M')}, "
+        f"CPU {cpu} (LLVM cpu {targets.host_cpu()}), {len(cores)} cores")
+    say(f"# devices: {'time-dilated' if args.emulation == 'dilated' else 'repeated pieces'}, "
+        f"slowdown {', '.join(f'{f:g}' for f in factors)}: each piece runs once and its "
+        "outputs leave when F x its thread CPU time has passed"
+        if args.emulation == "dilated" else "")
+    say(f"# splitc on this core: {table['flops_per_second'] / 1e9:.2f} GFLOP/s (profiled); "
+        "the cost model is given each device's profile scaled by its F")
     with ExitStack() as stack:
-        nets, link = None, Link(bandwidth, hop)
+        nets = None
         if args.netns:
-            nets = Namespaces(n, bandwidth, delay, args.lab)
+            nets = Namespaces(n, rate, args.lab)
             stack.callback(nets.cleanup)
-            rate, per_message = measure_link(nets, 5590)
-            link = Link(rate, per_message + delay)
-            print(f"# link measured with the runtime's messages: {rate * 8 / 1e6:,.0f} Mbit/s "
-                  f"and {per_message * 1e6:.0f} us per message (tbf set to {args.bandwidth}); "
-                  "the cost model is given these")
-        cluster = Cluster(tuple(ClusterDevice(f"dev{i}", "host", 2**34,
-                                              profile=profiles[i] and str(profiles[i]))
+            say(f"# links: namespaces on a bridge, each veth and the client's side shaped with "
+                f"tc tbf to {args.bandwidth} (burst {BURST}, MTU {MTU}); one-way delay "
+                f"{delay * 1e3:g} ms added in user space (each sender holds its messages)")
+        else:
+            say(f"# links: loopback, unshaped; one-way delay {delay * 1e3:g} ms in user space")
+        link, lines = link_table(nets, rate, delay)
+        for line in lines:
+            say(line)
+        bandwidth = link.bytes_per_second
+        cluster = Cluster(tuple(ClusterDevice(f"dev{i}", "host", 2**34, profile=str(profiles[i]))
                                 for i in range(n)), link)
-        # the last row runs auto's folder again with the workers' pieces at normal priority:
-        # what the runtime's idle-priority compute (tensors leave at once) is worth
-        configs = [("splitc, 1 device", "pipeline", 1, "idle"),
-                   ("channel-parallel", "channel", n, "idle"),
-                   ("pipeline", "pipeline", n, "idle"), ("spatial", "spatial", n, "idle"),
-                   ("auto", "auto", n, "idle"), ("auto, normal priority", "auto", n, "normal")]
-        for i, (name, strategy, devices, priority) in enumerate(configs):
+        t0 = time.perf_counter()
+        from splitc.planning.search import search
+
+        result = search(model.mod, cluster, speeds, source=label)
+        say(f"# auto's search: {time.perf_counter() - t0:.1f} s over {len(result.candidates)} "
+            f"candidates; chose {result.best.label}")
+        rows = [{"config": f"ONNX Runtime, 1 device (x {factors[0]:g})", "latency": ort,
+                 "throughput": 1 / ort, "bytes": 0, "predicted": None}]
+        wanted = {c.strip() for c in args.configs.split(",")}
+        modes = [args.emulation] + (["repeat"] if args.validate else [])
+        for i, (_, name, strategy, devices) in enumerate(c for c in CONFIGS if c[0] in wanted):
+            devices = devices or n
             out = work / f"{strategy}-{devices}"
             sub = Cluster(cluster.devices[:devices], link)
-            if priority == "idle":  # (the normal-priority row reuses auto's folder)
-                compile_model(args.model, out, strategy=strategy, cluster=sub, tiny=args.tiny,
-                              input_shapes=shapes)
-            r = measure(out, x, reference, nets, 5600 + 10 * i, args.requests, devices,
-                        worker_cores, keys, priority, ks)
-            plan = r.pop("plan")
-            pred = estimate(plan, Cluster(sub.devices[:len(plan.devices)], link),
-                            speeds[:len(plan.devices)])
-            rows.append({"config": f"{name} ({plan.strategy}, {len(plan.devices)} dev)", **r,
-                         "predicted": pred.latency,
-                         "predicted_busy": max(pred.device_busy.values())})
-    single = rows[1]["latency"]
-    must_cross = sum(t.nbytes for t in x) + sum(r.nbytes for r in reference)
-    # one device's compute (the first's) over the devices' summed speed
-    ideal = one_device / sum(ks[0] / f for f in ks) + must_cross / bandwidth
-    print(f"{'config':<40} {'latency ms':>10} {'req/s':>7} {'speedup':>7} {'bytes/inf':>12} "
-          f"{'predicted':>9} {'pred err':>8} {'rel err':>8} {'busy ms':>8} {'pred busy':>9}")
-    errors = []
-    for r in rows:
-        pred = r["predicted"]
-        perr = "" if pred is None else f"{(pred - r['latency']) / r['latency'] * 100:+.0f}%"
-        if pred is not None:
-            errors.append(abs(pred - r["latency"]) / r["latency"])
-        busy = f"{r['busy'] * 1e3:.1f}" if "busy" in r else ""
-        pbusy = f"{r['predicted_busy'] * 1e3:.1f}" if pred is not None else ""
-        print(f"{r['config']:<40} {r['latency'] * 1e3:>10.1f} {r['throughput']:>7.2f} "
-              f"{single / r['latency']:>6.2f}x {r['bytes']:>12,} "
-              f"{'' if pred is None else f'{pred * 1e3:.1f}':>9} {perr:>8} "
-              f"{r['rel_err']:>8.1e} {busy:>8} {pbusy:>9}")
-    print("(busy: the busiest device's time inside its pieces per request, measured by the "
-          "workers; the rest of the latency is waiting for tensors)")
-    print(f"ideal on {n} devices: {ideal * 1e3:.1f} ms ({single / ideal:.2f}x); goal for auto: "
-          f">= {0.8 * n:.1f}x over one device")
-    print(f"cost model mean abs error: {np.mean(errors) * 100:.1f}% over {len(errors)} rows "
-          "(goal <= 15%)")
-    (work / "results.json").write_text(json.dumps(rows, indent=1, default=str))
-    write_svg(rows, work / "results.svg", label, n)
-    print(f"# results: {work / 'results.json'}, plot: {work / 'results.svg'}")
+            compile_model(args.model, out, strategy=strategy, cluster=sub, tiny=args.tiny,
+                          input_shapes=shapes)
+            for mode in modes:
+                pin = cores if mode == "repeat" else None
+                r = measure(out, x, reference, nets, 5600 + 20 * i + 10 * (mode != modes[0]),
+                            args.requests, devices, mode, factors, delay, pin)
+                plan = r.pop("plan")
+                pred = estimate(plan, Cluster(sub.devices[:len(plan.devices)], link),
+                                speeds[:len(plan.devices)])
+                rows.append({"config": f"{name} ({plan.strategy}, {len(plan.devices)} dev)"
+                                       + ("" if mode == args.emulation else ", repeat"),
+                             "mode": mode, **r, "predicted": pred.latency,
+                             "predicted_busy": pred.device_busy})
+    report(rows, say, n, factors, one_device, sum(t.nbytes for t in x)
+           + sum(t.nbytes for t in reference), bandwidth, args.validate)
+    if args.save:
+        args.save.mkdir(parents=True, exist_ok=True)
+        stem = (f"cluster-{args.model}{'-tiny' if args.tiny else ''}-"
+                f"{x[0].shape[-1]}-n{n}-F{factors[0]:g}-{targets.host_cpu()}")
+        (args.save / f"{stem}.txt").write_text("\n".join(out_lines) + "\n")
+        (args.save / f"{stem}.json").write_text(json.dumps(rows, indent=1, default=str))
+        plot(rows, args.save / stem, label, n, one_device)
+        print(f"# wrote {args.save / stem}.txt, .json, .png, .svg")
     return 0
 
 
-def write_svg(rows, path: Path, label: str, n: int) -> None:
-    """A horizontal bar chart of measured (and predicted) latency per configuration."""
-    top = max(max(r["latency"], r["predicted"] or 0) for r in rows)
-    bars = []
-    for i, r in enumerate(rows):
-        y = 40 + i * 34
-        w = 500 * r["latency"] / top
-        bars.append(f'<text x="10" y="{y + 15}" font-size="12">{r["config"]}</text>'
-                    f'<rect x="290" y="{y}" width="{w:.1f}" height="14" fill="#3367d6"/>'
-                    f'<text x="{295 + w:.1f}" y="{y + 12}" font-size="11">'
-                    f'{r["latency"] * 1e3:.1f} ms</text>')
-        if r["predicted"]:
-            pw = 500 * r["predicted"] / top
-            bars.append(f'<rect x="290" y="{y + 16}" width="{pw:.1f}" height="6" '
-                        'fill="#f4b400"/>')
-    height = 60 + len(rows) * 34
-    path.write_text(
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="900" height="{height}" '
-        f'font-family="sans-serif"><rect width="100%" height="100%" fill="white"/>'
-        f'<text x="10" y="22" font-size="14" font-weight="bold">{label}: latency on {n} '
-        f'single-core devices (blue measured, yellow predicted)</text>{"".join(bars)}</svg>')
+def psutil_cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def report(rows, say, n, factors, one_device, must_cross, bandwidth, validate) -> None:
+    single = next(r["latency"] for r in rows if r["config"].startswith("splitc, 1 device")
+                  and r.get("mode", "") != "repeat")
+    ideal = one_device / sum(factors[0] / f for f in factors) + must_cross / bandwidth
+    say(f"{'config':<44} {'latency ms':>10} {'req/s':>6} {'speedup':>7} {'bytes/inf':>12} "
+        f"{'weights MB':>10} {'predicted':>9} {'err':>5} {'busy ms':>8} {'wait ms':>8} "
+        f"{'rt cpu ms':>9} {'late':>5} {'load':>5}")
+    errors = []
+    for r in rows:
+        pred = r["predicted"]
+        err = "" if pred is None else f"{(pred - r['latency']) / r['latency'] * 100:+.0f}%"
+        if pred is not None and r.get("mode") != "repeat":
+            errors.append(abs(pred - r["latency"]) / r["latency"])
+        busy = r.get("busy")
+        void = r.get("late_share", 0) > 0.05
+
+        def num(value, fmt, measured=busy is not None):
+            return format(value, fmt) if measured else ""
+
+        say(f"{r['config']:<44} {r['latency'] * 1e3:>10.1f} {r['throughput']:>6.2f} "
+            f"{single / r['latency']:>6.2f}x {r['bytes']:>12,} "
+            f"{r.get('weights', 0) / 1e6:>10.1f} "
+            f"{'' if pred is None else format(pred * 1e3, '.1f'):>9} {err:>5} "
+            f"{num((busy or 0) * 1e3, '.1f'):>8} "
+            f"{num((r['latency'] - (busy or 0)) * 1e3, '.1f'):>8} "
+            f"{num(r.get('runtime_cpu', 0) * 1e3, '.1f'):>9} "
+            f"{num(r.get('late_share', 0) * 100, '.0f') + ('%' if busy else ''):>5} "
+            f"{num(r.get('load', 0), '.0f') + ('%' if busy else ''):>5}"
+            + ("  VOID (starved)" if void else ""))
+    say("(busy: the busiest device's dilated time in its pieces per request; wait: the rest "
+        "of the latency; rt cpu: the busiest device's runtime CPU outside its pieces per "
+        "request, not dilated: leaving it so flatters a row by at most (F-1) x it; late: "
+        "share of dilated time pieces ran late for want of a core; load: the machine's CPU "
+        "use)")
+    flat = max((r["runtime_cpu"] for r in rows if "runtime_cpu" in r), default=0.0)
+    say(f"undilated runtime CPU flatters a row by at most {(factors[0] - 1) * flat * 1e3:.1f} ms")
+    for r in rows:
+        if "busy_by_device" in r and r.get("mode") != "repeat":
+            ratios = [r["busy_by_device"][d] / r["predicted_busy"][d]
+                      for d in r["busy_by_device"] if r["predicted_busy"].get(d)]
+            if ratios:
+                say(f"busy vs the isolated profile, {r['config']}: "
+                    f"{min(ratios):.2f}-{max(ratios):.2f} (measured / predicted per device)")
+    if validate:
+        by = {}
+        for r in rows:
+            by.setdefault(r["config"].removesuffix(", repeat"), {})[r.get("mode")] = r
+        for name, pair in by.items():
+            if len(pair) == 2:
+                a, b = pair["dilated"]["latency"], pair["repeat"]["latency"]
+                say(f"dilated vs repeat, {name}: {a * 1e3:.1f} vs {b * 1e3:.1f} ms "
+                    f"({(a - b) / b * 100:+.1f} %)")
+    say(f"ideal on {n} devices: {ideal * 1e3:.1f} ms ({single / ideal:.2f}x); goal for auto: "
+        f">= {0.8 * n:.1f}x over one device")
+    if errors:
+        say(f"cost model mean abs error: {np.mean(errors) * 100:.1f} % over {len(errors)} rows "
+            "(goal <= 15 %)")
+
+
+def plot(rows, stem: Path, label: str, n: int, one_device: float) -> None:
+    """Measured and predicted latency per row, with the goal and the ideal (PNG and SVG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if r.get("mode") != "repeat"]
+    names = [r["config"] for r in shown]
+    fig, ax = plt.subplots(figsize=(10, 0.5 * len(shown) + 1.5))
+    pos = np.arange(len(shown))
+    ax.barh(pos - 0.2, [r["latency"] * 1e3 for r in shown], 0.4, label="measured")
+    ax.barh(pos + 0.2, [(r["predicted"] or 0) * 1e3 for r in shown], 0.4, label="predicted")
+    single = next(r["latency"] for r in shown if r["config"].startswith("splitc, 1 device"))
+    ax.axvline(single / (0.8 * n) * 1e3, color="green", linestyle="--",
+               label=f"goal: 0.8 x {n} over one device")
+    ax.set_yticks(pos, names)
+    ax.invert_yaxis()
+    ax.set_xlabel("latency per request (ms)")
+    ax.set_title(f"{label} on {n} emulated devices")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    for suffix in (".png", ".svg"):
+        fig.savefig(stem.with_suffix(suffix), dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
