@@ -44,7 +44,7 @@ import sys
 import tempfile
 import time
 import weakref
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +56,7 @@ from zmq.utils.monitor import recv_monitor_message
 from . import security, wire
 from .errors import BadInput, RuntimeFailure
 from .plan import Plan, PlanError
+from .trace import Timeline
 
 log = logging.getLogger("splitc.client")
 #: Default seconds to wait for one request's outputs.
@@ -153,6 +154,10 @@ class Session:
         self.received: Counter = Counter()
         #: seconds per request of the last :meth:`infer_many`
         self.latencies: list[float] = []
+        #: for :meth:`timeline`: each finished request's (sent, done) and each output's
+        #: arrival, on this process's monotonic clock (the most recent TRACE_KEPT)
+        self.history: OrderedDict[int, tuple[float, float | None]] = OrderedDict()
+        self.arrivals: OrderedDict[tuple[int, str], float] = OrderedDict()
         self.bytes_sent = self.bytes_received = 0
         # routing: which devices read each tensor the client sends (model inputs and the
         # slices cut from them), which device sends each output
@@ -397,6 +402,7 @@ class Session:
             self._abandon(rid)
             raise
         del self._pending[rid]
+        _keep(self.history, rid, (p.started, p.finished))
         if p.error is not None:
             self._drop(rid)
             raise p.error
@@ -446,6 +452,41 @@ class Session:
                    lambda: "no answer to stats from " + self._missing(self._replies),
                    strict=True)
         return {d: self._replies[d] for d in self._socks}
+
+    def timeline(self, timeout: float = 10.0) -> Timeline:
+        """What happened in this session's recent requests, as every worker logged it and the
+        client saw it, on one clock (each worker's offset estimated from the round trip of
+        asking it): pieces, messages, waits (:mod:`splitc.runtime.trace`)."""
+        events, offsets, uncertainty = {}, {}, {}
+        for dev in self._socks:
+            events[dev], start = [], 0
+            while True:
+                page = self._ask(dev, {"events_from": start}, timeout)["events"]
+                events[dev] += page["events"]
+                start = page["from"] + len(page["events"])
+                if not page["events"] or start >= page["total"]:
+                    break
+            # its clock against ours: the quickest of a few empty exchanges (NTP's way)
+            samples = []
+            for _ in range(CLOCK_SAMPLES):
+                t0 = time.monotonic()
+                clock = self._ask(dev, {"events_from": start}, timeout)["events"]["clock"]
+                t1 = time.monotonic()
+                samples.append((t1 - t0, clock - (t0 + t1) / 2))
+            rtt, offsets[dev] = min(samples)
+            uncertainty[dev] = rtt / 2
+        tl = build_timeline(events, offsets, self.history, self.arrivals)
+        tl.meta["clock_uncertainty_s"] = uncertainty
+        return tl
+
+    def _ask(self, dev: str, fields: dict, timeout: float) -> dict:
+        """One stats exchange with ``dev`` (``fields`` added to the question)."""
+        self._check_open()
+        self._replies.pop(dev, None)
+        wire.send(self._socks[dev], self._head(wire.STATS, **fields), flags=zmq.NOBLOCK)
+        self._wait(lambda: dev in self._replies, time.monotonic() + timeout,
+                   lambda: f"no answer to stats from {dev}", strict=True)
+        return self._replies.pop(dev)
 
     def transfer_bytes(self) -> int:
         """Bytes the workers sent each other so far (measured, not from the plan)."""
@@ -539,7 +580,8 @@ class Session:
                 if not self._opening and len(self._ready) == len(self._socks):
                     self.events.append((time.monotonic(), "*", "session set up again"))
             elif kind == wire.STATS:
-                self._replies[dev] = msg.head["counters"]
+                self._replies[dev] = msg.head["counters"] if "counters" in msg.head else \
+                    {"events": msg.head["events"]}
             elif kind == wire.ERROR and msg.head.get("code") in ("replaced", "session") \
                     and msg.head.get("session") == self.id:
                 self._replaced(dev, msg.head.get("message", ""))
@@ -577,6 +619,7 @@ class Session:
                     f"{dev} sent {name!r} to the client, which is not a model output it makes",
                     device=dev, endpoint=self.endpoints[dev], rid=msg.rid)
             p.outputs[name] = a
+            _keep(self.arrivals, (msg.rid, name), time.monotonic())
         if p is not None and len(p.outputs) == len(self._outputs):
             p.finished = time.monotonic()
 
@@ -850,3 +893,67 @@ def connect(plan_or_out_dir: Plan | str | Path, endpoints: dict[str, str] | None
         session.close()
         raise
     return session
+
+
+#: Requests and outputs :class:`Session` remembers for its timeline, and the exchanges it
+#: times to set each worker's clock against its own.
+TRACE_KEPT, CLOCK_SAMPLES = 100_000, 7
+
+
+def _keep(store: OrderedDict, key, value) -> None:
+    store[key] = value
+    while len(store) > TRACE_KEPT:
+        store.popitem(last=False)
+
+
+def build_timeline(events: dict[str, list], offsets: dict[str, float],
+                   history: dict[int, tuple[float, float | None]],
+                   arrivals: dict[tuple[int, str], float]) -> Timeline:
+    """The timeline of the requests in ``history`` from the workers' event logs (worker clock
+    minus its offset is the client's clock), seconds from the first request's start."""
+    rids = set(history)
+    if not rids:
+        return Timeline()
+    base = min(history[r][0] for r in rids)
+    tl = Timeline()
+    received: dict[tuple, tuple[float, int]] = {}
+    sends = []
+    for dev, log_ in events.items():
+        off = offsets[dev]
+        computes = []
+        for kind, rid, what, t0, t1, nbytes in log_:
+            if rid not in rids:
+                continue
+            t0, t1 = t0 - off - base, t1 - off - base
+            if kind == "c":
+                computes.append((t0, t1, what, rid))
+                tl.span(dev, "compute", what, t0, t1, rid)
+            elif kind == "r":
+                src, names = what.split("|", 1)
+                received[(rid, src, dev, names)] = (t0, nbytes)
+            elif kind == "s":
+                dst, names = what.split("|", 1)
+                sends.append((rid, dev, dst, names, t0, nbytes))
+        computes.sort()
+        for (_, end, _, _), (start, _, piece, rid) in zip(computes, computes[1:], strict=False):
+            if start - end > 1e-6:
+                tl.span(dev, "wait", f"waiting for the inputs of {piece}", end, start, rid)
+    for rid, src, dst, names, t0, nbytes in sends:
+        if dst == wire.CLIENT:
+            end = max((arrivals.get((rid, n), t0 + base) for n in names.split(",")),
+                      default=t0 + base) - base
+        else:
+            end = received.get((rid, src, dst, names), (None,))[0]
+            if end is None:
+                continue  # (its arrival fell out of the receiver's log)
+        tl.message(names.replace(",", ", "), src, dst, t0, end, nbytes, rid)
+    for (rid, src, dst, names), (t, nbytes) in received.items():
+        if src == wire.CLIENT:
+            start = history[rid][0] - base
+            tl.message(names.replace(",", ", "), wire.CLIENT, dst, start, t, nbytes, rid)
+    for rid in sorted(rids):
+        started, finished = history[rid]
+        if finished is not None:
+            tl.span(wire.CLIENT, "requests", f"request {rid}", started - base, finished - base,
+                    rid)
+    return tl

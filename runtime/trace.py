@@ -55,6 +55,8 @@ class Timeline:
 
     spans: list[Span] = field(default_factory=list)
     flows: list[Flow] = field(default_factory=list)
+    #: what to record beside the events (a measured timeline: each worker's clock uncertainty)
+    meta: dict[str, Any] = field(default_factory=dict)
 
     def span(self, track: str, lane: str, name: str, start: float, end: float,
              request: int | None = None, **args) -> None:
@@ -100,7 +102,7 @@ class Timeline:
             events.append({**common, "ph": "f", "bp": "e", "ts": _us(f.end), "pid": pid[f.dst],
                            "tid": tid(f.dst, "recv")})
         return {"traceEvents": events, "displayTimeUnit": "ms",
-                "otherData": {"title": title, "format": "splitc-trace/1"}}
+                "otherData": {"title": title, "format": "splitc-trace/1", **self.meta}}
 
     def write(self, path: str | Path, title: str = "") -> Path:
         path = Path(path)

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import hmac
+import itertools
 import logging
 import os
 import signal
@@ -79,6 +80,9 @@ log = logging.getLogger("splitc.worker")
 #: ``--compute-priority``: ``idle`` lets the I/O thread preempt a running piece (point 8 above).
 COMPUTE_PRIORITIES = ("idle", "normal")
 
+#: Events kept for ``splitc run --trace`` (the most recent), and the bytes of them a stats
+#: reply carries (its header stays well under wire.MAX_HEADER).
+EVENTS_KEPT, EVENTS_PAGE_BYTES = 50_000, 40_000
 #: At most this many requests with partial inputs held at once (twice the client's depth:
 #: requests it gave up on stay until their drop or deadline).
 MAX_PENDING = 2 * wire.MAX_INFLIGHT
@@ -193,6 +197,12 @@ class Worker:
         self.expect, self.routes = routing(self.plan, self.device)
         self.specs = {n: self.plan.tensors[n] for n in self.expect}
         self.pool = wire.BufferPool()
+        #: what happened, for ``splitc run --trace``: (kind, rid, what, t0, t1, bytes) with
+        #: kind c (a piece ran), r (a message arrived; what = "src|tensors"), s (a message
+        #: left; what = "dst|tensors"), times on this worker's monotonic clock; the last
+        #: EVENTS_KEPT are kept, numbered from events_base
+        self.events: deque = deque(maxlen=EVENTS_KEPT)
+        self.events_base = 0
         self.counters = {"recv": defaultdict(lambda: [0, 0]), "sent": defaultdict(lambda: [0, 0]),
                          "pieces_run": 0, "requests_done": 0, "errors": 0, "expired": 0,
                          "orphaned": 0, "refused": 0, "compute_s": 0.0}
@@ -419,7 +429,11 @@ class Worker:
         elif kind == wire.STATS:
             if sender != wire.CLIENT:
                 raise Refused("only the session's client may ask for stats", "refused")
-            self._send(msg.route, self._head(wire.STATS, counters=self.stats()))
+            if "events_from" in msg.head:  # a page of the event log (`splitc run --trace`)
+                self._send(msg.route, self._head(wire.STATS,
+                                                 events=self.event_page(msg.head["events_from"])))
+            else:
+                self._send(msg.route, self._head(wire.STATS, counters=self.stats()))
         elif kind in (wire.TENSORS, wire.DROP):
             s = self.session
             if s is None or not _same(msg.head.get("session"), s.id):
@@ -582,6 +596,8 @@ class Worker:
         counter = self.counters["recv"][src]
         counter[0] += len(msg.arrays)
         counter[1] += msg.nbytes
+        now = time.monotonic()
+        self._event("r", rid, f"{src}|{','.join(msg.names)}", now, now, msg.nbytes)
         if rid in s.dropped:
             for a in msg.arrays:
                 self.pool.give(a)
@@ -638,7 +654,7 @@ class Worker:
                     # failed these requests long ago): nobody will take the answers
                     self._orphan()
                     return
-                t0 = time.perf_counter()
+                t0, m0 = time.perf_counter(), time.monotonic()
                 try:
                     outs = self.artifact.run(piece, [req.have[t] for t in piece.inputs])
                 except Exception as e:
@@ -646,6 +662,7 @@ class Worker:
                     self._forget(rid)
                     return
                 self.counters["compute_s"] += time.perf_counter() - t0
+                self._event("c", rid, piece.name, m0, time.monotonic(), 0)
                 self.counters["pieces_run"] += 1
                 req.done.add(piece.name)
                 req.have.update(zip(piece.outputs, outs, strict=True))
@@ -677,6 +694,7 @@ class Worker:
         extra = {} if deadline is None else {"deadline": deadline}
         for dst, items in by_dst.items():
             names_, arrays_ = [n for n, _ in items], [a for _, a in items]
+            sent = time.monotonic()  # (before: the I/O thread may deliver it at once)
             try:
                 if dst == wire.CLIENT:
                     n = wire.send(self.router, self._head(wire.TENSORS, rid=rid), arrays_,
@@ -693,6 +711,7 @@ class Worker:
             counter = self.counters["sent"][dst]
             counter[0] += len(items)
             counter[1] += n
+            self._event("s", rid, f"{dst}|{','.join(names_)}", sent, sent, n)
         return True
 
     def _forget(self, rid: int) -> None:
@@ -747,6 +766,26 @@ class Worker:
                                           **fields))
         if client is not None and (to_client or route == client):
             self._send(client, self._head(wire.ERROR, **fields))
+
+    def _event(self, kind: str, rid, what: str, t0: float, t1: float, nbytes: int) -> None:
+        if len(self.events) == self.events.maxlen:
+            self.events_base += 1
+        if len(what) > 2000:  # (a message of very many tensors: named in part)
+            what = what[:2000] + "..."
+        self.events.append((kind, rid, what, round(t0, 6), round(t1, 6), nbytes))
+
+    def event_page(self, start) -> dict:
+        """Events numbered ``start`` on, as many as fit in EVENTS_PAGE_BYTES of the reply's
+        header (which must stay under the wire's limit), with this worker's clock now."""
+        start = max(int(start) if isinstance(start, int) else 0, self.events_base)
+        page, size = [], 0
+        for e in itertools.islice(self.events, start - self.events_base, None):
+            size += len(e[2]) + 64
+            if page and size > EVENTS_PAGE_BYTES:
+                break
+            page.append(e)
+        return {"from": start, "events": page, "total": self.events_base + len(self.events),
+                "clock": time.monotonic()}
 
     def stats(self) -> dict:
         c = self.counters

@@ -129,6 +129,10 @@ def run(
         help="Images: the standard deviation to divide by, e.g. 0.229,0.224,0.225.")] = "1",
     output: Annotated[Path | None, typer.Option(help="Write the first output here (.npy).")]
         = None,
+    trace: Annotated[Path | None, typer.Option(
+        help="Write the run's timeline here (Chrome Trace Event JSON: open in ui.perfetto.dev): "
+             "every piece, message and wait of every request, per device, and the client's; "
+             "`splitc plan --trace` writes the predicted one.")] = None,
     check: Annotated[bool, typer.Option(
         help="Compare every request's outputs with the original model (ONNX Runtime or "
              "torch); a difference beyond the tolerance fails the command (exit 1).")] = False,
@@ -179,6 +183,9 @@ def run(
         results = session.infer_many(batches, inflight=inflight)
         elapsed = time.perf_counter() - t0
         crossed = session.transfer_bytes()
+        if trace is not None:
+            session.timeline().write(trace, f"measured: {plan.strategy} split of {plan.source}"
+                                            f", {requests} request(s)")
     outputs = results[0]
     where = "on local workers" if addresses is None else "on " + ", ".join(
         f"{d}={e}" for d, e in addresses.items())
@@ -197,6 +204,8 @@ def run(
     if output is not None:
         np.save(output, outputs[0])
         typer.echo(f"wrote {output}")
+    if trace is not None:
+        typer.echo(f"wrote {trace} (the timeline of the run: open it in ui.perfetto.dev)")
     if reference is not None:
         check_requests(plan, reference, batches, results, rtol, atol)
 
