@@ -8,13 +8,16 @@ holds, the cost model's prediction and its error, the busiest device's time in i
 the rest of the latency (waiting for tensors and the network), the runtime's own CPU time per
 inference, and the ideal (one device's compute / N + the bytes that must cross / bandwidth).
 
-**Devices: time dilation** (DieCast, NSDI 2008). A device of slowdown F runs each piece once,
-measures the CPU time the piece took on its own thread (``time.thread_time``), and releases
-the piece's outputs, and starts its next piece, only when F x that CPU time has passed since
-the piece started. N devices then need about N/F cores, so at F=10 (a Raspberry Pi 4 core is
-1/10 to 1/14 of these) eight devices share two cores and stay honest while the machine is
-not saturated. The run checks that: a piece whose real run took longer than F x its CPU time
-was starved (it waited for a core) and made late; the table prints the late share per row,
+**Devices: time dilation** (DieCast, NSDI 2008). A device of slowdown F runs each piece once
+and releases the piece's outputs, and starts its next piece, only when F x the piece's CPU
+time has passed since it started. That CPU time is the piece's own, alone: each emulated
+device starts while the others wait and times each of its pieces on its own thread
+(``time.thread_time``, warm, the middle of three runs), as a board's core would run it with
+its caches to itself; pieces that later run beside other devices on these two cores take
+longer (shared caches), and each row prints by how much, but a board would not. N devices
+then need about N/F cores, so at F=10 (a Raspberry Pi 4 core is 1/10 to 1/14 of these)
+eight devices share two cores and stay honest while the machine is not saturated. The run
+checks that: a piece whose real run took longer than F x its CPU time alone was starved (it waited for a core) and made late; the table prints the late share per row,
 and a row with more than 5 % of its dilated time late is marked VOID. The runtime's own work
 (receiving, converting and sending tensors, ZeroMQ's I/O thread) is not dilated: a board does
 it F times slower too; each row prints that CPU time per inference and the most it flatters
@@ -151,12 +154,14 @@ def sh_quiet(*cmd: str) -> None:
 #: emulation hooks (``Worker.poll_ms`` / ``Worker.each_turn``); nothing else changes.
 EMULATED_WORKER = r'''
 import collections, resource, sys, time
+import numpy
 from splitc.runtime import worker
 from splitc.runtime.artifact import DeviceArtifact
 
 mode, F, DELAY = sys.argv.pop(1), float(sys.argv.pop(1)), float(sys.argv.pop(1))
-EMU = {"pieces": 0, "piece_cpu_s": 0.0, "dilated_s": 0.0, "late": 0, "late_s": 0.0,
-       "delayed": 0}
+EMU = {"pieces": 0, "piece_cpu_s": 0.0, "calibrated_s": 0.0, "dilated_s": 0.0, "late": 0,
+       "late_s": 0.0, "delayed": 0}
+CALIBRATED = {}  # piece -> its thread CPU time run alone (warm), measured before serving
 OUTBOX = collections.deque()  # (due, worker, arguments of Worker._send_outputs)
 send_outputs = worker.Worker._send_outputs
 
@@ -180,11 +185,29 @@ def wait_until(t):  # sleeping, but sending what falls due meanwhile
 run = DeviceArtifact.run
 
 
+def calibrate(self):
+    """Time each piece alone (this worker starts while the others wait): what this core takes
+    for it with its caches to itself, as a board's core would have them."""
+    warm_up(self)
+    for piece in self.pieces:
+        inputs = [numpy.zeros(self.plan.tensors[t].shape, self.plan.tensors[t].dtype)
+                  for t in piece.inputs]
+        times = []
+        for _ in range(3):
+            c0 = time.thread_time()
+            run(self.artifact, piece, inputs)
+            times.append(time.thread_time() - c0)
+        CALIBRATED[piece.name] = sorted(times)[1]
+
+
 def dilated(self, piece, inputs):
     w0, c0 = time.perf_counter(), time.thread_time()
     out = run(self, piece, inputs)
     cpu = time.thread_time() - c0
-    due = w0 + F * cpu
+    name = piece if isinstance(piece, str) else piece.name
+    alone = CALIBRATED.get(name, cpu)
+    EMU["calibrated_s"] += alone
+    due = w0 + F * alone
     late = time.perf_counter() - due
     if late > 0:  # the piece waited for a core: the emulated board was slower than F
         EMU["late"] += 1
@@ -223,7 +246,10 @@ def with_emulation(self):
     return out
 
 
+warm_up = worker.Worker.warm_up
 DeviceArtifact.run = dilated if mode == "dilated" else repeated
+if mode == "dilated":
+    worker.Worker.warm_up = calibrate
 worker.Worker.stats = with_emulation
 if DELAY > 0:
     worker.Worker._send_outputs = delayed
@@ -326,12 +352,22 @@ class Workers:
             host = nets.address(i) if nets else "127.0.0.1"
             endpoint = f"tcp://{host}:{port0 + i}"
             pin = ["taskset", "-c", str(cores[i % len(cores)])] if cores else []
+            announce = out / f".{dev.name}.ready"
+            announce.unlink(missing_ok=True)
             cmd = [*(nets.prefix(i) if nets else []), *pin, "env", "TVM_NUM_THREADS=1",
                    "TVM_USE_RUNTIME_LIB=1", sys.executable, "-c", EMULATED_WORKER, mode,
                    str(factors[i]), str(delay), str(out / dev.dir), "--bind", endpoint,
-                   "--insecure"]
-            self.procs.append(subprocess.Popen(cmd, stderr=subprocess.DEVNULL))
+                   "--insecure", "--announce", str(announce)]
+            proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+            self.procs.append(proc)
             self.endpoints[dev.name] = endpoint
+            # one at a time: each calibrates its pieces alone before the next starts
+            deadline = time.monotonic() + 600
+            while not announce.exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    self.close()
+                    sys.exit(f"the emulated {dev.name} did not start (status {proc.poll()})")
+                time.sleep(0.05)
 
     def close(self) -> None:
         for p in self.procs:
@@ -376,6 +412,8 @@ def measure(out: Path, x, reference, nets, port0: int, repeats: int, inflight: i
         return (after[dev]["emulation"][key] - before[dev]["emulation"][key]) / repeats
 
     busy = {d: per_request(d, "dilated_s") for d in after}
+    calibrated = sum(per_request(d, "calibrated_s") for d in after)
+    shared = sum(per_request(d, "piece_cpu_s") for d in after) / max(calibrated, 1e-12)
     piece_cpu = {d: per_request(d, "piece_cpu_s") for d in after}
     runtime_cpu = {d: per_request(d, "process_cpu_s") - piece_cpu[d] for d in after}
     late = sum(per_request(d, "late_s") for d in after)
@@ -383,7 +421,8 @@ def measure(out: Path, x, reference, nets, port0: int, repeats: int, inflight: i
     return {"latency": statistics.median(times), "throughput": throughput, "rel_err": err,
             "bytes": plan.transfer_bytes, "weights": weights, "busy": max(busy.values()),
             "busy_by_device": busy, "runtime_cpu": max(runtime_cpu.values()),
-            "late_share": late / max(sum(busy.values()), 1e-9), "load": load, "plan": plan}
+            "late_share": late / max(sum(busy.values()), 1e-9), "load": load,
+            "cpu_vs_alone": shared if mode == "dilated" else None, "plan": plan}
 
 
 #: The rows: (key for --configs, label, strategy, devices: None for all N)
@@ -577,7 +616,8 @@ def report(rows, say, n, factors, one_device, must_cross, bandwidth, validate) -
                       for d in r["busy_by_device"] if r["predicted_busy"].get(d)]
             if ratios:
                 say(f"busy vs the isolated profile, {r['config']}: "
-                    f"{min(ratios):.2f}-{max(ratios):.2f} (measured / predicted per device)")
+                    f"{min(ratios):.2f}-{max(ratios):.2f} (measured / predicted per device); "
+                    f"pieces' CPU beside the other devices / alone: {r['cpu_vs_alone']:.2f}")
     if validate:
         by = {}
         for r in rows:
