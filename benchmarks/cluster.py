@@ -17,8 +17,8 @@ its caches to itself; pieces that later run beside other devices on these two co
 longer (shared caches), and each row prints by how much, but a board would not. N devices
 then need about N/F cores, so at F=10 (a Raspberry Pi 4 core is 1/10 to 1/14 of these)
 eight devices share two cores and stay honest while the machine is not saturated. The run
-checks that: a piece whose real run took longer than F x its CPU time alone was starved (it waited for a core) and made late; the table prints the late share per row,
-and a row with more than 5 % of its dilated time late is marked VOID. The runtime's own work
+checks that: a piece whose real run took longer than F x its CPU time alone was starved
+(it waited for a core) and made late; the table prints the late share per row, and a row with more than 5 % of its dilated time late is marked VOID. The runtime's own work
 (receiving, converting and sending tensors, ZeroMQ's I/O thread) is not dilated: a board does
 it F times slower too; each row prints that CPU time per inference and the most it flatters
 the latency ((F-1) x the busiest device's). ``--emulation repeat`` is the method dilation
