@@ -2,37 +2,37 @@
 
 For one model and N devices it measures ONNX Runtime on one device, splitc on one device, the
 channel, pipeline, spatial and hybrid splits and ``--strategy auto``, each with one worker per
-device, and prints per row: latency (median of ``--requests`` sequential requests),
-throughput (N in flight), bytes between devices per inference, the largest weights a device
-holds, the cost model's prediction and its error, the busiest device's time in its pieces,
-the rest of the latency (waiting for tensors and the network), the runtime's own CPU time per
-inference, and the ideal (one device's compute / N + the bytes that must cross / bandwidth).
+device, and prints per row: latency (median of ``--requests`` sequential requests), throughput
+(N in flight), bytes between devices per inference, the largest weights a device holds, the
+cost model's prediction and its error, the busiest device's time in its pieces, the rest of the
+latency (waiting for tensors and the network), the runtime's own CPU time per inference, and
+the ideal (one device's compute / N + the bytes that must cross / bandwidth).
 
 **Devices: time dilation** (DieCast, NSDI 2008). A device of slowdown F runs each piece once
-and releases the piece's outputs, and starts its next piece, only when F x the piece's CPU
-time has passed since it started. That CPU time is the piece's own, alone: each emulated
-device starts while the others wait and times each of its pieces on its own thread
-(``time.thread_time``, warm, the middle of three runs), as a board's core would run it with
-its caches to itself; pieces that later run beside other devices on these two cores take
-longer (shared caches), and each row prints by how much, but a board would not. N devices
-then need about N/F cores, so at F=10 (a Raspberry Pi 4 core is 1/10 to 1/14 of these)
-eight devices share two cores and stay honest while the machine is not saturated. The run
-checks that: a piece whose real run took longer than F x its CPU time alone was starved
-(it waited for a core) and made late; the table prints the late share per row, and a row with more than 5 % of its dilated time late is marked VOID. The runtime's own work
-(receiving, converting and sending tensors, ZeroMQ's I/O thread) is not dilated: a board does
-it F times slower too; each row prints that CPU time per inference and the most it flatters
-the latency ((F-1) x the busiest device's). ``--emulation repeat`` is the method dilation
-replaced, kept as its cross-check (each device pinned to its own core runs every piece F
-times; possible only with N <= cores): ``--validate`` runs every row both ways.
+and releases the piece's outputs, and starts its next piece, only when F x the piece's CPU time
+has passed since it started. That CPU time is the piece's own, alone: each emulated device
+starts while the others wait and times each of its pieces on its own thread
+(``time.thread_time``, warm, the middle of three runs), as a board's core would run it with its
+caches to itself; pieces that later run beside other devices on these two cores take longer
+(shared caches), and each row prints by how much, but a board would not. N devices then need
+about N/F cores, so at F=10 (a Raspberry Pi 4 core is 1/10 to 1/14 of these) eight devices
+share two cores and stay honest while the machine is not saturated. The run checks that: a
+piece whose real run took longer than F x its CPU time alone was starved (it waited for a core)
+and made late; the table prints the late share per row, and a row with more than 5 % of its
+dilated time late is marked VOID. The runtime's own work (receiving, converting and sending
+tensors, ZeroMQ's I/O thread) is not dilated: a board does it F times slower too; each row
+prints that CPU time per inference and the most it flatters the latency ((F-1) x the busiest
+device's). ``--emulation repeat`` is the method dilation replaced, kept as its cross-check
+(each device pinned to its own core runs every piece F times; possible only with N <= cores):
+``--validate`` runs every row both ways.
 
 **Links**: with ``--netns`` (root) each worker runs in its own network namespace behind a veth
 pair on a bridge, each veth (and the client's side) shaped with ``tc tbf`` to ``--bandwidth``
-(this kernel has no netem). ``--delay D`` adds D one way, in user space: every message a
-worker sends is held D after it is sent (a delay line in the worker's send path, flushed by
-its loop and during dilated pieces), and the client waits D before sending a request. The
-header's link table checks it: ping-pong of 4 B and 600 kB messages against
-size / rate + D + the runtime's cost of a message. Without ``--netns`` the workers talk over
-loopback.
+(this kernel has no netem). ``--delay D`` adds D one way, in user space: every message a worker
+sends is held D after it is sent (a delay line in the worker's send path, flushed by its loop
+and during dilated pieces), and the client waits D before sending a request. The header's link
+table checks it: ping-pong of 4 B and 600 kB messages against size / rate + D + the runtime's
+cost of a message. Without ``--netns`` the workers talk over loopback.
 
     sudo .venv/bin/python benchmarks/cluster.py --model resnet50 -n 8 --netns --slowdown 10 \\
         --delay 0.5ms
