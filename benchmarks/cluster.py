@@ -19,12 +19,13 @@ about N/F cores, so at F=10 (a Raspberry Pi 4 core is 1/10 to 1/14 of these) eig
 share two cores and stay honest while the machine is not saturated. The run checks that: a
 piece whose real run took longer than F x its CPU time alone was starved (it waited for a core)
 and made late; the table prints the late share per row, and a row with more than 5 % of its
-dilated time late is marked VOID. The runtime's own work (receiving, converting and sending
-tensors, ZeroMQ's I/O thread) is not dilated: a board does it F times slower too; each row
-prints that CPU time per inference and the most it flatters the latency ((F-1) x the busiest
-device's). ``--emulation repeat`` is the method dilation replaced, kept as its cross-check
-(each device pinned to its own core runs every piece F times; possible only with N <= cores):
-``--validate`` runs every row both ways.
+dilated time late is marked VOID. The runtime's own work is dilated too where it runs on the
+serving thread (receiving, converting and queueing tensors between pieces: F x its CPU time
+before the next piece starts); ZeroMQ's I/O threads are not: each row prints their CPU time per
+inference and the most leaving it so flatters the latency ((F-1) x the busiest device's).
+``--emulation repeat`` is the method dilation replaced, kept as its cross-check (each device
+pinned to its own core runs every piece F times; possible only with N <= cores): ``--validate``
+runs every row both ways.
 
 **Links**: with ``--netns`` (root) each worker runs in its own network namespace behind a veth
 pair on a bridge, each veth (and the client's side) shaped with ``tc tbf`` to ``--bandwidth``
@@ -160,7 +161,7 @@ from splitc.runtime.artifact import DeviceArtifact
 
 mode, F, DELAY = sys.argv.pop(1), float(sys.argv.pop(1)), float(sys.argv.pop(1))
 EMU = {"pieces": 0, "piece_cpu_s": 0.0, "calibrated_s": 0.0, "dilated_s": 0.0, "late": 0,
-       "late_s": 0.0, "delayed": 0}
+       "late_s": 0.0, "delayed": 0, "runtime_cpu_s": 0.0}
 CALIBRATED = {}  # piece -> its thread CPU time run alone (warm), measured before serving
 OUTBOX = collections.deque()  # (due, worker, arguments of Worker._send_outputs)
 send_outputs = worker.Worker._send_outputs
@@ -200,7 +201,14 @@ def calibrate(self):
         CALIBRATED[piece.name] = sorted(times)[1]
 
 
+LAST = {"cpu": None}  # this thread's CPU clock when its last piece ended
+
+
 def dilated(self, piece, inputs):
+    if LAST["cpu"] is not None:  # the runtime's work since (messages in and out), F x too
+        handled = time.thread_time() - LAST["cpu"]
+        EMU["runtime_cpu_s"] += handled
+        wait_until(time.perf_counter() + (F - 1) * handled)
     w0, c0 = time.perf_counter(), time.thread_time()
     out = run(self, piece, inputs)
     cpu = time.thread_time() - c0
@@ -216,6 +224,7 @@ def dilated(self, piece, inputs):
     EMU["pieces"] += 1
     EMU["piece_cpu_s"] += cpu
     EMU["dilated_s"] += time.perf_counter() - w0
+    LAST["cpu"] = time.thread_time()
     return out
 
 
@@ -415,7 +424,10 @@ def measure(out: Path, x, reference, nets, port0: int, repeats: int, inflight: i
     calibrated = sum(per_request(d, "calibrated_s") for d in after)
     shared = sum(per_request(d, "piece_cpu_s") for d in after) / max(calibrated, 1e-12)
     piece_cpu = {d: per_request(d, "piece_cpu_s") for d in after}
-    runtime_cpu = {d: per_request(d, "process_cpu_s") - piece_cpu[d] for d in after}
+    # the runtime's CPU the dilation did not stretch: ZeroMQ's I/O threads, and the serving
+    # thread's work after a request's last piece
+    runtime_cpu = {d: per_request(d, "process_cpu_s") - piece_cpu[d]
+                   - per_request(d, "runtime_cpu_s") for d in after}
     late = sum(per_request(d, "late_s") for d in after)
     weights = max(sum(p.weight_bytes for p in plan.pieces_on(d.name)) for d in plan.devices)
     return {"latency": statistics.median(times), "throughput": throughput, "rel_err": err,
@@ -604,8 +616,9 @@ def report(rows, say, n, factors, one_device, must_cross, bandwidth, validate) -
             f"{num(r.get('load', 0), '.0f') + ('%' if busy else ''):>5}"
             + ("  VOID (starved)" if void else ""))
     say("(busy: the busiest device's dilated time in its pieces per request; wait: the rest "
-        "of the latency; rt cpu: the busiest device's runtime CPU outside its pieces per "
-        "request, not dilated: leaving it so flatters a row by at most (F-1) x it; late: "
+        "of the latency; rt cpu: the busiest device's runtime CPU per request that was not "
+        "dilated (ZeroMQ's I/O threads; the serving thread's message handling between pieces "
+        "is dilated): leaving it so flatters a row by at most (F-1) x it; late: "
         "share of dilated time pieces ran late for want of a core; load: the machine's CPU "
         "use)")
     flat = max((r["runtime_cpu"] for r in rows if "runtime_cpu" in r), default=0.0)
