@@ -2,7 +2,10 @@
 (the teacher), both run by :class:`~splitc.backend.torch_program.TorchProgram`.
 
 :func:`distill` trains the student to match the teacher's softened outputs (and the labels,
-when given), on a GPU when one is present; :func:`top1` measures either.
+when given), on a GPU when one is present; :func:`top1` measures either. A model whose output
+is a softmax (many shipped classifiers end in one) is distilled on the softmax's input, the
+logits (:func:`logits`): softening probabilities again would flatten the targets to nearly
+uniform and leave the student's gradients vanishing.
 """
 
 from __future__ import annotations
@@ -44,6 +47,34 @@ def top1(program: torch.nn.Module, x: np.ndarray, device, batch: int = 256) -> n
     return np.concatenate(out)
 
 
+#: Ops that only move a classifier's [N, C] output (followed back from the output to a softmax).
+_MOVES = {"reshape", "flatten", "alias", "squeeze", "expand_dims"}
+
+
+def logits_var(program: TorchProgram) -> str | None:
+    """The variable holding the logits of ``program``'s first output when that output is a
+    softmax over the last axis of an ``[N, C]`` tensor (perhaps reshaped), else None."""
+    steps = {s[0]: s for s in program.steps}
+    var = program.outputs[0]
+    while var in steps and steps[var][1] in _MOVES:
+        var = steps[var][2][0][1]
+    if var not in steps or steps[var][1] != "nn.softmax":
+        return None
+    _var, _name, args, attrs, shape = steps[var]
+    if shape is None or len(shape) != 2 or int(attrs.axis) % 2 != 1:
+        return None
+    return args[0][1]
+
+
+def logits(program: TorchProgram) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> the logits of program's first output``: its input where it is a softmax
+    (:func:`logits_var`), else the output itself."""
+    var = logits_var(program)
+    if var is None:
+        return lambda x: program(x)[0]
+    return lambda x: program.run(x)[var].reshape(len(x), -1)
+
+
 def distill(teacher: TorchProgram, student: TorchProgram, x: np.ndarray,
             y: np.ndarray | None = None, *, epochs: int = 30, lr: float = 2e-3,
             batch: int = 64, temperature: float = 4.0, val_fraction: float = 0.2,
@@ -77,7 +108,9 @@ def distill(teacher: TorchProgram, student: TorchProgram, x: np.ndarray,
     xt = torch.from_numpy(x[train]).to(device)
     yt = torch.from_numpy(y[train].astype(np.int64)).to(device) if y is not None else None
     with torch.no_grad():
-        soft = torch.cat([teacher(xt[i:i + 256])[0] for i in range(0, len(xt), 256)])
+        t_logits = logits(teacher)
+        soft = torch.cat([t_logits(xt[i:i + 256]) for i in range(0, len(xt), 256)])
+    s_logits = logits(student)
     t0 = time.monotonic()
     steps = math.ceil(len(train) / batch)
     for epoch in range(epochs):
@@ -86,12 +119,12 @@ def distill(teacher: TorchProgram, student: TorchProgram, x: np.ndarray,
         total = 0.0
         for s in range(steps):
             idx = perm[s * batch:(s + 1) * batch]
-            logits = student(xt[idx])[0]
-            loss = F.kl_div(F.log_softmax(logits / temperature, -1),
+            out = s_logits(xt[idx])
+            loss = F.kl_div(F.log_softmax(out / temperature, -1),
                             F.softmax(soft[idx] / temperature, -1),
                             reduction="batchmean") * temperature ** 2
             if yt is not None:
-                loss = 0.5 * loss + 0.5 * F.cross_entropy(logits, yt[idx])
+                loss = 0.5 * loss + 0.5 * F.cross_entropy(out, yt[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
