@@ -177,7 +177,7 @@ def main() -> int:
             before = float((top1(student, xte, "cpu") == yte).mean())
             if bplan.branched:
                 distill(TorchProgram(imported.mod), student, xtr, ytr, epochs=args.epochs,
-                        log=lambda _m: None, progress=False)
+                        log=lambda _m: None)
             after = float((top1(student, xte, "cpu") == yte).mean())
             out = work / f"branch{k}-{sync}"
             split = strategies.get("branch").trained(imported.mod, bplan, student)

@@ -211,8 +211,10 @@ def finetune(
     check_trainable(reference.original.mod)  # (before any training: exit 2 naming the ops)
     check_trainable(reference.student_mod)
     student = reference.program()
-    report = distill(TorchProgram(reference.original.mod), student, x, y, epochs=epochs, lr=lr,
-                     batch=batch, seed=seed, log=lambda m: typer.echo(m, err=True))
+    with progress_bar("distilling") as tell:
+        report = distill(TorchProgram(reference.original.mod), student, x, y, epochs=epochs,
+                         lr=lr, batch=batch, seed=seed, log=lambda m: typer.echo(m, err=True),
+                         progress=tell)
     recompile(out, strategies.get("branch").trained(reference.original.mod, reference.plan,
                                                      student),
               log=lambda m: typer.echo(m, err=True))

@@ -190,7 +190,7 @@ def test_distillation_recovers_the_teacher():
             return float((student(probe)[0] - teacher(probe)[0]).abs().mean())
 
     far = distance()
-    report = distill(teacher, student, x, epochs=8, progress=False, log=lambda _m: None)
+    report = distill(teacher, student, x, epochs=8, log=lambda _m: None)
     assert report.after >= max(0.9, report.before), report
     assert distance() < 0.8 * far  # closer to the teacher after distillation
     trained = student.to_module()
@@ -235,7 +235,7 @@ def test_distillation_of_a_softmax_output_uses_its_logits():
             return float((d - d.mean(-1, keepdim=True)).abs().mean())
 
     far = distance()
-    report = distill(teacher, student, x, epochs=30, lr=2e-2, progress=False,
+    report = distill(teacher, student, x, epochs=30, lr=2e-2,
                      log=lambda _m: None)
     assert distance() < 0.1 * far, (distance(), far)  # (on probabilities: ~0.2)
     assert report.after >= 0.9, report

@@ -85,7 +85,7 @@ def test_the_student_trains_through_layer_norm_and_gelu(models):
     out.square().sum().backward()
     trained = [p for p in student.parameters() if p.requires_grad]
     assert trained and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
-    report = distill(TorchProgram(model.mod), student, x, epochs=3, progress=False,
+    report = distill(TorchProgram(model.mod), student, x, epochs=3,
                      log=lambda _m: None)
     assert report.metric == "top-1 agreement with the teacher"  # no labels: soft targets
 

@@ -11,7 +11,6 @@ uniform and leave the student's gradients vanishing.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -79,9 +78,10 @@ def distill(teacher: TorchProgram, student: TorchProgram, x: np.ndarray,
             y: np.ndarray | None = None, *, epochs: int = 30, lr: float = 2e-3,
             batch: int = 64, temperature: float = 4.0, val_fraction: float = 0.2,
             seed: int = 0, log: Callable[[str], None] = print,
-            progress: bool = True) -> Report:
+            progress: Callable[[float, str], None] | None = None) -> Report:
     """Train ``student`` to match ``teacher`` (soft targets at ``temperature``, plus the
-    labels ``y`` when given) on ``x``; report held-out accuracy before and after."""
+    labels ``y`` when given) on ``x``; report held-out accuracy before and after.
+    ``progress(fraction done, text)`` is told after every epoch (the CLI's rich bar)."""
     if len(x) < 10:
         raise SplitcError(f"distillation needs data: got {len(x)} examples")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -131,10 +131,8 @@ def distill(teacher: TorchProgram, student: TorchProgram, x: np.ndarray,
             total += float(loss.detach())
         sched.step()
         if progress:
-            done = (epoch + 1) / epochs
-            bar = "#" * int(30 * done) + "." * (30 - int(30 * done))
-            print(f"\rdistilling [{bar}] epoch {epoch + 1}/{epochs} loss {total / steps:.4f}",
-                  end="" if epoch + 1 < epochs else "\n", file=sys.stderr, flush=True)
+            progress((epoch + 1) / epochs,
+                     f"epoch {epoch + 1}/{epochs} loss {total / steps:.4f}")
     after = score(student)
     student.cpu()
     teacher.cpu()
