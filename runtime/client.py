@@ -24,6 +24,22 @@ client says so (a warning, and :attr:`Session.events`); its requests in flight f
 :class:`SessionReplaced`, which retries cure. At most ``wire.MAX_INFLIGHT`` requests are in
 flight per session (the depth a worker's memory bound is computed for).
 
+Failover. A folder compiled with ``--spares`` holds fallback plans (:mod:`.fallback`): one
+for every set of up to K devices being lost, over the others. With them, a loss no longer
+fails the requests in flight: they are held (with their inputs) while the device is down.
+Once every device of the plan in use that is down has been down for ``failover_after``
+seconds, and there is a fallback plan for exactly the devices that are down, the client
+switches: it opens a new session on that plan's devices (the setup's digest names the plan;
+workers serve every plan in their folder) and sends the held requests again; it says so (a
+warning on stderr, and :attr:`Session.events`). A device that answers pings again brings
+the plan for fewer losses back at once (the main plan when none is down), the requests in
+flight sent again under it. Answers of an older session are ignored, so no request mixes
+plans. A loss no fallback covers (more devices than the spares) fails requests as without
+fallbacks. A device that does not answer when the session opens is treated the same way:
+after ``failover_after`` the session opens on the fallback plan without it. Like every
+recovery here, a switch happens while the client waits for something (an answer, a setup):
+an idle session switches with its next request.
+
 Sessions: the session id is a 128-bit secret. Without keys it is what tells a worker a
 message comes from this client or its peers, so no worker reply to anyone else carries it.
 
@@ -473,10 +489,10 @@ class Session:
         return bool(self.fallbacks) and self._stale and not self._failing()
 
     def _send_request(self, p: _Pending, look: bool = True) -> RuntimeFailure | None:
-        """Send request ``p``'s inputs under the plan in use (again, after a switch); the
-        error when a device cannot take them (its connection just dropped, or a full queue),
-        else None (``p`` is then held). ``look``: handle what the sockets say first when a
-        send fails (not from inside the loop)."""
+        """Send request ``p``'s inputs under the plan in use (again, after a switch); None,
+        or the error when a device cannot take them (its connection just dropped, or a full
+        queue: ``p`` is then held). ``look``: when a send fails, handle what the sockets say
+        first (not from inside the loop)."""
         plan = self.plan
         arrays = plan.cut({e.tensor: x for (e, _, _), x in zip(self._input_specs, p.inputs,
                                                                  strict=True)})

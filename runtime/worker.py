@@ -10,7 +10,9 @@ Protocol (message layout in :mod:`splitc.runtime.wire`):
 1. The worker binds one ROUTER socket. Anyone may ``ping`` it (answered with ``pong``, which
    never carries the session id).
 2. A client opens a session with ``setup``: the plan digest (refused with an ``error`` naming
-   this device when it differs from this worker's plan) and the endpoint of every peer. The
+   this device when it is none of this worker's plans: the main plan, or a fallback plan its
+   folder holds, see :mod:`splitc.runtime.fallback`; the digest chooses which plan the
+   session runs, and the pong lists them all) and the endpoint of every peer. The
    worker connects a DEALER to each device it sends to, pings it with the session id until it
    answers that it holds the same session, and answers ``ready`` (an ``error`` naming the
    peer if that does not happen within the timeout). Who may speak (:meth:`Worker._sender`):
