@@ -83,12 +83,15 @@ class DeviceArtifact:
     fpga_mode : str
         For a device of kind ``hls4ml`` (an FPGA target): ``emulation`` (the bit-accurate C
         simulation) or ``board`` (the PYNQ overlay); see :mod:`.fpga`.
+    plan_file : path, optional
+        The plan to load the device's pieces of (default ``folder/plan.json``): a fallback
+        plan the folder holds (:mod:`.fallback`), whose files lie in ``folder`` too.
     """
 
     def __init__(self, folder: str | Path, *, verify: bool = True,
-                 fpga_mode: str = "emulation"):
+                 fpga_mode: str = "emulation", plan_file: str | Path | None = None):
         self.folder = Path(folder)
-        self.plan = Plan.load(self.folder)
+        self.plan = Plan.load(self.folder if plan_file is None else plan_file)
         name = self.folder.name
         self.device = self.plan.device(name)
         self.pieces = {p.name: p for p in self.plan.pieces_on(name)}

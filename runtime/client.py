@@ -24,6 +24,22 @@ client says so (a warning, and :attr:`Session.events`); its requests in flight f
 :class:`SessionReplaced`, which retries cure. At most ``wire.MAX_INFLIGHT`` requests are in
 flight per session (the depth a worker's memory bound is computed for).
 
+Failover. A folder compiled with ``--spares`` holds fallback plans (:mod:`.fallback`): one
+for every set of up to K devices being lost, over the others. With them, a loss no longer
+fails the requests in flight: they are held (with their inputs) while the device is down.
+Once every device of the plan in use that is down has been down for ``failover_after``
+seconds, and there is a fallback plan for exactly the devices that are down, the client
+switches: it opens a new session on that plan's devices (the setup's digest names the plan;
+workers serve every plan in their folder) and sends the held requests again; it says so (a
+warning on stderr, and :attr:`Session.events`). A device that answers pings again brings
+the plan for fewer losses back at once (the main plan when none is down), the requests in
+flight sent again under it. Answers of an older session are ignored, so no request mixes
+plans. A loss no fallback covers (more devices than the spares) fails requests as without
+fallbacks. A device that does not answer when the session opens is treated the same way:
+after ``failover_after`` the session opens on the fallback plan without it. Like every
+recovery here, a switch happens while the client waits for something (an answer, a setup):
+an idle session switches with its next request.
+
 Sessions: the session id is a 128-bit secret. Without keys it is what tells a worker a
 message comes from this client or its peers, so no worker reply to anyone else carries it.
 
@@ -53,7 +69,7 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from . import security, wire
+from . import fallback, security, wire
 from .errors import BadInput, RuntimeFailure
 from .plan import Plan, PlanError
 from .trace import Timeline
@@ -93,6 +109,11 @@ RETRYABLE = (WorkerLost, RequestTimeout, SessionReplaced)
 PING_EVERY = 0.25
 #: A setup (after a worker came back) not answered this fast is sent again (seconds).
 RESETUP_EVERY = 5.0
+#: Default seconds a device of the plan in use stays down before the client switches to the
+#: fallback plan for the devices that are down (when the compile made one): longer than a
+#: worker under ``--restart`` takes to come back (about 1 s for ResNet-18 on loopback,
+#: benchmarks/faults.py), so a restart does not cost two switches.
+FAILOVER_AFTER = 5.0
 _MONITOR = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
             | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_SUCCEEDED)
 
@@ -105,6 +126,16 @@ class _Pending:
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
     error: RuntimeFailure | None = None
     finished: float | None = None
+    #: the model inputs (kept to send the request again under another plan)
+    inputs: tuple[np.ndarray, ...] = ()
+    #: the plan it was sent under, None while it waits to be sent (held through a failover)
+    plan: Plan | None = None
+    #: the output tensors it waits for, in the model's order (of the plan it was sent under)
+    want: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return self.plan is not None and len(self.outputs) == len(self.want)
 
 
 class Session:
@@ -112,9 +143,15 @@ class Session:
 
     def __init__(self, plan: Plan, endpoints: dict[str, str], *,
                  timeout: float = REQUEST_TIMEOUT, local: _LocalWorkers | None = None,
-                 keys: str | Path | None = None, insecure: bool = False, retries: int = 0):
-        self.plan = plan
-        self.digest = plan.digest()
+                 keys: str | Path | None = None, insecure: bool = False, retries: int = 0,
+                 fallbacks: Sequence[fallback.Fallback] = (),
+                 failover_after: float = FAILOVER_AFTER):
+        #: the main plan (what the session opens with) and its digest, the compile's identity
+        self.main = plan
+        self.main_digest = plan.digest()
+        #: the fallback plans, by the set of devices each is for losing (empty: no failover)
+        self.fallbacks = {frozenset(f.lost): f for f in fallbacks}
+        self.failover_after = failover_after
         self.endpoints = dict(endpoints)
         self.timeout = timeout
         self.retries = retries
@@ -159,21 +196,8 @@ class Session:
         self.history: OrderedDict[int, tuple[float, float | None]] = OrderedDict()
         self.arrivals: OrderedDict[tuple[int, str], float] = OrderedDict()
         self.bytes_sent = self.bytes_received = 0
-        # routing: which devices read each tensor the client sends (model inputs and the
-        # slices cut from them), which device sends each output
-        self._input_devices = {
-            t: sorted({p.device for p in plan.pieces if t in p.inputs})
-            for t in plan.client_tensors}
-        producer = {t: p.device for p in plan.pieces for t in p.outputs}
-        self._outputs = [e.tensor for e in plan.outputs]
-        self._output_device = {t: producer[t] for t in self._outputs if t in producer}
-        self._specs = dict(plan.tensors)
-        self._input_specs = [(e, tuple(plan.tensors[e.tensor].shape),
-                              np.dtype(plan.tensors[e.tensor].dtype)) for e in plan.inputs]
-        self._inputs_of: dict[str, list[str]] = {}  # device -> model input tensors it reads
-        for tensor, devices in self._input_devices.items():
-            for dev in devices:
-                self._inputs_of.setdefault(dev, []).append(tensor)
+        self._switched = False  # a plan switch waits for its setup to be answered
+        self._use(plan)
         # local workers are stopped even if the session is never closed
         self._stop_local = weakref.finalize(self, local.stop) if local else lambda: None
         for dev, endpoint in self.endpoints.items():
@@ -203,22 +227,93 @@ class Session:
             self._poller.register(mon, zmq.POLLIN)
         self._dev_of = {s: d for d, s in self._socks.items()}
 
+    def _use(self, plan: Plan, lost: frozenset[str] = frozenset()) -> None:
+        """Route requests by ``plan`` from now on: the main plan, or the fallback plan for
+        losing ``lost``."""
+        #: the plan in use, and the devices it is for losing (none: the main plan)
+        self.plan, self.lost = plan, lost
+        self.digest = plan.digest()
+        #: the devices with pieces in the plan in use (the ones set up for the session)
+        self.active = [d.name for d in plan.devices if plan.pieces_on(d.name)
+                       and d.name in self.endpoints]
+        # routing: which devices read each tensor the client sends (model inputs and the
+        # slices cut from them), which device sends each output
+        self._input_devices = {
+            t: sorted({p.device for p in plan.pieces if t in p.inputs})
+            for t in plan.client_tensors}
+        producer = {t: p.device for p in plan.pieces for t in p.outputs}
+        self._outputs = [e.tensor for e in plan.outputs]
+        self._output_device = {t: producer[t] for t in self._outputs if t in producer}
+        self._specs = dict(plan.tensors)
+        self._input_specs = [(e, tuple(plan.tensors[e.tensor].shape),
+                              np.dtype(plan.tensors[e.tensor].dtype)) for e in plan.inputs]
+        self._inputs_of: dict[str, list[str]] = {}  # device -> model input tensors it reads
+        for tensor, devices in self._input_devices.items():
+            for dev in devices:
+                self._inputs_of.setdefault(dev, []).append(tensor)
+
+    @property
+    def serving(self) -> str:
+        """Which plan the session runs: ``"main"``, or ``"without dev1"`` (a fallback)."""
+        return "main" if not self.lost else "without " + ", ".join(self._ordered(self.lost))
+
     # -- opening ---------------------------------------------------------------------------
     def _open(self, start_timeout: float) -> None:
-        """Ping every worker, then set the session up on all of them."""
-        deadline = time.monotonic() + start_timeout
+        """Ping every worker, then set the session up on all of them — or, when some have
+        not answered within ``failover_after`` seconds and there is a fallback plan for
+        losing them, on the devices of that plan (the others are pinged on, and the main
+        plan runs once they answer)."""
+        started = time.monotonic()
+        deadline = started + start_timeout
+
+        def missing() -> frozenset[str]:
+            return frozenset(d for d in self._socks if d not in self._replies)
+
+        def answered() -> bool:
+            return not missing() or (missing() in self.fallbacks and time.monotonic()
+                                     >= started + self.failover_after)
+
         self._ping_missing()  # (again every PING_EVERY until they answer, in _poll)
-        self._wait(lambda: len(self._replies) == len(self._socks), deadline,
+        self._wait(answered, deadline,
                    lambda: "no answer to ping from " + self._missing(self._replies), strict=True)
         for dev in self._socks:
-            problem = self._check_pong(dev, self._replies[dev])
+            problem = self._check_pong(dev, self._replies[dev]) if dev in self._replies else ""
             if problem:
                 raise PlanError(problem)
-        for sock in self._socks.values():
-            self._send_setup(sock, max(1.0, deadline - time.monotonic()))
-        self._wait(lambda: len(self._ready) == len(self._socks), deadline,
+        for lost, fb in list(self.fallbacks.items()):
+            digest = fb.plan.digest()
+            lacking = [d for d in fb.active if d in self._replies
+                       and digest not in self._replies[d].get("plans", ())]
+            if lacking:  # (a folder copied without its fallbacks, or an older worker)
+                text = (f"no failover when {fb.name} is lost: {', '.join(lacking)} "
+                        f"{'does' if len(lacking) == 1 else 'do'} not hold that fallback plan "
+                        f"(copy OUT/{lacking[0]} from the same compile again)")
+                log.warning("splitc client: %s", text)
+                self.events.append((time.monotonic(), "*", text))
+                del self.fallbacks[lost]
+        absent = missing()
+        if absent:
+            if absent not in self.fallbacks:  # (its fallback was dropped just now)
+                raise RequestTimeout("no answer to ping from " + self._missing(self._replies))
+            for dev in self._ordered(absent):
+                self._down[dev] = WorkerLost(
+                    f"worker {dev} at {self.endpoints[dev]} is gone: no answer to ping when "
+                    "the session opened", device=dev, endpoint=self.endpoints[dev])
+                self._down_since[dev] = started
+                self.events.append((started, dev, "no answer to ping when the session opened"))
+            self._use(self.fallbacks[absent].plan, absent)
+            text = (f"{', '.join(self._ordered(absent))} did not answer within "
+                    f"{self.failover_after:.3g} s: opening on {self._plan_words()} "
+                    f"({', '.join(self.active)} serve)")
+            log.warning("splitc client: %s", text)
+            self.events.append((time.monotonic(), "*", text))
+        for dev in self.active:
+            self._send_setup(self._socks[dev], max(1.0, deadline - time.monotonic()))
+        self._wait(lambda: all(d in self._ready for d in self.active), deadline,
                    lambda: "no answer to setup from " + self._missing(self._ready), strict=True)
         self._opening = False
+        if absent:
+            self.events.append((time.monotonic(), "*", f"serving {self._plan_words()}"))
 
     def _check_pong(self, dev: str, pong: dict) -> str:
         """What is wrong with the worker that answered for ``dev`` ("" if nothing): another
@@ -226,23 +321,32 @@ class Session:
         if pong.get("device") != dev:
             return (f"the endpoint given for {dev}, {self.endpoints[dev]}, is served by device "
                     f"{pong.get('device')!r}: check --endpoints")
-        if pong.get("digest") != self.digest:
-            d = self.plan.device(dev)
+        if pong.get("digest") != self.main_digest:
+            d = self.main.device(dev)
             differ = [f"{what} {str(got)[:12]}… (this plan's: {want[:12]}…)"
                       for what, got, want in (("library", pong.get("lib_sha256"), d.lib_sha256),
                                               ("weights", pong.get("weights_sha256"),
                                                d.weights_sha256)) if got != want]
             return (f"device {dev} at {self.endpoints[dev]} holds another compile (plan "
-                    f"{pong.get('digest')}, this client's is {self.digest})"
+                    f"{pong.get('digest')}, this client's is {self.main_digest})"
                     + (": its " + ", ".join(differ) if differ else "")
                     + f". Copy OUT/{d.dir} from the same compile to it")
         return ""
 
     @property
     def ready(self) -> bool:
-        """Every worker is up and set up for this session."""
-        return (not self._down and not self._stale and not self._closed
-                and len(self._ready) == len(self._socks))
+        """Every worker of the plan in use is up and set up for this session."""
+        return (not self._stale and not self._closed and not self._down_active()
+                and all(d in self._ready for d in self.active))
+
+    def _down_active(self) -> list[str]:
+        """The devices of the plan in use that are down."""
+        return [d for d in self.active if d in self._down]
+
+    def _failing(self) -> bool:
+        """A device of the plan in use is down and no fallback plan takes over: requests fail
+        (as they do without fallbacks) instead of waiting for a switch."""
+        return bool(self._down_active()) and frozenset(self._down) not in self.fallbacks
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until every worker is up and set up again (after a fault); raise the loss if
@@ -253,14 +357,15 @@ class Session:
             self._wait(lambda: self.ready, time.monotonic() + timeout,
                        lambda: f"the workers were not ready within {timeout:.3g} s")
         except RequestTimeout:
-            if self._down:
-                dev, err = next(iter(self._down.items()))
+            if self._down_active():
+                dev = self._down_active()[0]
+                err = self._down[dev]
                 raise type(err)(f"{err} (not back within {timeout:.3g} s)", device=dev,
                                 endpoint=self.endpoints[dev]) from None
             raise
 
     def _missing(self, have) -> str:
-        return ", ".join(f"{d} at {self.endpoints[d]}" for d in self._socks if d not in have)
+        return ", ".join(f"{d} at {self.endpoints[d]}" for d in self.active if d not in have)
 
     # -- requests --------------------------------------------------------------------------
     def infer(self, *inputs: np.ndarray, timeout: float | None = None,
@@ -335,61 +440,103 @@ class Session:
         """Send one request's inputs; returns its id (collect it with :meth:`result`).
 
         Raises the loss at once while a worker is down; waits (up to ``timeout``) while the
-        session is being set up again after a worker came back."""
+        session is being set up again after a worker came back. With fallback plans, while
+        the devices that are down have one (or are being set up again) the request is held
+        instead, and sent as soon as a plan runs again (the deadline still counts)."""
         self._check_open()
         timeout = self.timeout if timeout is None else timeout
         if self._down:
             self._poll(0)  # (news of a return may be waiting)
-        if self._down:
-            dev, err = next(iter(self._down.items()))
+        if self._failing():
+            dev = self._down_active()[0]
+            err = self._down[dev]
             down_for = time.monotonic() - self._down_since[dev]
             raise type(err)(f"{err} (down for {down_for:.2f} s; reconnecting)", device=dev,
                             endpoint=self.endpoints[dev])
-        if not self.ready:
+        if not self.ready and not self.fallbacks:
             self.wait_ready(timeout)
         if len(self._pending) >= wire.MAX_INFLIGHT:
             raise BadInput(f"{len(self._pending)} requests are in flight already, the most a "
                            f"session keeps (wire.MAX_INFLIGHT): collect some with result() "
                            "first")
-        plan = self.plan
-        if len(inputs) != len(plan.inputs):
-            raise PlanError(f"the model takes {len(plan.inputs)} inputs, got {len(inputs)}")
-        arrays = {}
+        if len(inputs) != len(self.plan.inputs):
+            raise PlanError(f"the model takes {len(self.plan.inputs)} inputs, got "
+                            f"{len(inputs)}")
+        checked = []
         for (endpoint, shape, dtype), x in zip(self._input_specs, inputs, strict=True):
             x = np.asarray(x)
             if x.shape != shape or x.dtype != dtype:
                 raise PlanError(f"input {endpoint.name!r} must be {dtype}{list(shape)}"
                                 f", got {x.dtype}{list(x.shape)}")
-            arrays[endpoint.tensor] = x
-        arrays = plan.cut(arrays)
+            checked.append(x)
         rid = self._next_rid
         self._next_rid += 1
         now = time.monotonic()
-        self._pending[rid] = _Pending(rid, now, now + timeout)
+        p = self._pending[rid] = _Pending(rid, now, now + timeout, inputs=tuple(checked))
+        if not self.ready:
+            return rid  # held: sent once the session (on whichever plan) is set up
+        err = self._send_request(p)
+        if err is not None:
+            if self._held_through_loss():
+                return rid  # (sent again once the session is set up again)
+            self._abandon(rid)
+            raise err
+        return rid
+
+    def _held_through_loss(self) -> bool:
+        """A device of the plan in use was lost and a plan will run again (the device's
+        return or a fallback's): requests wait for it instead of failing."""
+        return bool(self.fallbacks) and self._stale and not self._failing()
+
+    def _send_request(self, p: _Pending, look: bool = True) -> RuntimeFailure | None:
+        """Send request ``p``'s inputs under the plan in use (again, after a switch); None,
+        or the error when a device cannot take them (its connection just dropped, or a full
+        queue: ``p`` is then held). ``look``: when a send fails, handle what the sockets say
+        first (not from inside the loop)."""
+        plan = self.plan
+        arrays = plan.cut({e.tensor: x for (e, _, _), x in zip(self._input_specs, p.inputs,
+                                                                 strict=True)})
+        p.plan, p.want, p.outputs = plan, list(self._outputs), {}
         for dev, names in self._inputs_of.items():
             try:
-                head = self._head(wire.TENSORS, rid=rid, deadline=round(now + timeout, 4))
+                head = self._head(wire.TENSORS, rid=p.rid, deadline=round(p.deadline, 4))
                 self.bytes_sent += wire.send(self._socks[dev], head,
                                              [arrays[n] for n in names], names,
                                              flags=zmq.NOBLOCK)
             except zmq.Again:
-                self._abandon(rid)
-                self._poll(0)  # (news of a loss may be waiting)
+                self._hold(p)
+                if look:
+                    self._poll(0)  # (news of a loss may be waiting)
                 if dev not in self._down and dev not in self._shook:
                     self._lose(dev, "its connection dropped")  # (nothing queues for it)
                 err = self._down.get(dev)
                 if err is not None:
-                    raise type(err)(f"request {rid}: {err}", device=dev,
-                                    endpoint=self.endpoints[dev], rid=rid) from None
-                raise RequestTimeout(f"cannot send request {rid} to {dev} at "
-                                     f"{self.endpoints[dev]}: its queue is full",
-                                     device=dev, endpoint=self.endpoints[dev], rid=rid) from None
+                    return type(err)(f"request {p.rid}: {err}", device=dev,
+                                     endpoint=self.endpoints[dev], rid=p.rid)
+                return RequestTimeout(f"cannot send request {p.rid} to {dev} at "
+                                      f"{self.endpoints[dev]}: its queue is full",
+                                      device=dev, endpoint=self.endpoints[dev], rid=p.rid)
         # outputs that are model inputs too come back without a trip
-        p = self._pending[rid]
-        for t in self._outputs:
+        for t in p.want:
             if t in arrays:
                 p.outputs[t] = arrays[t]
-        return rid
+        if p.complete:
+            p.finished = time.monotonic()
+        return None
+
+    def _hold(self, p: _Pending) -> None:
+        """Keep request ``p`` to send again once a plan runs (its answers so far let go)."""
+        p.plan, p.want, p.outputs, p.finished = None, [], {}, None
+
+    def _flush(self) -> None:
+        """The session is set up: send the requests held meanwhile, oldest first."""
+        for p in list(self._pending.values()):
+            if p.plan is None and p.error is None and time.monotonic() <= p.deadline:
+                err = self._send_request(p, look=False)
+                if err is not None and self._held_through_loss():
+                    return  # (a device was lost again: the rest wait for the next setup)
+                if err is not None:
+                    p.error = err
 
     def result(self, rid: int) -> list[np.ndarray]:
         """Wait for request ``rid``; returns its outputs in the model's order."""
@@ -406,20 +553,29 @@ class Session:
         if p.error is not None:
             self._drop(rid)
             raise p.error
-        return [p.outputs[t] for t in self._outputs]
+        return [p.outputs[t] for t in p.want]
 
     def _done(self, rid: int) -> bool:
         p = self._pending[rid]
-        if p.error is None and len(p.outputs) < len(self._outputs) \
-                and time.monotonic() > p.deadline:
-            waiting = [t for t in self._outputs if t not in p.outputs]
+        if p.error is None and not p.complete and time.monotonic() > p.deadline:
+            if p.plan is None:
+                down = [d for d in self._socks if d in self._down]
+                why = (f"held while {', '.join(f'{d} at {self.endpoints[d]}' for d in down)} "
+                       f"{'was' if len(down) == 1 else 'were'} down" if down else
+                       "held while the session was being set up")
+                dev = down[0] if down else ""
+                p.error = RequestTimeout(
+                    f"request {rid}: no answer in {p.deadline - p.started:.3g} s; {why}",
+                    device=dev, endpoint=self.endpoints.get(dev, ""), rid=rid)
+                return True
+            waiting = [t for t in p.want if t not in p.outputs]
             devs = sorted({self._output_device.get(t, "?") for t in waiting})
             p.error = RequestTimeout(
                 f"request {rid}: no answer in {p.deadline - p.started:.3g} s; still waiting for "
                 f"{', '.join(waiting)} from "
                 f"{', '.join(f'{d} at {self.endpoints.get(d)}' for d in devs)}",
                 device=devs[0], endpoint=self.endpoints.get(devs[0], ""), rid=rid)
-        return p.error is not None or len(p.outputs) == len(self._outputs)
+        return p.error is not None or p.complete
 
     def _abandon(self, rid: int) -> None:
         if self._pending.pop(rid, None) is not None:
@@ -430,9 +586,9 @@ class Session:
         still holds the old session frees its inputs; one that is down gets nothing)."""
         if self._closed:
             return
-        for sock in self._socks.values():
+        for dev in self.active:
             try:
-                wire.send(sock, self._head(wire.DROP, rid=rid), flags=zmq.NOBLOCK)
+                wire.send(self._socks[dev], self._head(wire.DROP, rid=rid), flags=zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
 
@@ -442,23 +598,23 @@ class Session:
         destination (``"client"`` or a device), pieces run, errors."""
         self._check_open()
         self._replies.clear()
-        for sock in self._socks.values():
+        for dev in self.active:
             try:
-                wire.send(sock, self._head(wire.STATS), flags=zmq.NOBLOCK)
+                wire.send(self._socks[dev], self._head(wire.STATS), flags=zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass  # (not connected: reported as no answer)
-        self._wait(lambda: len(self._replies) == len(self._socks),
+        self._wait(lambda: all(d in self._replies for d in self.active),
                    time.monotonic() + timeout,
                    lambda: "no answer to stats from " + self._missing(self._replies),
                    strict=True)
-        return {d: self._replies[d] for d in self._socks}
+        return {d: self._replies[d] for d in self.active}
 
     def timeline(self, timeout: float = 10.0) -> Timeline:
         """What happened in this session's recent requests, as every worker logged it and the
         client saw it, on one clock (each worker's offset estimated from the round trip of
         asking it): pieces, messages, waits (:mod:`splitc.runtime.trace`)."""
         events, offsets, uncertainty = {}, {}, {}
-        for dev in self._socks:
+        for dev in self.active:
             events[dev], start = [], 0
             while True:
                 page = self._ask(dev, {"events_from": start}, timeout)["events"]
@@ -499,8 +655,8 @@ class Session:
         (``what()`` says what was missing). ``strict``: a worker that is down raises its
         loss (requests fail one by one instead)."""
         while True:
-            if strict and self._down:
-                raise next(iter(self._down.values()))
+            if strict and self._down_active():
+                raise self._down[self._down_active()[0]]
             if ready():
                 return
             now = time.monotonic()
@@ -517,9 +673,11 @@ class Session:
             self._check_local()
             if (self._down or self._opening) and now - self._pinged > PING_EVERY:
                 self._ping_missing()
-            if (not self._down and self._stale) or (
-                    not self._opening and not self._down and len(self._ready) < len(self._socks)
-                    and now - self._setup_sent > RESETUP_EVERY):
+            if self.fallbacks and not self._opening and self._steer(now):
+                pass  # (switched plans: the setup is on its way)
+            elif not self._down_active() and (self._stale or (
+                    not self._opening and not all(d in self._ready for d in self.active)
+                    and now - self._setup_sent > RESETUP_EVERY)):
                 self._resetup()
         for sock, _ in self._poller.poll(wait_ms):
             if sock in self._monitors:
@@ -548,16 +706,65 @@ class Session:
             pass  # (not connected: the setup is sent again, or times out naming the device)
 
     def _resetup(self) -> None:
-        """Every worker is up again: open a new session on all of them (the old one's
-        requests have failed already; their late tensors are refused as another session's).
-        The setup names the old session, so a worker that still holds it knows the setup is
-        this client's."""
+        """Every worker of the plan in use is up: open a new session on all of them (the old
+        one's requests have failed, or are held to be sent again; their late tensors are
+        refused as another session's). The setup names the old session, so a worker that
+        still holds it knows the setup is this client's."""
         previous, self.id = self.id, secrets.token_hex(16)
         self._stale = False
         self._ready.clear()
         self._setup_sent = time.monotonic()
-        for sock in self._socks.values():
-            self._send_setup(sock, RESETUP_EVERY, previous)
+        for dev in self.active:
+            self._send_setup(self._socks[dev], RESETUP_EVERY, previous)
+
+    def _steer(self, now: float) -> bool:
+        """Switch plans when the devices that are down call for another one: to the fallback
+        plan for them once every device of the plan in use that is down has been down for
+        ``failover_after`` seconds, and at once to the plan for fewer losses (the main plan
+        when none is down) when a device comes back. True if it switched."""
+        down = frozenset(self._down)
+        if down == self.lost:
+            return False
+        if down and down not in self.fallbacks:
+            return False  # (no plan for this loss: requests fail as without fallbacks)
+        lost_now = self._down_active()
+        if lost_now and any(now - self._down_since[d] < self.failover_after for d in lost_now):
+            return False  # (a restart may bring it back: wait)
+        self._switch(down, now)
+        return True
+
+    def _switch(self, down: frozenset[str], now: float) -> None:
+        """Run the plan for losing ``down`` (the main plan when empty) from now on: set it up
+        on its devices, and send the requests in flight again once they answer."""
+        before, before_lost = self._plan_words(), self.lost
+        fb = self.fallbacks.get(down)
+        self._use(fb.plan if fb else self.main, down)
+        if down - before_lost:
+            since = max(self._down_since[d] for d in down - before_lost)
+            text = (f"failover: {', '.join(self._ordered(down - before_lost))} down for "
+                    f"{now - since:.2f} s (over {self.failover_after:.3g} s); switching from "
+                    f"{before} to {self._plan_words()} ({', '.join(self.active)} serve)")
+        else:
+            text = (f"{', '.join(self._ordered(before_lost - down))} back: switching from "
+                    f"{before} to {self._plan_words()}")
+        log.warning("splitc client: %s", text)
+        self.events.append((now, "*", text))
+        held = 0
+        for p in self._pending.values():
+            if p.error is None and not p.complete:
+                held += 1
+                self._hold(p)
+        if held:
+            self.events.append((now, "*", f"{held} request(s) to send again"))
+        self._switched = True
+        self._resetup()
+
+    def _plan_words(self) -> str:
+        return "the main plan" if not self.lost else f"the fallback plan {self.serving}"
+
+    def _ordered(self, devices) -> list[str]:
+        """``devices`` in the main plan's order."""
+        return [d.name for d in self.main.devices if d.name in devices]
 
     def _on_message(self, dev: str, sock: zmq.Socket) -> None:
         while sock.getsockopt(zmq.EVENTS) & wire.POLLIN:
@@ -566,9 +773,10 @@ class Session:
             except zmq.Again:
                 return
             except wire.WireError as e:
-                self._fail_request(e.rid, RemoteError(
-                    f"bad message from {dev} at {self.endpoints[dev]}: {e}", device=dev,
-                    endpoint=self.endpoints[dev], rid=e.rid))
+                if e.head.get("session", self.id) == self.id:  # (not an older session's)
+                    self._fail_request(e.rid, RemoteError(
+                        f"bad message from {dev} at {self.endpoints[dev]}: {e}", device=dev,
+                        endpoint=self.endpoints[dev], rid=e.rid))
                 continue
             kind = msg.kind
             if kind == wire.PONG:
@@ -577,8 +785,13 @@ class Session:
                     self._back(dev, msg.head)
             elif kind == wire.READY and msg.head.get("session") == self.id:
                 self._ready.add(dev)
-                if not self._opening and len(self._ready) == len(self._socks):
+                if not self._opening and self.ready:
                     self.events.append((time.monotonic(), "*", "session set up again"))
+                    if self._switched:
+                        self._switched = False
+                        self.events.append((time.monotonic(), "*",
+                                            f"serving {self._plan_words()}"))
+                    self._flush()
             elif kind == wire.STATS:
                 self._replies[dev] = msg.head["counters"] if "counters" in msg.head else \
                     {"events": msg.head["events"]}
@@ -603,12 +816,15 @@ class Session:
                     self._lose(dev, f"setting the session up again failed: "
                                f"{msg.head.get('message', '')}")
                     continue
-                self._fail_request(rid, err)  # ignored for a request already abandoned
+                if msg.head.get("session") == self.id:  # (not about an older session's)
+                    self._fail_request(rid, err)  # ignored for a request already abandoned
             elif kind == wire.TENSORS:
                 self._on_tensors(dev, msg)
 
     def _on_tensors(self, dev: str, msg: wire.Message) -> None:
         p = self._pending.get(msg.rid)
+        if p is not None and (p.plan is None or msg.head.get("session") != self.id):
+            p = None  # held to be sent again, or an answer of an older session (plan)
         for name, a in zip(msg.names, msg.arrays, strict=True):
             self.received[name] += 1
             self.bytes_received += a.nbytes
@@ -620,7 +836,7 @@ class Session:
                     device=dev, endpoint=self.endpoints[dev], rid=msg.rid)
             p.outputs[name] = a
             _keep(self.arrivals, (msg.rid, name), time.monotonic())
-        if p is not None and len(p.outputs) == len(self._outputs):
+        if p is not None and p.complete:
             p.finished = time.monotonic()
 
     def _fail_request(self, rid, err: RuntimeFailure) -> bool:
@@ -686,18 +902,31 @@ class Session:
         now = time.monotonic()
         self._down[dev] = kind(text, device=dev, endpoint=self.endpoints[dev])
         self._down_since.setdefault(dev, now)
+        self.events.append((now, dev, why))
+        if dev not in self.active:
+            return  # (the plan in use runs without it)
         self._stale = True
         self._ready.clear()
-        self.events.append((now, dev, why))
+        if self.fallbacks and not self._failing():
+            # a plan runs again (the device back, or the fallback for the devices down):
+            # the requests in flight wait for it and are sent again then
+            if not self.lost and frozenset(self._down) in self.fallbacks:
+                log.warning("splitc client: %s; switching to the plan without %s if it is not "
+                            "back within %.3g s", text, ", ".join(sorted(self._down)),
+                            self.failover_after)
+            for p in self._pending.values():
+                if p.error is None and not p.complete:
+                    self._hold(p)
+            return
         for p in self._pending.values():
-            if p.error is None and len(p.outputs) < len(self._outputs):
+            if p.error is None and not p.complete:
                 p.error = kind(f"request {p.rid}: {text}", device=dev,
                                endpoint=self.endpoints[dev], rid=p.rid)
 
     def _replaced(self, dev: str, why: str) -> None:
         """``dev`` no longer holds this session: fail the requests in flight (retryable) and
         set the session up again on every worker, saying so (events, and a warning)."""
-        if self._closed or self._stale:
+        if self._closed or self._stale or dev not in self.active:
             return
         where = f"worker {dev} at {self.endpoints[dev]}"
         text = f"{where} no longer holds this session ({why}): setting it up again"
@@ -706,9 +935,12 @@ class Session:
         self._stale = True
         self._ready.clear()
         for p in self._pending.values():
-            if p.error is None and len(p.outputs) < len(self._outputs):
-                p.error = SessionReplaced(f"request {p.rid}: {text}", device=dev,
-                                          endpoint=self.endpoints[dev], rid=p.rid)
+            if p.error is None and not p.complete:
+                if self.fallbacks:
+                    self._hold(p)  # (sent again once it is set up again)
+                else:
+                    p.error = SessionReplaced(f"request {p.rid}: {text}", device=dev,
+                                              endpoint=self.endpoints[dev], rid=p.rid)
 
     def _back(self, dev: str, pong: dict) -> None:
         """A device that was down answered a ping."""
@@ -820,7 +1052,7 @@ class _LocalWorkers:
 def connect(plan_or_out_dir: Plan | str | Path, endpoints: dict[str, str] | None = None, *,
             timeout: float = REQUEST_TIMEOUT, start_timeout: float = START_TIMEOUT,
             keys: str | Path | None = None, insecure: bool = False,
-            retries: int = 0) -> Session:
+            retries: int = 0, failover_after: float = FAILOVER_AFTER) -> Session:
     """Open a session on the workers of a compiled plan.
 
     Parameters
@@ -846,6 +1078,12 @@ def connect(plan_or_out_dir: Plan | str | Path, endpoints: dict[str, str] | None
     retries : int
         Default for :meth:`Session.infer`: how often a request failed by a lost worker or a
         timeout is sent again once the session is back.
+    failover_after : float
+        With fallback plans in the folder (``splitc compile --spares``): seconds a device of
+        the plan in use stays down before every surviving worker is switched to the fallback
+        plan for the devices that are down (requests in flight meanwhile are held and sent
+        again); the main plan runs again as soon as they are back. Without fallbacks the
+        session behaves as it always did: requests fail while a device is down.
     """
     if isinstance(plan_or_out_dir, Plan):
         plan, out_dir = plan_or_out_dir, None
@@ -856,6 +1094,9 @@ def connect(plan_or_out_dir: Plan | str | Path, endpoints: dict[str, str] | None
     active = [d.name for d in plan.devices if plan.pieces_on(d.name)]
     if retries < 0:
         raise BadInput("retries must be 0 or more")
+    if not failover_after > 0:
+        raise BadInput(f"failover_after must be more than 0 seconds, not {failover_after}")
+    fallbacks = fallback.load(out_dir, plan) if out_dir is not None else []
     if keys is not None:
         security.Curve(keys, security.CLIENT)  # a bad folder is reported before anything starts
     local = None
@@ -882,7 +1123,8 @@ def connect(plan_or_out_dir: Plan | str | Path, endpoints: dict[str, str] | None
         endpoints = {d: endpoints[d] for d in active}
     try:
         session = Session(plan, endpoints, timeout=timeout, local=local, keys=keys,
-                          insecure=insecure, retries=retries)
+                          insecure=insecure, retries=retries, fallbacks=fallbacks,
+                          failover_after=failover_after)
     except BaseException:
         if local is not None:
             local.stop()

@@ -26,13 +26,16 @@ Kinds::
                                      during a setup adds the session id; the pong then says
                                      + member: whether that id is the peer's session
     pong     worker -> anyone      + device, digest, pid, pieces, lib_sha256, weights_sha256
-                                     (the client refuses a worker holding another compile);
+                                     of its main plan (the client refuses a worker holding
+                                     another compile), plans (the digests of every plan it
+                                     can serve: the main plan, then fallback plans);
                                      never the session id
     setup    client -> worker      + peers {device: endpoint}, timeout (s), clock (the
                                      client's monotonic clock, s), request_timeout (s),
-                                     previous (the id it replaces, or ""): opens a session;
-                                     the worker refuses (error) if its plan digest differs,
-                                     then connects to the peers it sends to and pings them
+                                     previous (the id it replaces, or ""): opens a session
+                                     on the plan whose digest it carries; the worker refuses
+                                     (error) if it holds no such plan, then connects to the
+                                     peers it sends to under that plan and pings them
     ready    worker -> client      + device: the session is set up, peers answered
     tensors  client/peer -> worker + rid, tensors [{name, dtype, shape}]: model inputs (from
              worker -> client        the client), transfers (from a peer device), or model

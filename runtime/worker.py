@@ -10,7 +10,9 @@ Protocol (message layout in :mod:`splitc.runtime.wire`):
 1. The worker binds one ROUTER socket. Anyone may ``ping`` it (answered with ``pong``, which
    never carries the session id).
 2. A client opens a session with ``setup``: the plan digest (refused with an ``error`` naming
-   this device when it differs from this worker's plan) and the endpoint of every peer. The
+   this device when it is none of this worker's plans: the main plan, or a fallback plan its
+   folder holds, see :mod:`splitc.runtime.fallback`; the digest chooses which plan the
+   session runs, and the pong lists them all) and the endpoint of every peer. The
    worker connects a DEALER to each device it sends to, pings it with the session id until it
    answers that it holds the same session, and answers ``ready`` (an ``error`` naming the
    peer if that does not happen within the timeout). Who may speak (:meth:`Worker._sender`):
@@ -71,7 +73,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from . import guard, security, wire
+from . import fallback, guard, security, wire
 from .artifact import DeviceArtifact
 from .errors import BadInput
 
@@ -160,6 +162,34 @@ class _Session:
     dropped: _Recent = field(default_factory=lambda: _Recent(DROPPED_MEMORY))
 
 
+@dataclass
+class _Served:
+    """One plan this worker can serve — the main plan, or a fallback plan its folder holds
+    (:mod:`splitc.runtime.fallback`) — with its pieces loaded, and what this device receives
+    and sends under it."""
+
+    name: str                         # "" for the main plan, else the fallback's name
+    artifact: DeviceArtifact
+    digest: str
+    pieces: list                      # this device's, in run order
+    expect: dict[str, set[str]]       # tensor -> who sends it here
+    routes: dict[str, list[str]]      # tensor -> where it goes
+    specs: dict                       # tensor -> its spec, for what arrives
+
+    @property
+    def plan(self):
+        return self.artifact.plan
+
+    @classmethod
+    def load(cls, name: str, folder: str | Path, plan_file: Path | None,
+             fpga_mode: str) -> _Served:
+        artifact = DeviceArtifact(folder, fpga_mode=fpga_mode, plan_file=plan_file)
+        plan, device = artifact.plan, artifact.device.name
+        expect, routes = routing(plan, device)
+        return cls(name, artifact, plan.digest(), plan.pieces_on(device), expect, routes,
+                   {n: plan.tensors[n] for n in expect})
+
+
 class Worker:
     """One device's pieces behind a ROUTER socket.
 
@@ -189,14 +219,16 @@ class Worker:
             raise BadInput(f"compute priority {compute_priority!r}: "
                            f"{' or '.join(COMPUTE_PRIORITIES)}")
         self.compute_priority = compute_priority
-        self.artifact = DeviceArtifact(folder, fpga_mode=fpga_mode)
-        self.plan = self.artifact.plan
-        self.device = self.artifact.device.name
-        self.digest = self.plan.digest()
-        self.pieces = self.plan.pieces_on(self.device)  # in run order
-        self.expect, self.routes = routing(self.plan, self.device)
-        self.specs = {n: self.plan.tensors[n] for n in self.expect}
-        self.pool = wire.BufferPool()
+        main = _Served.load("", folder, None, fpga_mode)
+        self.device = main.artifact.device.name
+        #: every plan this worker can serve, by digest: the main plan first, then the
+        #: fallback plans its folder holds (:mod:`splitc.runtime.fallback`)
+        self.served = {main.digest: main}
+        for name, path in fallback.device_plans(folder).items():
+            served = _Served.load(name, folder, path, fpga_mode)
+            self.served.setdefault(served.digest, served)
+        self.main = main
+        self._use(main)
         #: what happened, for ``splitc run --trace``: (kind, rid, what, t0, t1, bytes) with
         #: kind c (a piece ran), r (a message arrived; what = "src|tensors"), s (a message
         #: left; what = "dst|tensors"), times on this worker's monotonic clock; the last
@@ -210,14 +242,15 @@ class Worker:
         self.insecure = insecure
         security.require([bind], self.curve, insecure, f"bind {self.device} to")
         self.max_message_bytes = max_message_bytes or max(
-            [MIN_MESSAGE_LIMIT, *(2 * t.nbytes for t in self.specs.values())])
+            [MIN_MESSAGE_LIMIT, *(2 * t.nbytes for sv in self.served.values()
+                                  for t in sv.specs.values())])
         if max_connections is None:  # every device may connect, and a few strangers
             max_connections = max(MAX_CONNECTIONS, len(self.plan.devices) + MAX_ANONYMOUS + 2)
         if max_connections < 2:
             raise BadInput(f"max connections {max_connections}: at least 2 (the client and "
                            "a peer)")
-        self.budget = budgets(self.plan, self.device, curve=self.curve is not None,
-                              max_connections=max_connections)
+        self.budget = budgets([sv.plan for sv in self.served.values()], self.device,
+                              curve=self.curve is not None, max_connections=max_connections)
         self.memory = {"baseline": 0, "bound": 0, "rss_limit": 0}
         self.ctx = zmq.Context()
         self.router = wire.tune(self.ctx.socket(zmq.ROUTER))
@@ -244,19 +277,31 @@ class Worker:
         self._swept = 0.0
         self._log = guard.LogLimit(log)  # (every message a peer sends can log a line)
 
+    def _use(self, served: _Served) -> None:
+        """Serve ``served``'s plan from now on (a setup named it by its digest). The receive
+        buffers kept for the previous plan's tensors are let go."""
+        if getattr(self, "current", None) is not served:
+            self.pool = wire.BufferPool()
+        self.current = served
+        self.artifact, self.plan, self.digest = served.artifact, served.plan, served.digest
+        self.pieces, self.expect, self.routes, self.specs = (served.pieces, served.expect,
+                                                             served.routes, served.specs)
+
     # -- memory ----------------------------------------------------------------------------
     def warm_up(self) -> None:
-        """Run every piece once on zeros (so the runtime's buffers exist before the first
-        request), then fix the memory bound: the RSS now plus what the plan lets peers make
-        this worker hold (:func:`budgets`) plus MEMORY_MARGIN; the guard starts."""
-        for piece in self.pieces:
-            inputs = [np.zeros(self.plan.tensors[t].shape, self.plan.tensors[t].dtype)
-                      for t in piece.inputs]
-            try:
-                self.artifact.run(piece, inputs)
-            except Exception as e:  # reported again on every request that runs it
-                log.warning("%s: piece %s fails on zeros: %s: %s", self.device, piece.name,
-                            type(e).__name__, e)
+        """Run every piece of every plan once on zeros (so the runtime's buffers exist before
+        the first request), then fix the memory bound: the RSS now plus what the plans let
+        peers make this worker hold (:func:`budgets`) plus MEMORY_MARGIN; the guard starts."""
+        for served in self.served.values():
+            for piece in served.pieces:
+                inputs = [np.zeros(served.plan.tensors[t].shape, served.plan.tensors[t].dtype)
+                          for t in piece.inputs]
+                try:
+                    served.artifact.run(piece, inputs)
+                except Exception as e:  # reported again on every request that runs it
+                    log.warning("%s: piece %s%s fails on zeros: %s: %s", self.device,
+                                piece.name, f" (fallback {served.name})" if served.name else "",
+                                type(e).__name__, e)
         guard.trim_memory()
         base = guard.rss()
         self.memory = {"baseline": base, "bound": base + self.budget.held + MEMORY_MARGIN,
@@ -419,11 +464,13 @@ class Worker:
             if msg.head.get("session"):  # a peer's ping during its setup: do we share it?
                 member = {"member": bool(s and _same(msg.head["session"], s.id)
                                          and sender == msg.src)}
+            main = self.main
             self._send(msg.route, wire.header(
-                wire.PONG, src=self.device, digest=self.digest, device=self.device,
-                pid=os.getpid(), pieces=[p.name for p in self.pieces],
-                lib_sha256=self.artifact.device.lib_sha256,
-                weights_sha256=self.artifact.device.weights_sha256, **member))
+                wire.PONG, src=self.device, digest=main.digest, device=self.device,
+                pid=os.getpid(), pieces=[p.name for p in main.pieces],
+                lib_sha256=main.artifact.device.lib_sha256,
+                weights_sha256=main.artifact.device.weights_sha256,
+                plans=list(self.served), **member))
         elif kind == wire.SETUP:
             self._setup(msg, sender)
         elif kind == wire.STATS:
@@ -453,13 +500,17 @@ class Worker:
 
     def _setup(self, msg: wire.Message, sender: str | None) -> None:
         head = msg.head
-        if head.get("digest") != self.digest:
+        served = self.served.get(head.get("digest"))
+        if served is None:
+            fallbacks = len(self.served) - 1
             self._send(msg.route, wire.header(
-                wire.ERROR, src=self.device, digest=self.digest,
+                wire.ERROR, src=self.device, digest=self.main.digest,
                 session=head.get("session", ""), rid=None, device=self.device, piece="",
                 code="", message=f"device {self.device} holds another plan (digest "
-                f"{self.digest}, the client's is {head.get('digest')}): copy "
-                f"OUT/{self.artifact.device.dir} from the same compile"))
+                f"{self.main.digest}" + (f" and {fallbacks} fallback plan(s)" if fallbacks
+                                         else "")
+                + f", the client's is {head.get('digest')}): copy "
+                f"OUT/{self.main.artifact.device.dir} from the same compile"))
             return
         s = self.session
         if self.curve is not None:
@@ -477,7 +528,8 @@ class Worker:
         peers = head.get("peers")
         if not isinstance(peers, dict) or not all(isinstance(v, str) for v in peers.values()):
             raise wire.WireError("setup needs peers: {device: endpoint}", head)
-        needed = sorted({d for dsts in self.routes.values() for d in dsts if d != wire.CLIENT})
+        needed = sorted({d for dsts in served.routes.values() for d in dsts
+                         if d != wire.CLIENT})
         missing = [d for d in needed if d not in peers]
         if missing:
             raise wire.WireError(f"setup gives no endpoint for {', '.join(missing)}, which "
@@ -506,6 +558,10 @@ class Worker:
                 device=self.device, piece="", code="replaced",
                 message=f"{self.device}: another setup replaced this session"))
         self._end_session()
+        if served is not self.current:
+            log.info("%s: serving %s", self.device, f"the fallback plan for losing {served.name}"
+                     if served.name else "the main plan")
+        self._use(served)
         now = time.monotonic()
         clock = head.get("clock")
         self.session = _Session(
@@ -532,9 +588,9 @@ class Worker:
                 problem = ""
                 if msg.head.get("device") != peer:
                     problem = f"is served by device {msg.head.get('device')!r}"
-                elif msg.head.get("digest") != self.digest:
+                elif self.digest not in msg.head.get("plans", [msg.head.get("digest")]):
                     problem = (f"holds another plan (digest {msg.head.get('digest')}, "
-                               f"{self.device} has {self.digest})")
+                               f"{self.device} serves {self.digest})")
                 if problem and s.deadline is not None:
                     s.deadline = None  # the session stays unusable: no ready
                     self._fail(f"{self.device}'s peer {peer} at {s.endpoints.get(peer)} "
@@ -830,8 +886,9 @@ class Budget:
     held: int                  # the whole: inbound, partial requests, pool, outbound
 
 
-def budgets(plan, device: str, *, curve: bool, max_connections: int = 64) -> Budget:
-    """The memory this worker's peers can make it hold, from the plan.
+def budgets(plans, device: str, *, curve: bool, max_connections: int = 64) -> Budget:
+    """The memory this worker's peers can make it hold, from the plan (or the plans: the
+    main plan and the fallback plans a worker serves, one at a time).
 
     Per request the client sends this device one message (the model inputs its pieces
     read) and each device one message per piece of its that sends here; with at most
@@ -841,7 +898,36 @@ def budgets(plan, device: str, *, curve: bool, max_connections: int = 64) -> Bud
     MAX_PENDING requests' inputs; the buffer pool: BufferPool.depth arrays per tensor
     received; outbound: SNDHWM messages per destination. With keys a key holder sending
     tiny frames can make each byte of its budget cost up to 3 bytes of memory (counted);
-    without keys the session's members (who know its secret) are trusted with theirs."""
+    without keys the session's members (who know its secret) are trusted with theirs.
+    Over several plans each role gets its largest budget in any of them, and partial
+    requests, the pool and the outbound queues count for the plan that needs most (a setup
+    for another plan ends the session, its requests, its pool and its peers' queues)."""
+    plans = [plans] if not isinstance(plans, list | tuple) else list(plans)
+    roles: dict[str, int] = {}
+    anonymous = received = outbound = 0
+    max_anonymous = min(MAX_ANONYMOUS, max_connections)
+    for plan in plans:
+        one = _plan_budget(plan, device, max_anonymous)
+        for who, n in one.roles.items():
+            roles[who] = max(roles.get(who, 0), n)
+        anonymous = max(anonymous, one.anonymous)
+        received, outbound = max(received, one.received), max(outbound, one.outbound)
+    amplification = 3 if curve else 1
+    held = (amplification * sum(roles.values()) + max_anonymous * anonymous
+            + (MAX_PENDING + wire.BufferPool().depth) * received + outbound)
+    return Budget(roles, anonymous, max_anonymous, held)
+
+
+@dataclass(frozen=True)
+class _PlanBudget:
+    roles: dict[str, int]
+    anonymous: int
+    received: int                     # bytes of one request's inputs here
+    outbound: int                     # bytes the outgoing queues may hold
+
+
+def _plan_budget(plan, device: str, max_anonymous: int) -> _PlanBudget:
+    """One plan's part of :func:`budgets`."""
     expect, routes = routing(plan, device)
     per_request: dict[str, int] = defaultdict(int)
     for tensor, srcs in expect.items():
@@ -856,7 +942,6 @@ def budgets(plan, device: str, *, curve: bool, max_connections: int = 64) -> Bud
              + CONTROL_ALLOWANCE for who, n in messages.items()}
     largest = max([0, *per_request.values()])
     anonymous = 2 * wire.MAX_HEADER + largest + guard.HANDSHAKE_ALLOWANCE
-    max_anonymous = min(MAX_ANONYMOUS, max_connections)
     received = sum(plan.tensors[t].nbytes for t in expect)
     out_message: dict[str, int] = defaultdict(int)
     for p in plan.pieces_on(device):
@@ -868,10 +953,7 @@ def budgets(plan, device: str, *, curve: bool, max_connections: int = 64) -> Bud
             out_message[dst] = max(out_message[dst], n)
     outbound = sum(SNDHWM * (n + HEADER_ALLOWANCE) for n in out_message.values()) \
         + max_anonymous * SNDHWM * 1024  # pongs and errors to strangers who do not read
-    amplification = 3 if curve else 1
-    held = (amplification * sum(roles.values()) + max_anonymous * anonymous
-            + (MAX_PENDING + wire.BufferPool().depth) * received + outbound)
-    return Budget(roles, anonymous, max_anonymous, held)
+    return _PlanBudget(roles, anonymous, received, outbound)
 
 
 def routing(plan, device: str) -> tuple[dict[str, set[str]], dict[str, list[str]]]:
@@ -1018,10 +1100,12 @@ def serve(device_folder: str | Path, bind: str = "tcp://127.0.0.1:5555", *,
             previous[sig] = signal.signal(sig, lambda *_: worker.stop())
     try:
         worker.warm_up()
-        log.info("%s: %d pieces, listening on %s (plan %s, %s, frames up to %d bytes, at most "
-                 "%d connections of %d open files; memory bound %d MiB: %d MiB loaded + %d "
+        fallbacks = [sv.name for sv in worker.served.values() if sv.name]
+        log.info("%s: %d pieces%s, listening on %s (plan %s, %s, frames up to %d bytes, at "
+                 "most %d connections of %d open files; memory bound %d MiB: %d MiB loaded + %d "
                  "MiB peers may make it hold + %d MiB margin)", worker.device,
-                 len(worker.pieces), worker.endpoint, worker.digest,
+                 len(worker.pieces), f" and the fallback plans for losing {', '.join(fallbacks)}"
+                 if fallbacks else "", worker.endpoint, worker.digest,
                  "CURVE-encrypted" if worker.curve else "unencrypted",
                  worker.max_message_bytes, worker.max_connections, files,
                  worker.memory["bound"] >> 20, worker.memory["baseline"] >> 20,

@@ -146,6 +146,11 @@ def compile(
     fpga_min_agreement: Annotated[float, typer.Option(
         help="FPGA targets: refuse a precision whose top-1 agreement with float on the "
              "calibration data (--calibration, else random inputs) is lower.")] = 0.99,
+    spares: Annotated[int, typer.Option(
+        min=0, help="Also compile a fallback plan for every loss of up to this many of the "
+                    "plan's devices, over the devices left (the same strategy, or auto's "
+                    "search), into the same folder: `splitc run` switches to it when a "
+                    "device stays down (--failover-after). Default 0: none.")] = 0,
 ) -> None:
     """Split MODEL across devices and write one artifact folder per device plus plan.json."""
     from splitc.backend.fpga import FpgaOptions
@@ -157,11 +162,21 @@ def compile(
                          objective=objective, input_shapes=parse_shapes(input_shape), tiny=tiny,
                          tuning_db=tuning_db, sync=parse_sync(sync), calibration=calibration,
                          max_accuracy_drop=max_accuracy_drop, epochs=epochs, fpga=fpga,
-                         log=lambda m: typer.echo(m, err=True))
+                         spares=spares, log=lambda m: typer.echo(m, err=True))
     n = len(plan.devices)
     typer.echo(f"wrote {out}/plan.json: {plan.strategy} split, {n} device{'s' * (n != 1)}, "
                f"{len(plan.pieces)} pieces, {len(plan.transfers)} transfers, "
                f"{plan.transfer_bytes:,} bytes between devices per inference")
+    if spares:
+        from splitc.runtime import fallback
+
+        index = fallback.read_index(out)
+        seconds, size = index["compile_seconds"], index["bytes"]
+        typer.echo(f"wrote {len(index['plans'])} fallback plan(s) for losing up to {spares} "
+                   f"device(s) ({', '.join(p['name'] for p in index['plans'])}): "
+                   f"+{seconds['fallbacks']:.1f} s to compile (main plan {seconds['main']:.1f}"
+                   f" s), +{size['fallbacks'] / 2**20:.2f} MiB on disk (main plan "
+                   f"{size['main'] / 2**20:.2f} MiB)")
 
 
 def parse_sync(text: str) -> str | float:

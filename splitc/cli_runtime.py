@@ -162,6 +162,11 @@ def run(
     retries: Annotated[int, typer.Option(
         min=0, help="Send a request again, up to this many times, when a worker was lost or "
                     "it timed out (once the workers are back).")] = 0,
+    failover_after: Annotated[float, typer.Option(
+        min=0.001, help="With fallback plans (`compile --spares`): seconds a device may stay "
+                        "down before every other worker switches to the plan without it "
+                        "(requests in flight are sent again); the main plan runs again once "
+                        "it is back.")] = 5.0,
 ) -> None:
     """Run a compiled plan on its devices over ZeroMQ; print what crossed between them."""
     import numpy as np
@@ -178,7 +183,7 @@ def run(
         reference = load_reference(out)
     addresses = parse_endpoints(endpoints) if endpoints is not None else None
     with connect(out, addresses, timeout=timeout, start_timeout=timeout, keys=keys,
-                 insecure=insecure, retries=retries) as session:
+                 insecure=insecure, retries=retries, failover_after=failover_after) as session:
         t0 = time.perf_counter()
         results = session.infer_many(batches, inflight=inflight)
         elapsed = time.perf_counter() - t0
@@ -191,8 +196,14 @@ def run(
         f"{d}={e}" for d, e in addresses.items())
     if session.retried:
         typer.echo(f"{session.retried} request(s) sent again after a fault")
-    typer.echo(f"ran {len(plan.pieces)} pieces on {plural(len(plan.devices), 'device')} "
-               f"{where}; {crossed:,} bytes crossed between devices"
+    switches = [what for _, dev, what in session.events
+                if dev == "*" and what.startswith("serving ")]
+    if switches:
+        typer.echo(f"plans switched {len(switches)} time(s): {'; '.join(switches)}")
+    ran = session.plan  # (the fallback plan it ended on, if one)
+    typer.echo(f"ran {len(ran.pieces)} pieces on {plural(len(session.active), 'device')} "
+               f"{where}" + (f" (the fallback plan {session.serving})" if session.lost else "")
+               + f"; {crossed:,} bytes crossed between devices"
                + (f" ({crossed // requests:,} per request)" if requests > 1 else ""))
     for endpoint, y in zip(plan.outputs, outputs, strict=True):
         typer.echo(f"output {endpoint.name}: {y.dtype}{list(y.shape)}")

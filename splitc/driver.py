@@ -5,7 +5,10 @@
    (:mod:`splitc.planning.strategies`) plans and rewrites, or ``auto``'s search prices every
    strategy's candidates — and :func:`~splitc.planning.extract.extract` cuts the split module
    into per-device modules and the plan (the runtime's schema, devices by the cluster's names);
-3. :mod:`splitc.backend` builds each device for its target's kind and writes the folder.
+3. :mod:`splitc.backend` builds each device for its target's kind and writes the folder;
+4. with ``spares``, :mod:`splitc.planning.fallback` plans the survivors of every loss of up
+   to that many devices the same way (before anything is built) and the backend adds those
+   plans to the folder (:mod:`splitc.runtime.fallback` says how they lie there).
 
 Nothing imports this module but the CLI (and tests): it is the one place that knows the order.
 """
@@ -14,6 +17,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -26,13 +31,14 @@ from splitc.backend.fpga import FpgaOptions
 from splitc.backend.kinds import BuildOptions
 from splitc.errors import SplitcError
 from splitc.frontend.data import check_examples, load_data
-from splitc.planning import strategies
+from splitc.planning import fallback, strategies
 from splitc.planning.cluster import Cluster
 from splitc.planning.cost import DeviceSpeed
 from splitc.planning.extract import Extracted, extract
 from splitc.planning.profiler import Progress
 from splitc.planning.search import search
 from splitc.planning.speeds import cluster_speeds
+from splitc.runtime import fallback as fallback_format
 from splitc.runtime.plan import Plan
 
 Log = Callable[[str], None]
@@ -49,11 +55,27 @@ def strategy_names() -> list[str]:
     return [*strategies.names(), AUTO]
 
 
-def check_request(cluster: Cluster, strategy: str) -> None:
-    """Refuse an unknown strategy, or too few devices for it, before any work (targets were
-    checked when the cluster was made)."""
+def check_request(cluster: Cluster, strategy: str, spares: int = 0) -> None:
+    """Refuse an unknown strategy, or too few devices for it, or spares that cannot be given,
+    before any work (targets were checked when the cluster was made)."""
     if not cluster.devices:
         raise SplitcError("give at least one device (--devices host,host)")
+    if spares < 0:
+        raise SplitcError(f"--spares {spares}: give 0 (no fallback plans) or more")
+    if spares:
+        if spares >= len(cluster.devices):
+            raise SplitcError(f"--spares {spares}: the cluster has {len(cluster.devices)} "
+                              f"device(s); at most {len(cluster.devices) - 1} can be lost")
+        if strategy != AUTO and not strategies.get(strategy).exact:
+            raise SplitcError(f"--spares: the {strategy} strategy is approximate, and its "
+                              "plan over fewer devices would be another model; use an exact "
+                              "strategy (or auto)")
+        inexact = sorted({d.target for d in cluster.devices
+                          if not artifacts.kind_exact(d.target)})
+        if inexact:
+            raise SplitcError(f"--spares: {', '.join(inexact)} compute in fixed point, and "
+                              "fallback plans for them are not checked yet; give --spares "
+                              "only for CPU targets")
     if strategy == AUTO:
         return
     chosen = strategies.get(strategy)
@@ -78,7 +100,7 @@ def compile_model(model: str, out_dir: str | Path, devices: list[str] | None = N
                   cluster: Cluster | None = None, objective: str = "latency",
                   tuning_db: str | Path | None = None, sync: str | float = "none",
                   calibration: str | Path | None = None, max_accuracy_drop: float = 1.0,
-                  epochs: int = 30, fpga: FpgaOptions | None = None,
+                  epochs: int = 30, fpga: FpgaOptions | None = None, spares: int = 0,
                   log: Log = lambda _msg: None, progress: Progress | None = None) -> Plan:
     """Compile ``model`` for ``devices`` (target names) or a ``cluster`` with ``strategy``
     (``auto``: the cost-model search picks it); write ``out_dir``.
@@ -87,19 +109,23 @@ def compile_model(model: str, out_dir: str | Path, devices: list[str] | None = N
     ``sync``, ``calibration``, ``max_accuracy_drop``, ``epochs``: options of the branch
     strategy (:mod:`splitc.planning.strategies.branch`). ``fpga``: how devices of FPGA
     targets are built; their pieces are then checked on ``calibration`` (or 256 seeded random
-    inputs) against float. ``progress``: told how a first-use profile of the host goes.
+    inputs) against float. ``spares``: also compile a fallback plan for every loss of up to
+    that many of the plan's devices (:mod:`splitc.planning.fallback`). ``progress``: told how
+    a first-use profile of the host goes.
     """
     if cluster is None:
         if not devices:
             raise SplitcError("give at least one device (--devices host,host)")
         cluster = Cluster.uniform(devices)
-    check_request(cluster, strategy)
+    check_request(cluster, strategy, spares)
+    started = time.perf_counter()
     imported = frontend.load(model, input_shapes, tiny=tiny)
     log(f"imported {imported.source}")
     source = {"model": model, "tiny": tiny,
               "input_shapes": {k: list(v) for k, v in (input_shapes or {}).items()},
               "output_names": list(imported.output_names), **model_file(model, out_dir)}
     build_options = BuildOptions(tuning_db=tuning_db, fpga=fpga or FpgaOptions())
+    options: dict = {}
     if strategy == AUTO:
         speeds = cluster_speeds(cluster, log=log, progress=progress)
         result = search(imported.mod, cluster, speeds, objective=objective,
@@ -107,11 +133,11 @@ def compile_model(model: str, out_dir: str | Path, devices: list[str] | None = N
         best = result.best
         log(f"auto: chose {best.label} (predicted latency {best.estimate.latency * 1e3:.2f} ms,"
             f" {best.estimate.transfer_bytes:,} bytes per inference)")
-        used = [cluster.devices[i] for i in best.devices]
-        plan = write_extracted(out_dir, extract(best.split_mod, [d.name for d in used],
-                                                imported.layer_names),
-                               [d.target for d in used],
-                               best.strategy, source, options=build_options, log=log)
+        used = list(best.devices)
+        ex = extract(best.split_mod, [cluster.devices[i].name for i in used],
+                     imported.layer_names)
+        targets, chosen_name, files = [cluster.devices[i].target for i in used], \
+            best.strategy, {}
     else:
         chosen = strategies.get(strategy)
         options = {"sync": sync, "calibration": calibration,
@@ -120,14 +146,67 @@ def compile_model(model: str, out_dir: str | Path, devices: list[str] | None = N
                   if chosen.needs_speeds(options) else stated_speeds(cluster, log, progress))
         ctx = strategies.Context(len(cluster.devices), speeds, cluster, options, log)
         split = chosen.split(imported.mod, ctx)
-        plan = write_extracted(out_dir, extract(split.module, [d.name for d in cluster.devices],
-                                                imported.layer_names),
-                               cluster.targets, chosen.name, source, files=split.files,
-                               options=build_options, log=log)
+        ex = extract(split.module, [d.name for d in cluster.devices], imported.layer_names)
+        used = [i for i, d in enumerate(cluster.devices) if d.name in ex.modules]
+        targets, chosen_name, files = cluster.targets, chosen.name, split.files
+    planned = time.perf_counter()
+    fallbacks = []
+    if spares:  # (planned before anything is built: a loss it cannot survive fails at once)
+        fallbacks = fallback.plan_fallbacks(
+            imported.mod, cluster, used, strategy, spares, speeds=speeds, options=options,
+            objective=objective, source=label(source), build_options=build_options,
+            layer_names=imported.layer_names, log=log)
+    fallbacks_planned = time.perf_counter()
+    plan = write_extracted(out_dir, ex, targets, chosen_name, source, files=files,
+                           options=build_options, log=log)
     if artifacts.needs_check(plan):
         artifacts.check(out_dir, plan, imported.mod, check_inputs(imported, calibration, log),
                         build_options, log)
+    if fallbacks:
+        main_seconds = (planned - started) + (time.perf_counter() - fallbacks_planned)
+        write_fallbacks(out_dir, plan, fallbacks, cluster, spares, source, build_options,
+                        main_seconds, fallbacks_planned - planned, log)
     return plan
+
+
+def write_fallbacks(out_dir: str | Path, main: Plan, fallbacks: Sequence[fallback.FallbackSplit],
+                    cluster: Cluster, spares: int, source: Mapping, options: BuildOptions,
+                    main_seconds: float, planning_seconds: float, log: Log) -> None:
+    """Build the fallback plans into the folder the main plan was written to, check that
+    every board can hold all its plans at once, and write the index with what they cost
+    (compile seconds and bytes on disk, against the main plan's); a failed check removes
+    the folder."""
+    t0 = time.perf_counter()
+    main_bytes = artifacts.folder_bytes(out_dir)
+    cache = artifacts.BuildCache()
+    written = []
+    try:
+        for f in fallbacks:
+            plan = f.extracted.plan(f.targets, f.strategy, label(source),
+                                    source.get("output_names"))
+            plan = artifacts.write_fallback(out_dir, f.name, plan, main, f.extracted.modules,
+                                            f.extracted.weights, cache, options=options,
+                                            log=log)
+            written.append(fallback_format.Fallback(f.name, f.lost, plan, f.label))
+        fallback.check_held(main, [w.plan for w in written], cluster)
+    except SplitcError:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    finally:
+        cache.close()
+    seconds = planning_seconds + time.perf_counter() - t0
+    extra = artifacts.folder_bytes(out_dir) - main_bytes
+    fallback_format.write_index(
+        out_dir, main, spares, written,
+        compile_seconds={"main": round(main_seconds, 3), "fallbacks": round(seconds, 3)},
+        bytes={"main": main_bytes, "fallbacks": extra},
+        builds={"devices": sum(len(w.active) for w in written), "reused": cache.hits})
+    log(f"fallbacks: {len(written)} plan(s) for losing up to {spares} of "
+        f"{', '.join(d.name for d in main.devices if main.pieces_on(d.name))}: "
+        f"+{seconds:.1f} s to compile (the main plan took {main_seconds:.1f} s), "
+        f"+{extra / 2**20:.2f} MiB on disk (the main plan: {main_bytes / 2**20:.2f} MiB); "
+        f"{cache.hits} of {sum(len(w.active) for w in written)} fallback devices reused a "
+        "build")
 
 
 def label(source: Mapping) -> str:
@@ -163,15 +242,29 @@ def check_inputs(imported: frontend.ImportedModel, calibration, log: Log) -> np.
 
 
 def compile_imported(mod: tvm.IRModule, out_dir: str | Path, devices: list[str], strategy: str,
-                     *, source: dict, log: Log = lambda _msg: None) -> Plan:
-    """Split an already imported module with one registered strategy (devices alike) and
-    write its artifacts."""
-    cluster = Cluster.uniform(devices)
-    check_request(cluster, strategy)
+                     *, source: dict, spares: int = 0, cluster: Cluster | None = None,
+                     log: Log = lambda _msg: None) -> Plan:
+    """Split an already imported module with one registered strategy (devices alike, or the
+    ``cluster``'s: names, memory caps, links) and write its artifacts; with ``spares``, the
+    fallback plans too (as :func:`compile_model`)."""
+    started = time.perf_counter()
+    cluster = cluster or Cluster.uniform(devices)
+    check_request(cluster, strategy, spares)
     chosen = strategies.get(strategy)
-    split = chosen.split(mod, strategies.Context(len(devices), None, cluster, {}, log))
-    return write_extracted(out_dir, extract(split.module, [d.name for d in cluster.devices]),
-                           devices, chosen.name, source, files=split.files, log=log)
+    split = chosen.split(mod, strategies.Context(len(cluster.devices), None, cluster, {}, log))
+    ex = extract(split.module, [d.name for d in cluster.devices])
+    planned = time.perf_counter()
+    fallbacks = fallback.plan_fallbacks(
+        mod, cluster, [i for i, d in enumerate(cluster.devices) if d.name in ex.modules],
+        strategy, spares, speeds=None, source=label(source), log=log) if spares else []
+    fallbacks_planned = time.perf_counter()
+    plan = write_extracted(out_dir, ex, cluster.targets, chosen.name, source,
+                           files=split.files, log=log)
+    if fallbacks:
+        write_fallbacks(out_dir, plan, fallbacks, cluster, spares, source, BuildOptions(),
+                        (planned - started) + (time.perf_counter() - fallbacks_planned),
+                        fallbacks_planned - planned, log)
+    return plan
 
 
 def recompile(out_dir: str | Path, split: strategies.Split, *, log: Log = lambda _msg: None
