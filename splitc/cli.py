@@ -158,11 +158,14 @@ def compile(
 
     fpga = FpgaOptions(fpga_precision, fpga_reuse, fpga_min_agreement)
     fpga.width()  # a malformed precision is refused before any work
-    plan = compile_model(model, out, strategy=strategy, cluster=load_cluster(cluster, devices),
-                         objective=objective, input_shapes=parse_shapes(input_shape), tiny=tiny,
-                         tuning_db=tuning_db, sync=parse_sync(sync), calibration=calibration,
-                         max_accuracy_drop=max_accuracy_drop, epochs=epochs, fpga=fpga,
-                         spares=spares, log=lambda m: typer.echo(m, err=True))
+    with progress_bar("compiling") as tell:
+        plan = compile_model(model, out, strategy=strategy,
+                             cluster=load_cluster(cluster, devices), objective=objective,
+                             input_shapes=parse_shapes(input_shape), tiny=tiny,
+                             tuning_db=tuning_db, sync=parse_sync(sync),
+                             calibration=calibration, max_accuracy_drop=max_accuracy_drop,
+                             epochs=epochs, fpga=fpga, spares=spares,
+                             log=lambda m: typer.echo(m, err=True), progress=tell)
     n = len(plan.devices)
     typer.echo(f"wrote {out}/plan.json: {plan.strategy} split, {n} device{'s' * (n != 1)}, "
                f"{len(plan.pieces)} pieces, {len(plan.transfers)} transfers, "

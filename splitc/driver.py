@@ -111,7 +111,7 @@ def compile_model(model: str, out_dir: str | Path, devices: list[str] | None = N
     targets are built; their pieces are then checked on ``calibration`` (or 256 seeded random
     inputs) against float. ``spares``: also compile a fallback plan for every loss of up to
     that many of the plan's devices (:mod:`splitc.planning.fallback`). ``progress``: told how
-    a first-use profile of the host goes.
+    a first-use profile of the host goes, then each device's build (and each fallback's).
     """
     if cluster is None:
         if not devices:
@@ -158,20 +158,21 @@ def compile_model(model: str, out_dir: str | Path, devices: list[str] | None = N
             layer_names=imported.layer_names, log=log)
     fallbacks_planned = time.perf_counter()
     plan = write_extracted(out_dir, ex, targets, chosen_name, source, files=files,
-                           options=build_options, log=log)
+                           options=build_options, log=log, progress=progress)
     if artifacts.needs_check(plan):
         artifacts.check(out_dir, plan, imported.mod, check_inputs(imported, calibration, log),
                         build_options, log)
     if fallbacks:
         main_seconds = (planned - started) + (time.perf_counter() - fallbacks_planned)
         write_fallbacks(out_dir, plan, fallbacks, cluster, spares, source, build_options,
-                        main_seconds, fallbacks_planned - planned, log)
+                        main_seconds, fallbacks_planned - planned, log, progress)
     return plan
 
 
 def write_fallbacks(out_dir: str | Path, main: Plan, fallbacks: Sequence[fallback.FallbackSplit],
                     cluster: Cluster, spares: int, source: Mapping, options: BuildOptions,
-                    main_seconds: float, planning_seconds: float, log: Log) -> None:
+                    main_seconds: float, planning_seconds: float, log: Log,
+                    progress: Progress | None = None) -> None:
     """Build the fallback plans into the folder the main plan was written to, check that
     every board can hold all its plans at once, and write the index with what they cost
     (compile seconds and bytes on disk, against the main plan's); a failed check removes
@@ -181,7 +182,10 @@ def write_fallbacks(out_dir: str | Path, main: Plan, fallbacks: Sequence[fallbac
     cache = artifacts.BuildCache()
     written = []
     try:
-        for f in fallbacks:
+        for i, f in enumerate(fallbacks):
+            if progress:
+                progress(i / len(fallbacks), f"building fallback plan {f.name} "
+                         f"({i + 1}/{len(fallbacks)})")
             plan = f.extracted.plan(f.targets, f.strategy, label(source),
                                     source.get("output_names"))
             plan = artifacts.write_fallback(out_dir, f.name, plan, main, f.extracted.modules,
@@ -216,15 +220,16 @@ def label(source: Mapping) -> str:
 
 def write_extracted(out_dir: str | Path, ex: Extracted, targets: Sequence[str], strategy: str,
                     source: Mapping, *, files: Mapping[str, str | bytes] | None = None,
-                    options: BuildOptions | None = None, log: Log = lambda _msg: None
-                    ) -> Plan:
+                    options: BuildOptions | None = None, log: Log = lambda _msg: None,
+                    progress: Progress | None = None) -> Plan:
     """Build an extracted split for ``targets`` and write ``out_dir`` with ``files`` and
     ``reference.json`` (``source``: how to load the original model again)."""
     plan = ex.plan(targets, strategy, label(source), source.get("output_names"))
     return artifacts.write(out_dir, plan, ex.modules, ex.weights,
                            options=options or BuildOptions(),
                            files={**(files or {}),
-                                  REFERENCE_FILE: json.dumps(dict(source), indent=1)}, log=log)
+                                  REFERENCE_FILE: json.dumps(dict(source), indent=1)}, log=log,
+                           progress=progress)
 
 
 def check_inputs(imported: frontend.ImportedModel, calibration, log: Log) -> np.ndarray:

@@ -45,16 +45,20 @@ def prepare_folder(out_dir: str | Path) -> Path:
 
 def write(out_dir: str | Path, plan: Plan, modules: Mapping[str, tvm.IRModule],
           weights: Mapping[str, list[np.ndarray]], *, options: BuildOptions | None = None,
-          files: Mapping[str, str | bytes] | None = None, log: Log = lambda _m: None) -> Plan:
+          files: Mapping[str, str | bytes] | None = None, log: Log = lambda _m: None,
+          progress: Callable[[float, str], None] | None = None) -> Plan:
     """Build every device of ``plan`` for its target and write ``out_dir``.
 
     ``modules``: each device's pieces by device name (weights lifted; a device the split left
-    idle has none); ``weights``: each piece's weights; ``files``: extra files for the folder.
+    idle has none); ``weights``: each piece's weights; ``files``: extra files for the folder;
+    ``progress(fraction done, text)``: told before each device is built.
     Returns the plan with library hashes filled in, as written to ``plan.json``."""
     out = prepare_folder(out_dir)
     options = options or BuildOptions()
     built, num_weights = [], {}
-    for dev in plan.devices:
+    for i, dev in enumerate(plan.devices):
+        if progress:
+            progress(i / len(plan.devices), f"building {dev.name} ({dev.target})")
         folder = out / dev.dir
         folder.mkdir()
         spec = target_registry.get(dev.target)
