@@ -60,7 +60,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
-from common import interleaved, ort_runner  # noqa: E402
+from common import cpu_name, interleaved, ort_runner  # noqa: E402
 
 from splitc import frontend, targets  # noqa: E402
 from splitc.driver import compile_model  # noqa: E402
@@ -491,7 +491,7 @@ def main() -> int:
     delay = parse_time(args.delay)
     rate = parse_rate(args.bandwidth)
     cores = sorted(os.sched_getaffinity(0))
-    cpu = psutil_cpu_name()
+    cpu = cpu_name()
     label = f"{args.model}{' (tiny)' if args.tiny else ''} {list(x[0].shape)}"
     out_lines: list[str] = []
 
@@ -576,14 +576,6 @@ def main() -> int:
     return 0
 
 
-def psutil_cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def report(rows, say, n, factors, one_device, must_cross, bandwidth, validate) -> None:

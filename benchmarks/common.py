@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
+from pathlib import Path
 
 
 def ort_runner(model, x):
@@ -36,3 +38,14 @@ def interleaved(runs: dict, repeats: int) -> dict[str, float]:
             runs[name]()
             times[name].append(time.perf_counter() - t)
     return {name: statistics.median(v) for name, v in times.items()}
+
+
+def cpu_name() -> str:
+    """The CPU's model name as the kernel reports it (every saved result names it)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"

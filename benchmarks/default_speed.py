@@ -34,7 +34,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-from common import interleaved, ort_runner  # noqa: E402
+from common import cpu_name, interleaved, ort_runner  # noqa: E402
 
 from splitc import frontend, targets  # noqa: E402
 from splitc.backend.build import build  # noqa: E402
@@ -184,15 +184,6 @@ def main() -> int:
     return 0
 
 
-def cpu_name() -> str:
-    """The CPU's model name as the kernel reports it."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

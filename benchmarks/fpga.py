@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import cpu_name
 
 from splitc import frontend, targets
 from splitc.backend.fpga import FpgaOptions, build_piece, price
@@ -52,14 +52,6 @@ STARTS = {"nn.conv2d", "nn.max_pool2d", "nn.avg_pool2d", "mean", "nn.adaptive_av
           "matmul"}
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def layer_cuts(mod) -> tuple[int, ...]:

@@ -39,9 +39,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 import zmq
+from common import cpu_name
 
-from splitc import importer
-from splitc.compiler import compile_model
+from splitc import frontend
+from splitc.driver import compile_model
 from splitc.runtime import wire
 from splitc.runtime.client import connect
 from splitc.runtime.plan import Plan
@@ -197,7 +198,7 @@ def main() -> int:
     if not (out / "plan.json").exists():
         compile_model(args.model, out, ["host", "host"], "pipeline", tiny=True)
     plan = Plan.load(out)
-    model = importer.load(args.model, tiny=True)
+    model = frontend.load(args.model, tiny=True)
     x = model.random_inputs(seed=0)
     cpus = set(range(args.cores)) if args.cores else None
     if cpus:
@@ -205,9 +206,7 @@ def main() -> int:
         if others:
             os.sched_setaffinity(0, others)
     boards = {d.name: Board(out / d.dir, work, cpus) for d in plan.devices}
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-                if line.startswith("Model name")), "?")
+    cpu = cpu_name()
     try:
         with connect(plan, {d: b.endpoint for d, b in boards.items()}, timeout=30) as session:
             want = session.infer(*x)
