@@ -22,3 +22,14 @@ def run_built(mod: tvm.IRModule, *inputs: np.ndarray, schedules: bool = True) ->
     ex, _ = build(mod, HOST, schedules=schedules)
     out = relax.VirtualMachine(ex, tvm.cpu())["main"](*[tvm.runtime.tensor(x) for x in inputs])
     return out.numpy() if hasattr(out, "numpy") else out[0].numpy()
+
+
+def one_per_row(rows, choices) -> list:
+    """The cross product ``rows`` x ``choices`` as pytest params (each row's values, then the
+    choice), where one choice per row is in the default run — in turn along the rows, so
+    every choice is still covered — and the rest are marked ``slow`` (``-m slow``)."""
+    import pytest
+
+    return [pytest.param(*(row if isinstance(row, tuple) else (row,)), choice,
+                         marks=() if j == i % len(choices) else (pytest.mark.slow,))
+            for i, row in enumerate(rows) for j, choice in enumerate(choices)]

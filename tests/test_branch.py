@@ -178,6 +178,7 @@ def test_zoo_branch_plans(name, k):
     np.testing.assert_allclose(view, run_module(cut, *x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # (distillation: the CLI test below distils in the default run)
 def test_distillation_recovers_the_teacher():
     model = frontend.load("resnet18", tiny=True)
     cut = BranchRewrite(plan_branches(model.mod, 2, "none"))(model.mod)
@@ -279,6 +280,7 @@ def test_cli_compile_finetune_run(tmp_path):
     assert "the split gives the branch model's answer" in check.stdout
 
 
+@pytest.mark.slow  # (distillation: the CLI test below distils in the default run)
 def test_policy_search_takes_the_fewest_bytes_within_the_limit():
     from splitc.planning.speeds import cluster_speeds
     from splitc.planning.strategies.branch import search_policy

@@ -15,6 +15,8 @@ from splitc.runtime.client import connect
 from splitc.runtime.local import LocalSession
 from splitc.runtime.plan import Plan
 
+from .helpers import one_per_row
+
 
 @functools.cache
 def tiny(name: str) -> frontend.ImportedModel:
@@ -34,10 +36,13 @@ def compile_and_run(name, strategy, n, out):
     return plan, outputs, model.reference(x), stats
 
 
-@pytest.mark.parametrize("n", [2, 3, 4])
-@pytest.mark.parametrize("strategy", sorted(s.name for s in strategies.all_strategies()
-                                             if s.exact))
-@pytest.mark.parametrize("name", zoo.names())
+EXACT = sorted(s.name for s in strategies.all_strategies() if s.exact)
+
+
+# the default run takes one device count per model and strategy (2, 3, 4 in turn); -m slow
+# runs the rest of the cross product
+@pytest.mark.parametrize("name, strategy, n", one_per_row(
+    [(name, strategy) for name in zoo.names() for strategy in EXACT], [2, 3, 4]))
 def test_split_equals_onnxruntime(name, strategy, n, tmp_path):
     plan, outputs, reference, stats = compile_and_run(name, strategy, n, tmp_path / "out")
     for y, r in zip(outputs, reference, strict=True):

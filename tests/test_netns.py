@@ -36,6 +36,7 @@ from splitc.runtime import security, wire
 from splitc.runtime.client import WorkerLost, connect
 from splitc.runtime.local import LocalSession
 
+from .helpers import one_per_row
 from .runtime_fixtures import random_inputs, write_out
 from .test_faults import Capture, found
 
@@ -223,8 +224,9 @@ def test_the_lab_is_cleaned_up(lab):
                                                text=True).stdout
 
 
-@pytest.mark.parametrize("strategy", ["pipeline", "channel", "spatial"])
-@pytest.mark.parametrize("name", zoo.names())
+# the default run takes one strategy per model in turn; -m slow runs the rest
+@pytest.mark.parametrize("name, strategy", one_per_row(zoo.names(),
+                                                       ["pipeline", "channel", "spatial"]))
 def test_zoo_models_across_namespaced_hosts_equal_onnxruntime(lab, tmp_path, name, strategy):
     """Every zoo model and exact strategy, one worker per test host behind a shaped link."""
     model = frontend.load(name, tiny=True)
