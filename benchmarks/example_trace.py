@@ -79,6 +79,7 @@ def draw(predicted: Path, measured: Path, out: Path, title: str) -> None:
                                          strict=True):
         tracks, _ = spans(path, request)
         t0 = min(s[2] for v in tracks.values() for s in v)
+        width = max(s[2] + s[3] for v in tracks.values() for s in v) - t0
         order = sorted(tracks, key=lambda t: (t == "client", t))
         for row, track in enumerate(order):
             for lane, name, start, dur in tracks[track]:
@@ -88,7 +89,7 @@ def draw(predicted: Path, measured: Path, out: Path, title: str) -> None:
                 ax.barh(row + offset, dur, left=start - t0, height=height,
                         color=colours.get(kind, "tab:purple"), edgecolor="black",
                         linewidth=0.3)
-                if kind == "compute" and dur > 0.04 * max(1e-9, ax.get_xlim()[1]):
+                if kind == "compute" and dur > 0.06 * width:
                     ax.text(start - t0 + dur / 2, row, name, ha="center", va="center",
                             fontsize=7, clip_on=True)
         ax.set_yticks(range(len(order)), order)
