@@ -403,6 +403,10 @@ class Worker:
                     self.router.recv(copy=False)
                 continue
             sender = self._sender(msg.head, msg.route, msg.origin)
+            # its bytes are read: the guard hears so before the work it asks for (credited
+            # after a piece ran, a client's connection held all its requests in flight
+            # against a stranger's budget while the first one ran, and was reset)
+            self._account(msg.origin, sender)
             try:
                 self._handle(msg, sender)
             except Refused as e:
@@ -417,12 +421,12 @@ class Worker:
                           exc_info=True)
                 self._fail(f"{type(e).__name__}: {e}", rid=msg.rid, route=msg.route,
                            to_client=self._ours(msg.head, msg.rid))
-            finally:
-                self._account(msg.origin, sender)
 
-    def _account(self, origin: wire.Origin, sender: str | None) -> None:
+    def _account(self, origin: wire.Origin, sender: str | None, read: bool = True) -> None:
+        """Tell the guard the bytes of a message taken from its connection (``read``), or
+        only who the connection belongs to."""
         if self.guard is not None:
-            self.guard.account(origin.fd, origin.sizes, sender)
+            self.guard.account(origin.fd, origin.sizes if read else [], sender)
 
     def _ours(self, head: dict, rid) -> bool:
         """Whether a refused message belongs to a request of the current session (so its
@@ -571,6 +575,10 @@ class Worker:
             request_timeout=float(head.get("request_timeout") or wire.DEFAULT_DEADLINE_S))
         log.info("%s: session from the client, peers %s", self.device,
                  self.session.endpoints)
+        # its connection is the client's from now on: the guard hears so before the client
+        # hears ready (after it, a client sending several requests at once could find its
+        # connection still held to a stranger's budget, and reset)
+        self._account(msg.origin, wire.CLIENT, read=False)
         self._check_setup()
 
     def _on_peer_reply(self, sock: zmq.Socket) -> None:

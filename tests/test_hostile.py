@@ -635,3 +635,53 @@ def test_connections_are_capped_and_the_open_file_limit_raised(out, tmp_path):
         for s in strangers:
             s.close()
         board.stop()
+
+
+def test_the_guard_knows_the_client_before_the_client_hears_ready(tmp_path):
+    """The connection a setup came on is the client's in the guard's account before the
+    worker answers ready: a client then sends its requests in flight at once, and with
+    the credit given after the setup (or after the first request ran) they were held to a
+    stranger's budget (one request) for a moment and the connection was reset — a ResNet-50
+    with 4 requests in flight failed one run in two under load."""
+    out = tmp_path / "one"
+    write_out(out, "pipeline", 1)
+    w = worker.Worker(out / "dev0", "tcp://127.0.0.1:*", compute_priority="normal")
+    said: list[tuple[str, object]] = []
+
+    class Recorder:  # in the guard's place: what the worker tells it, in order
+        fileno = None
+
+        def account(self, fd, sizes, role):
+            said.append(("credit", role))
+
+        def status(self):
+            return {}
+
+        def stop(self):
+            pass
+
+    w.warm_up()  # (starts the guard)
+    if w.guard is not None:
+        w.guard.stop()
+    w.guard = Recorder()
+    send = w._send
+
+    def recorded_send(route, head, *args, **kwargs):
+        said.append(("send", head.get("kind")))
+        return send(route, head, *args, **kwargs)
+
+    w._send = recorded_send
+    serving = threading.Thread(target=w.serve, daemon=True)
+    serving.start()
+    try:
+        plan = Plan.load(out)
+        with connect(plan, {"dev0": w.endpoint}, timeout=10) as session:
+            x = random_inputs(plan)
+            assert all(close_to(a, b) for a, b in zip(session.infer(*x), reference(*x),
+                                                      strict=True))
+    finally:
+        w.stop()
+        serving.join(10)
+        w.close()
+    ready = said.index(("send", wire.READY))
+    assert ("credit", wire.CLIENT) in said[:ready], said
