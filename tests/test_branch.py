@@ -27,7 +27,7 @@ from splitc.planning.distill import distill, logits_var
 from splitc.planning.extract import extract
 from splitc.planning.strategies.branch import branch_split
 
-from .helpers import run_module
+from .helpers import one_per_row, run_module
 
 RNG = np.random.default_rng(0)
 BIG, SMALL = 1.0, 0.01
@@ -155,8 +155,9 @@ def test_a_plan_round_trips_through_json_and_bad_sync_names_are_refused():
         plan_branches(before(), 2, {"zz"})
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnext50_32x4d", "mobilenet_v2"])
-@pytest.mark.parametrize("k", [2, 4])
+# the default run takes one K per model in turn; -m slow runs the rest
+@pytest.mark.parametrize("name, k", one_per_row(["resnet18", "resnext50_32x4d",
+                                                 "mobilenet_v2"], [2, 4]))
 def test_zoo_branch_plans(name, k):
     """Every sync point kept: the original's answer. None kept: the split sends at most a
     tenth of the channel-parallel bytes."""

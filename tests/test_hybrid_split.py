@@ -12,7 +12,7 @@ from splitc.passes.split.channel import ChannelPlan
 from splitc.passes.split.hybrid import HybridPlan, HybridSplit, boundaries, plan_hybrid
 from splitc.passes.split.spatial import SpatialPlan
 
-from .helpers import run_module
+from .helpers import one_per_row, run_module
 
 F32 = "float32"
 RNG = np.random.default_rng(0)
@@ -111,8 +111,8 @@ def test_a_plan_that_mixes_its_sides_is_refused():
             chain())
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
-@pytest.mark.parametrize("n", [2, 3])
+# the default run takes one device count per model in turn; -m slow runs the rest
+@pytest.mark.parametrize("name, n", one_per_row(["resnet18", "mobilenet_v2"], [2, 3]))
 def test_imported_cnns_are_exact_at_every_switch(name, n):
     model = frontend.load(name, tiny=True)
     x = model.random_inputs()
