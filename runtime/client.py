@@ -50,6 +50,7 @@ admit only known keys (:mod:`splitc.runtime.security`); off loopback that is req
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
@@ -58,6 +59,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import weakref
 from collections import Counter, OrderedDict
@@ -69,7 +71,7 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from . import fallback, security, wire
+from . import fallback, guard, security, wire
 from .errors import BadInput, RuntimeFailure
 from .plan import Plan, PlanError
 from .trace import Timeline
@@ -998,6 +1000,11 @@ class _LocalWorkers:
         # the workers share this machine: split its cores between them (TVM's thread pool
         # would otherwise start one spinning thread per core in every worker)
         env.setdefault("TVM_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(devices))))
+        # they end with this process (a client killed before it could stop them left them
+        # serving for ever): from the main thread only, as the kernel's signal comes when
+        # the starting *thread* ends
+        orphan = (functools.partial(guard.die_with_parent, signal.SIGTERM)
+                  if threading.current_thread() is threading.main_thread() else None)
         for dev in devices:
             folder = out_dir / plan.device(dev).dir
             with open(self.tmp / f"{dev}.log", "wb") as logf:
@@ -1005,7 +1012,8 @@ class _LocalWorkers:
                     [sys.executable, "-m", "splitc.runtime.worker", str(folder),
                      "--bind", "tcp://127.0.0.1:*", "--announce", str(self.tmp / f"{dev}.ep"),
                      *(["--keys", str(keys)] if keys else [])],
-                    stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, env=env)
+                    stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, env=env,
+                    preexec_fn=orphan)
 
     def endpoints(self, timeout: float) -> dict[str, str]:
         deadline = time.monotonic() + timeout

@@ -72,6 +72,7 @@ import logging
 import os
 import queue
 import select
+import signal
 import socket
 import struct
 import subprocess
@@ -177,6 +178,13 @@ def available() -> bool:
         except OSError:
             return False
     return True
+
+
+def die_with_parent(signum: int) -> None:
+    """Linux: have the kernel send this process ``signum`` when the thread that started it
+    ends (inherited across exec; elsewhere nothing)."""
+    if available():
+        _LIBC.lib.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
 
 
 def established(fd: int | None) -> bool:
@@ -675,7 +683,7 @@ def main() -> int:
     if not available():
         print("unavailable: no TCP_INFO", flush=True)
         return 1
-    _LIBC.lib.prctl(_PR_SET_PDEATHSIG, 9, 0, 0, 0)  # (SIGKILL when the worker dies)
+    die_with_parent(signal.SIGKILL)  # (when the worker dies)
     if os.read(sys.stdin.fileno(), 1) != b"\n":  # the worker's go: it allowed us to look
         return 1
     try:

@@ -519,3 +519,36 @@ def test_cli_run_with_endpoints_and_bad_endpoints(outs, tmp_path, cli):
     result = cli("run", out, "--endpoints", "dev0")
     assert isinstance(result.exception, SplitcError)
     assert "DEVICE=ENDPOINT" in str(result.exception)
+
+
+def test_local_workers_end_with_a_client_that_is_killed(tmp_path):
+    """A client killed before it can stop its local workers (SIGKILL: no cleanup runs) does
+    not leave them serving: the kernel ends them with it."""
+    out = tmp_path / "out"
+    write_out(out, "pipeline", 2)
+    script = ("import os, sys\n"
+              "from splitc.runtime.client import connect\n"
+              "s = connect(sys.argv[1], None, timeout=60)\n"
+              "print(*[p.pid for p in s._local.procs.values()], flush=True)\n"
+              "os.kill(os.getpid(), 9)\n")
+    r = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    pids = [int(p) for p in r.stdout.split()]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 15
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [p for p in pids if _running(p)]
+    for p in alive:
+        os.kill(p, signal.SIGKILL)
+    assert not alive, f"workers {alive} outlived their client"
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
