@@ -49,7 +49,9 @@ import os
 os.environ.setdefault("TVM_NUM_THREADS", "1")  # before TVM starts its thread pool
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
+import signal  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -68,7 +70,7 @@ from splitc.passes.analysis import profile as profile_bindings  # noqa: E402
 from splitc.planning import profiler  # noqa: E402
 from splitc.planning.cluster import Cluster, ClusterDevice, Link, parse_rate, parse_time  # noqa: E402
 from splitc.planning.cost import DeviceSpeed, estimate  # noqa: E402
-from splitc.runtime import wire  # noqa: E402
+from splitc.runtime import guard, wire  # noqa: E402
 from splitc.runtime.client import connect  # noqa: E402
 from splitc.runtime.plan import Plan  # noqa: E402
 
@@ -367,7 +369,8 @@ class Workers:
                    "TVM_USE_RUNTIME_LIB=1", sys.executable, "-c", EMULATED_WORKER, mode,
                    str(factors[i]), str(delay), str(out / dev.dir), "--bind", endpoint,
                    "--insecure", "--announce", str(announce)]
-            proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+            proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, preexec_fn=functools.partial(
+                guard.die_with_parent, signal.SIGTERM))  # (a killed run leaves none behind)
             self.procs.append(proc)
             self.endpoints[dev.name] = endpoint
             # one at a time: each calibrates its pieces alone before the next starts
