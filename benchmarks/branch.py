@@ -56,6 +56,7 @@ from splitc.driver import compile_imported, write_extracted  # noqa: E402
 from splitc.passes.split.branch import (  # noqa: E402
     BranchRewrite,
     analyse,
+    hints,
     plan_branches,
     sync_candidates,
 )
@@ -171,9 +172,11 @@ def exact_rows(imported, source, k: int, work: Path, x, y, repeats: int, teacher
 
 def branch_row(imported, source, bplan, label: str, work: Path, train, test, *,
                epochs: int, repeats: int, teacher: float, temperature: float = 4.0,
-               out_name: str, inflight: int = 4) -> dict:
-    """One branch plan: its accuracy before distillation, distilled on ``train``, after, and
-    then compiled and run distributed on ``test``."""
+               out_name: str, inflight: int = 4, analysis=None, hint: str = "none") -> dict:
+    """One branch plan: its accuracy before distillation, distilled on ``train`` (``hint``:
+    matching the teacher layer by layer at the outputs of cut layers, ``"cut"``, or of every
+    partitioned tensor, ``"all"``; needs ``analysis``), after, and then compiled and run
+    distributed on ``test``."""
     xtr, ytr = train
     xte, yte = test
     student_mod = BranchRewrite(bplan)(imported.mod)
@@ -181,8 +184,10 @@ def branch_row(imported, source, bplan, label: str, work: Path, train, test, *,
     before = float((top1(student, xte, "cpu") == yte).mean())
     t0 = time.monotonic()
     if bplan.branched:
+        parts = [] if hint == "none" else hints(bplan, analysis, {s[0] for s in student.steps},
+                                                 cut_only=hint == "cut")
         distill(TorchProgram(imported.mod), student, xtr, ytr, epochs=epochs,
-                temperature=temperature, log=lambda _m: None, progress=None)
+                temperature=temperature, log=lambda _m: None, progress=None, hints=parts)
     seconds = time.monotonic() - t0
     after = float((top1(student, xte, "cpu") == yte).mean())
     out = work / out_name
@@ -320,8 +325,10 @@ def teachers_benchmark(args) -> int:
     names = [n for n in names if SHIPPED[n].onnx() is not None]
     work = args.out or Path(tempfile.mkdtemp(prefix="splitc-branch-teachers-"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"# distillation: {args.epochs} epochs, soft targets T={args.temperature:g} + labels, "
-          f"Adam 2e-3, batch 64, {torch.get_num_threads()} torch thread(s); policies: no sync, "
+    print(f"# distillation: {args.epochs} epochs, soft targets T={args.temperature:g} + labels"
+          + {"cut": " + hints at the outputs of cut layers",
+             "all": " + hints at every partitioned tensor", "none": ""}[args.hints]
+          + f", Adam 2e-3, batch 64, {torch.get_num_threads()} torch thread(s); policies: no sync, "
           f"and the cheapest sync points whose bytes stay within {args.budget:.0%} of "
           f"channel-parallel's (fixed before measuring); accuracies on the test examples "
           f"(another seed than training); latency: local workers on loopback, 1 TVM thread "
@@ -359,7 +366,8 @@ def teachers_benchmark(args) -> int:
                 krows.append(branch_row(imported, source, bplan, label, work, train, test,
                                         epochs=args.epochs, repeats=args.repeats,
                                         teacher=teacher_acc, temperature=args.temperature,
-                                        out_name=f"{name}-branch{k}-{tag}", inflight=1))
+                                        out_name=f"{name}-branch{k}-{tag}", inflight=1,
+                                        analysis=ana, hint=args.hints))
             for row in krows:
                 row["model"], row["vs_channel"] = name, 1 - row["bytes"] / channel
             print(f"# {name} K={k}: {time.monotonic() - t0:.0f} s (distillation "
@@ -431,6 +439,9 @@ def main() -> int:
                     help="with --teachers: the byte budget of the second policy, as a "
                          "fraction of channel-parallel's bytes")
     ap.add_argument("--temperature", type=float, default=4.0)
+    ap.add_argument("--hints", choices=("cut", "all", "none"), default="cut",
+                    help="with --teachers: also match the teacher layer by layer, at the "
+                         "outputs of cut layers or of every partitioned tensor")
     ap.add_argument("--save", type=Path, default=None,
                     help="with --teachers: also write the output to "
                          "DIR/branch-teachers-<LLVM cpu>.txt")
