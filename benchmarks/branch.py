@@ -172,7 +172,8 @@ def exact_rows(imported, source, k: int, work: Path, x, y, repeats: int, teacher
 
 def branch_row(imported, source, bplan, label: str, work: Path, train, test, *,
                epochs: int, repeats: int, teacher: float, temperature: float = 4.0,
-               out_name: str, inflight: int = 4, analysis=None, hint: str = "none") -> dict:
+               out_name: str, inflight: int = 4, analysis=None, hint: str = "none",
+               batch: int = 64) -> dict:
     """One branch plan: its accuracy before distillation, distilled on ``train`` (``hint``:
     matching the teacher layer by layer at the outputs of cut layers, ``"cut"``, or of every
     partitioned tensor, ``"all"``; needs ``analysis``), after, and then compiled and run
@@ -187,7 +188,8 @@ def branch_row(imported, source, bplan, label: str, work: Path, train, test, *,
         parts = [] if hint == "none" else hints(bplan, analysis, {s[0] for s in student.steps},
                                                  cut_only=hint == "cut")
         distill(TorchProgram(imported.mod), student, xtr, ytr, epochs=epochs,
-                temperature=temperature, log=lambda _m: None, progress=None, hints=parts)
+                temperature=temperature, log=lambda _m: None, progress=None, hints=parts,
+                batch=batch)
     seconds = time.monotonic() - t0
     after = float((top1(student, xte, "cpu") == yte).mean())
     out = work / out_name
@@ -321,7 +323,8 @@ def teachers_benchmark(args) -> int:
               "files inside are used)")
     sizes = dict(zip(SHIPPED, zip([int(v) for v in args.train.split(",")],
                                   [int(v) for v in args.test.split(",")],
-                                  [int(v) for v in args.epochs.split(",")], strict=True),
+                                  [int(v) for v in args.epochs.split(",")],
+                                  [int(v) for v in args.batch.split(",")], strict=True),
                      strict=True))
     names = [n for n in names if SHIPPED[n].onnx() is not None]
     work = args.out or Path(tempfile.mkdtemp(prefix="splitc-branch-teachers-"))
@@ -330,7 +333,8 @@ def teachers_benchmark(args) -> int:
           f"T={args.temperature:g} + labels"
           + {"cut": " + hints at the outputs of cut layers",
              "all": " + hints at every partitioned tensor", "none": ""}[args.hints]
-          + f", Adam 2e-3, batch 64, {torch.get_num_threads()} torch thread(s); policies: no sync, "
+          + f", Adam 2e-3, batch {args.batch}, {torch.get_num_threads()} torch thread(s); "
+          f"policies: no sync, "
           f"and the cheapest sync points whose bytes stay within {args.budget:.0%} of "
           f"channel-parallel's (fixed before measuring); accuracies on the test examples "
           f"(another seed than training); latency: local workers on loopback, 1 TVM thread "
@@ -339,7 +343,7 @@ def teachers_benchmark(args) -> int:
     for name in names:
         spec = SHIPPED[name]
         path = spec.onnx()
-        ntrain, ntest, epochs = sizes[name]
+        ntrain, ntest, epochs, batch = sizes[name]
         imported = frontend.load(str(path), input_shapes={"x": spec.shape})
         source = {"model": str(path), "tiny": False, "input_shapes": {"x": list(spec.shape)},
                   "output_names": list(imported.output_names)}
@@ -369,9 +373,10 @@ def teachers_benchmark(args) -> int:
                                         epochs=epochs, repeats=args.repeats,
                                         teacher=teacher_acc, temperature=args.temperature,
                                         out_name=f"{name}-branch{k}-{tag}", inflight=1,
-                                        analysis=ana, hint=args.hints))
+                                        analysis=ana, hint=args.hints, batch=batch))
             for row in krows:
                 row["model"], row["vs_channel"] = name, 1 - row["bytes"] / channel
+                print(f"# row: {json.dumps(row)}", flush=True)  # (kept if a later part fails)
             print(f"# {name} K={k}: {time.monotonic() - t0:.0f} s (distillation "
                   + ", ".join(f"{r['distill_s']:.0f} s" for r in krows if "distill_s" in r)
                   + ")", flush=True)
@@ -442,6 +447,9 @@ def main() -> int:
                     help="with --teachers: the byte budget of the second policy, as a "
                          "fraction of channel-parallel's bytes")
     ap.add_argument("--temperature", type=float, default=4.0)
+    ap.add_argument("--batch", default="64,16",
+                    help="with --teachers: distillation batch per teacher (hints hold every "
+                         "activation of teacher and student: 224x224 pages need a small one)")
     ap.add_argument("--hints", choices=("cut", "all", "none"), default="all",
                     help="with --teachers: also match the teacher layer by layer, at the "
                          "outputs of cut layers or of every partitioned tensor")
