@@ -427,9 +427,9 @@ def main() -> int:
     ap.add_argument("--branches", default="2,4")
     ap.add_argument("--teacher-epochs", type=int, default=30)
     ap.add_argument("--epochs", default=None,
-                    help="distillation epochs (default 60; with --teachers, per teacher: 5,3)")
+                    help="distillation epochs (default 60; with --teachers, per teacher: 4,2)")
     ap.add_argument("--repeats", type=int, default=None,
-                    help="latency samples per plan (default 200; with --teachers, 50)")
+                    help="latency samples per plan (default 200; with --teachers, 20)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--teachers", action="store_true",
                     help="pretrained teachers shipped in packages (RapidOCR's text-direction "
@@ -437,11 +437,11 @@ def main() -> int:
                          "rendered inputs, instead of the digits teacher trained here")
     ap.add_argument("--models", default="text-direction,page-orientation",
                     help="with --teachers: which of them")
-    ap.add_argument("--train", default="1536,256",
+    ap.add_argument("--train", default="1024,192",
                     help="with --teachers: rendered training examples per teacher "
                          "(text-direction, page-orientation); a fifth of them is "
                          "distillation's own held-out split")
-    ap.add_argument("--test", default="400,200",
+    ap.add_argument("--test", default="300,120",
                     help="with --teachers: rendered test examples per teacher (another seed)")
     ap.add_argument("--budget", type=float, default=0.1,
                     help="with --teachers: the byte budget of the second policy, as a "
@@ -458,8 +458,8 @@ def main() -> int:
                          "DIR/branch-teachers-<LLVM cpu>.txt")
     args = ap.parse_args()
     if args.teachers:
-        args.epochs = args.epochs or "5,3"
-        args.repeats = 50 if args.repeats is None else args.repeats
+        args.epochs = args.epochs or "4,2"
+        args.repeats = 20 if args.repeats is None else args.repeats
         return saved(args, teachers_benchmark)
     args.epochs = int(args.epochs or 60)
     args.repeats = 200 if args.repeats is None else args.repeats
