@@ -18,6 +18,7 @@ from splitc.passes.split.branch import (
     BranchRewrite,
     analyse,
     branch_devices,
+    hints,
     plan_branches,
     sync_candidates,
 )
@@ -199,6 +200,30 @@ def test_distillation_recovers_the_teacher():
     with torch.no_grad():
         want = student(torch.from_numpy(x[:1]))[0].numpy()
     np.testing.assert_allclose(run_module(trained, x[:1]), want, rtol=1e-4, atol=1e-5)
+
+
+def test_hints_match_the_parts_of_cut_layers_to_the_teachers_channels():
+    """Each cut layer's output is emitted per branch; its hint names that part and the
+    teacher's channels it holds, and distilling with hints brings the parts closer to them."""
+    model = frontend.load("resnet18", tiny=True)
+    ana = analyse(model.mod, 2)
+    plan = plan_branches(model.mod, 2, "none", analysis=ana)
+    teacher, student = TorchProgram(model.mod), TorchProgram(BranchRewrite(plan)(model.mod))
+    parts = hints(plan, ana, {s[0] for s in student.steps})
+    assert parts and {h.original for h in parts} <= set(plan.branched)
+    x = np.random.default_rng(2).standard_normal((160, 3, 32, 32)).astype("float32")
+    probe = torch.from_numpy(x[:32])
+
+    def distance() -> float:
+        with torch.no_grad():
+            t, s = teacher.run(probe), student.run(probe)
+        return sum(float((s[h.part] - t[h.original].index_select(
+            h.axis, torch.from_numpy(h.channels))).pow(2).mean()) for h in parts)
+
+    assert len(hints(plan, ana, {s[0] for s in student.steps}, cut_only=False)) > len(parts)
+    far = distance()
+    distill(teacher, student, x, epochs=3, hints=parts, log=lambda _m: None)
+    assert distance() < 0.8 * far, (distance(), far)
 
 
 @I.ir_module

@@ -861,6 +861,33 @@ def plan_branches(mod: tvm.IRModule, k: int, sync: frozenset[str] | str | float 
     return BranchPlan(k, branches, frozenset(names - keep))
 
 
+@dataclass(frozen=True)
+class Hint:
+    """A tensor of the branch model that has a counterpart in the original: ``part`` holds
+    the channels ``channels`` (along ``axis``) of the original's ``original``."""
+
+    part: str
+    original: str
+    channels: np.ndarray
+    axis: int
+
+
+def hints(plan: BranchPlan, ana: Analysis, names, cut_only: bool = True) -> list[Hint]:
+    """The branch parts (``{var}_b{g}``, as :class:`BranchRewrite` names them) among ``names``
+    (the branch model's variables) of the outputs of cut layers (``cut_only``), or of every
+    partitioned tensor: what distillation can match to the original layer by layer."""
+    names, out = set(names), []
+    for var, branches in plan.branches.items():
+        if cut_only and var not in plan.branched:
+            continue
+        b = np.asarray(branches)
+        for g in range(plan.k):
+            part = f"{var}_b{g}"
+            if part in names and (b == g).any():
+                out.append(Hint(part, var, np.flatnonzero(b == g), ana.structure.axis[var]))
+    return out
+
+
 # -- rewrite -----------------------------------------------------------------------------------
 @dataclass
 class _Parts:

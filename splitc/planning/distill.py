@@ -5,14 +5,16 @@
 when given), on a GPU when one is present; :func:`top1` measures either. A model whose output
 is a softmax (many shipped classifiers end in one) is distilled on the softmax's input, the
 logits (:func:`logits`): softening probabilities again would flatten the targets to nearly
-uniform and leave the student's gradients vanishing.
+uniform and leave the student's gradients vanishing. ``hints`` (a branch model's parts and
+their counterparts in the original, :func:`splitc.passes.split.branch.hints`) add a loss per
+part: its mean squared distance to the teacher's channels, over their variance.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,9 +80,11 @@ def distill(teacher: TorchProgram, student: TorchProgram, x: np.ndarray,
             y: np.ndarray | None = None, *, epochs: int = 30, lr: float = 2e-3,
             batch: int = 64, temperature: float = 4.0, val_fraction: float = 0.2,
             seed: int = 0, log: Callable[[str], None] = print,
-            progress: Callable[[float, str], None] | None = None) -> Report:
+            progress: Callable[[float, str], None] | None = None,
+            hints: Sequence = (), hint_weight: float = 1.0) -> Report:
     """Train ``student`` to match ``teacher`` (soft targets at ``temperature``, plus the
-    labels ``y`` when given) on ``x``; report held-out accuracy before and after.
+    labels ``y`` when given, plus ``hint_weight`` x the mean loss of the ``hints``: the
+    module docstring) on ``x``; report held-out accuracy before and after.
     ``progress(fraction done, text)`` is told after every epoch (the CLI's rich bar)."""
     if len(x) < 10:
         raise SplitcError(f"distillation needs data: got {len(x)} examples")
@@ -111,6 +115,8 @@ def distill(teacher: TorchProgram, student: TorchProgram, x: np.ndarray,
         t_logits = logits(teacher)
         soft = torch.cat([t_logits(xt[i:i + 256]) for i in range(0, len(xt), 256)])
     s_logits = logits(student)
+    s_var = logits_var(student) or student.outputs[0]
+    channels = {h.part: torch.from_numpy(np.asarray(h.channels)).to(device) for h in hints}
     t0 = time.monotonic()
     steps = math.ceil(len(train) / batch)
     for epoch in range(epochs):
@@ -119,12 +125,24 @@ def distill(teacher: TorchProgram, student: TorchProgram, x: np.ndarray,
         total = 0.0
         for s in range(steps):
             idx = perm[s * batch:(s + 1) * batch]
-            out = s_logits(xt[idx])
+            hint_loss = 0.0
+            if hints:
+                with torch.no_grad():
+                    t_env = teacher.run(xt[idx])
+                s_env = student.run(xt[idx])
+                out = s_env[s_var].reshape(len(idx), -1)
+                for h in hints:
+                    t = t_env[h.original].index_select(h.axis, channels[h.part])
+                    hint_loss = hint_loss + ((s_env[h.part] - t) ** 2).mean() / (t.var() + 1e-6)
+                hint_loss = hint_weight * hint_loss / len(hints)
+            else:
+                out = s_logits(xt[idx])
             loss = F.kl_div(F.log_softmax(out / temperature, -1),
                             F.softmax(soft[idx] / temperature, -1),
                             reduction="batchmean") * temperature ** 2
             if yt is not None:
                 loss = 0.5 * loss + 0.5 * F.cross_entropy(out, yt[idx])
+            loss = loss + hint_loss
             opt.zero_grad()
             loss.backward()
             opt.step()
