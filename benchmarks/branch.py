@@ -390,7 +390,7 @@ def teachers_benchmark(args) -> int:
 def saved(args, benchmark) -> int:
     """Run ``benchmark(args)`` under a header naming the date, the command and the CPU; with
     ``args.save``, also write what it prints to ``branch-teachers-<LLVM cpu>.txt`` there."""
-    from default_speed import cpu_name
+    from common import cpu_name
 
     from splitc import targets
 
