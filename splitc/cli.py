@@ -77,6 +77,27 @@ def strategy_help() -> str:
     return f"How to split: {listed} | auto (the cost model chooses among them)."
 
 
+def predicted_trace(plan, path: Path, cluster_file: Path | None) -> Path:
+    """Write the cost model's timeline of one request of a compiled ``plan``: its devices in
+    order, from ``cluster_file`` when given (names, speeds, links), else at their targets'
+    profiled speeds on the default network."""
+    from splitc.planning.cluster import Cluster
+    from splitc.planning.cost import estimate
+    from splitc.planning.speeds import cluster_speeds
+    from splitc.runtime.trace import Timeline
+
+    spec = (load_cluster(cluster_file, None) if cluster_file is not None
+            else Cluster.uniform([d.target for d in plan.devices]))
+    if len(spec.devices) != len(plan.devices):
+        raise SplitcError(f"--cluster {cluster_file} has {len(spec.devices)} devices, the plan "
+                          f"{len(plan.devices)}")
+    with progress_bar("profiling") as tell:
+        speeds = cluster_speeds(spec, log=lambda m: typer.echo(m, err=True), progress=tell)
+    timeline = Timeline()
+    estimate(plan, spec, list(speeds), timeline=timeline)
+    return timeline.write(path, f"predicted: {plan.strategy} split of {plan.source}")
+
+
 @contextlib.contextmanager
 def progress_bar(what: str):
     """Yields ``tell(fraction done, text)``; the first call shows a rich progress bar on
@@ -391,6 +412,12 @@ def inspect(
     draw: Annotated[Path | None, typer.Option(
         help="For an output folder: draw devices, pieces and transfers to this .svg file.")]
         = None,
+    trace: Annotated[Path | None, typer.Option(
+        help="For an output folder: write the cost model's predicted timeline of this plan "
+             "here (Chrome Trace Event JSON; `splitc run --trace` writes the measured one). "
+             "Devices at their targets' speeds (profiled on first use), links as --cluster "
+             "gives, else the default network.")] = None,
+    cluster: ClusterOpt = None,
     input_shape: ShapeOpt = None,
     tiny: TinyOpt = False,
 ) -> None:
@@ -407,9 +434,14 @@ def inspect(
             from splitc.draw import draw as draw_plan
 
             typer.echo(f"wrote {draw_plan(plan_value, draw)}")
+        if trace is not None:
+            typer.echo(f"wrote {predicted_trace(plan_value, trace, cluster)} (the predicted "
+                       "timeline of this plan)")
     else:
-        if draw is not None:
-            raise SplitcError("--draw needs a compiled output folder (splitc compile ... -o OUT)")
+        for flag, value in (("--draw", draw), ("--trace", trace)):
+            if value is not None:
+                raise SplitcError(f"{flag} needs a compiled output folder (splitc compile ... "
+                                  "-o OUT)")
         from splitc import frontend
 
         imported = frontend.load(target, parse_shapes(input_shape), tiny=tiny)

@@ -107,3 +107,8 @@ def test_splitc_run_writes_the_measured_timeline(tmp_path):
         # (each device's clock is known to half the quickest round trip to it)
         slack = 2e6 * max(doc["otherData"]["clock_uncertainty_s"].values())
         check_against_plan({"traceEvents": keep}, plan, slack)
+    # the same compiled plan as the cost model sees it, to lay beside the measured one
+    splitc("inspect", out, "--trace", tmp_path / "predicted.json")
+    predicted = json.loads((tmp_path / "predicted.json").read_text())
+    assert predicted["otherData"]["title"].startswith("predicted: spatial split")
+    check_against_plan(predicted, plan)
