@@ -72,7 +72,7 @@ def draw(predicted: Path, measured: Path, out: Path, title: str) -> None:
     """Predicted and measured timelines of one request, one above the other, in ms from the
     first event of each."""
     colours = {"compute": "tab:blue", "send": "tab:orange", "wait": "tab:gray",
-               "recv": "tab:green"}
+               "recv": "tab:green", "request": "tab:purple"}
     fig, axes = plt.subplots(2, 1, figsize=(11, 6), sharex=True)
     for ax, (path, request, what) in zip(axes, ((predicted, None, "predicted (cost model)"),
                                                 (measured, 0, "measured (first request)")),
@@ -89,7 +89,7 @@ def draw(predicted: Path, measured: Path, out: Path, title: str) -> None:
                 ax.barh(row + offset, dur, left=start - t0, height=height,
                         color=colours.get(kind, "tab:purple"), edgecolor="black",
                         linewidth=0.3)
-                if kind == "compute" and dur > 0.06 * width:
+                if kind == "compute" and dur > 0.12 * width:
                     ax.text(start - t0 + dur / 2, row, name, ha="center", va="center",
                             fontsize=7, clip_on=True)
         ax.set_yticks(range(len(order)), order)
@@ -98,9 +98,9 @@ def draw(predicted: Path, measured: Path, out: Path, title: str) -> None:
         ax.grid(axis="x", alpha=0.3)
     axes[-1].set_xlabel("time from the request's first event (ms)")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
-    fig.legend(handles, list(colours), loc="upper right", ncol=4, fontsize=8)
+    fig.legend(handles, list(colours), loc="lower center", ncol=len(colours), fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.tight_layout(rect=(0, 0.05, 1, 0.96))
     for suffix in (".png", ".svg"):
         fig.savefig(out.with_suffix(suffix), dpi=120)
     plt.close(fig)
