@@ -62,7 +62,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
-from common import cpu_name, interleaved, ort_runner  # noqa: E402
+from common import cpu_name, interleaved, ort_runner, save_figure  # noqa: E402
 
 from splitc import frontend, targets  # noqa: E402
 from splitc.driver import compile_model  # noqa: E402
@@ -664,8 +664,7 @@ def plot(rows, stem: Path, label: str, n: int, one_device: float) -> None:
     ax.set_title(f"{label} on {n} emulated devices")
     ax.legend(loc="lower right")
     fig.tight_layout()
-    for suffix in (".png", ".svg"):
-        fig.savefig(stem.with_suffix(suffix), dpi=120)
+    save_figure(fig, stem)
     plt.close(fig)
 
 

@@ -49,3 +49,21 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine() -> str:
+    """This machine as every saved result names it: the CPU's model and LLVM's name for it."""
+    from splitc import targets
+
+    return f"{cpu_name()} (LLVM cpu {targets.host_cpu()})"
+
+
+def save_figure(fig, stem: Path) -> None:
+    """``stem``.png and .svg, each naming the machine in its metadata (and the SVG's text kept
+    as text, so the file can be searched)."""
+    import matplotlib
+
+    where = f"measured on {machine()}"
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
+        fig.savefig(stem.with_suffix(".png"), dpi=120, metadata={"Description": where})
+        fig.savefig(stem.with_suffix(".svg"), metadata={"Description": where})

@@ -31,7 +31,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from common import cpu_name  # noqa: E402
+from common import cpu_name, machine, save_figure  # noqa: E402
 
 from splitc import targets  # noqa: E402
 
@@ -101,9 +101,29 @@ def draw(predicted: Path, measured: Path, out: Path, title: str) -> None:
     fig.legend(handles, list(colours), loc="lower center", ncol=len(colours), fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.05, 1, 0.96))
-    for suffix in (".png", ".svg"):
-        fig.savefig(out.with_suffix(suffix), dpi=120)
+    save_figure(fig, out)
     plt.close(fig)
+
+
+def stamp(path: Path) -> None:
+    """Name the machine in a file the CLI wrote (a PNG text chunk, an SVG comment, a trace's
+    otherData)."""
+    where = f"made on {machine()}"
+    if path.suffix == ".png":
+        from PIL import Image, PngImagePlugin
+
+        info = PngImagePlugin.PngInfo()
+        info.add_text("Description", where)
+        Image.open(path).save(path, pnginfo=info)
+    elif path.suffix == ".json":  # a Chrome trace: beside its title
+        doc = json.loads(path.read_text())
+        doc.setdefault("otherData", {})["machine"] = where
+        path.write_text(json.dumps(doc))
+    elif path.suffix == ".svg":
+        text = path.read_text()
+        head, _, rest = text.partition("?>")
+        path.write_text(f"{head}?>\n<!-- {where} -->{rest}" if rest else f"<!-- {where} -->\n"
+                        + text)
 
 
 def main() -> int:
@@ -127,9 +147,13 @@ def main() -> int:
                args.strategy)
         explained = splitc("inspect", out, "--trace", predicted)
         ran = splitc("run", out, "--requests", args.requests, "--trace", measured, "--check")
-        splitc("inspect", out, "--draw", args.save / f"{stem}-plan.svg")
-        splitc("inspect", out, "--draw", args.save / f"{stem}-plan.png")
+        for suffix in ("svg", "png"):
+            picture = args.save / f"{stem}-plan.{suffix}"
+            splitc("inspect", out, "--draw", picture)
+            stamp(picture)
         shown = splitc("inspect", out)
+    for trace in (predicted, measured):
+        stamp(trace)
     title = (f"{args.model} 224x224, {args.strategy} split over {args.devices} devices; "
              f"measured on local workers sharing {os.cpu_count()} cores of {cpu} ({llvm})")
     draw(predicted, measured, args.save / f"{stem}-timeline", title)
