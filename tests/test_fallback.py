@@ -29,6 +29,7 @@ from splitc.runtime.client import WorkerLost, connect
 from splitc.runtime.plan import Plan, sha256_file
 
 from .runtime_fixtures import HOST, random_inputs, two_in_two_out
+from .test_faults import Board
 
 #: seconds a device stays down before the switch, in these tests
 FAILOVER_S = 1.5
@@ -61,49 +62,12 @@ def exact(got, want) -> bool:
                for g, w in zip(got, want, strict=True))
 
 
-class Board:
-    """``python -m splitc.runtime.worker FOLDER`` on 127.0.0.1, as a board runs it."""
-
-    def __init__(self, folder: Path, tmp: Path, *args: str, bind: str = "tcp://127.0.0.1:*"):
-        self.announce = tmp / f"{folder.name}-{time.monotonic_ns()}.ep"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "splitc.runtime.worker", str(folder), "--bind", bind,
-             "--announce", str(self.announce), *args],
-            env={**os.environ, "TVM_USE_RUNTIME_LIB": "1", "TVM_NUM_THREADS": "1"},
-            stderr=subprocess.PIPE, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while not self.announce.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError(self.proc.stderr.read().decode())
-            assert time.monotonic() < deadline, "worker did not start"
-            time.sleep(0.02)
-        self.endpoint = self.announce.read_text().strip()
-
-    def kill(self) -> None:
-        """Gone for good: the worker and its helpers, at once."""
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
-
-
 @pytest.fixture
 def boards(out, tmp_path):
     started: list[Board] = []
 
     def start(device: str, *args: str, **kw) -> Board:
-        board = Board(out / device, tmp_path, *args, **kw)
+        board = Board(out / device, tmp_path, *args, env={"TVM_NUM_THREADS": "1"}, **kw)
         started.append(board)
         return board
 

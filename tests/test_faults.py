@@ -45,13 +45,14 @@ def close_to(got, want) -> bool:
 class Board:
     """``python -m splitc.runtime.worker FOLDER [--restart] ...`` as a board runs it."""
 
-    def __init__(self, folder: Path, tmp: Path, *args: str, bind: str = "tcp://127.0.0.1:*"):
+    def __init__(self, folder: Path, tmp: Path, *args: str, bind: str = "tcp://127.0.0.1:*",
+                 env: dict[str, str] | None = None):
         self.announce = tmp / f"{folder.name}-{time.monotonic_ns()}.ep"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "splitc.runtime.worker", str(folder), "--bind", bind,
              "--announce", str(self.announce), *args],
-            env={**os.environ, "TVM_USE_RUNTIME_LIB": "1"}, stderr=subprocess.PIPE,
-            start_new_session=True)
+            env={**os.environ, "TVM_USE_RUNTIME_LIB": "1", **(env or {})},
+            stderr=subprocess.PIPE, start_new_session=True)
         deadline = time.monotonic() + 60
         while not self.announce.exists():
             if self.proc.poll() is not None:
@@ -69,15 +70,24 @@ class Board:
                 return proc.pid
         raise AssertionError("no serving process")
 
-    def stop(self) -> int:
+    def kill(self) -> None:
+        """Gone for good: the worker and its helpers, at once."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> int | None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            return None
         finally:
-            if self.proc.poll() is None:
+            try:  # (what is left of its group: helpers, a supervisor's child)
                 os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
 
 
 @pytest.fixture
