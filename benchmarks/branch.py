@@ -359,8 +359,8 @@ def teachers_benchmark(args) -> int:
         acts = program.activations(train[0], limit=128)
         for k in [int(v) for v in args.branches.split(",")]:
             t0 = time.monotonic()
-            # one request at a time: infer_many (even with 1 in flight) lost workers' connections
-            # here, client and workers sharing one core (a runtime issue, reported)
+            # one request at a time, as measured (infer_many lost the workers' connections
+            # then: the memory guard's crediting race, fixed since in runtime/worker.py)
             krows, channel = exact_rows(imported, source, k, work, *test, args.repeats,
                                         teacher_acc, tag=f"{name}-", inflight=1)
             ana = analyse(imported.mod, k, activations=acts)
