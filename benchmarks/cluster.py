@@ -369,8 +369,9 @@ class Workers:
                    "TVM_USE_RUNTIME_LIB=1", sys.executable, "-c", EMULATED_WORKER, mode,
                    str(factors[i]), str(delay), str(out / dev.dir), "--bind", endpoint,
                    "--insecure", "--announce", str(announce)]
+            # (a killed run leaves none behind; libc loaded here, before the fork)
             proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, preexec_fn=functools.partial(
-                guard.die_with_parent, signal.SIGTERM))  # (a killed run leaves none behind)
+                guard.die_with_parent, signal.SIGTERM) if guard.available() else None)
             self.procs.append(proc)
             self.endpoints[dev.name] = endpoint
             # one at a time: each calibrates its pieces alone before the next starts

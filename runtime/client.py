@@ -1002,9 +1002,11 @@ class _LocalWorkers:
         env.setdefault("TVM_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(devices))))
         # they end with this process (a client killed before it could stop them left them
         # serving for ever): from the main thread only, as the kernel's signal comes when
-        # the starting *thread* ends
+        # the starting *thread* ends; libc is loaded here (available()), so that the forked
+        # child only makes the call before exec
         orphan = (functools.partial(guard.die_with_parent, signal.SIGTERM)
-                  if threading.current_thread() is threading.main_thread() else None)
+                  if threading.current_thread() is threading.main_thread()
+                  and guard.available() else None)
         for dev in devices:
             folder = out_dir / plan.device(dev).dir
             with open(self.tmp / f"{dev}.log", "wb") as logf:
