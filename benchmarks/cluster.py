@@ -65,7 +65,7 @@ import psutil  # noqa: E402
 from common import cpu_name, interleaved, ort_runner, save_figure  # noqa: E402
 
 from splitc import frontend, targets  # noqa: E402
-from splitc.driver import compile_model  # noqa: E402
+from splitc.driver import compile_model, measure_runtime_cost  # noqa: E402
 from splitc.passes.analysis import profile as profile_bindings  # noqa: E402
 from splitc.planning import profiler  # noqa: E402
 from splitc.planning.cluster import Cluster, ClusterDevice, Link, parse_rate, parse_time  # noqa: E402
@@ -73,6 +73,7 @@ from splitc.planning.cost import DeviceSpeed, estimate  # noqa: E402
 from splitc.runtime import guard, wire  # noqa: E402
 from splitc.runtime.client import connect  # noqa: E402
 from splitc.runtime.plan import Plan  # noqa: E402
+from splitc.runtime.trace import Timeline  # noqa: E402
 
 #: tbf's bucket: what a link passes at once above its rate. 16 kB keeps messages near the line
 #: rate (1 Gbit/s, 14 kB to 602 kB: 0.2 to 0.4 ms slower than size / rate, measured); the
@@ -347,7 +348,9 @@ def slowed(table: dict, k: float) -> dict:
     """A profile table for a device k times slower at everything a piece does."""
     return {**table, "flops_per_second": table["flops_per_second"] / k,
             **{key: table[key] * k for key in ("seconds_per_weight_byte", "seconds_per_byte",
-                                               "call_overhead", "tile_seconds_per_flop")},
+                                               "call_overhead", "tile_seconds_per_flop",
+                                               "seconds_per_message",
+                                               "runtime_seconds_per_byte")},
             "slowdown": k}
 
 
@@ -393,7 +396,7 @@ class Workers:
 
 
 def measure(out: Path, x, reference, nets, port0: int, repeats: int, inflight: int,
-            mode: str, factors, delay: float, cores) -> dict:
+            mode: str, factors, delay: float, cores, trace: Path | None = None) -> dict:
     """One row: latency and throughput of the plan in ``out`` on emulated boards, with what
     the workers report (dilated busy time, the runtime's CPU, late pieces)."""
     plan = Plan.load(out)
@@ -414,6 +417,8 @@ def measure(out: Path, x, reference, nets, port0: int, repeats: int, inflight: i
                 times.append(time.perf_counter() - t)
             load = psutil.cpu_percent()
             after = session.worker_stats()
+            if trace is not None:  # the measured timeline of the last requests
+                session.timeline().write(trace, f"{out.name}, measured")
             t = time.perf_counter()
             n = max(repeats, 2 * inflight)
             list(session.infer_many([x] * n, inflight=inflight))
@@ -424,7 +429,10 @@ def measure(out: Path, x, reference, nets, port0: int, repeats: int, inflight: i
     def per_request(dev, key):
         return (after[dev]["emulation"][key] - before[dev]["emulation"][key]) / repeats
 
-    busy = {d: per_request(d, "dilated_s") for d in after}
+    # busy: a device's dilated time in its pieces and in handling messages between them (F x
+    # the serving thread's CPU there), as the cost model's busy time counts both
+    busy = {d: per_request(d, "dilated_s")
+            + factors[plan.device(d).index] * per_request(d, "runtime_cpu_s") for d in after}
     calibrated = sum(per_request(d, "calibrated_s") for d in after)
     shared = sum(per_request(d, "piece_cpu_s") for d in after) / max(calibrated, 1e-12)
     piece_cpu = {d: per_request(d, "piece_cpu_s") for d in after}
@@ -482,6 +490,9 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None, help="keep artifacts here")
     ap.add_argument("--save", type=Path, default=None,
                     help="write the report, JSON and plots here (benchmarks/results)")
+    ap.add_argument("--trace", type=Path, default=None,
+                    help="write each row's measured and predicted timelines (Chrome trace "
+                         "format) into this folder")
     args = ap.parse_args()
 
     n = args.devices
@@ -504,6 +515,9 @@ def main() -> int:
         out_lines.append(line)
 
     table = profiler.measure(args.model, "host", tiny=args.tiny, input_shapes=shapes, number=2)
+    # what a message costs the serving thread, on this model's messages
+    table.update(measure_runtime_cost("host", model=args.model, tiny=args.tiny,
+                                      input_shapes=shapes))
     tables = [slowed(table, f) for f in factors]
     speeds = [DeviceSpeed.from_profile(t, f"profile x {f:g}") for t, f in zip(tables, factors,
                                                                             strict=True)]
@@ -522,8 +536,10 @@ def main() -> int:
         f"slowdown {', '.join(f'{f:g}' for f in factors)}: each piece runs once and its "
         "outputs leave when F x its thread CPU time has passed"
         if args.emulation == "dilated" else "")
-    say(f"# splitc on this core: {table['flops_per_second'] / 1e9:.2f} GFLOP/s (profiled); "
-        "the cost model is given each device's profile scaled by its F")
+    say(f"# splitc on this core: {table['flops_per_second'] / 1e9:.2f} GFLOP/s (profiled), "
+        f"the runtime {table['seconds_per_message'] * 1e6:.0f} us of CPU per message + "
+        f"{table['runtime_seconds_per_byte'] * 1e12:.0f} ps per byte (measured); the cost "
+        "model is given each device's profile scaled by its F")
     with ExitStack() as stack:
         nets = None
         if args.netns:
@@ -558,11 +574,18 @@ def main() -> int:
                           input_shapes=shapes)
             for mode in modes:
                 pin = cores if mode == "repeat" else None
+                stem = args.trace / f"{strategy}-{devices}-{mode}" if args.trace else None
+                if stem is not None:
+                    args.trace.mkdir(parents=True, exist_ok=True)
                 r = measure(out, x, reference, nets, 5600 + 20 * i + 10 * (mode != modes[0]),
-                            args.requests, devices, mode, factors, delay, pin)
+                            args.requests, devices, mode, factors, delay, pin,
+                            stem.with_suffix(".measured.json") if stem else None)
                 plan = r.pop("plan")
+                timeline = Timeline() if stem else None
                 pred = estimate(plan, Cluster(sub.devices[:len(plan.devices)], link),
-                                speeds[:len(plan.devices)])
+                                speeds[:len(plan.devices)], timeline=timeline)
+                if timeline is not None:
+                    timeline.write(stem.with_suffix(".predicted.json"), f"{out.name}, predicted")
                 rows.append({"config": f"{name} ({plan.strategy}, {len(plan.devices)} dev)"
                                        + ("" if mode == args.emulation else ", repeat"),
                              "mode": mode, **r, "predicted": pred.latency,
@@ -611,7 +634,8 @@ def report(rows, say, n, factors, one_device, must_cross, bandwidth, validate) -
             f"{num(r.get('late_share', 0) * 100, '.0f') + ('%' if busy else ''):>5} "
             f"{num(r.get('load', 0), '.0f') + ('%' if busy else ''):>5}"
             + ("  VOID (starved)" if void else ""))
-    say("(busy: the busiest device's dilated time in its pieces per request; wait: the rest "
+    say("(busy: the busiest device's dilated time in its pieces and its message handling "
+        "between them per request; wait: the rest "
         "of the latency; rt cpu: the busiest device's runtime CPU per request that was not "
         "dilated (ZeroMQ's I/O threads; the serving thread's message handling between pieces "
         "is dilated): leaving it so flatters a row by at most (F-1) x it; late: "

@@ -235,9 +235,16 @@ class Worker:
         #: EVENTS_KEPT are kept, numbered from events_base
         self.events: deque = deque(maxlen=EVENTS_KEPT)
         self.events_base = 0
-        self.counters = {"recv": defaultdict(lambda: [0, 0]), "sent": defaultdict(lambda: [0, 0]),
+        #: recv / sent: per peer [tensors, bytes, messages]; loop_cpu_s: the serving thread's
+        #: CPU time handling what the loop woke up for, pieces included (piece_cpu_s): the
+        #: rest is what the runtime itself costs (`splitc profile` prices it per piece call
+        #: and per message from these)
+        self.counters = {"recv": defaultdict(lambda: [0, 0, 0]),
+                         "sent": defaultdict(lambda: [0, 0, 0]),
                          "pieces_run": 0, "requests_done": 0, "errors": 0, "expired": 0,
-                         "orphaned": 0, "refused": 0, "compute_s": 0.0}
+                         "orphaned": 0, "refused": 0, "compute_s": 0.0, "piece_cpu_s": 0.0,
+                         "loop_cpu_s": 0.0}
+        self._turn_cpu: float | None = None  # the thread's CPU clock when this turn began
         self.curve = security.Curve(keys, self.device) if keys else None
         self.insecure = insecure
         security.require([bind], self.curve, insecure, f"bind {self.device} to")
@@ -346,6 +353,7 @@ class Worker:
                         poller.register(s, zmq.POLLIN)
                     registered = peers
                 events = dict(poller.poll(self.poll_ms()))
+                self._turn_cpu = time.thread_time()
                 if self.router in events:
                     self._drain_router()
                 if reports in events:
@@ -357,6 +365,8 @@ class Worker:
                     self._check_setup()
                 self._sweep()
                 self.each_turn()
+                self.counters["loop_cpu_s"] += time.thread_time() - self._turn_cpu
+                self._turn_cpu = None
         finally:
             self.close()
 
@@ -660,6 +670,7 @@ class Worker:
         counter = self.counters["recv"][src]
         counter[0] += len(msg.arrays)
         counter[1] += msg.nbytes
+        counter[2] += 1
         now = time.monotonic()
         self._event("r", rid, f"{src}|{','.join(msg.names)}", now, now, msg.nbytes)
         if rid in s.dropped:
@@ -718,7 +729,7 @@ class Worker:
                     # failed these requests long ago): nobody will take the answers
                     self._orphan()
                     return
-                t0, m0 = time.perf_counter(), time.monotonic()
+                t0, m0, c0 = time.perf_counter(), time.monotonic(), time.thread_time()
                 try:
                     outs = self.artifact.run(piece, [req.have[t] for t in piece.inputs])
                 except Exception as e:
@@ -726,6 +737,7 @@ class Worker:
                     self._forget(rid)
                     return
                 self.counters["compute_s"] += time.perf_counter() - t0
+                self.counters["piece_cpu_s"] += time.thread_time() - c0
                 self._event("c", rid, piece.name, m0, time.monotonic(), 0)
                 self.counters["pieces_run"] += 1
                 req.done.add(piece.name)
@@ -775,6 +787,7 @@ class Worker:
             counter = self.counters["sent"][dst]
             counter[0] += len(items)
             counter[1] += n
+            counter[2] += 1
             self._event("s", rid, f"{dst}|{','.join(names_)}", sent, sent, n)
         return True
 
@@ -860,11 +873,17 @@ class Worker:
                   "last": g.get("last", []),
                   "budgets": {**self.budget.roles, "anonymous": self.budget.anonymous}}
         return {"device": self.device,
-                "recv": {k: {"tensors": v[0], "bytes": v[1]} for k, v in c["recv"].items()},
-                "sent": {k: {"tensors": v[0], "bytes": v[1]} for k, v in c["sent"].items()},
+                "recv": {k: {"tensors": v[0], "bytes": v[1], "messages": v[2]}
+                         for k, v in c["recv"].items()},
+                "sent": {k: {"tensors": v[0], "bytes": v[1], "messages": v[2]}
+                         for k, v in c["sent"].items()},
                 "pieces_run": c["pieces_run"], "requests_done": c["requests_done"],
                 "errors": c["errors"], "expired": c["expired"], "orphaned": c["orphaned"],
                 "refused": c["refused"], "compute_s": c["compute_s"],
+                # (asked mid-turn, as stats are, with the turn so far: one turn may run
+                # many requests that arrive back to back)
+                "piece_cpu_s": c["piece_cpu_s"], "loop_cpu_s": c["loop_cpu_s"] + (
+                    0.0 if self._turn_cpu is None else time.thread_time() - self._turn_cpu),
                 "pending": len(self.session.requests) if self.session else 0,
                 "memory": memory}
 

@@ -320,10 +320,13 @@ def profile(
         help="Where to store the table (default: where the cost model looks).")] = None,
 ) -> None:
     """Time compiled layers on this machine and store the speed table the cost model uses."""
+    from splitc.driver import measure_runtime_cost
     from splitc.planning import profiler
 
     with progress_bar(f"profiling {target}") as tell:
         table = profiler.measure(model, target, tiny=tiny, progress=tell)
+    with progress_bar(f"measuring the runtime on {target}") as tell:
+        table.update(measure_runtime_cost(target, progress=tell, model=model, tiny=tiny))
     path = profiler.save(table, output)
     typer.echo(profiler.describe(table))
     typer.echo(f"wrote {path}")

@@ -354,3 +354,70 @@ def device_modules(out_dir: str | Path) -> dict[str, tvm.IRModule]:
             target[gv.name_hint] = func
     return merged
 
+
+
+#: The model whose plans :func:`measure_runtime_cost` serves: small, so that the runtime's own
+#: work is a large share of a request's, and splitting it spatially makes many messages.
+RUNTIME_COST_MODEL = "resnet18"
+
+
+def measure_runtime_cost(target: str = "host", requests: int = 40, log: Log = lambda _m: None,
+                         progress: Progress | None = None, model: str = RUNTIME_COST_MODEL,
+                         tiny: bool = True,
+                         input_shapes: Mapping[str, Sequence[int]] | None = None) -> dict:
+    """The CPU the ZeroMQ runtime's serving thread spends per message it sends or receives,
+    beside its pieces, on this machine: local workers serve the tiny ResNet-18 whole (one
+    worker) and split two ways by rows (two workers, many small messages), and report their
+    own counters (the serving thread's CPU time, its pieces', its messages). Returns the
+    table's ``seconds_per_message`` and how it was measured."""
+    import tempfile
+
+    from splitc import targets as target_registry
+    from splitc.runtime.client import connect
+
+    if target_registry.get(target).cross_compiler:
+        raise SplitcError(f"measuring the runtime runs it here; {target} code does not run on "
+                          "this machine")
+    tell = progress or (lambda _f, _what: None)
+    imported = frontend.load(model, input_shapes, tiny=tiny)
+    x = imported.random_inputs()
+    rows = []  # per worker: (messages, their bytes, the runtime's CPU beside its pieces)
+    with tempfile.TemporaryDirectory(prefix="splitc-runtime-cost-") as tmp:
+        for i, (strategy, n) in enumerate((("pipeline", 1), ("spatial", 2))):
+            tell(i / 2, f"compiling {model} for {n} worker(s)")
+            out = Path(tmp) / f"{strategy}-{n}"
+            compile_model(model, out, [target] * n, strategy, tiny=tiny,
+                          input_shapes=input_shapes)
+            tell(i / 2 + 0.25, f"serving {requests} requests on {n} local worker(s)")
+            with connect(out, timeout=120) as session:
+                for _ in range(3):
+                    session.infer(*x)  # warm
+                before = session.worker_stats()
+                for _ in range(requests):
+                    session.infer(*x)
+                after = session.worker_stats()
+            for dev, s in after.items():
+                b = before[dev]
+
+                def grown(key, s=s, b=b):
+                    return sum(v[key] - b[way].get(peer, {}).get(key, 0)
+                               for way in ("recv", "sent") for peer, v in s[way].items())
+
+                rows.append((grown("messages"), grown("bytes"),
+                             (s["loop_cpu_s"] - b["loop_cpu_s"])
+                             - (s["piece_cpu_s"] - b["piece_cpu_s"])))
+    tell(1.0, "done")
+    counts, nbytes, cpu = (np.array(c, dtype=float) for c in zip(*rows, strict=True))
+    # seconds = messages x per message + bytes x per byte, fitted over the workers; a negative
+    # per-byte term (noise on messages of one size) is dropped
+    (per_message, per_byte), *_ = np.linalg.lstsq(np.stack([counts, nbytes], 1), cpu, rcond=None)
+    if per_byte < 0 or per_message < 0:
+        per_message, per_byte = float(cpu.sum() / max(counts.sum(), 1)), 0.0
+    messages = int(counts.sum())
+    log(f"the runtime: {per_message * 1e6:.0f} us of CPU per message + {per_byte * 1e12:.0f} ps "
+        f"per byte ({messages} messages, {cpu.sum() * 1e3:.1f} ms beside the pieces)")
+    return {"seconds_per_message": float(per_message),
+            "runtime_seconds_per_byte": float(per_byte),
+            "runtime_measured_on": f"{'the tiny ' if tiny else ''}{model} on 1 and 2 local "
+                                   f"workers, {messages} messages of {int(nbytes.sum()):,} "
+                                   "bytes"}

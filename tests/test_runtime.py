@@ -93,6 +93,12 @@ def test_answers_equal_local_and_unsplit_and_tensors_go_device_to_device(outs, s
                                             if t.src == src and t.dst == dst)
             assert stats[src]["sent"][dst]["bytes"] == want_bytes
             assert stats[dst]["recv"][src]["bytes"] == want_bytes
+            # one message per piece run and destination (what the cost model prices)
+            crossing = {t.tensor for t in plan.transfers if t.src == src and t.dst == dst}
+            messages = len(batches) * sum(bool(crossing & set(p.outputs))
+                                          for p in plan.pieces_on(src))
+            assert stats[src]["sent"][dst]["messages"] == messages
+            assert stats[dst]["recv"][src]["messages"] == messages
     # the client sent each device exactly the model inputs, or slices of them, it reads
     for d in plan.devices:
         reads = {t for p in plan.pieces_on(d.name) for t in p.inputs} & set(plan.client_tensors)
@@ -108,6 +114,8 @@ def test_answers_equal_local_and_unsplit_and_tensors_go_device_to_device(outs, s
         assert s["errors"] == 0 and s["pending"] == 0
         assert set(s["sent"]) <= {t.dst for t in plan.transfers if t.src == dev} | {"client"}
         assert s["requests_done"] == len(batches)
+        # the serving thread's CPU: its pieces' and, beside them, the runtime's own
+        assert s["loop_cpu_s"] > s["piece_cpu_s"] > 0
 
 
 def test_many_requests_in_flight_each_get_their_own_answer(outs):

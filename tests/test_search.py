@@ -75,7 +75,8 @@ def test_estimate_is_the_stated_formula():
     plan = two_stage_plan()
     link = Link(1e6, 1e-3)
     cluster = Cluster((ClusterDevice("a", "host", 1e9), ClusterDevice("b", "host", 1e9)), link)
-    speeds = [DeviceSpeed(1e9, 1e-4, "test"), DeviceSpeed(0.5e9, 1e-4, "test")]
+    quiet = {"seconds_per_message": 0.0, "runtime_seconds_per_byte": 0.0}
+    speeds = [DeviceSpeed(1e9, 1e-4, "test", **quiet), DeviceSpeed(0.5e9, 1e-4, "test", **quiet)]
     est = estimate(plan, cluster, speeds)
     send_x, send_a, send_y = link.seconds(4000), link.seconds(1000), link.seconds(40)
     run0, run1 = 2e6 / 1e9 + 1e-4, 1e6 / 0.5e9 + 1e-4
@@ -83,20 +84,28 @@ def test_estimate_is_the_stated_formula():
     assert est.period == pytest.approx(max(run0, run1, 1000 / 1e6))
     assert est.device_memory == {"dev0": 800 + 4000 + 1000, "dev1": 400 + 1000 + 40}
     # converting what crosses a piece's boundary costs per byte (x in, a out; a in, y out)
-    per_byte = [DeviceSpeed(s.flops_per_second, s.call_overhead, "test", 1e-8) for s in speeds]
+    per_byte = [dataclasses.replace(s, seconds_per_byte=1e-8) for s in speeds]
     slower = estimate(plan, cluster, per_byte)
     assert slower.latency - est.latency == pytest.approx(1e-8 * (4000 + 1000 + 1000 + 40))
     # every piece reads its weights once per call (800 and 400 bytes)
-    reading = [DeviceSpeed(s.flops_per_second, s.call_overhead, "test", 0.0, 1e-7)
-               for s in speeds]
+    reading = [dataclasses.replace(s, seconds_per_weight_byte=1e-7) for s in speeds]
     assert estimate(plan, cluster, reading).latency - est.latency == pytest.approx(1e-7 * 1200)
     # a spatial split's pieces (tiles) cost more per FLOP, a pipeline's do not
-    tiles = [DeviceSpeed(s.flops_per_second, s.call_overhead, "test", 0.0, 0.0, 1e-10)
-             for s in speeds]
+    tiles = [dataclasses.replace(s, tile_seconds_per_flop=1e-10) for s in speeds]
     assert estimate(plan, cluster, tiles).latency == pytest.approx(est.latency)
     spatial = dataclasses.replace(plan, strategy="spatial")
     assert estimate(spatial, cluster, tiles).latency - est.latency == pytest.approx(
         1e-10 * (2_000_000 + 1_000_000))
+    # the runtime's serving thread handles every message, on the device that sends it and on
+    # the one that receives it: x into dev0, a out of dev0 and into dev1, y out of dev1
+    talking = [dataclasses.replace(s, seconds_per_message=1e-4, runtime_seconds_per_byte=1e-8)
+               for s in speeds]
+    slower = estimate(plan, cluster, talking)
+    assert slower.latency - est.latency == pytest.approx(4e-4 + 1e-8 * (4000 + 2 * 1000 + 40))
+    assert slower.device_busy["dev0"] - est.device_busy["dev0"] == pytest.approx(
+        2e-4 + 1e-8 * (4000 + 1000))
+    assert slower.device_busy["dev1"] - est.device_busy["dev1"] == pytest.approx(
+        2e-4 + 1e-8 * (1000 + 40))
 
 
 def test_messages_leaving_together_share_the_senders_link():
@@ -118,7 +127,8 @@ def test_messages_leaving_together_share_the_senders_link():
         outputs=(Endpoint("y", "y", "dev1"),))
     link = Link(1e6, 1e-3)
     cluster = Cluster((ClusterDevice("a", "host", 1e9), ClusterDevice("b", "host", 1e9)), link)
-    speeds = [DeviceSpeed(1e9, 1e-4, "test")] * 2
+    speeds = [DeviceSpeed(1e9, 1e-4, "test", seconds_per_message=0.0,
+                          runtime_seconds_per_byte=0.0)] * 2
     est = estimate(plan, cluster, speeds)
     x0 = 2 * 4000 / 1e6 + 1e-3  # 4 kB, while the link also carries 4 of x1's 6 kB
     x1 = 10000 / 1e6 + 1e-3
@@ -196,12 +206,17 @@ def test_plan_json_from_auto_round_trips(resnet):
     assert Plan.from_dict(json.loads(best.plan.to_json())) == best.plan
 
 
-def test_a_faster_device_gets_more_rows(resnet):
+def test_a_faster_device_gets_more_rows(resnet, monkeypatch):
     """Heterogeneous cluster: the spatial candidates divide rows in proportion to speed, so
-    the slow devices are not the bottleneck (with equal rows they would be)."""
+    the slow devices are not the bottleneck (with equal rows they would be). (The runtime's
+    cost per message, the same count on every device, is left out: on the tiny model it
+    would outweigh the rows.)"""
     from splitc.passes.split.spatial import SpatialSplit, plan_spatial
+    from splitc.planning import cost
     from splitc.planning.search import _candidate
     from splitc.planning.strategies import Proposal
+
+    monkeypatch.setattr(cost, "DEFAULT_SECONDS_PER_MESSAGE", 0.0)
 
     cluster = Cluster((ClusterDevice("fast", "host", 2**30, 30), ClusterDevice("s1", "host",
                        2**30, 10), ClusterDevice("s2", "host", 2**30, 10)), Link(1e12, 1e-6))
@@ -281,6 +296,41 @@ def test_profile_table_gives_the_cost_model_its_speed(tmp_path, monkeypatch):
         TILE_OVERHEAD)
     given = device_speed(ClusterDevice("pi", "rpi4", 2**30, gflops=10.0))
     assert given.tile_seconds_per_flop == pytest.approx(TILE_OVERHEAD / 10e9)
+
+
+def test_the_runtimes_cost_per_message_is_measured_and_priced(tmp_path, monkeypatch):
+    """`splitc profile` measures what a message costs the runtime's serving thread (local
+    workers' own counters); the cost model prices that, else the default scaled to the
+    device's speed (a board's Python is slower in proportion)."""
+    from splitc.driver import measure_runtime_cost
+    from splitc.planning import cost, profiler
+
+    monkeypatch.setenv("SPLITC_CACHE", str(tmp_path))
+    measured = measure_runtime_cost("host", requests=10)
+    assert 1e-6 < measured["seconds_per_message"] < 0.05
+    assert "messages" in measured["runtime_measured_on"]
+    table = {"target": "host", "model": "m", "codegen": cost.CODEGEN,
+             "format": cost.PROFILE_FORMAT, "flops_per_second": 1e11, "call_overhead": 1e-5,
+             "ops": {}}
+    profiler.save(table)
+    host = ClusterDevice("h", "host", 2**30)
+    slower = cost.REFERENCE_FLOPS / 1e11
+    unmeasured = cost.device_speed(host)
+    assert (unmeasured.seconds_per_message, unmeasured.runtime_seconds_per_byte) == (
+        pytest.approx(cost.DEFAULT_SECONDS_PER_MESSAGE * slower),
+        pytest.approx(cost.DEFAULT_RUNTIME_SECONDS_PER_BYTE * slower))
+    assert "not measured" in profiler.describe(table)
+    profiler.save({**table, **measured})
+    speed = cost.device_speed(host)
+    assert (speed.seconds_per_message, speed.runtime_seconds_per_byte) == (
+        measured["seconds_per_message"], measured["runtime_seconds_per_byte"])
+    assert speed.message_seconds(1000) == pytest.approx(
+        measured["seconds_per_message"] + 1000 * measured["runtime_seconds_per_byte"])
+    assert "per message" in profiler.describe({**table, **measured})
+    slow = cost.device_speed(ClusterDevice("pi", "rpi4", 2**30, gflops=10.0))
+    assert slow.seconds_per_message == pytest.approx(
+        cost.DEFAULT_SECONDS_PER_MESSAGE * cost.REFERENCE_FLOPS / 10e9)
+    assert slow.tile_seconds_per_flop == pytest.approx(cost.TILE_OVERHEAD / 10e9)
 
 
 def test_a_device_may_name_its_own_profile(tmp_path):

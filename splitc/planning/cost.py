@@ -4,6 +4,10 @@
                        + per-call overhead
                        + bytes in and out of the piece x seconds per boundary byte
                        (+ piece FLOPs x tile seconds per FLOP in a spatial split)
+    message seconds  = the runtime's CPU per message + its bytes x the runtime's per byte, on
+                       the device that sends it and again on the device that receives it
+                       (one serving thread: it runs neither pieces nor other messages
+                       meanwhile)
     transfer seconds = bytes / link bandwidth + link latency   (each sender's link is shared:
                        messages that leave together get fair shares of it, as TCP flows do)
     device memory    = its weights + its largest piece's inputs and outputs
@@ -36,6 +40,7 @@ cluster file names is an error.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections import defaultdict
@@ -54,12 +59,19 @@ from splitc.runtime.trace import CLIENT, Timeline
 #: FLOP's time, where no profile measured it (cluster-file ``gflops``, published peaks): 10 to
 #: 17 % in four profiles of ResNet-50 on an x86 core (AVX-512); boards are assumed alike.
 TILE_OVERHEAD = 0.13
-#: Seconds the ZeroMQ runtime spends around each piece call (receiving, converting and sending
-#: its tensors), on top of the VM call itself (benchmarks/cluster.py on tiny models, where it
-#: dominates).
-RUNTIME_DISPATCH = 150e-6
-#: Seconds a piece call costs besides its FLOPs when no profile says otherwise.
-DEFAULT_CALL_OVERHEAD = 50e-6 + RUNTIME_DISPATCH
+#: CPU seconds the ZeroMQ runtime's serving thread spends per message it sends or receives
+#: (header, checks, bookkeeping, handing frames to and from ZeroMQ, waking for it), where
+#: `splitc profile` did not measure it (:func:`splitc.driver.measure_runtime_cost`), and per
+#: byte of the message (copies, first touches of its buffers): 74-85 us and 0.6 ns on an AMD
+#: EPYC (Zen 5) core. A device slower than that core is assumed slower at this too, in
+#: proportion to its FLOP/s (:data:`REFERENCE_FLOPS`), since the runtime is Python on its CPU.
+DEFAULT_SECONDS_PER_MESSAGE = 80e-6
+DEFAULT_RUNTIME_SECONDS_PER_BYTE = 0.6e-9
+#: The FLOP/s of the core DEFAULT_SECONDS_PER_MESSAGE was measured on (splitc's default
+#: schedules, ResNet-50 at 224, one core).
+REFERENCE_FLOPS = 290e9
+#: Seconds a piece call costs besides its FLOPs when no profile says otherwise (the VM call).
+DEFAULT_CALL_OVERHEAD = 50e-6
 #: Seconds per byte a piece reads or writes at its boundary: a piece converts its inputs into
 #: the packed layouts its kernels use (NCHW16c, ...) and its outputs back, and the runtime
 #: copies them in and out. `splitc profile` measures it; when no profile says otherwise, about
@@ -83,15 +95,23 @@ class DeviceSpeed:
     seconds_per_byte: float = 0.0  # at piece boundaries (see DEFAULT_SECONDS_PER_BYTE)
     seconds_per_weight_byte: float = 0.0  # each weight a piece reads, once per call
     tile_seconds_per_flop: float = 0.0  # a spatial split's pieces: a few rows at a time
+    seconds_per_message: float = DEFAULT_SECONDS_PER_MESSAGE  # the runtime's, sent or received
+    runtime_seconds_per_byte: float = DEFAULT_RUNTIME_SECONDS_PER_BYTE  # of those messages
+
+    def message_seconds(self, nbytes: float) -> float:
+        """The runtime's CPU for one message of ``nbytes`` (sending it, or receiving it)."""
+        return self.seconds_per_message + nbytes * self.runtime_seconds_per_byte
 
     @classmethod
     def from_profile(cls, table: dict, source: str) -> DeviceSpeed:
-        """The speed `splitc profile` measured (a table from :func:`~.profiler.measure`)."""
-        return cls(table["flops_per_second"],
-                   table.get("call_overhead", 0.0) + RUNTIME_DISPATCH, source,
+        """The speed `splitc profile` measured (a table from :func:`~.profiler.measure`, with
+        the runtime's cost from :func:`splitc.driver.measure_runtime_cost` where measured)."""
+        rate = table["flops_per_second"]
+        return cls(rate, table.get("call_overhead", 0.0), source,
                    table.get("seconds_per_byte", DEFAULT_SECONDS_PER_BYTE),
                    table.get("seconds_per_weight_byte", 0.0),
-                   table.get("tile_seconds_per_flop", 0.0))
+                   table.get("tile_seconds_per_flop", 0.0),
+                   *table_message_seconds(table, rate))
 
     @classmethod
     def from_published(cls, published: PublishedSpeed) -> DeviceSpeed:
@@ -105,7 +125,8 @@ class DeviceSpeed:
                    else published.seconds_per_byte,
                    1 / published.weight_bytes_per_second
                    if published.weight_bytes_per_second else 0.0,
-                   TILE_OVERHEAD / rate if published.tiles_slower else 0.0)
+                   TILE_OVERHEAD / rate if published.tiles_slower else 0.0,
+                   *default_message_seconds(rate))
 
     def piece_seconds(self, flops: float, weight_bytes: float, edge_bytes: float,
                       tiled: bool = False) -> float:
@@ -115,6 +136,21 @@ class DeviceSpeed:
                          + (self.tile_seconds_per_flop if tiled else 0.0))
                 + weight_bytes * self.seconds_per_weight_byte
                 + self.call_overhead + edge_bytes * self.seconds_per_byte)
+
+
+def default_message_seconds(flops_per_second: float) -> tuple[float, float]:
+    """The runtime's CPU per message and per byte of it on a device of this speed, where
+    nobody measured it."""
+    slower = max(1.0, REFERENCE_FLOPS / flops_per_second)
+    return DEFAULT_SECONDS_PER_MESSAGE * slower, DEFAULT_RUNTIME_SECONDS_PER_BYTE * slower
+
+
+def table_message_seconds(table: dict, flops_per_second: float) -> tuple[float, float]:
+    """The runtime's cost per message and per byte a profile table measured, else the
+    defaults for its speed."""
+    if "seconds_per_message" in table:
+        return table["seconds_per_message"], table.get("runtime_seconds_per_byte", 0.0)
+    return default_message_seconds(flops_per_second)
 
 
 def named_profile(device: ClusterDevice) -> dict:
@@ -173,7 +209,8 @@ def device_speed(device: ClusterDevice) -> DeviceSpeed:
     if device.gflops:
         return DeviceSpeed(device.gflops * 1e9, DEFAULT_CALL_OVERHEAD, "cluster file",
                            DEFAULT_SECONDS_PER_BYTE,
-                           tile_seconds_per_flop=TILE_OVERHEAD / (device.gflops * 1e9))
+                           0.0, TILE_OVERHEAD / (device.gflops * 1e9),
+                           *default_message_seconds(device.gflops * 1e9))
     if device.profile:
         return DeviceSpeed.from_profile(named_profile(device), f"profile {device.profile}")
     cached = cached_profile(device.target)
@@ -252,6 +289,12 @@ def estimate(plan: Plan, cluster: Cluster, speeds: list[DeviceSpeed] | None = No
         return cluster.link(node[a], node[b])
 
     ready: dict[tuple[str, str | None], float] = {}  # (tensor, where) -> time available
+    # (tensor, where) -> the message that brought it there: (its number, arrival, bytes),
+    # handled once by the receiving device's serving thread, before the first piece that
+    # reads it
+    carried: dict[tuple[str, str], tuple[int, float, int]] = {}
+    handled: set[int] = set()
+    numbers = itertools.count()
     free = {d.name: 0.0 for d in plan.devices}
     nic: dict[str | None, float] = {d.name: 0.0 for d in plan.devices}  # sender's link free
     nic[None] = 0.0
@@ -268,49 +311,67 @@ def estimate(plan: Plan, cluster: Cluster, speeds: list[DeviceSpeed] | None = No
     for e in plan.outputs:
         wanted[e.tensor].add(None)
 
-    def send(src: str | None, at: float, tensors) -> None:
+    def send(src: str | None, at: float, tensors) -> float:
         """``src`` sends ``tensors`` at ``at``, one message per destination (ZeroMQ delivers a
-        message whole). The messages leave together and share the sender's link (TCP flows
-        to several hosts get fair shares): each arrives when the link has carried it and,
-        of every other message, as much as it."""
+        message whole), after its serving thread has handled each (returns that time). The
+        messages leave together and share the sender's link (TCP flows to several hosts get
+        fair shares): each arrives when the link has carried it and, of every other message,
+        as much as it."""
         by_dst: dict[str | None, list[str]] = defaultdict(list)
         for t in tensors:
             ready[(t, src)] = at
             for dst in sorted(wanted[t] - {src}, key=str):
                 by_dst[dst].append(t)
         nbytes = {dst: sum(plan.tensors[t].nbytes for t in ts) for dst, ts in by_dst.items()}
+        handling = 0.0 if src is None else sum(speed[src].message_seconds(b)
+                                               for b in nbytes.values())
         wire = {dst: b / link(src, dst).bytes_per_second for dst, b in nbytes.items()}
-        start = max(at, nic[src])
+        start = max(at + handling, nic[src])
         for dst, ts in by_dst.items():
             others = sum(min(w, wire[dst]) for d, w in wire.items() if d != dst)
             done = start + others + link(src, dst).seconds(nbytes[dst])
+            number = next(numbers)
             for t in ts:
                 ready[(t, dst)] = done
+                if dst is not None:
+                    carried[(t, dst)] = (number, done, nbytes[dst])
             if timeline is not None:
                 timeline.message(", ".join(ts), src or CLIENT, dst or CLIENT, start, done,
                                  nbytes[dst], 0)
         nic[src] = start + sum(wire.values())
         if src is not None:
             link_busy[src] += sum(wire.values())
+            busy[src] += handling
+        return at + handling
 
     send(None, 0.0, plan.client_tensors)  # the caller has these at time 0
     for p in plan.pieces:
-        start = max([free[p.device]] + [ready[(t, p.device)] for t in p.inputs])
+        # the messages bringing its inputs, handled in the order they arrive
+        arrivals = sorted({carried[(t, p.device)] for t in p.inputs
+                           if (t, p.device) in carried
+                           and carried[(t, p.device)][0] not in handled}, key=lambda m: m[1])
+        start = max([free[p.device]] + [ready[(t, p.device)] for t in p.inputs
+                                        if (t, p.device) not in carried])
+        for number, arrival, size in arrivals:
+            handled.add(number)
+            cost = speed[p.device].message_seconds(size)
+            start = max(start, arrival) + cost
+            busy[p.device] += cost
         edge = sum(plan.tensors[t].nbytes for t in (*p.inputs, *p.outputs))
         if piece_seconds and p.name in piece_seconds:
-            run = piece_seconds[p.name] + RUNTIME_DISPATCH
+            run = piece_seconds[p.name]
         else:
             run = speed[p.device].piece_seconds(p.flops, p.weight_bytes, edge, tiled)
         if timeline is not None:
-            if start > free[p.device]:
-                timeline.span(p.device, "wait", "waiting for " + ", ".join(
-                    t for t in p.inputs if ready[(t, p.device)] > free[p.device]),
-                    free[p.device], start, 0)
+            waited = [t for t in p.inputs if ready[(t, p.device)] > free[p.device]]
+            if start > free[p.device] and waited:
+                timeline.span(p.device, "wait", "waiting for " + ", ".join(waited),
+                              free[p.device], start, 0)
             timeline.span(p.device, "compute", p.name, start, start + run, 0,
                           flops=p.flops, weight_bytes=p.weight_bytes)
         free[p.device] = start + run
         busy[p.device] += run
-        send(p.device, free[p.device], p.outputs)
+        free[p.device] = send(p.device, free[p.device], p.outputs)
     latency = max(ready[(e.tensor, None)] for e in plan.outputs)
     period = max(list(busy.values()) + list(link_busy.values()))
     return Estimate(latency, period, busy, device_memory(plan), plan.transfer_bytes)

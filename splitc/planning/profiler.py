@@ -264,6 +264,11 @@ def describe(table: dict) -> str:
              f"tiles {table.get('tile_seconds_per_flop', 0) * 1e12:.2f} ps more per FLOP",
              f"fitted on {table.get('fitted_on', 'the whole model')}: mean error "
              f"{table.get('fit_error', 0) * 100:.1f} %",
+             (f"the runtime: {table['seconds_per_message'] * 1e6:.0f} µs of CPU per message "
+              f"sent or received + {table.get('runtime_seconds_per_byte', 0) * 1e12:.0f} ps "
+              f"per byte of it (measured on {table.get('runtime_measured_on', '?')})"
+              if "seconds_per_message" in table else
+              "the runtime's cost per message: not measured (the cost model's default)"),
              f"{'op':<24} {'GFLOP/s':>9} {'ms':>9}"]
     for kind, row in table["ops"].items():
         rate = row["flops_per_second"]

@@ -26,7 +26,7 @@ from splitc.backend.kinds import BuildOptions, PiecePrice
 from splitc.errors import SplitcError
 from splitc.planning import strategies
 from splitc.planning.cluster import Cluster
-from splitc.planning.cost import RUNTIME_DISPATCH, DeviceSpeed, Estimate, estimate, kind_prices
+from splitc.planning.cost import DeviceSpeed, Estimate, estimate, kind_prices
 from splitc.planning.extract import Extracted, extract
 from splitc.planning.strategies import Context, Proposal
 from splitc.planning.strategies.branch import branch_bytes
@@ -136,8 +136,8 @@ class SearchResult:
                 continue
             dev = b.plan.device(piece.device)
             lines.append(f"  {piece.name} on {dev.name} ({dev.target}): {price.note}; "
-                         f"{(price.seconds + RUNTIME_DISPATCH) * 1e3:.3f} ms a call with the "
-                         "runtime's dispatch")
+                         f"{price.seconds * 1e3:.3f} ms a call (and the runtime's "
+                         "handling of each message in and out)")
             edge = sum(b.plan.tensors[t].nbytes for t in (*piece.inputs, *piece.outputs))
             for d, speed in zip(cluster.devices, self.speeds, strict=True):
                 if not any(c.devices[c.plan.device(p.device).index] == cluster.devices.index(d)
