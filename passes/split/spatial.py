@@ -63,11 +63,10 @@ WINDOWED = {"nn.conv2d", "nn.max_pool2d", "nn.avg_pool2d"}
 #: A segment grows while its tiles together compute at most this factor of the FLOPs of the
 #: untiled segment (halo rows are recomputed by both neighbours; they grow with every fused
 #: layer), so recomputation stays within 25% and a longer chain becomes several segments.
-#: Lower caps mean less recomputation but more exchanges, higher ones fewer messages for
-#: more recomputation (where the runtime's cost per message is high against the FLOPs, as on
-#: a board's Python): ``--strategy auto`` prices :data:`HALO_CAPS` and keeps the best.
+#: Lower caps mean less recomputation but more exchanges: ``--strategy auto`` prices
+#: :data:`HALO_CAPS` and keeps the best.
 MAX_HALO_OVERHEAD = 1.25
-HALO_CAPS = (2.0, 1.5, 1.25, 1.15, 1.10, 1.05)
+HALO_CAPS = (1.25, 1.15, 1.10, 1.05)
 
 Rows = tuple[int, int]
 
