@@ -49,6 +49,7 @@ import os
 os.environ.setdefault("TVM_NUM_THREADS", "1")  # before TVM starts its thread pool
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
 import signal  # noqa: E402
@@ -431,8 +432,10 @@ def measure(out: Path, x, reference, nets, port0: int, repeats: int, inflight: i
 
     # busy: a device's dilated time in its pieces and in handling messages between them (F x
     # the serving thread's CPU there), as the cost model's busy time counts both
-    busy = {d: per_request(d, "dilated_s")
-            + factors[plan.device(d).index] * per_request(d, "runtime_cpu_s") for d in after}
+    pieces = {d: per_request(d, "dilated_s") for d in after}
+    handling = {d: factors[plan.device(d).index] * per_request(d, "runtime_cpu_s")
+                for d in after}
+    busy = {d: pieces[d] + handling[d] for d in after}
     calibrated = sum(per_request(d, "calibrated_s") for d in after)
     shared = sum(per_request(d, "piece_cpu_s") for d in after) / max(calibrated, 1e-12)
     piece_cpu = {d: per_request(d, "piece_cpu_s") for d in after}
@@ -444,7 +447,8 @@ def measure(out: Path, x, reference, nets, port0: int, repeats: int, inflight: i
     weights = max(sum(p.weight_bytes for p in plan.pieces_on(d.name)) for d in plan.devices)
     return {"latency": statistics.median(times), "throughput": throughput, "rel_err": err,
             "bytes": plan.transfer_bytes, "weights": weights, "busy": max(busy.values()),
-            "busy_by_device": busy, "runtime_cpu": max(runtime_cpu.values()),
+            "busy_by_device": busy, "pieces_by_device": pieces,
+            "handling_by_device": handling, "runtime_cpu": max(runtime_cpu.values()),
             "late_share": late / max(sum(busy.values()), 1e-9), "load": load,
             "cpu_vs_alone": shared if mode == "dilated" else None, "plan": plan}
 
@@ -582,14 +586,19 @@ def main() -> int:
                             stem.with_suffix(".measured.json") if stem else None)
                 plan = r.pop("plan")
                 timeline = Timeline() if stem else None
-                pred = estimate(plan, Cluster(sub.devices[:len(plan.devices)], link),
-                                speeds[:len(plan.devices)], timeline=timeline)
+                on = Cluster(sub.devices[:len(plan.devices)], link)
+                pred = estimate(plan, on, speeds[:len(plan.devices)], timeline=timeline)
+                # the same without the runtime's cost per message: its pieces alone
+                quiet = estimate(plan, on, [dataclasses.replace(
+                    s, seconds_per_message=0.0, runtime_seconds_per_byte=0.0)
+                    for s in speeds[:len(plan.devices)]])
                 if timeline is not None:
                     timeline.write(stem.with_suffix(".predicted.json"), f"{out.name}, predicted")
                 rows.append({"config": f"{name} ({plan.strategy}, {len(plan.devices)} dev)"
                                        + ("" if mode == args.emulation else ", repeat"),
                              "mode": mode, **r, "predicted": pred.latency,
-                             "predicted_busy": pred.device_busy})
+                             "predicted_busy": pred.device_busy,
+                             "predicted_pieces": quiet.device_busy})
     report(rows, say, n, factors, one_device, sum(t.nbytes for t in x)
            + sum(t.nbytes for t in reference), bandwidth, args.validate)
     if args.save:
@@ -648,8 +657,13 @@ def report(rows, say, n, factors, one_device, must_cross, bandwidth, validate) -
             ratios = [r["busy_by_device"][d] / r["predicted_busy"][d]
                       for d in r["busy_by_device"] if r["predicted_busy"].get(d)]
             if ratios:
+                d = max(r["busy_by_device"], key=r["busy_by_device"].get)
+                pieces, predicted = r["pieces_by_device"][d], r["predicted_pieces"][d]
                 say(f"busy vs the isolated profile, {r['config']}: "
                     f"{min(ratios):.2f}-{max(ratios):.2f} (measured / predicted per device); "
+                    f"busiest ({d}): pieces {pieces * 1e3:.1f} vs {predicted * 1e3:.1f} ms "
+                    f"predicted, message handling {r['handling_by_device'][d] * 1e3:.1f} vs "
+                    f"{(r['predicted_busy'][d] - predicted) * 1e3:.1f} ms; "
                     f"pieces' CPU beside the other devices / alone: {r['cpu_vs_alone']:.2f}")
     if validate:
         by = {}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ import numpy as np
 import tvm
 
 from splitc import frontend
+from splitc import targets as target_registry
 from splitc.backend import artifacts
 from splitc.backend.fpga import FpgaOptions
 from splitc.backend.kinds import BuildOptions
@@ -39,6 +41,7 @@ from splitc.planning.profiler import Progress
 from splitc.planning.search import search
 from splitc.planning.speeds import cluster_speeds
 from splitc.runtime import fallback as fallback_format
+from splitc.runtime.client import connect
 from splitc.runtime.plan import Plan
 
 Log = Callable[[str], None]
@@ -365,16 +368,13 @@ def measure_runtime_cost(target: str = "host", requests: int = 40, log: Log = la
                          progress: Progress | None = None, model: str = RUNTIME_COST_MODEL,
                          tiny: bool = True,
                          input_shapes: Mapping[str, Sequence[int]] | None = None) -> dict:
-    """The CPU the ZeroMQ runtime's serving thread spends per message it sends or receives,
-    beside its pieces, on this machine: local workers serve the tiny ResNet-18 whole (one
-    worker) and split two ways by rows (two workers, many small messages), and report their
-    own counters (the serving thread's CPU time, its pieces', its messages). Returns the
-    table's ``seconds_per_message`` and how it was measured."""
-    import tempfile
-
-    from splitc import targets as target_registry
-    from splitc.runtime.client import connect
-
+    """The CPU the ZeroMQ runtime's serving thread spends per message it sends or receives
+    and per byte of it, beside its pieces, on this machine: local workers serve ``model``
+    (default the tiny ResNet-18) whole (one worker) and split two ways by rows (two workers,
+    many smaller messages), and report their own counters (the serving thread's CPU time,
+    its pieces', its messages and their bytes); the two rates are fitted over the workers.
+    Returns the table's ``seconds_per_message``, ``runtime_seconds_per_byte`` and how they
+    were measured."""
     if target_registry.get(target).cross_compiler:
         raise SplitcError(f"measuring the runtime runs it here; {target} code does not run on "
                           "this machine")

@@ -382,26 +382,29 @@ def fabric_pieces(result):
 
 
 def test_auto_puts_a_cnn_segment_on_the_fabric_when_its_estimates_pay(small_cnn):
-    cluster = Cluster.uniform(["rpi4", "pynq-z1-fpga"])
+    # a Pi 3 beside the fabric: its CPU is slow enough that moving convolutions to the
+    # fabric pays for the messages (each costs the runtime's CPU on both boards; beside a
+    # Pi 4 the 6 MFLOP model is too small for it to pay)
+    cluster = Cluster.uniform(["rpi3", "pynq-z1-fpga"])
     mod = frontend.load(str(small_cnn)).mod
     result = search(mod, cluster, cluster_speeds(cluster), objective="throughput")
     on_fabric = fabric_pieces(result)
     assert on_fabric, result.explain(cluster)
     (piece,) = on_fabric
     assert "conv2d" in result.best.priced[piece.name].note
-    assert [d.target for d in result.best.plan.devices] == ["rpi4", "pynq-z1-fpga"]
+    assert [d.target for d in result.best.plan.devices] == ["rpi3", "pynq-z1-fpga"]
     without = min((c for c in result.candidates if c.fits and not any(
         p.seconds is not None for p in c.priced.values())), key=lambda c: c.estimate.period)
     assert result.best.estimate.period < without.estimate.period
 
     said = subprocess.run([sys.executable, "-m", "splitc.cli", "plan", str(small_cnn),
-                           "--devices", "rpi4,pynq-z1-fpga", "--objective", "throughput",
+                           "--devices", "rpi3,pynq-z1-fpga", "--objective", "throughput",
                            "--explain"], capture_output=True, text=True, timeout=300)
     assert said.returncode == 0, said.stderr
     text = said.stdout
     assert f"{piece.name} on dev1 (pynq-z1-fpga): " in text and "DSP" in text
     assert "(estimate)" in text and "the fabric pays: " in text
-    assert "the best plan without it, single device dev0" in text
+    assert f"the best plan without it, {without.label}" in text
 
 
 def test_auto_keeps_work_off_the_fabric_when_its_estimates_do_not_pay(small_cnn):

@@ -60,16 +60,13 @@ from splitc.runtime.trace import CLIENT, Timeline
 #: 17 % in four profiles of ResNet-50 on an x86 core (AVX-512); boards are assumed alike.
 TILE_OVERHEAD = 0.13
 #: CPU seconds the ZeroMQ runtime's serving thread spends per message it sends or receives
-#: (header, checks, bookkeeping, handing frames to and from ZeroMQ, waking for it), where
-#: `splitc profile` did not measure it (:func:`splitc.driver.measure_runtime_cost`), and per
-#: byte of the message (copies, first touches of its buffers): 74-85 us and 0.6 ns on an AMD
-#: EPYC (Zen 5) core. A device slower than that core is assumed slower at this too, in
-#: proportion to its FLOP/s (:data:`REFERENCE_FLOPS`), since the runtime is Python on its CPU.
+#: (header, checks, bookkeeping, handing frames to and from ZeroMQ, waking for it), and per
+#: byte of the message (copies, first touches of its buffers), where `splitc profile` did not
+#: measure them (:func:`splitc.driver.measure_runtime_cost`): 74-85 us and 0.1-0.6 ns on an AMD
+#: EPYC (Zen 5) core. A board's Python is slower than that core (a Pi 4's several times): its
+#: table from `splitc profile` run on it prices that; without one, these flatter the board.
 DEFAULT_SECONDS_PER_MESSAGE = 80e-6
 DEFAULT_RUNTIME_SECONDS_PER_BYTE = 0.6e-9
-#: The FLOP/s of the core DEFAULT_SECONDS_PER_MESSAGE was measured on (splitc's default
-#: schedules, ResNet-50 at 224, one core).
-REFERENCE_FLOPS = 290e9
 #: Seconds a piece call costs besides its FLOPs when no profile says otherwise (the VM call).
 DEFAULT_CALL_OVERHEAD = 50e-6
 #: Seconds per byte a piece reads or writes at its boundary: a piece converts its inputs into
@@ -111,7 +108,7 @@ class DeviceSpeed:
                    table.get("seconds_per_byte", DEFAULT_SECONDS_PER_BYTE),
                    table.get("seconds_per_weight_byte", 0.0),
                    table.get("tile_seconds_per_flop", 0.0),
-                   *table_message_seconds(table, rate))
+                   *table_message_seconds(table))
 
     @classmethod
     def from_published(cls, published: PublishedSpeed) -> DeviceSpeed:
@@ -126,7 +123,7 @@ class DeviceSpeed:
                    1 / published.weight_bytes_per_second
                    if published.weight_bytes_per_second else 0.0,
                    TILE_OVERHEAD / rate if published.tiles_slower else 0.0,
-                   *default_message_seconds(rate))
+                   *table_message_seconds({}))
 
     def piece_seconds(self, flops: float, weight_bytes: float, edge_bytes: float,
                       tiled: bool = False) -> float:
@@ -138,19 +135,12 @@ class DeviceSpeed:
                 + self.call_overhead + edge_bytes * self.seconds_per_byte)
 
 
-def default_message_seconds(flops_per_second: float) -> tuple[float, float]:
-    """The runtime's CPU per message and per byte of it on a device of this speed, where
-    nobody measured it."""
-    slower = max(1.0, REFERENCE_FLOPS / flops_per_second)
-    return DEFAULT_SECONDS_PER_MESSAGE * slower, DEFAULT_RUNTIME_SECONDS_PER_BYTE * slower
-
-
-def table_message_seconds(table: dict, flops_per_second: float) -> tuple[float, float]:
+def table_message_seconds(table: dict) -> tuple[float, float]:
     """The runtime's cost per message and per byte a profile table measured, else the
-    defaults for its speed."""
+    defaults."""
     if "seconds_per_message" in table:
         return table["seconds_per_message"], table.get("runtime_seconds_per_byte", 0.0)
-    return default_message_seconds(flops_per_second)
+    return DEFAULT_SECONDS_PER_MESSAGE, DEFAULT_RUNTIME_SECONDS_PER_BYTE
 
 
 def named_profile(device: ClusterDevice) -> dict:
@@ -210,7 +200,7 @@ def device_speed(device: ClusterDevice) -> DeviceSpeed:
         return DeviceSpeed(device.gflops * 1e9, DEFAULT_CALL_OVERHEAD, "cluster file",
                            DEFAULT_SECONDS_PER_BYTE,
                            0.0, TILE_OVERHEAD / (device.gflops * 1e9),
-                           *default_message_seconds(device.gflops * 1e9))
+                           *table_message_seconds({}))
     if device.profile:
         return DeviceSpeed.from_profile(named_profile(device), f"profile {device.profile}")
     cached = cached_profile(device.target)
