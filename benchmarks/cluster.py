@@ -518,7 +518,9 @@ def main() -> int:
         print(line, flush=True)
         out_lines.append(line)
 
-    table = profiler.measure(args.model, "host", tiny=args.tiny, input_shapes=shapes, number=2)
+    # the tile term fitted on tiles of this N (a thin tile runs further below the rates)
+    table = profiler.measure(args.model, "host", tiny=args.tiny, input_shapes=shapes, number=2,
+                             tile_ways=n)
     # what a message costs the serving thread, on this model's messages
     table.update(measure_runtime_cost("host", model=args.model, tiny=args.tiny,
                                       input_shapes=shapes))

@@ -318,13 +318,16 @@ def profile(
     tiny: TinyOpt = False,
     output: Annotated[Path | None, typer.Option(
         help="Where to store the table (default: where the cost model looks).")] = None,
+    tile_ways: Annotated[int, typer.Option(
+        min=2, help="Fit the spatial tiles' cost on splits this many ways (your cluster's "
+                    "device count: thin tiles run further below the rates).")] = 2,
 ) -> None:
     """Time compiled layers on this machine and store the speed table the cost model uses."""
     from splitc.driver import measure_runtime_cost
     from splitc.planning import profiler
 
     with progress_bar(f"profiling {target}") as tell:
-        table = profiler.measure(model, target, tiny=tiny, progress=tell)
+        table = profiler.measure(model, target, tiny=tiny, progress=tell, tile_ways=tile_ways)
     with progress_bar(f"measuring the runtime on {target}") as tell:
         table.update(measure_runtime_cost(target, progress=tell, model=model, tiny=tiny))
     path = profiler.save(table, output)

@@ -275,7 +275,7 @@ def test_profile_table_gives_the_cost_model_its_speed(tmp_path, monkeypatch):
     assert table["seconds_per_byte"] >= 0 and "per byte" in profiler.describe(table)
     assert table["seconds_per_weight_byte"] >= 0 and 0 <= table["fit_error"] < 1
     assert table["tile_seconds_per_flop"] >= 0
-    assert "pieces of two-way spatial splits" in table["fitted_on"]
+    assert "pieces of 2-way spatial splits" in table["fitted_on"]
     assert f"fitted on {table['fitted_on']}" in profiler.describe(table)
     path = profiler.save(table)
     speed = device_speed(ClusterDevice("h", "host", 2**30))

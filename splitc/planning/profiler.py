@@ -8,7 +8,8 @@ what splits are made of:
 * the whole model compiled as one piece, at its input size and at half the rows and columns
   (a quarter of the FLOPs does not take a quarter of the time: every weight is still read
   once, which is what a spatial split's tiles each pay);
-* the pieces of the model split two ways spatially (at the most and the least recomputation
+* the pieces of the model split two ways spatially (``tile_ways``: as many ways as the cluster
+  it is for has devices; at the most and the least recomputation
   the search tries), timed one after another as a worker runs them: each converts its inputs
   and outputs between layouts, slices and concatenates rows.
   What they took beyond the fitted rates, per FLOP, is the tile term: a layer computed a few
@@ -49,8 +50,9 @@ Progress = Callable[[float, str], None]
 
 
 def measure(model: str, target: str = "host", *, tiny: bool = False, number: int = 5,
-            input_shapes=None, progress: Progress | None = None) -> dict:
-    """Time every layer of ``model`` compiled for ``target`` on this machine."""
+            input_shapes=None, progress: Progress | None = None, tile_ways: int = 2) -> dict:
+    """Time every layer of ``model`` compiled for ``target`` on this machine
+    (``tile_ways``: the spatial splits whose tiles fit the tile term)."""
     tell = progress or (lambda _f, _what: None)
     spec = target_registry.get(target)
     if spec.cross_compiler:
@@ -93,11 +95,11 @@ def measure(model: str, target: str = "host", *, tiny: bool = False, number: int
             notes.append(f"the model at {half}")
         except Exception as e:  # (any importer or compiler failure: fit without it)
             notes.append(f"not the model at {half}: {e}".splitlines()[0])
-    tell(0.8, "timing the pieces of two-way spatial splits")
-    spatial = _spatial_runs(imported.mod, spec, number)
+    tell(0.8, f"timing the pieces of {tile_ways}-way spatial splits")
+    spatial = _spatial_runs(imported.mod, spec, number, tile_ways)
     tell(1.0, "fitting the rates")
     runs += spatial
-    notes.append(f"{len(spatial)} pieces of two-way spatial splits" if spatial else
+    notes.append(f"{len(spatial)} pieces of {tile_ways}-way spatial splits" if spatial else
                  "no spatial split (nothing to tile)")
     runs = [(x, seconds - call) for x, seconds in runs]
     # the whole model counts as WHOLE_MODEL_WEIGHT pieces: the one-device plan, which every
@@ -153,14 +155,14 @@ Run = tuple[tuple[float, float, float], float]  # ((FLOPs, weight bytes, edge by
 WHOLE_MODEL_WEIGHT = 10.0
 
 
-def _spatial_runs(mod: tvm.IRModule, spec, number: int) -> list[Run]:
-    """The pieces of ``mod`` split two ways spatially, at the most and the least recomputation
-    the search tries (few long pieces, or many short ones that hand on more bytes: without
-    these the boundary term took in what the long tiles' layers lose), each timed in plan
-    order as a worker runs them; none where the model has nothing to tile."""
+def _spatial_runs(mod: tvm.IRModule, spec, number: int, ways: int = 2) -> list[Run]:
+    """The pieces of ``mod`` split ``ways`` ways spatially, at the most and the least
+    recomputation the search tries (few long pieces, or many short ones that hand on more
+    bytes: without these the boundary term took in what the long tiles' layers lose), each
+    timed in plan order as a worker runs them; none where the model has nothing to tile."""
     plans = {}  # segments -> plan: two caps can give the same split
     for cap in (max(HALO_CAPS), min(HALO_CAPS)):
-        plan = plan_spatial(mod, 2, max_overhead=cap)
+        plan = plan_spatial(mod, ways, max_overhead=cap)
         if plan.segments:
             plans.setdefault(plan.segments, plan)
     return [run for plan in plans.values() for run in _spatial_pieces(mod, spec, number, plan)]
