@@ -165,8 +165,8 @@ class Block(torch.nn.Module):
         return torch.relu(x + self.b(torch.relu(self.a(x))))
 
 
-def auto(output: Path | None) -> None:
-    """``auto`` on rpi4 + pynq-z1-fpga for the small CNN, both objectives, explained."""
+def auto(output: Path | None, board: str = "rpi4") -> None:
+    """``auto`` on ``board`` + pynq-z1-fpga for the small CNN, both objectives, explained."""
     import warnings
 
     from splitc.planning.cluster import Cluster
@@ -185,8 +185,8 @@ def auto(output: Path | None) -> None:
                           input_names=["input"], output_names=["output"], opset_version=17)
     mod = frontend.load(str(path)).mod
     scratch.cleanup()
-    cluster = Cluster.uniform(["rpi4", "pynq-z1-fpga"])
-    lines = [f"# auto on rpi4 + pynq-z1-fpga, {time.strftime('%Y-%m-%d %H:%M')}: published "
+    cluster = Cluster.uniform([board, "pynq-z1-fpga"])
+    lines = [f"# auto on {board} + pynq-z1-fpga, {time.strftime('%Y-%m-%d %H:%M')}: published "
              "figures and hls4ml estimates, nothing measured"]
     for objective in ("latency", "throughput"):
         result = search(mod, cluster, cluster_speeds(cluster), objective=objective)
@@ -207,10 +207,11 @@ def main() -> None:
     ap.add_argument("--csim", action="store_true")
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--auto", action="store_true")
+    ap.add_argument("--board", default="rpi4", help="with --auto: the CPU board beside the fabric")
     ap.add_argument("--output", type=Path)
     args = ap.parse_args()
     if args.auto:
-        auto(args.output)
+        auto(args.output, args.board)
         return
 
     spec = targets.get(args.target)
