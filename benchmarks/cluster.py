@@ -4,9 +4,14 @@ For one model and N devices it measures ONNX Runtime on one device, splitc on on
 channel, pipeline, spatial and hybrid splits and ``--strategy auto``, each with one worker per
 device, and prints per row: latency (median of ``--requests`` sequential requests), throughput
 (N in flight), bytes between devices per inference, the largest weights a device holds, the
-cost model's prediction and its error, the busiest device's time in its pieces, the rest of the
-latency (waiting for tensors and the network), the runtime's own CPU time per inference, and
-the ideal (one device's compute / N + the bytes that must cross / bandwidth).
+cost model's prediction and its error, the busiest device's time in its pieces and in
+handling its messages, the rest of the latency (waiting for tensors and the network), the
+runtime's own CPU time per inference, and the ideal (one device's compute / N + the bytes
+that must cross / bandwidth); then, per row, the busiest device's pieces and message
+handling each against the cost model's (which term is wrong). The cost model is given this
+machine's profile (its tile term fitted on N-way tiles) and the runtime's cost per message
+measured on the model, each scaled by F; ``--trace DIR`` writes every row's measured and
+predicted timelines.
 
 **Devices: time dilation** (DieCast, NSDI 2008). A device of slowdown F runs each piece once
 and releases the piece's outputs, and starts its next piece, only when F x the piece's CPU time

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 
 import pytest
 
@@ -399,3 +400,19 @@ def test_spatial_stages_are_priced_and_exact(resnet):
         vm = relax.VirtualMachine(tvm.compile(mod, target), tvm.cpu())
         outs.append(vm["main"](tvm.runtime.tensor(x)).numpy())
     np.testing.assert_allclose(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+
+
+def test_splitc_profile_measures_the_runtime_too(tmp_path):
+    """`splitc profile` as a user runs it: the table it writes prices the runtime's messages
+    as measured on this machine, and it says so."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "host.json"
+    run = subprocess.run([sys.executable, "-m", "splitc.cli", "profile", "--model", "resnet18",
+                          "--tiny", "--output", str(out)], capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "SPLITC_CACHE": str(tmp_path)})
+    assert run.returncode == 0, run.stderr
+    table = json.loads(out.read_text())
+    assert 0 < table["seconds_per_message"] < 0.05 and table["runtime_seconds_per_byte"] >= 0
+    assert "of CPU per message" in run.stdout and f"wrote {out}" in run.stdout
