@@ -237,8 +237,8 @@ class Worker:
         self.events_base = 0
         #: recv / sent: per peer [tensors, bytes, messages]; loop_cpu_s: the serving thread's
         #: CPU time handling what the loop woke up for, pieces included (piece_cpu_s): the
-        #: rest is what the runtime itself costs (`splitc profile` prices it per piece call
-        #: and per message from these)
+        #: rest is what the runtime itself costs (`splitc profile` fits its cost per message
+        #: and per byte from these)
         self.counters = {"recv": defaultdict(lambda: [0, 0, 0]),
                          "sent": defaultdict(lambda: [0, 0, 0]),
                          "pieces_run": 0, "requests_done": 0, "errors": 0, "expired": 0,

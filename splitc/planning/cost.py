@@ -103,8 +103,7 @@ class DeviceSpeed:
     def from_profile(cls, table: dict, source: str) -> DeviceSpeed:
         """The speed `splitc profile` measured (a table from :func:`~.profiler.measure`, with
         the runtime's cost from :func:`splitc.driver.measure_runtime_cost` where measured)."""
-        rate = table["flops_per_second"]
-        return cls(rate, table.get("call_overhead", 0.0), source,
+        return cls(table["flops_per_second"], table.get("call_overhead", 0.0), source,
                    table.get("seconds_per_byte", DEFAULT_SECONDS_PER_BYTE),
                    table.get("seconds_per_weight_byte", 0.0),
                    table.get("tile_seconds_per_flop", 0.0),
