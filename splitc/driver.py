@@ -358,7 +358,6 @@ def device_modules(out_dir: str | Path) -> dict[str, tvm.IRModule]:
     return merged
 
 
-
 #: The model whose plans :func:`measure_runtime_cost` serves: small, so that the runtime's own
 #: work is a large share of a request's, and splitting it spatially makes many messages.
 RUNTIME_COST_MODEL = "resnet18"
@@ -398,12 +397,7 @@ def measure_runtime_cost(target: str = "host", requests: int = 40, log: Log = la
                 after = session.worker_stats()
             for dev, s in after.items():
                 b = before[dev]
-
-                def grown(key, s=s, b=b):
-                    return sum(v[key] - b[way].get(peer, {}).get(key, 0)
-                               for way in ("recv", "sent") for peer, v in s[way].items())
-
-                rows.append((grown("messages"), grown("bytes"),
+                rows.append((_grown(s, b, "messages"), _grown(s, b, "bytes"),
                              (s["loop_cpu_s"] - b["loop_cpu_s"])
                              - (s["piece_cpu_s"] - b["piece_cpu_s"])))
     tell(1.0, "done")
@@ -421,3 +415,10 @@ def measure_runtime_cost(target: str = "host", requests: int = 40, log: Log = la
             "runtime_measured_on": f"{'the tiny ' if tiny else ''}{model} on 1 and 2 local "
                                    f"workers, {messages} messages of {int(nbytes.sum()):,} "
                                    "bytes"}
+
+
+def _grown(after: dict, before: dict, key: str) -> int:
+    """How much a worker's ``key`` (messages, bytes) grew between two of its stats, received
+    and sent, over every peer."""
+    return sum(v[key] - before[way].get(peer, {}).get(key, 0)
+               for way in ("recv", "sent") for peer, v in after[way].items())
