@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -42,13 +41,9 @@ def interleaved(runs: dict, repeats: int) -> dict[str, float]:
 
 def cpu_name() -> str:
     """The CPU's model name as the kernel reports it (every saved result names it)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    from splitc import targets
+
+    return targets.host_cpu_name()
 
 
 def machine() -> str:

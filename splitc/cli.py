@@ -340,12 +340,15 @@ def tune(
     model: Annotated[str, typer.Argument(
         help="A model (as for compile), or a folder from `splitc compile`: then the pieces of "
              "its devices of --target are tuned, each distinct kernel once.")],
-    db: Annotated[Path, typer.Option(
-        help="Folder of tuning databases; records go to DB/<target key>/ (resumable).")],
+    db: Annotated[Path | None, typer.Option(
+        help="Folder of tuning databases; records go to DB/<target key>/ (resumable). "
+             "Default: the schedules kept for this target (or this CPU) in the cache, which "
+             "every compile uses without --tuning-db.")] = None,
     target: Annotated[str, typer.Option(
         help="The target to tune for: the host here, a board through --rpc.")] = "host",
     trials: Annotated[int, typer.Option(
-        help="MetaSchedule trials over all kernels (0: only measure the default schedules).")]
+        help="MetaSchedule trials over all kernels after the quick selection (0: only the "
+             "selection: each kernel's handful of default-schedule candidates measured).")]
         = 64,
     rpc: Annotated[str | None, typer.Option(
         help="An RPC tracker HOST:PORT; candidates are cross-compiled here and timed on a "
@@ -356,11 +359,14 @@ def tune(
     input_shape: ShapeOpt = None,
     tiny: TinyOpt = False,
 ) -> None:
-    """Tune kernels for a target; `splitc compile --tuning-db DB` then uses the records.
+    """Select and tune kernels for a target; compiles then use the records.
 
-    Each kernel's default schedule is measured and kept as a record first, so a database never
-    makes a kernel slower than the default schedules. Records match kernels by structure, so
-    they serve every model and split piece with the same kernel.
+    First each kernel's handful of default-schedule candidates (tiles, loop orders) is measured
+    on the device and kept as records, so a database never makes a kernel slower than the
+    default schedule; then MetaSchedule searches for --trials more. Records match kernels by
+    structure, so they serve every model and split piece with the same kernel. Without --db
+    they go where compiles look first (for a board: after `splitc tune --target rpi4 --rpc
+    ...`, every compile for rpi4 uses them; the host selects its own on first compile).
     """
     import tvm
 
@@ -388,11 +394,15 @@ def tune(
     with progress_bar(f"tuning {spec.name}") as tell:
         rows = tuning.tune(module, spec, db, trials, log=lambda m: typer.echo(m, err=True),
                            rpc=remote, progress=tell)
-    typer.echo(f"{'kernel':<48} {'default':>11} {'best':>11}")
+    if not rows:
+        raise SplitcError("the model has no kernel with a reduction to tune")
+    typer.echo(f"{'kernel':<44} {'default':>10} {'selected':>10} {'best':>10}  choice")
     for r in rows:
-        typer.echo(f"{r['kernel'][:48]:<48} {tuning._ms(r['default_s']):>11} "
-                   f"{tuning._ms(r['best_s']):>11}")
-    typer.echo(f"wrote {Path(db) / tuning_db.target_key(spec)}")
+        typer.echo(f"{r['kernel'][:44]:<44} {tuning._ms(r['default_s']):>10} "
+                   f"{tuning._ms(r['selected_s']):>10} {tuning._ms(r['best_s']):>10}  "
+                   + (r["choice"] or ("(kept)" if r["reused"] else "-")))
+    root = db if db is not None else tuning_db.selection_root()
+    typer.echo(f"wrote {Path(root) / tuning_db.target_key(spec)}")
 
 
 @app.command(name="tune-agent")

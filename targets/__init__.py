@@ -168,6 +168,19 @@ def host_cpu() -> str:
     return str(tvm.target.codegen.llvm_get_system_cpu())
 
 
+def host_cpu_name() -> str:
+    """This machine's CPU by the model name the kernel reports (``AMD EPYC``, ``Intel(R)
+    Xeon(R) ...``): every saved result names it, and schedules selected here are kept per
+    model (:func:`splitc.backend.tuning_db.target_key`)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def _host_arch() -> tuple[str, str]:
     machine = platform.machine().lower()
     return _HOST_ARCHES.get(machine, (machine, machine))

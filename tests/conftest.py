@@ -1,4 +1,6 @@
-"""Test-wide settings: a private cache, so tests neither read nor leave state in ~/.cache."""
+"""Test-wide settings: a private cache, so tests neither read nor leave state in ~/.cache;
+and no schedule selection on compile (each of the suite's many tiny models would measure its
+kernels' candidates: tests/test_selection.py turns it on where it is the subject)."""
 
 import os
 
@@ -7,10 +9,13 @@ import pytest
 
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory):
-    old = os.environ.get("SPLITC_CACHE")
-    os.environ["SPLITC_CACHE"] = str(tmp_path_factory.mktemp("splitc-cache"))
+    settings = {"SPLITC_CACHE": str(tmp_path_factory.mktemp("splitc-cache")),
+                "SPLITC_SELECT": "0"}
+    old = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
     yield
-    if old is None:
-        os.environ.pop("SPLITC_CACHE", None)
-    else:
-        os.environ["SPLITC_CACHE"] = old
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 
-def splitc(*args, cwd=None):
+def splitc(*args, cwd=None, env=None):
     return subprocess.run([sys.executable, "-m", "splitc.cli", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, timeout=600)
+                          capture_output=True, text=True, cwd=cwd, timeout=600, env=env)
 
 
 def assert_user_error(result, *words):

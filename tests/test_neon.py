@@ -58,3 +58,29 @@ def test_winograd_matmuls_are_neon(target, tmp_path):
     kernel = kernel_disassembly(objdump, lib, "conv2d_winograd")
     assert kernel, "no conv2d_winograd kernel in the library"
     assert len(re.findall(pattern, kernel)) >= 8, kernel[:3000]
+
+
+@pytest.mark.parametrize("target", list(CASES))
+def test_every_selection_candidate_is_neon(target, tmp_path):
+    """What the selection may pick on a board: each distinct candidate of the conv kernel,
+    cross-compiled as `splitc tune --rpc` sends it, keeps its hot loop in NEON."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from splitc.backend.build import has_reduction
+    from splitc.backend.tuning import build_kernel, kernels
+    from splitc.passes.codegen.cpu_schedules import candidates
+
+    objdump, pattern = CASES[target]
+    if shutil.which(objdump) is None:
+        pytest.skip(f"{objdump} is missing: run scripts/setup.sh")
+    spec = targets.get(target)
+    tvm_target = spec.tvm_target()
+    fused = kernels(conv_module(16, 32, 8, 3, 1, 1), tvm_target)
+    (conv,) = [t.dispatched[0]["main"] for t in ms.relax_integration.extract_tasks(
+        fused, tvm_target) if has_reduction(t.dispatched[0]["main"])]
+    found = candidates(conv, tvm_target)
+    assert len(found) >= 3, [k.label for k, _ in found]
+    for i, (knobs, sch) in enumerate(found):
+        lib = spec.export_library(build_kernel(sch.mod, tvm_target), tmp_path / f"{i}.so")
+        kernel = kernel_disassembly(objdump, lib, "main")
+        assert len(re.findall(pattern, kernel)) >= 8, (knobs.label, kernel[:3000])

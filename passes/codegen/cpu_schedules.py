@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 
 import tvm
+import tvm_ffi
 from tvm import relax, s_tir, te, tirx, topi
 from tvm.relax.transform.legalize_ops.nn import _nn_conv2d
 from tvm.s_tir import dlight
@@ -81,18 +83,62 @@ def reassociating(target: Target) -> Target:
     return Target(attrs)
 
 
-def conv_tile(width: int, chunks: int, registers: int) -> tuple[int, int]:
+def conv_tile(width: int, chunks: int, registers: int, knobs: Knobs | None = None
+              ) -> tuple[int, int]:
     """A convolution's register tile: (output columns, output channel blocks).
 
     Each input value loaded is broadcast into ``columns x blocks`` accumulators. With 16
     registers a tile is one block of up to 12 (14) columns. With 32 it is up to 8 (10)
     columns times as many blocks as 16 accumulators allow, so each broadcast feeds more
-    than one block.
+    than one block. ``knobs`` (a :func:`candidate_knobs` entry) change the column limit and
+    the accumulator budget.
     """
-    if registers < 32:
-        return register_tile(width, ACCUMULATORS, slack=2), 1
-    columns = register_tile(width, 8, slack=2)
-    return columns, _largest_divisor(chunks, max(1, WIDE_ACCUMULATORS // columns))
+    knobs = knobs or Knobs()
+    if knobs.columns is None and knobs.accumulators is None:
+        if registers < 32:
+            return register_tile(width, ACCUMULATORS, slack=2), 1
+        columns = register_tile(width, 8, slack=2)
+        return columns, _largest_divisor(chunks, max(1, WIDE_ACCUMULATORS // columns))
+    budget = knobs.accumulators or (WIDE_ACCUMULATORS if registers >= 32 else ACCUMULATORS)
+    columns = register_tile(width, min(budget, knobs.columns or budget), slack=2)
+    return columns, _largest_divisor(chunks, max(1, budget // columns))
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """The choices a default schedule makes that depend on the CPU more than on the kernel:
+    one candidate of :func:`candidate_knobs`. ``None`` keeps the rule's own choice.
+
+    The defaults were measured on one core (an AVX-512 Zen 5); a CPU with a smaller L2 or
+    another FMA/load balance can want other tiles. :mod:`splitc.backend.tuning` measures
+    every distinct candidate of each kernel on the device and keeps the fastest."""
+
+    accumulators: int | None = None  # register-tile budget (conv, matmul, Winograd GEMM)
+    columns: int | None = None       # conv: most output columns in one tile
+    vectors: int | None = None       # matmul: most vectors across one tile row
+    rows_outer: bool = False         # conv: output rows outside the channel chunks
+
+    @property
+    def label(self) -> str:
+        parts = [f"{k}={v}" for k, v in (("acc", self.accumulators), ("cols", self.columns),
+                                          ("vec", self.vectors)) if v is not None]
+        return ",".join(parts + (["rows-outer"] if self.rows_outer else [])) or "default"
+
+
+def candidate_knobs(registers: int) -> list[Knobs]:
+    """The candidates the selection measures, the default first: narrower and wider conv
+    tiles (more channel blocks per broadcast, or more columns per weight load), a larger
+    accumulator budget, the rows-outer loop order (the weights swept per output row rather
+    than the input per channel chunk: better when weights fit in L2 and activations do not),
+    and matmul tiles of 1, 2 or 4 vectors. A handful, not a search: seconds per kernel."""
+    if registers >= 32:
+        return [Knobs(), Knobs(columns=4, accumulators=16, vectors=2),
+                Knobs(columns=14, accumulators=14, vectors=1),
+                Knobs(columns=6, accumulators=24, vectors=3),
+                Knobs(rows_outer=True, vectors=4)]
+    return [Knobs(), Knobs(columns=4, accumulators=12, vectors=2),
+            Knobs(columns=8, accumulators=8, vectors=1), Knobs(columns=6, accumulators=12),
+            Knobs(rows_outer=True)]
 
 
 # -- legalization --------------------------------------------------------------------------------
@@ -387,11 +433,16 @@ class PackedConv2d(ScheduleRule):
     Loop order per tile (n, oc_chunk_outer, oh, ow_outer parallel/serial):
     ``ic_outer, kh, kw, ic_inner`` (reduction), ``ow_inner`` and ``oc_chunk_inner`` (unrolled,
     one accumulator register each, see :func:`conv_tile`), ``oc_block`` (vector lanes). The
-    padded input is a separate parallel stage.
+    padded input is a separate parallel stage. ``knobs`` change the tile and, with
+    ``rows_outer``, run the output rows outside the channel chunks.
     """
+
+    def __init__(self, knobs: Knobs | None = None):
+        self.knobs = knobs or Knobs()
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
         del tunable
+        knobs = self.knobs
         probe = s_tir.Schedule(func)
         conv = _find_block(probe, CONV_BLOCKS)
         if conv is None:
@@ -405,10 +456,11 @@ class PackedConv2d(ScheduleRule):
             reduce = loops[5:]
             # up to 14 accumulators + weight + broadcast: AVX2's and armv7 NEON's 16 registers
             if depthwise:  # each channel has its own input: a wider tile shares nothing
-                reg, blocks = register_tile(_extent(sch, ow), ACCUMULATORS, slack=2), 1
+                reg = register_tile(_extent(sch, ow), knobs.columns or ACCUMULATORS, slack=2)
+                blocks = 1
             else:
                 reg, blocks = conv_tile(_extent(sch, ow), _extent(sch, occ),
-                                        vector_registers(target))
+                                        vector_registers(target), knobs)
             owo, owi = sch.split(ow, [None, reg])
             occo, occi = sch.split(occ, [None, blocks])
             if depthwise:
@@ -418,13 +470,14 @@ class PackedConv2d(ScheduleRule):
                 ic_block = _ic_block(sch, conv)
                 ico, ici = sch.split(ic, [None, ic_block])
                 order = [ico, kh, kw, ici]
-            sch.reorder(n, occo, oh, owo, *order, owi, occi, ocb)
+            outer = (n, oh, occo) if knobs.rows_outer else (n, occo, oh)
+            sch.reorder(*outer, owo, *order, owi, occi, ocb)
             tail = _epilogue(sch, conv, owo)
             sch.vectorize(tail[-1])
             sch.unroll(owi)
             sch.unroll(occi)
             sch.vectorize(ocb)
-            sch.parallel(sch.fuse(n, occo, oh))
+            sch.parallel(sch.fuse(*outer))
             _vector_init(sch, conv, order[0])
             _parallel_pad(sch)
 
@@ -443,8 +496,11 @@ class Matmul(ScheduleRule):
     Tiles ``i`` by rows and ``j`` by up to 3 vectors, reduction outside the tile: as many
     accumulators as :func:`matmul_tile` allows, rows and odd widths padded so that no tile is
     partial. Each vector is its own (unrolled) loop of the target's lanes: LLVM splits a
-    48-wide vector badly (9 GFLOP/s where 3 x 16 runs at 180).
+    48-wide vector badly (9 GFLOP/s where 3 x 16 runs at 180). ``knobs`` change the tile.
     """
+
+    def __init__(self, knobs: Knobs | None = None):
+        self.knobs = knobs or Knobs()
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
         del tunable
@@ -466,7 +522,7 @@ class Matmul(ScheduleRule):
             # odd widths (197 tokens): compute on whole vectors, padded copies around
             col_pad = lanes if cols % lanes and cols > 4 * lanes else 1
             cols = -(-cols // col_pad) * col_pad
-            rows, vectors, width = matmul_tile(height, cols, lanes, registers)
+            rows, vectors, width = matmul_tile(height, cols, lanes, registers, self.knobs)
             # a partial last row tile predicates every FMA: 108 GFLOP/s where padded rows run
             # at 240 (197 x 192 x 768)
             row_pad = rows if height % rows else 1
@@ -528,7 +584,8 @@ def _gemv(sch: s_tir.Schedule, blk, lanes: int) -> None:
     _vector_init(sch, blk, ko)
 
 
-def matmul_tile(rows: int, cols: int, lanes: int, registers: int) -> tuple[int, int, int]:
+def matmul_tile(rows: int, cols: int, lanes: int, registers: int, knobs: Knobs | None = None
+                ) -> tuple[int, int, int]:
     """A matmul's register tile: (rows, vectors, vector width) of output.
 
     Columns in whole vectors of ``lanes`` where they divide (up to 3 vectors: 6-8 rows of 2-3
@@ -536,12 +593,14 @@ def matmul_tile(rows: int, cols: int, lanes: int, registers: int) -> tuple[int, 
     vectors' worth as one vector; then as many rows as the accumulator budget leaves (12
     registers of 16, 16 of 32). Rows that no good tile divides get the full tile, the caller
     padding them (a partial tile is padded anyway), where that wastes at most 1/16 of them.
+    ``knobs`` change the most vectors and the accumulator budget.
     """
+    knobs = knobs or Knobs()
     if cols % lanes == 0:
-        vectors, width = _largest_divisor(cols // lanes, 3), lanes
+        vectors, width = _largest_divisor(cols // lanes, knobs.vectors or 3), lanes
     else:
         vectors, width = 1, _largest_divisor(cols, 4 * lanes)
-    budget = WIDE_ACCUMULATORS if registers >= 32 else ACCUMULATORS
+    budget = knobs.accumulators or (WIDE_ACCUMULATORS if registers >= 32 else ACCUMULATORS)
     limit = max(1, budget // (vectors * max(1, -(-width // lanes))))
     tile = register_tile(rows, limit)
     if rows % tile and -(-rows // limit) * limit - rows <= rows // 16:
@@ -573,7 +632,10 @@ class WinogradConv2d(ScheduleRule):
     there and every transform loop unrolled (the select chains fold to the nonzero terms),
     channels in vectors; the ``(m+2)^2`` matmuls in :func:`matmul_tile`'s register tiles;
     the output transform and the epilogue per ``m x m`` output tile, in vectors of the
-    output channel block."""
+    output channel block. ``knobs`` change the matmuls' tile."""
+
+    def __init__(self, knobs: Knobs | None = None):
+        self.knobs = knobs or Knobs()
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
         del tunable
@@ -597,7 +659,7 @@ class WinogradConv2d(ScheduleRule):
 
             gemm = sch.get_sblock("winograd_M")
             *_, p, co, _ = sch.get_loops(gemm)
-            tile = matmul_tile(_extent(sch, p), _extent(sch, co), lanes, registers)
+            tile = matmul_tile(_extent(sch, p), _extent(sch, co), lanes, registers, self.knobs)
             outer, first, second, ci = _register_tiles(sch, gemm, *tile)
             sch.parallel(sch.fuse(*outer, first, second))
             _vector_init(sch, gemm, ci)
@@ -759,7 +821,34 @@ def _vector_lanes(sch: s_tir.Schedule, block, lanes: int) -> None:
         sch.vectorize(sch.split(loops[0], [None, lanes])[-1])
 
 
-def default_rules() -> list[ScheduleRule]:
-    """splitc's rules first, then dlight's CPU rules (softmax, norms, reductions, GEMV)."""
-    return [WinogradConv2d(), PackedConv2d(), Matmul(), PackedPool(), Elementwise(), RowReduction(),
-            Guarded(dlight.cpu.Reduction()), Guarded(dlight.cpu.GEMV())]
+def default_rules(knobs: Knobs | None = None) -> list[ScheduleRule]:
+    """splitc's rules first, then dlight's CPU rules (softmax, norms, reductions, GEMV);
+    ``knobs`` for the rules that take them (the defaults: ``None``)."""
+    return [WinogradConv2d(knobs), PackedConv2d(knobs), Matmul(knobs), PackedPool(),
+            Elementwise(), RowReduction(), Guarded(dlight.cpu.Reduction()),
+            Guarded(dlight.cpu.GEMV())]
+
+
+def default_schedule(func: tirx.PrimFunc, target: Target, knobs: Knobs | None = None
+                     ) -> s_tir.Schedule | None:
+    """The first of :func:`default_rules` that schedules ``func`` (None: plain loops)."""
+    for rule in default_rules(knobs):
+        sch = rule.apply(func, target, False)
+        if isinstance(sch, s_tir.Schedule):
+            return sch
+    return None
+
+
+def candidates(func: tirx.PrimFunc, target: Target) -> list[tuple[Knobs, s_tir.Schedule]]:
+    """Each distinct schedule of ``func`` under :func:`candidate_knobs` for ``target``, the
+    default first (one entry for kernels whose rule takes no knobs, none for plain loops)."""
+    out, seen = [], set()
+    for knobs in candidate_knobs(vector_registers(target)):
+        sch = default_schedule(func, target, knobs)
+        if sch is None:
+            continue
+        key = tvm_ffi.structural_hash(sch.mod)
+        if key not in seen:
+            seen.add(key)
+            out.append((knobs, sch))
+    return out

@@ -10,6 +10,7 @@ else asks whether a target is an FPGA.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,12 +55,21 @@ class PiecePrice:
     note: str
 
 
+def select_by_default() -> bool:
+    """``SPLITC_SELECT=0`` turns the host's schedule selection off (the test suite does: its
+    hundreds of tiny models would each measure their kernels)."""
+    return os.environ.get("SPLITC_SELECT", "1") != "0"
+
+
 @dataclass(frozen=True)
 class BuildOptions:
     """What a build of the devices is asked for."""
 
     schedules: bool = True  # splitc's default schedules (False: TVM's plain lowering)
     tuning_db: str | Path | None = None
+    #: before building for the host without a tuning_db: measure the default schedules'
+    #: candidates of each kernel not selected on this CPU yet (:mod:`splitc.backend.tuning`)
+    select: bool = field(default_factory=select_by_default)
     fpga: fpga.FpgaOptions = field(default_factory=fpga.FpgaOptions)
 
 
@@ -112,6 +122,8 @@ class TvmKind(TargetKind):
         own = {p.name: weights[p.name] for p in plan.pieces_on(dev.name)}
         log(f"building {dev.name} ({spec.name}): {len(own)} pieces"
             + ("" if options.schedules else ", plain lowering (no default schedules)"))
+        if options.select and options.schedules and spec.is_host and not options.tuning_db:
+            select_here(module, spec, lambda msg: log(f"  {dev.name}: {msg}"))
         executable, own = build(module, spec.tvm_target(), own, schedules=options.schedules,
                                 log=lambda msg: log(f"  {dev.name}: {msg}"),
                                 tuning_db=database_for(spec, options.tuning_db))
@@ -134,6 +146,15 @@ class TvmKind(TargetKind):
             f"published peak {peak} GFLOP/s x {UNPROFILED_EFFICIENCY}"
             + (f", weights at {bandwidth} GB/s" if bandwidth else ""),
             weight_bytes_per_second=bandwidth * 1e9 if bandwidth else None)
+
+
+def select_here(module: tvm.IRModule, spec: target_registry.TargetSpec, log: Log) -> None:
+    """Select the default schedules' best candidates for the kernels of ``module`` not yet
+    selected on this CPU (:func:`splitc.backend.tuning.tune` with no trials), into the cache
+    the build then reads."""
+    from splitc.backend import tuning
+
+    tuning.tune(module, spec, None, 0, log=log)
 
 
 class Hls4mlKind(TargetKind):

@@ -1,18 +1,25 @@
-"""Tuning records: ``splitc tune`` fills a MetaSchedule database, every build can use one.
+"""Schedule selection and tuning records: a MetaSchedule database per target, every build
+uses one.
 
 A tuning database is a folder per target (``<root>/<key>/database_*.json``, the key names the
 target and, for the host, its CPU: records measured on one CPU mean nothing on another).
-Records are keyed by the kernel's structure (op, shapes, dtype), so a record tuned for one
-model serves every model and every split piece with the same kernel.
+Records are keyed by the kernel's structure (op, shapes, dtype), so a record for one model
+serves every model and every split piece with the same kernel.
 
 :func:`tune` extracts the kernels of a model exactly as :func:`splitc.backend.build.build` compiles
-them (packed layouts, fused), and before searching commits each kernel's **default schedule**
-as a measured record. MetaSchedule then keeps whichever is fastest, so applying a database
-never makes a kernel slower than the default schedules, however few trials were run.
+them (packed layouts, fused), then:
+
+1. **selects** (seconds per kernel, not a search): each kernel's default schedule and its few
+   candidates under other CPU-dependent choices (:func:`~splitc.passes.codegen.cpu_schedules.
+   candidate_knobs`: register tiles, loop order) are measured on the device and committed as
+   records, so the database gives the kernel the fastest, and never one slower than the
+   default schedule. A compile for the host does this by itself, once per kernel and CPU
+   (:func:`splitc.backend.kinds.select_here`, into :func:`~.tuning_db.selection_root`);
+2. with ``trials`` > 0, **tunes**: MetaSchedule searches from there and keeps what is faster.
 
 At build time (:func:`~.tuning_db.database_for`), a database given with ``--tuning-db``
-is used, else the one shipped in ``splitc/backend/tuning_records/`` for that target key, if any;
-kernels without a record keep their default schedule.
+is used, else the selection for that target key, else one shipped in
+``splitc/backend/tuning_records/``; kernels without a record keep their default schedule.
 
 Where candidates are measured: the host tunes on this machine. A board tunes through TVM's
 RPC: candidates are cross-compiled here (a shared library linked by the target's cross
@@ -34,9 +41,9 @@ import tvm
 
 from splitc import targets as target_registry
 from splitc.backend.build import has_reduction, legalize_passes, pack, split_transforms
-from splitc.backend.tuning_db import target_key
+from splitc.backend.tuning_db import selection_root, target_key
 from splitc.errors import SplitcError
-from splitc.passes.codegen.cpu_schedules import default_rules, is_winograd, reassociating
+from splitc.passes.codegen.cpu_schedules import Knobs, candidates, is_winograd, reassociating
 
 
 def kernels(module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
@@ -98,7 +105,10 @@ def _measurer(spec, rpc: Rpc | None):
                           "is nothing to tune")
     if spec.is_host and rpc is None:
         builder = ms.builder.LocalBuilder(max_workers=1, timeout_sec=120, f_build=build_kernel)
-        return builder, ms.runner.LocalRunner(timeout_sec=60)
+        # three repeats: candidates of one kernel are often a few per cent apart
+        return builder, ms.runner.LocalRunner(
+            timeout_sec=60, evaluator_config=ms.runner.EvaluatorConfig(
+                number=3, repeat=3, min_repeat_ms=30))
     if rpc is None:
         raise SplitcError(
             f"tuning measures on the device; {spec.name} code does not run here: give --rpc "
@@ -142,45 +152,54 @@ def _progress(total: int, tell: Callable[[float, str], None]):
     return Progress()
 
 
-def tune(module: tvm.IRModule, spec: target_registry.TargetSpec, root: str | Path,
+def tune(module: tvm.IRModule, spec: target_registry.TargetSpec, root: str | Path | None,
          trials: int, log: Callable[[str], None] = print, *, rpc: Rpc | None = None,
          progress: Callable[[float, str], None] | None = None) -> list[dict]:
-    """Tune the kernels of ``module`` for ``spec`` into ``root/<key>``: on this machine for
-    the host, through ``rpc`` on a board.
+    """Select, then tune, the kernels of ``module`` for ``spec`` into ``root/<key>`` (``root``
+    None: :func:`~.tuning_db.selection_root`, what builds use by default): on this machine
+    for the host, through ``rpc`` on a board.
 
-    Identical kernels (same structure) are tuned once however many pieces hold them. Returns
-    one row per tuned kernel: name, default-schedule seconds, best seconds after tuning.
-    Resumable: records already in the folder are kept and built on. ``progress(fraction,
-    text)`` is told as trials are measured.
+    First the quick selection (:func:`_commit_candidates`: each kernel's handful of default
+    schedule candidates measured, seconds per kernel), then, if ``trials`` > 0, MetaSchedule's
+    search from there. Identical kernels (same structure) are measured once however many
+    pieces hold them; kernels already in the database are not selected again. Returns one row
+    per kernel with a reduction (none if it has none): name, default-schedule seconds, the
+    selection's seconds and choice, the best seconds after tuning. ``progress(fraction,
+    text)`` is told as candidates and trials are measured.
     """
     from tvm.s_tir import meta_schedule as ms
 
-
     target = spec.tvm_target()
     builder, runner = _measurer(spec, rpc)
-    work = Path(root) / target_key(spec)
+    work = Path(root if root is not None else selection_root()) / target_key(spec)
     work.mkdir(parents=True, exist_ok=True)
     fused = kernels(module, target)
     tasks = [t for t in ms.relax_integration.extract_tasks(fused, target)
              if has_reduction(t.dispatched[0]["main"])]
     if not tasks:
-        raise SplitcError("the model has no kernel with a reduction to tune")
+        _stop_pools()
+        return []
     database = ms.database.JSONDatabase(work_dir=str(work))
     where = f"through RPC ({rpc.host}:{rpc.port}, key {rpc.key})" if rpc else "on this machine"
-    log(f"{len(tasks)} distinct kernels for {spec.name}, measured {where}")
-    baselines = _commit_defaults([t.dispatched[0] for t in tasks], target, database, builder,
-                                 runner, default_rules(), log)
-    rows = []
-    for task, baseline in zip(tasks, baselines, strict=True):
-        rows.append({"kernel": task.task_name, "default_s": baseline})
-        log(f"  {task.task_name}: default schedule {_ms(baseline)}")
+    start = time.perf_counter()
+    selected = _commit_candidates([t.dispatched[0] for t in tasks], target, database, builder,
+                                  runner, log, progress)
+    rows = [{"kernel": t.task_name, **row} for t, row in zip(tasks, selected, strict=True)]
+    fresh = [r for r in rows if not r["reused"]]
+    if fresh:
+        log(f"{len(tasks)} distinct kernels for {spec.name}: {len(fresh)} selected {where} "
+            f"({sum(r['candidates'] for r in fresh)} candidate schedules, "
+            f"{time.perf_counter() - start:.1f} s), {len(tasks) - len(fresh)} already in "
+            f"{work}")
+    else:
+        log(f"{len(tasks)} distinct kernels for {spec.name}: all selected before, in {work}")
     # MetaSchedule's generic rules do not unroll a Winograd kernel's transforms into its
     # constant terms: for ResNet-18's 56x56x64 layer the best of 64 candidates ran about 9x
     # slower than the default schedule, and each candidate takes LLVM seconds to build. Those
-    # kernels keep their default-schedule record; the trials go to the others.
+    # kernels keep their selected record; the trials go to the others.
     searched = [t for t in tasks if not is_winograd(t.dispatched[0]["main"])]
-    if len(searched) < len(tasks):
-        log(f"{len(tasks) - len(searched)} Winograd kernels keep their default schedule "
+    if trials > 0 and len(searched) < len(tasks):
+        log(f"{len(tasks) - len(searched)} Winograd kernels keep their selected schedule "
             "(not searched)")
     if trials > 0 and searched:
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
@@ -228,41 +247,65 @@ def build_kernel(mod, target, _params=None):
                      target=reassociating(target))
 
 
-def _commit_defaults(mods, target, database, builder, runner, rules,
-                     log: Callable[[str], None] = print) -> list[float | None]:
-    """Measure each kernel's default schedule the way MetaSchedule measures its candidates,
-    and commit it as a tuning record; the seconds, or None where it has none or failed."""
+def _commit_candidates(mods, target, database, builder, runner,
+                       log: Callable[[str], None] = print,
+                       progress: Callable[[float, str], None] | None = None) -> list[dict]:
+    """The quick selection: build every distinct candidate of each kernel's default schedule
+    (:func:`~splitc.passes.codegen.cpu_schedules.candidates`), measure them the way
+    MetaSchedule measures its own, and commit each as a tuning record (the database then
+    gives a kernel its fastest). Kernels that already have records are not measured again.
+
+    Returns per kernel: ``default_s`` (the default schedule's seconds; None where it has
+    none, failed, or was not measured again), ``selected_s`` (the best record's),
+    ``choice`` (the knobs of the best candidate measured now), ``candidates`` (how many),
+    ``reused`` (records were there already)."""
     from tvm.s_tir import meta_schedule as ms
 
-    schedules = []
-    for mod in mods:
-        sch = next((s for s in (r.apply(mod["main"], target, False) for r in rules)
-                    if s is not None), None)
-        schedules.append(sch if isinstance(sch, tvm.s_tir.Schedule) else None)
-    todo = [i for i, sch in enumerate(schedules) if sch is not None]
-    built = builder.build([ms.builder.BuilderInput(schedules[i].mod, target) for i in todo])
+    rows, todo = [], []
+    for i, mod in enumerate(mods):
+        reused = database.has_workload(mod)
+        rows.append({"default_s": None, "selected_s": None, "choice": None,
+                     "candidates": 0, "reused": reused})
+        if reused:
+            continue
+        for knobs, sch in candidates(mod["main"], target):
+            todo.append((i, knobs, sch))
+            rows[i]["candidates"] += 1
+    if progress is not None and todo:
+        progress(0.0, f"building {len(todo)} candidate schedules")
+    built = builder.build([ms.builder.BuilderInput(sch.mod, target) for _, _, sch in todo])
     inputs, ran = [], []
-    for i, b in zip(todo, built, strict=True):
+    for (i, knobs, sch), b in zip(todo, built, strict=True):
         if b.error_msg:
-            log(f"  kernel {i}: default schedule did not build: "
+            log(f"  kernel {i}: candidate {knobs.label} did not build: "
                 f"{b.error_msg.strip().splitlines()[-1][:300]}")
-        if not b.error_msg:
-            args_info = ms.arg_info.ArgInfo.from_prim_func(mods[i]["main"])
-            inputs.append(ms.runner.RunnerInput(b.artifact_path, "cpu", args_info))
-            ran.append(i)
-    seconds: list[float | None] = [None] * len(mods)
-    for i, future in zip(ran, runner.run(inputs), strict=True):
+            continue
+        args_info = ms.arg_info.ArgInfo.from_prim_func(mods[i]["main"])
+        inputs.append(ms.runner.RunnerInput(b.artifact_path, "cpu", args_info))
+        ran.append((i, knobs, sch))
+    best: dict[int, float] = {}
+    for n, ((i, knobs, sch), future) in enumerate(zip(ran, runner.run(inputs), strict=True)):
         result = future.result()
+        if progress is not None:
+            progress((n + 1) / len(ran), f"measured {n + 1}/{len(ran)} candidate schedules")
         if result.error_msg or not result.run_secs:
-            log(f"  kernel {i}: default schedule did not run: "
+            log(f"  kernel {i}: candidate {knobs.label} did not run: "
                 f"{(result.error_msg or 'no times').strip().splitlines()[-1][:300]}")
             continue
         secs = [float(s) for s in result.run_secs]
         database.commit_tuning_record(ms.database.TuningRecord(
-            schedules[i].trace, database.commit_workload(mods[i]), secs, target,
+            sch.trace, database.commit_workload(mods[i]), secs, target,
             ms.arg_info.ArgInfo.from_prim_func(mods[i]["main"])))
-        seconds[i] = sum(secs) / len(secs)
-    return seconds
+        mean = sum(secs) / len(secs)
+        if knobs == Knobs():
+            rows[i]["default_s"] = mean
+        if mean < best.get(i, float("inf")):
+            best[i], rows[i]["choice"] = mean, knobs.label
+    for i, mod in enumerate(mods):
+        top = database.get_top_k(database.commit_workload(mod), 1) \
+            if database.has_workload(mod) else []
+        rows[i]["selected_s"] = _seconds(top[0]) if top else None
+    return rows
 
 
 def _seconds(record) -> float | None:

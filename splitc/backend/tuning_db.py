@@ -3,15 +3,21 @@
 
 A database is a folder per target key (``<root>/<key>/database_*.json``); the key names the
 target and, for the host, its CPU, since records measured on one CPU mean nothing on another.
+
+Without ``--tuning-db`` a build uses the schedules selected on this CPU
+(:func:`selection_root`, filled by :func:`splitc.backend.tuning.select` on first compile or by
+``splitc tune``), else the databases the project ships.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import tvm
 from tvm import relax
 
+from splitc import cache_root
 from splitc import targets as target_registry
 from splitc.errors import SplitcError
 
@@ -20,16 +26,29 @@ SHIPPED = Path(__file__).parent / "tuning_records"
 
 
 def target_key(spec: target_registry.TargetSpec) -> str:
-    """The database folder name for a target: ``rpi4``; the host with its CPU: ``host-znver3``."""
+    """The database folder name for a target: ``rpi4``; the host with its CPU, as LLVM names
+    the micro-architecture and by its model (one micro-architecture comes with different
+    caches): ``host-znver5-amd-epyc``."""
     if spec.is_host:
-        return f"{spec.name}-{spec.tvm_target().attrs['mcpu']}"
+        model = re.sub(r"[^a-z0-9]+", "-", target_registry.host_cpu_name().lower()).strip("-")
+        return f"{spec.name}-{spec.tvm_target().attrs['mcpu']}-{model[:48]}"
     return spec.name
+
+
+def selection_root() -> Path:
+    """Where the schedules selected on a device are kept, a database per target key, beside
+    the device profiles: ``$SPLITC_CACHE/schedules/<code generation>`` (selections made for
+    other default schedules are not reused)."""
+    from splitc.backend.build import CODEGEN
+
+    return cache_root() / "schedules" / CODEGEN
 
 
 def database_for(spec: target_registry.TargetSpec, root: str | Path | None = None
                  ) -> Path | None:
-    """The database folder a build for ``spec`` uses: under ``root`` if given, else shipped."""
-    for base in ([Path(root)] if root else []) + [SHIPPED]:
+    """The database folder a build for ``spec`` uses: under ``root`` if given, else the
+    schedules selected for it (:func:`selection_root`), else shipped."""
+    for base in ([Path(root)] if root else [selection_root()]) + [SHIPPED]:
         folder = base / target_key(spec)
         if (folder / "database_tuning_record.json").exists():
             return folder

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from splitc import cache_root
 from splitc.errors import SplitcError
 from splitc.frontend import zoo
 from splitc.frontend.model import ImportedModel
@@ -82,11 +83,9 @@ def _require_not_tiny(spec: str, tiny: bool) -> None:
         raise SplitcError(f"--tiny applies to zoo models only, not to {spec!r}")
 
 
-
 def cache_dir() -> Path:
     """Where zoo exports are cached: ``$SPLITC_CACHE/zoo`` or ``~/.cache/splitc/zoo``."""
-    root = os.environ.get("SPLITC_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "splitc") / "zoo"
+    return cache_root() / "zoo"
 
 
 def zoo_onnx_path(name: str, *, tiny: bool = False, image_size: int | None = None,

@@ -42,11 +42,11 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from splitc import cache_root
 from splitc import targets as target_registry
 from splitc.backend.build import CODEGEN
 from splitc.backend.kinds import BuildOptions, PiecePrice, PublishedSpeed, kind_of
@@ -80,8 +80,7 @@ PROFILE_FORMAT = 2
 
 
 def profile_dir() -> Path:
-    root = os.environ.get("SPLITC_CACHE") or Path.home() / ".cache" / "splitc"
-    return Path(root) / "profiles"
+    return cache_root() / "profiles"
 
 
 @dataclass(frozen=True)

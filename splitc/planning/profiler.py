@@ -37,6 +37,8 @@ from tvm import relax
 from splitc import frontend
 from splitc import targets as target_registry
 from splitc.backend.build import CODEGEN, build
+from splitc.backend.kinds import select_by_default, select_here
+from splitc.backend.tuning_db import database_for
 from splitc.errors import SplitcError
 from splitc.passes.analysis import profile as binding_costs
 from splitc.passes.ir import lift_weights, main_block, op_name
@@ -60,6 +62,11 @@ def measure(model: str, target: str = "host", *, tiny: bool = False, number: int
                           "machine (profile on the board, or give gflops in the cluster file)")
     tell(0.0, f"importing {model}")
     imported = frontend.load(model, input_shapes, tiny=tiny)
+    if spec.is_host and select_by_default():
+        # timed as compiles will build it: with the schedules selected on this CPU
+        tell(0.01, "selecting schedules on this CPU")
+        func, _ = lift_weights(imported.mod["main"])
+        select_here(tvm.IRModule({"main": func}), spec, lambda _m: None)
     bindings = list(main_block(imported.mod).bindings)
     split = OutlinePieces({b.var.name: i for i, b in enumerate(bindings)})(imported.mod)
     tell(0.02, f"compiling {len(bindings)} layers, each as its own piece")
@@ -146,7 +153,8 @@ def _compile_pieces(split: tvm.IRModule, spec):
         for gv, func in dev_mod.functions.items():
             if gv.name_hint not in [g.name_hint for g in module.get_global_vars()]:
                 module[gv] = func
-    executable, weights = build(module, spec.tvm_target(), ex.weights)
+    executable, weights = build(module, spec.tvm_target(), ex.weights,
+                                tuning_db=database_for(spec))
     return ex, relax.VirtualMachine(executable, tvm.cpu()), weights
 
 
@@ -244,7 +252,7 @@ def _whole_model_seconds(imported: frontend.ImportedModel, spec, number: int) ->
     """Seconds for the whole model compiled as one function (weights lifted, as in pieces)."""
     func, arrays = lift_weights(imported.mod["main"])
     executable, weights = build(tvm.IRModule({"main": func}), spec.tvm_target(),
-                                {"main": arrays})
+                                {"main": arrays}, tuning_db=database_for(spec))
     vm = relax.VirtualMachine(executable, tvm.cpu())
     args = [tvm.runtime.tensor(x) for x in imported.random_inputs()]
     args += [tvm.runtime.tensor(w) for w in weights["main"]]

@@ -1,0 +1,142 @@
+"""The quick schedule selection: each kernel's default-schedule candidates give the plain
+loops' answer, are measured once per CPU and kept, and compiles use them by themselves."""
+
+import numpy as np
+import pytest
+import tvm
+from tvm.s_tir import meta_schedule as ms
+
+from splitc import targets
+from splitc.backend.build import has_reduction
+from splitc.backend.tuning import build_kernel, kernels, tune
+from splitc.backend.tuning_db import database_for, selection_root, target_key
+from splitc.passes.codegen import cpu_schedules
+from splitc.passes.codegen.cpu_schedules import Knobs, candidate_knobs, candidates, conv_tile
+
+from .test_cpu_schedules import conv_module, matmul_module
+from .test_winograd import conv_model
+
+HOST = targets.get("host")
+
+MODELS = {
+    "conv-3x3": lambda: conv_module(16, 32, 14, 3, 1, 1),
+    "conv-1x1-stride2": lambda: conv_module(32, 64, 9, 1, 2, 0),
+    "conv-prime-width": lambda: conv_module(16, 24, 13, 3, 1, 1),
+    "depthwise": lambda: conv_module(24, 24, 11, 3, 2, 1, groups=24),
+    "grouped": lambda: conv_module(64, 64, 9, 3, 1, 1, groups=16),
+    "matmul": lambda: matmul_module(23, 48, 96, transpose=True),
+    "matmul-odd": lambda: matmul_module(31, 20, 197),
+    "winograd": lambda: conv_model(32, 32, 16, (1, 1, 1, 1)),
+}
+
+
+def _tasks(mod):
+    target = HOST.tvm_target()
+    fused = kernels(mod, target)
+    return [t.dispatched[0]["main"] for t in ms.relax_integration.extract_tasks(fused, target)
+            if has_reduction(t.dispatched[0]["main"])]
+
+
+def _run(lib, func, inputs):
+    args = [tvm.runtime.tensor(a) for a in inputs]
+    lib["main"](*args)
+    return args[-1].numpy()
+
+
+@pytest.mark.parametrize("registers", [16, 32])
+@pytest.mark.parametrize("case", list(MODELS))
+def test_every_candidate_gives_the_plain_answer(case, registers, monkeypatch):
+    """Each distinct candidate of each kernel, built as the selection builds it, computes
+    what the kernel's plain loops compute (the knobs change speed, never the answer); the
+    default comes first and conv and matmul kernels have alternatives to measure."""
+    monkeypatch.setattr(cpu_schedules, "vector_registers", lambda _target: registers)
+    target = HOST.tvm_target()
+    rng = np.random.default_rng(4)
+    for func in _tasks(MODELS[case]()):
+        info = ms.arg_info.ArgInfo.from_prim_func(func)
+        inputs = [rng.standard_normal([int(d) for d in a.shape]).astype(a.dtype) for a in info]
+        expected = _run(tvm.compile(tvm.IRModule({"main": func}), target=target), func,
+                        inputs)
+        found = candidates(func, target)
+        assert found and found[0][0] == Knobs(), found
+        if case != "matmul-odd":  # (its one padded vector leaves the tiles nothing to vary)
+            assert len(found) >= 2, [k.label for k, _ in found]
+        for knobs, sch in found:
+            got = _run(build_kernel(sch.mod, target), func, inputs)
+            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4,
+                                       err_msg=f"{case}: candidate {knobs.label}")
+
+
+def test_candidate_knobs_start_with_the_default():
+    for registers in (16, 32):
+        knobs = candidate_knobs(registers)
+        assert knobs[0] == Knobs() and len(set(knobs)) == len(knobs) >= 4
+        assert any(k.rows_outer for k in knobs)
+
+
+def test_conv_tile_knobs():
+    assert conv_tile(56, 4, 32, Knobs()) == conv_tile(56, 4, 32) == (8, 2)
+    assert conv_tile(56, 4, 32, Knobs(columns=4, accumulators=16)) == (4, 4)
+    assert conv_tile(56, 4, 32, Knobs(columns=14, accumulators=14)) == (14, 1)
+    assert conv_tile(56, 8, 16, Knobs(columns=4, accumulators=12)) == (4, 2)  # 3 does not divide
+    assert conv_tile(7, 32, 32, Knobs(columns=6, accumulators=24)) == (7, 2)  # 7 <= 6 + slack
+
+
+def test_host_key_names_the_cpu():
+    key = target_key(HOST)
+    mcpu = HOST.tvm_target().attrs["mcpu"]
+    assert key.startswith(f"host-{mcpu}-") and len(key) > len(f"host-{mcpu}-")
+    assert target_key(targets.get("rpi4")) == "rpi4"
+
+
+def test_selection_is_measured_once_and_reused(tmp_path):
+    """The first selection measures every candidate and keeps the fastest as the kernel's
+    record (never slower than the default schedule); a second finds them all and measures
+    nothing; a build then takes its schedules from the selection."""
+    mod = conv_module(16, 32, 14, 3, 1, 1)
+    messages = []
+    rows = tune(mod, HOST, tmp_path, 0, log=messages.append)
+    assert rows and all(not r["reused"] and r["candidates"] >= 1 for r in rows), rows
+    conv = [r for r in rows if "conv" in r["kernel"]]
+    assert conv and conv[0]["candidates"] >= 2
+    assert all(r["selected_s"] <= r["default_s"] for r in rows), rows
+    assert "selected on this machine" in messages[-1], messages
+    again = []
+    rows2 = tune(mod, HOST, tmp_path, 0, log=again.append)
+    assert all(r["reused"] and r["candidates"] == 0 for r in rows2), rows2
+    assert "all selected before" in again[-1], again
+    assert database_for(HOST, tmp_path) == tmp_path / target_key(HOST)
+
+
+def test_compile_selects_on_first_use_then_reuses(tmp_path):
+    """`splitc compile` for the host selects its kernels' schedules on this CPU, keeps them
+    in the cache and builds with them; the next compile of a model with the same kernels
+    measures nothing; `run --check` still gives the model's answer; SPLITC_SELECT=0 (the
+    suite's default) does not select."""
+    import os
+
+    from .test_cli import splitc
+
+    env = {**os.environ, "SPLITC_CACHE": str(tmp_path / "cache"), "SPLITC_SELECT": "1"}
+    out = tmp_path / "out"
+    r = splitc("compile", "mlp", "--tiny", "-o", out, "--devices", "host", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "selected on this machine" in r.stderr, r.stderr
+    assert "from tuning records in" in r.stderr and "schedules" in r.stderr, r.stderr
+    r = splitc("compile", "mlp", "--tiny", "-o", tmp_path / "out2", "--devices", "host,host",
+               "--strategy", "pipeline", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "selected on this machine" not in r.stderr and "all selected before" in r.stderr
+    r = splitc("run", out, "--check", env=env)
+    assert r.returncode == 0, r.stderr + r.stdout
+    r = splitc("compile", "mlp", "--tiny", "-o", tmp_path / "out3", "--devices", "host",
+               env={**env, "SPLITC_CACHE": str(tmp_path / "cache2"), "SPLITC_SELECT": "0"})
+    assert r.returncode == 0 and "selected" not in r.stderr, r.stderr
+    assert not (tmp_path / "cache2" / "schedules").exists()
+
+
+def test_selection_root_is_per_code_generation(monkeypatch, tmp_path):
+    from splitc.backend import build
+
+    monkeypatch.setenv("SPLITC_CACHE", str(tmp_path))
+    assert selection_root() == tmp_path / "schedules" / build.CODEGEN
