@@ -95,26 +95,32 @@ def alloc_from_here(session, device, args_info, alloc_repeat):
     return alloc_argument_common(fill, device, args_info, alloc_repeat)
 
 
-def _measurer(spec, rpc: Rpc | None):
-    """MetaSchedule's builder and runner for ``spec``: local for the host, cross-compiled
-    and timed through RPC for a board."""
-    from tvm.s_tir import meta_schedule as ms
-
+def _require_measurable(spec, rpc: Rpc | None) -> None:
+    """Refuse what cannot be measured: an FPGA fabric, a board's code without ``rpc``."""
     if spec.is_fpga:
         raise SplitcError(f"{spec.name} is an FPGA fabric: hls4ml builds its pieces, there "
                           "is nothing to tune")
+    if rpc is None and not spec.is_host:
+        raise SplitcError(
+            f"tuning measures on the device; {spec.name} code does not run here: give --rpc "
+            f"TRACKER_HOST:PORT --key KEY, with a board running `splitc tune-agent --tracker "
+            f"TRACKER_HOST:PORT --key KEY` (start a tracker with `python -m "
+            "tvm.exec.rpc_tracker --port 9190`)")
+
+
+def _measurer(spec, rpc: Rpc | None):
+    """MetaSchedule's builder and runner for ``spec``: local for the host, cross-compiled
+    and timed through RPC for a board (each starts worker processes: made only when there
+    is something to measure)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    _require_measurable(spec, rpc)
     if spec.is_host and rpc is None:
         builder = ms.builder.LocalBuilder(max_workers=1, timeout_sec=120, f_build=build_kernel)
         # three repeats: candidates of one kernel are often a few per cent apart
         return builder, ms.runner.LocalRunner(
             timeout_sec=60, evaluator_config=ms.runner.EvaluatorConfig(
                 number=3, repeat=3, min_repeat_ms=30))
-    if rpc is None:
-        raise SplitcError(
-            f"tuning measures on the device; {spec.name} code does not run here: give --rpc "
-            f"TRACKER_HOST:PORT --key KEY, with a board running `splitc tune-agent --tracker "
-            f"TRACKER_HOST:PORT --key KEY` (start a tracker with `python -m "
-            "tvm.exec.rpc_tracker --port 9190`)")
     export = "meta_schedule.builder.default_export" if spec.is_host else \
         functools.partial(export_cross, compiler=spec.cross_compiler)
     builder = ms.builder.LocalBuilder(max_workers=1, timeout_sec=300, f_build=build_kernel,
@@ -170,7 +176,8 @@ def tune(module: tvm.IRModule, spec: target_registry.TargetSpec, root: str | Pat
     from tvm.s_tir import meta_schedule as ms
 
     target = spec.tvm_target()
-    builder, runner = _measurer(spec, rpc)
+    _require_measurable(spec, rpc)
+    measurer = functools.cache(lambda: _measurer(spec, rpc))
     work = Path(root if root is not None else selection_root()) / target_key(spec)
     work.mkdir(parents=True, exist_ok=True)
     fused = kernels(module, target)
@@ -182,8 +189,8 @@ def tune(module: tvm.IRModule, spec: target_registry.TargetSpec, root: str | Pat
     database = ms.database.JSONDatabase(work_dir=str(work))
     where = f"through RPC ({rpc.host}:{rpc.port}, key {rpc.key})" if rpc else "on this machine"
     start = time.perf_counter()
-    selected = _commit_candidates([t.dispatched[0] for t in tasks], target, database, builder,
-                                  runner, log, progress)
+    selected = _commit_candidates([t.dispatched[0] for t in tasks], target, database,
+                                  measurer, log, progress)
     rows = [{"kernel": t.task_name, **row} for t, row in zip(tasks, selected, strict=True)]
     fresh = [r for r in rows if not r["reused"]]
     if fresh:
@@ -202,6 +209,7 @@ def tune(module: tvm.IRModule, spec: target_registry.TargetSpec, root: str | Pat
         log(f"{len(tasks) - len(searched)} Winograd kernels keep their selected schedule "
             "(not searched)")
     if trials > 0 and searched:
+        builder, runner = measurer()
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
             searched, work_dir=str(work))
         start = time.perf_counter()
@@ -247,7 +255,7 @@ def build_kernel(mod, target, _params=None):
                      target=reassociating(target))
 
 
-def _commit_candidates(mods, target, database, builder, runner,
+def _commit_candidates(mods, target, database, measurer: Callable[[], tuple],
                        log: Callable[[str], None] = print,
                        progress: Callable[[float, str], None] | None = None) -> list[dict]:
     """The quick selection: build every distinct candidate of each kernel's default schedule
@@ -271,7 +279,10 @@ def _commit_candidates(mods, target, database, builder, runner,
         for knobs, sch in candidates(mod["main"], target):
             todo.append((i, knobs, sch))
             rows[i]["candidates"] += 1
-    if progress is not None and todo:
+    if not todo:
+        return _selected(mods, database, rows)
+    builder, runner = measurer()
+    if progress is not None:
         progress(0.0, f"building {len(todo)} candidate schedules")
     built = builder.build([ms.builder.BuilderInput(sch.mod, target) for _, _, sch in todo])
     inputs, ran = [], []
@@ -301,6 +312,11 @@ def _commit_candidates(mods, target, database, builder, runner,
             rows[i]["default_s"] = mean
         if mean < best.get(i, float("inf")):
             best[i], rows[i]["choice"] = mean, knobs.label
+    return _selected(mods, database, rows)
+
+
+def _selected(mods, database, rows: list[dict]) -> list[dict]:
+    """``rows`` with each kernel's best record's seconds as ``selected_s``."""
     for i, mod in enumerate(mods):
         top = database.get_top_k(database.commit_workload(mod), 1) \
             if database.has_workload(mod) else []
