@@ -140,3 +140,41 @@ def test_selection_root_is_per_code_generation(monkeypatch, tmp_path):
 
     monkeypatch.setenv("SPLITC_CACHE", str(tmp_path))
     assert selection_root() == tmp_path / "schedules" / build.CODEGEN
+
+
+def test_winograd_choice_is_measured_kept_and_used(tmp_path):
+    """Winograd or direct is measured per 3x3 convolution on the device (not predicted from
+    rates of another CPU), kept beside the records and not measured again; a build reads it
+    (forced direct here: no Winograd kernel, the same answer)."""
+    from tvm import relax
+
+    from splitc.backend.build import build, pack
+    from splitc.backend.tuning_db import save_winograd_tiles, winograd_tiles
+
+    mod = conv_model(64, 64, 32, (1, 1, 1, 1))
+    messages = []
+    tune(mod, HOST, tmp_path, 0, log=messages.append)
+    folder = tmp_path / target_key(HOST)
+    key = "1x64x32x32/1,1,1,1->64"
+    tiles = winograd_tiles(folder)
+    assert list(tiles) == [key] and tiles[key] in (0, 2, 4), tiles
+    assert any(m.startswith("Winograd or direct, measured on this machine") for m in messages)
+    again = []
+    tune(mod, HOST, tmp_path, 0, log=again.append)
+    assert not any("Winograd or direct" in m for m in again), again
+
+    rng = np.random.default_rng(2)
+    params = mod["main"].params
+    inputs = [rng.standard_normal([int(d) for d in params[0].ty.shape]).astype("float32")]
+    weights = [rng.standard_normal([int(d) for d in p.ty.shape]).astype("float32") * 0.1
+               for p in params[1:]]
+    answers = []
+    for tile in (4, 0):
+        save_winograd_tiles(folder, {key: tile})
+        lifted = pack(mod, HOST.tvm_target(), winograd_tiles(folder))
+        assert ("conv2d_winograd" in lifted.script()) == bool(tile)
+        ex, packed = build(mod, HOST.tvm_target(), {"main": weights}, tuning_db=folder)
+        vm = relax.VirtualMachine(ex, tvm.cpu())
+        answers.append(vm["main"](*[tvm.runtime.tensor(a)
+                                    for a in [*inputs, *packed["main"]]]).numpy())
+    np.testing.assert_allclose(answers[0], answers[1], rtol=1e-4, atol=1e-4)

@@ -33,21 +33,38 @@ def packed_conv(num_input: int, stride: int = 1, kernel: int = 3):
     return bb.get()
 
 
-def test_pass_rewrites_a_weight_conv():
-    """32 channels at 16x16: F(4, 3) is predicted faster; the kernel's transform is its own
-    call on the weight (lifted to compile time by ``build``)."""
+def winograd_conv(tile: int):
+    """:func:`packed_conv` (a weight kernel) as ``F(tile, 3)``: the kernel's transform is its
+    own call on the weight (lifted to compile time by ``build``)."""
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((1, 2, 16, 16, 16), "float32"))
     w = relax.Var("w", relax.TensorType((2, 2, 3, 3, 16, 16), "float32"))
     with bb.function("main", [x, w], attrs={"num_input": 1}):
         with bb.dataflow():
-            u = bb.emit(bb.call_te(winograd_weights, w, relax.const(winograd_matrices(4)[2]),
+            u = bb.emit(bb.call_te(winograd_weights, w,
+                                   relax.const(winograd_matrices(tile)[2]),
                                    primfunc_name_hint="winograd_weights"))
             y = bb.emit_output(bb.call_te(conv2d_winograd, x, u, [1, 1, 1, 1], 16,
                                           primfunc_name_hint="conv2d_winograd_NCHWc"))
         bb.emit_func_output(y)
-    expected = bb.get()
-    tvm.ir.assert_structural_equal(WinogradConv()(packed_conv(num_input=1)), expected)
+    return bb.get()
+
+
+def test_pass_rewrites_a_weight_conv():
+    """32 channels at 16x16: F(4, 3) is predicted faster."""
+    tvm.ir.assert_structural_equal(WinogradConv()(packed_conv(num_input=1)), winograd_conv(4))
+
+
+def test_measured_choice_overrides_the_prediction():
+    """A choice measured on the device (by the convolution's key) replaces the prediction:
+    direct (0) leaves the convolution, 2 takes F(2, 3); another key changes nothing."""
+    before = packed_conv(num_input=1)
+    key = winograd.winograd_key(before["main"].body.blocks[0].bindings[0].value)
+    assert key == "1x32x16x16/1,1,1,1->32"
+    tvm.ir.assert_structural_equal(WinogradConv({key: 0})(before), before)
+    tvm.ir.assert_structural_equal(WinogradConv({key: 2})(before), winograd_conv(2))
+    tvm.ir.assert_structural_equal(WinogradConv({"1x8x8x8/0,0,0,0->8": 0})(before),
+                                   winograd_conv(4))
 
 
 @pytest.mark.parametrize("num_input,stride,kernel", [(2, 1, 3), (1, 2, 3), (1, 1, 1)])

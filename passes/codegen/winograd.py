@@ -24,6 +24,7 @@ are left out of the generated sums, and the sums are written out term by term.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 import numpy as np
 import tvm
@@ -186,9 +187,21 @@ def conv2d_winograd(data: te.Tensor, weights: te.Tensor, padding, out_block: int
 
 
 # -- analysis --------------------------------------------------------------------------------------
-def plan_winograd(func: relax.Function) -> dict[relax.Var, int]:
+def winograd_key(call: relax.Call) -> str:
+    """What a measured Winograd choice is kept under: the packed convolution's batch, input
+    channels and size, padding and output channels (``1x64x56x56/1,1,1,1->64``)."""
+    batch, i_chunks, height, width, ib = static_shape(call.args[0])
+    c_out = static_shape(call)[1] * static_shape(call)[4]
+    pad = ",".join(str(int(p)) for p in call.attrs.padding)
+    return f"{batch}x{i_chunks * ib}x{height}x{width}/{pad}->{c_out}"
+
+
+def plan_winograd(func: relax.Function, tiles: Mapping[str, int] | None = None
+                  ) -> dict[relax.Var, int]:
     """The packed 3x3 stride-1 convolutions of ``func`` to run as Winograd, by the variable
-    they bind, with their output tile ``m``."""
+    they bind, with their output tile ``m``: the tile measured on the device for that
+    convolution (``tiles[winograd_key(call)]``, 0 for direct) where there is one, else
+    :func:`winograd_tile`'s prediction."""
     plan: dict[relax.Var, int] = {}
     if not isinstance(func.body, relax.SeqExpr):
         return plan
@@ -199,12 +212,31 @@ def plan_winograd(func: relax.Function) -> dict[relax.Var, int]:
             if isinstance(binding, relax.VarBinding) and _eligible(call, weights):
                 batch, o_chunks, height, width, ob = static_shape(binding.var)
                 _, i_chunks, _, _, ib = static_shape(call.args[0])
-                tile = winograd_tile(batch, height, width, i_chunks * ib, o_chunks * ob)
-                if tile is not None:
+                key = winograd_key(call)
+                tile = tiles[key] if tiles and key in tiles else \
+                    winograd_tile(batch, height, width, i_chunks * ib, o_chunks * ob)
+                if tile:
                     plan[binding.var] = tile
             if isinstance(binding, relax.VarBinding) and _only_weights(call, weights):
                 weights.add(binding.var)
     return plan
+
+
+def eligible_convs(func: relax.Function) -> list[relax.Call]:
+    """The packed convolutions of ``func`` Winograd could compute (whatever it is predicted
+    to gain): what a device measures both ways."""
+    found = []
+    if not isinstance(func.body, relax.SeqExpr):
+        return found
+    weights = _weights(func)
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            if isinstance(binding, relax.VarBinding):
+                if _eligible(binding.value, weights):
+                    found.append(binding.value)
+                if _only_weights(binding.value, weights):
+                    weights.add(binding.var)
+    return found
 
 
 def _weights(func: relax.Function) -> set[relax.Var]:
@@ -247,10 +279,14 @@ def _eligible(call: relax.Expr, weights: set[relax.Var]) -> bool:
 class WinogradConv:
     """Run the convolutions :func:`plan_winograd` picks as Winograd: each becomes the
     kernel's transform (:func:`winograd_weights`, a function of the weights only, so
-    ``LiftTransformParams`` moves it to compile time) and :func:`conv2d_winograd`."""
+    ``LiftTransformParams`` moves it to compile time) and :func:`conv2d_winograd`.
+    ``tiles``: choices measured on the device (see :func:`plan_winograd`)."""
+
+    def __init__(self, tiles: Mapping[str, int] | None = None):
+        self.tiles = dict(tiles or {})
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        plans = {gv: plan_winograd(f) for gv, f in mod.functions_items()
+        plans = {gv: plan_winograd(f, self.tiles) for gv, f in mod.functions_items()
                  if isinstance(f, relax.Function)}
         return rewrite_bindings(mod, plans, _winograd)
 

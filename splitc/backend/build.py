@@ -32,7 +32,7 @@ from tvm import relax, s_tir
 from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 from tvm.s_tir import dlight
 
-from splitc.backend.tuning_db import apply_database
+from splitc.backend.tuning_db import apply_database, winograd_tiles
 from splitc.passes.codegen.cpu_schedules import (
     RowSoftmax,
     default_rules,
@@ -122,12 +122,14 @@ def relax_pipeline(target: tvm.target.Target, log: Callable[[str], None] | None 
     return _pipeline
 
 
-def pack(module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+def pack(module: tvm.IRModule, target: tvm.target.Target,
+         winograd: Mapping[str, int] | None = None) -> tvm.IRModule:
     """Pack convolutions for ``target`` and lift the weight transforms into
-    ``<function>_transform_params`` functions."""
+    ``<function>_transform_params`` functions. ``winograd``: Winograd choices measured on the
+    device (:func:`~splitc.backend.tuning_db.winograd_tiles`); the rest are predicted."""
     with target:
         lanes = vector_lanes(target)
-        packed = WinogradConv()(PackConvLayout(lanes)(MergeGroups(lanes)(module)))
+        packed = WinogradConv(winograd)(PackConvLayout(lanes)(MergeGroups(lanes)(module)))
         return relax.transform.LiftTransformParams()(packed)
 
 
@@ -172,7 +174,8 @@ def build(module: tvm.IRModule, target: tvm.target.Target,
         Told how many kernels got a default schedule and which kept plain loops.
     tuning_db : Path, optional
         A tuning database folder for this target (:func:`splitc.backend.tuning_db.database_for`):
-        kernels with a record get their best one, the rest the default schedules.
+        kernels with a record get their best one, the rest the default schedules; its
+        measured Winograd choices replace the predicted ones.
 
     Returns
     -------
@@ -184,7 +187,7 @@ def build(module: tvm.IRModule, target: tvm.target.Target,
     if not schedules:
         with target:
             return tvm.compile(module, target=target), weights
-    lifted = pack(module, target)
+    lifted = pack(module, target, winograd_tiles(tuning_db))
     pieces, transforms = split_transforms(lifted)
     if transforms:
         weights = _transform_weights(lifted, transforms, weights)

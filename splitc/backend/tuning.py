@@ -41,14 +41,31 @@ import tvm
 
 from splitc import targets as target_registry
 from splitc.backend.build import has_reduction, legalize_passes, pack, split_transforms
-from splitc.backend.tuning_db import selection_root, target_key
+from splitc.backend.tuning_db import (
+    save_winograd_tiles,
+    selection_root,
+    target_key,
+    winograd_tiles,
+)
 from splitc.errors import SplitcError
-from splitc.passes.codegen.cpu_schedules import Knobs, candidates, is_winograd, reassociating
+from splitc.passes.codegen import winograd
+from splitc.passes.codegen.cpu_schedules import (
+    Knobs,
+    candidates,
+    default_schedule,
+    is_winograd,
+    reassociating,
+    vector_lanes,
+)
+from splitc.passes.codegen.merge_groups import MergeGroups
+from splitc.passes.codegen.pack_layout import PackConvLayout
 
 
-def kernels(module: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """The fused, not yet scheduled kernels of ``module`` as a build compiles them."""
-    pieces, _ = split_transforms(pack(module, target))
+def kernels(module: tvm.IRModule, target: tvm.target.Target,
+            winograd: dict[str, int] | None = None) -> tvm.IRModule:
+    """The fused, not yet scheduled kernels of ``module`` as a build compiles them (with the
+    Winograd choices ``winograd``)."""
+    pieces, _ = split_transforms(pack(module, target, winograd))
     with target:
         return tvm.transform.Sequential(legalize_passes(target))(pieces)
 
@@ -165,8 +182,9 @@ def tune(module: tvm.IRModule, spec: target_registry.TargetSpec, root: str | Pat
     None: :func:`~.tuning_db.selection_root`, what builds use by default): on this machine
     for the host, through ``rpc`` on a board.
 
-    First the quick selection (:func:`_commit_candidates`: each kernel's handful of default
-    schedule candidates measured, seconds per kernel), then, if ``trials`` > 0, MetaSchedule's
+    First the quick selection: Winograd or direct per 3x3 convolution (:func:`_choose_winograd`)
+    and each kernel's handful of default-schedule candidates (:func:`_commit_candidates`),
+    measured, seconds per kernel; then, if ``trials`` > 0, MetaSchedule's
     search from there. Identical kernels (same structure) are measured once however many
     pieces hold them; kernels already in the database are not selected again. Returns one row
     per kernel with a reduction (none if it has none): name, default-schedule seconds, the
@@ -180,15 +198,22 @@ def tune(module: tvm.IRModule, spec: target_registry.TargetSpec, root: str | Pat
     measurer = functools.cache(lambda: _measurer(spec, rpc))
     work = Path(root if root is not None else selection_root()) / target_key(spec)
     work.mkdir(parents=True, exist_ok=True)
-    fused = kernels(module, target)
+    database = ms.database.JSONDatabase(work_dir=str(work))
+    where = f"through RPC ({rpc.host}:{rpc.port}, key {rpc.key})" if rpc else "on this machine"
+    start = time.perf_counter()
+    tiles = winograd_tiles(work)
+    chosen = _choose_winograd(module, target, tiles, measurer, log)
+    if chosen:
+        tiles.update(chosen)
+        save_winograd_tiles(work, tiles)
+        log(f"Winograd or direct, measured {where} for {len(chosen)} convolutions: "
+            + ", ".join(f"{k} {f'F({m},3)' if m else 'direct'}" for k, m in chosen.items()))
+    fused = kernels(module, target, tiles)
     tasks = [t for t in ms.relax_integration.extract_tasks(fused, target)
              if has_reduction(t.dispatched[0]["main"])]
     if not tasks:
         _stop_pools()
         return []
-    database = ms.database.JSONDatabase(work_dir=str(work))
-    where = f"through RPC ({rpc.host}:{rpc.port}, key {rpc.key})" if rpc else "on this machine"
-    start = time.perf_counter()
     selected = _commit_candidates([t.dispatched[0] for t in tasks], target, database,
                                   measurer, log, progress)
     rows = [{"kernel": t.task_name, **row} for t, row in zip(tasks, selected, strict=True)]
@@ -253,6 +278,85 @@ def build_kernel(mod, target, _params=None):
 
     return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod),
                      target=reassociating(target))
+
+
+def _choose_winograd(module: tvm.IRModule, target: tvm.target.Target, known: dict[str, int],
+                     measurer: Callable[[], tuple], log: Callable[[str], None]
+                     ) -> dict[str, int]:
+    """Winograd or direct, measured: for each 3x3 stride-1 convolution of ``module`` with no
+    choice in ``known``, the direct kernel and each Winograd tile are built alone (conv, bias,
+    ReLU), with their default schedules, and timed on the device. Winograd is taken where it
+    runs in at most :data:`~splitc.passes.codegen.winograd.MARGIN` of the direct kernel's
+    time, as the predicted choice is. Returns the new choices (tile, 0: direct)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    lanes = vector_lanes(target)
+    with target:
+        packed = PackConvLayout(lanes)(MergeGroups(lanes)(module))
+    todo: dict[str, tvm.IRModule] = {}
+    for _, func in packed.functions_items():
+        if isinstance(func, tvm.relax.Function):
+            for call in winograd.eligible_convs(func):
+                key = winograd.winograd_key(call)
+                if key not in known and key not in todo:
+                    todo[key] = _lone_conv(call)
+    if not todo:
+        return {}
+    variants = [(key, m) for key in todo for m in (0, *winograd.TILES)]
+    inputs, owners = [], []
+    for key, m in variants:
+        for task in ms.relax_integration.extract_tasks(kernels(todo[key], target, {key: m}),
+                                                       target):
+            func = task.dispatched[0]["main"]
+            sch = default_schedule(func, target) if has_reduction(func) else None
+            if sch is not None:
+                inputs.append(ms.builder.BuilderInput(sch.mod, target))
+                owners.append(((key, m), func))
+    builder, runner = measurer()
+    seconds: dict[tuple[str, int], float] = {}
+    built = builder.build(inputs)
+    ran, runs = [], []
+    for owner, b in zip(owners, built, strict=True):
+        if b.error_msg:
+            seconds[owner[0]] = float("inf")
+            continue
+        args_info = ms.arg_info.ArgInfo.from_prim_func(owner[1])
+        runs.append(ms.runner.RunnerInput(b.artifact_path, "cpu", args_info))
+        ran.append(owner)
+    for (variant, _), future in zip(ran, runner.run(runs), strict=True):
+        result = future.result()
+        secs = [float(s) for s in result.run_secs] if not result.error_msg else []
+        seconds[variant] = seconds.get(variant, 0.0) + (
+            sum(secs) / len(secs) if secs else float("inf"))
+    chosen = {}
+    for key in todo:
+        direct = seconds.get((key, 0), float("inf"))
+        best = min(winograd.TILES, key=lambda m, k=key: seconds.get((k, m), float("inf")))
+        fast = seconds.get((key, best), float("inf")) <= winograd.MARGIN * direct
+        chosen[key] = best if fast else 0
+        if direct == float("inf"):
+            log(f"  {key}: the direct convolution did not build or run; Winograd by "
+                "measurement only")
+    return chosen
+
+
+def _lone_conv(call: tvm.relax.Call) -> tvm.IRModule:
+    """The convolution of packed ``call`` alone, as a model holds it (``NCHW``, weights after
+    the input, bias and ReLU fused after it): what :func:`_choose_winograd` times."""
+    from tvm import relax
+
+    batch, i_chunks, height, width, ib = (int(d) for d in call.args[0].ty.shape)
+    c_in, c_out = i_chunks * ib, int(call.ty.shape[1]) * int(call.ty.shape[4])
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((batch, c_in, height, width), "float32"))
+    w = relax.Var("w", relax.TensorType((c_out, c_in, 3, 3), "float32"))
+    b = relax.Var("b", relax.TensorType((1, c_out, 1, 1), "float32"))
+    with bb.function("main", [x, w, b], attrs={"num_input": 1}):
+        with bb.dataflow():
+            y = relax.op.nn.conv2d(x, w, padding=[int(p) for p in call.attrs.padding])
+            out = bb.emit_output(relax.op.nn.relu(relax.op.add(y, b)))
+        bb.emit_func_output(out)
+    return bb.get()
 
 
 def _commit_candidates(mods, target, database, measurer: Callable[[], tuple],

@@ -11,6 +11,7 @@ Without ``--tuning-db`` a build uses the schedules selected on this CPU
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -62,3 +63,23 @@ def database_for(spec: target_registry.TargetSpec, root: str | Path | None = Non
 def apply_database(folder: Path) -> tvm.transform.Pass:
     """The pass that schedules every kernel with a record in ``folder`` from its best one."""
     return relax.transform.MetaScheduleApplyDatabase(str(folder))
+
+
+#: In a database folder: the Winograd-or-direct choice measured per convolution
+#: (:func:`splitc.passes.codegen.winograd.winograd_key` -> output tile ``m``, 0: direct).
+WINOGRAD_FILE = "winograd.json"
+
+
+def winograd_tiles(folder: Path | None) -> dict[str, int]:
+    """The Winograd choices measured into ``folder`` (none without one)."""
+    path = Path(folder) / WINOGRAD_FILE if folder is not None else None
+    if path is None or not path.exists():
+        return {}
+    return {str(k): int(v) for k, v in json.loads(path.read_text()).items()}
+
+
+def save_winograd_tiles(folder: Path, tiles: dict[str, int]) -> None:
+    path = Path(folder) / WINOGRAD_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(dict(sorted(tiles.items())), indent=1))
+    tmp.replace(path)
