@@ -191,10 +191,17 @@ def tune(module: tvm.IRModule, spec: target_registry.TargetSpec, root: str | Pat
     selection's seconds and choice, the best seconds after tuning. ``progress(fraction,
     text)`` is told as candidates and trials are measured.
     """
+    _require_measurable(spec, rpc)
+    try:
+        return _select_and_tune(module, spec, root, trials, log, rpc, progress)
+    finally:  # (also when a measurement fails: the pools' processes would outlive this one)
+        _stop_pools()
+
+
+def _select_and_tune(module, spec, root, trials, log, rpc, progress) -> list[dict]:
     from tvm.s_tir import meta_schedule as ms
 
     target = spec.tvm_target()
-    _require_measurable(spec, rpc)
     measurer = functools.cache(lambda: _measurer(spec, rpc))
     work = Path(root if root is not None else selection_root()) / target_key(spec)
     work.mkdir(parents=True, exist_ok=True)
@@ -212,7 +219,6 @@ def tune(module: tvm.IRModule, spec: target_registry.TargetSpec, root: str | Pat
     tasks = [t for t in ms.relax_integration.extract_tasks(fused, target)
              if has_reduction(t.dispatched[0]["main"])]
     if not tasks:
-        _stop_pools()
         return []
     selected = _commit_candidates([t.dispatched[0] for t in tasks], target, database,
                                   measurer, log, progress)
@@ -250,7 +256,6 @@ def tune(module: tvm.IRModule, spec: target_registry.TargetSpec, root: str | Pat
     for row, task in zip(rows, tasks, strict=True):
         best = database.get_top_k(database.commit_workload(task.dispatched[0]), 1)
         row["best_s"] = _seconds(best[0]) if best else None
-    _stop_pools()
     return rows
 
 
