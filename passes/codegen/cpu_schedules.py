@@ -35,6 +35,10 @@ from tvm.s_tir import dlight
 from tvm.s_tir.dlight import ScheduleRule
 from tvm.target import Target
 
+#: Names this generation of default schedules: speed profiles and schedule selections made
+#: with another are stale (bump it when a rule or a candidate changes).
+CODEGEN = "default-schedules-5"
+
 log = logging.getLogger(__name__)
 _PACKED = re.compile(r"^NCHW(\d+)c$")
 CONV_BLOCKS = ("conv2d_NCHWc", "depthwise_conv2d_NCHWc")

@@ -34,6 +34,7 @@ from tvm.s_tir import dlight
 
 from splitc.backend.tuning_db import apply_database, winograd_tiles
 from splitc.passes.codegen.cpu_schedules import (
+    CODEGEN,
     RowSoftmax,
     default_rules,
     legalize_conv2d,
@@ -47,8 +48,6 @@ from splitc.passes.codegen.pack_layout import PackConvLayout
 from splitc.passes.codegen.winograd import WinogradConv
 
 TRANSFORM_SUFFIX = "_transform_params"
-#: Names the code generation a speed profile was measured with; profiles of another are stale.
-CODEGEN = "default-schedules-5"
 
 
 def legalize_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:

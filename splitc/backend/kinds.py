@@ -19,7 +19,7 @@ import numpy as np
 import tvm
 
 from splitc import targets as target_registry
-from splitc.backend import fpga
+from splitc.backend import fpga, tuning
 from splitc.backend.build import build
 from splitc.backend.tuning_db import database_for
 from splitc.errors import SplitcError
@@ -152,8 +152,6 @@ def select_here(module: tvm.IRModule, spec: target_registry.TargetSpec, log: Log
     """Select the default schedules' best candidates for the kernels of ``module`` not yet
     selected on this CPU (:func:`splitc.backend.tuning.tune` with no trials), into the cache
     the build then reads."""
-    from splitc.backend import tuning
-
     tuning.tune(module, spec, None, 0, log=log)
 
 

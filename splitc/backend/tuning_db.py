@@ -21,6 +21,7 @@ from tvm import relax
 from splitc import cache_root
 from splitc import targets as target_registry
 from splitc.errors import SplitcError
+from splitc.passes.codegen.cpu_schedules import CODEGEN
 
 #: Databases the project ships, one folder per target key.
 SHIPPED = Path(__file__).parent / "tuning_records"
@@ -40,8 +41,6 @@ def selection_root() -> Path:
     """Where the schedules selected on a device are kept, a database per target key, beside
     the device profiles: ``$SPLITC_CACHE/schedules/<code generation>`` (selections made for
     other default schedules are not reused)."""
-    from splitc.backend.build import CODEGEN
-
     return cache_root() / "schedules" / CODEGEN
 
 
