@@ -34,7 +34,6 @@ from tvm.s_tir import dlight
 
 from splitc.backend.tuning_db import apply_database, winograd_tiles
 from splitc.passes.codegen.cpu_schedules import (
-    CODEGEN,
     RowSoftmax,
     default_rules,
     legalize_conv2d,
