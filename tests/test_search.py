@@ -334,7 +334,7 @@ def test_the_runtimes_cost_per_message_is_measured_and_priced(tmp_path, monkeypa
 def test_a_device_may_name_its_own_profile(tmp_path):
     """Two boards of one target at different speeds: each names the table measured on it
     (relative to the cluster file); a bad one is an error naming the device and the cause."""
-    from splitc.backend.build import CODEGEN
+    from splitc.passes.codegen.cpu_schedules import CODEGEN
     from splitc.planning.cost import PROFILE_FORMAT, device_speed
 
     table = {"target": "rpi4", "codegen": CODEGEN, "format": PROFILE_FORMAT,

@@ -136,10 +136,8 @@ def test_compile_selects_on_first_use_then_reuses(tmp_path):
 
 
 def test_selection_root_is_per_code_generation(monkeypatch, tmp_path):
-    from splitc.backend import build
-
     monkeypatch.setenv("SPLITC_CACHE", str(tmp_path))
-    assert selection_root() == tmp_path / "schedules" / build.CODEGEN
+    assert selection_root() == tmp_path / "schedules" / cpu_schedules.CODEGEN
 
 
 def test_winograd_choice_is_measured_kept_and_used(tmp_path):

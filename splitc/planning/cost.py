@@ -48,9 +48,9 @@ from pathlib import Path
 
 from splitc import cache_root
 from splitc import targets as target_registry
-from splitc.backend.build import CODEGEN
 from splitc.backend.kinds import BuildOptions, PiecePrice, PublishedSpeed, kind_of
 from splitc.errors import SplitcError
+from splitc.passes.codegen.cpu_schedules import CODEGEN
 from splitc.planning.cluster import Cluster, ClusterDevice
 from splitc.runtime.plan import Plan
 from splitc.runtime.trace import CLIENT, Timeline

@@ -36,11 +36,12 @@ from tvm import relax
 
 from splitc import frontend
 from splitc import targets as target_registry
-from splitc.backend.build import CODEGEN, build
+from splitc.backend.build import build
 from splitc.backend.kinds import select_by_default, select_here
 from splitc.backend.tuning_db import database_for
 from splitc.errors import SplitcError
 from splitc.passes.analysis import profile as binding_costs
+from splitc.passes.codegen.cpu_schedules import CODEGEN
 from splitc.passes.ir import lift_weights, main_block, op_name
 from splitc.passes.split.outline import OutlinePieces
 from splitc.passes.split.spatial import HALO_CAPS, SpatialSplit, plan_spatial
