@@ -61,7 +61,7 @@ from splitc.passes.split.branch import (  # noqa: E402
     sync_candidates,
 )
 from splitc.planning import strategies  # noqa: E402
-from splitc.planning.distill import distill, top1  # noqa: E402
+from splitc.planning.distill import distill, reconstruct, top1  # noqa: E402
 from splitc.planning.extract import extract  # noqa: E402
 from splitc.runtime.client import connect  # noqa: E402
 
@@ -165,7 +165,8 @@ def exact_rows(imported, source, k: int, work: Path, x, y, repeats: int, teacher
         channel = channel or plan.transfer_bytes
         r = distributed(out, x, y, repeats, inflight)
         rows.append({"k": k, "plan": f"{strategy} (exact)", "bytes": plan.transfer_bytes,
-                     "teacher": teacher, "before": teacher, "after": teacher,
+                     "teacher": teacher, "before": teacher, "refitted": teacher,
+                     "after": teacher,
                      "distributed": r["accuracy"], "latency": r["latency"]})
     return rows, channel
 
@@ -173,23 +174,29 @@ def exact_rows(imported, source, k: int, work: Path, x, y, repeats: int, teacher
 def branch_row(imported, source, bplan, label: str, work: Path, train, test, *,
                epochs: int, repeats: int, teacher: float, temperature: float = 4.0,
                out_name: str, inflight: int = 4, analysis=None, hint: str = "none",
-               batch: int = 64) -> dict:
-    """One branch plan: its accuracy before distillation, distilled on ``train`` (``hint``:
-    matching the teacher layer by layer at the outputs of cut layers, ``"cut"``, or of every
-    partitioned tensor, ``"all"``; needs ``analysis``), after, and then compiled and run
-    distributed on ``test``."""
+               batch: int = 64, refit: bool = True) -> dict:
+    """One branch plan: its accuracy as cut, with its cut layers refitted to the teacher on
+    ``train`` (``refit``, :func:`~splitc.planning.distill.reconstruct`), distilled on
+    ``train`` (``hint``: matching the teacher layer by layer at the outputs of cut layers,
+    ``"cut"``, or of every partitioned tensor, ``"all"``; needs ``analysis``), after, and
+    then compiled and run distributed on ``test``."""
     xtr, ytr = train
     xte, yte = test
     student_mod = BranchRewrite(bplan)(imported.mod)
     student = TorchProgram(student_mod)
     before = float((top1(student, xte, "cpu") == yte).mean())
+    refitted = before
     t0 = time.monotonic()
     if bplan.branched:
         parts = [] if hint == "none" else hints(bplan, analysis, {s[0] for s in student.steps},
                                                  cut_only=hint == "cut")
-        distill(TorchProgram(imported.mod), student, xtr, ytr, epochs=epochs,
-                temperature=temperature, log=lambda _m: None, progress=None, hints=parts,
-                batch=batch)
+        original = TorchProgram(imported.mod)
+        if refit:
+            reconstruct(original, student, bplan, xtr)
+            refitted = float((top1(student, xte, "cpu") == yte).mean())
+        if epochs:
+            distill(original, student, xtr, ytr, epochs=epochs, temperature=temperature,
+                    log=lambda _m: None, progress=None, hints=parts, batch=batch)
     seconds = time.monotonic() - t0
     after = float((top1(student, xte, "cpu") == yte).mean())
     out = work / out_name
@@ -198,20 +205,22 @@ def branch_row(imported, source, bplan, label: str, work: Path, train, test, *,
                            files=split.files)
     r = distributed(out, xte, yte, repeats, inflight)
     return {"k": bplan.k, "plan": f"{label} ({len(bplan.branched)} layers cut)",
-            "bytes": plan.transfer_bytes, "teacher": teacher, "before": before, "after": after,
+            "bytes": plan.transfer_bytes, "teacher": teacher, "before": before,
+            "refitted": refitted, "after": after,
             "distributed": r["accuracy"], "latency": r["latency"], "distill_s": seconds}
 
 
 def print_table(rows: list[dict], model: bool = False) -> None:
     print()
     print(("| model " if model else "") + "| K | plan | bytes / inference | fewer than "
-          "channel-parallel | top-1 before distillation | after | distributed plan | drop "
-          "(points) | latency (ms) |")
-    print("|---" * (10 if model else 9) + "|")
+          "channel-parallel | top-1 before distillation | refitted | after | distributed "
+          "plan | drop (points) | latency (ms) |")
+    print("|---" * (11 if model else 10) + "|")
     for r in rows:
         print((f"| {r['model']} " if model else "")
               + f"| {r['k']} | {r['plan']} | {r['bytes']:,} | {r['vs_channel'] * 100:.1f} % | "
-              f"{r['before']:.4f} | {r['after']:.4f} | {r['distributed']:.4f} | "
+              f"{r['before']:.4f} | {r.get('refitted', r['before']):.4f} | {r['after']:.4f} | "
+              f"{r['distributed']:.4f} | "
               f"{(r['teacher'] - r['distributed']) * 100:+.2f} | {r['latency'] * 1e3:.2f} |")
     print()
     goal = [r for r in rows if r["plan"].startswith("branch")
@@ -253,6 +262,7 @@ def digits_benchmark(args) -> int:
                 sync, f"branch, mass budget {sync}")
             rows.append(branch_row(imported, source, bplan, label, work, (xtr, ytr),
                                    (xte, yte), epochs=args.epochs, repeats=args.repeats,
+                                   refit=not args.no_refit,
                                    teacher=teacher_acc, out_name=f"branch{k}-{sync}"))
         for row in rows:
             if row["k"] == k:
@@ -329,7 +339,9 @@ def teachers_benchmark(args) -> int:
     names = [n for n in names if SHIPPED[n].onnx() is not None]
     work = args.out or Path(tempfile.mkdtemp(prefix="splitc-branch-teachers-"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"# distillation: {args.epochs} epochs ({', '.join(SHIPPED)}), soft targets "
+    print(("# cut layers refitted to the teacher by least squares on the training examples "
+           "(splitc.planning.distill.reconstruct), then " if not args.no_refit else "# ")
+          + f"distillation: {args.epochs} epochs ({', '.join(SHIPPED)}), soft targets "
           f"T={args.temperature:g} + labels"
           + {"cut": " + hints at the outputs of cut layers",
              "all": " + hints at every partitioned tensor", "none": ""}[args.hints]
@@ -373,7 +385,8 @@ def teachers_benchmark(args) -> int:
                                         epochs=epochs, repeats=args.repeats,
                                         teacher=teacher_acc, temperature=args.temperature,
                                         out_name=f"{name}-branch{k}-{tag}", inflight=1,
-                                        analysis=ana, hint=args.hints, batch=batch))
+                                        analysis=ana, hint=args.hints, batch=batch,
+                                        refit=not args.no_refit))
             for row in krows:
                 row["model"], row["vs_channel"] = name, 1 - row["bytes"] / channel
                 print(f"# row: {json.dumps(row)}", flush=True)  # (kept if a later part fails)
@@ -426,6 +439,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--branches", default="2,4")
     ap.add_argument("--teacher-epochs", type=int, default=30)
+    ap.add_argument("--no-refit", action="store_true",
+                    help="distil the cut model as it is (no least-squares refit of its cut "
+                         "layers first), as before the refit existed")
     ap.add_argument("--epochs", default=None,
                     help="distillation epochs (default 60; with --teachers, per teacher: 4,2)")
     ap.add_argument("--repeats", type=int, default=None,

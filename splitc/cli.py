@@ -157,7 +157,8 @@ def compile(
         help="With --calibration: points of held-out top-1 the branch model may lose.")]
         = 1.0,
     epochs: Annotated[int, typer.Option(
-        min=1, help="With --calibration: distillation epochs per policy tried.")] = 30,
+        min=0, help="With --calibration: distillation epochs per policy tried, after its cut "
+                    "layers are refitted (0: refit only).")] = 30,
     fpga_precision: Annotated[str, typer.Option(
         help="FPGA targets: hls4ml fixed-point type of weights and activations.")]
         = "ap_fixed<16,6>",
@@ -221,7 +222,8 @@ def finetune(
     data: Annotated[str, typer.Option(
         help="Training data: a .npz with x (and y labels), a folder of .npz/.npy files, or "
              "module:function returning a torch Dataset.")],
-    epochs: Annotated[int, typer.Option(min=1)] = 30,
+    epochs: Annotated[int, typer.Option(
+        min=0, help="Training epochs after the cut layers are refitted (0: refit only).")] = 30,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 2e-3,
     batch: Annotated[int, typer.Option(min=1)] = 64,
     max_accuracy_drop: Annotated[float, typer.Option(
@@ -253,13 +255,14 @@ def finetune(
     with progress_bar("distilling") as tell:
         report = distill(TorchProgram(reference.original.mod), student, x, y, epochs=epochs,
                          lr=lr, batch=batch, seed=seed, log=lambda m: typer.echo(m, err=True),
-                         progress=tell)
+                         progress=tell, plan=reference.plan)
     recompile(out, strategies.get("branch").trained(reference.original.mod, reference.plan,
                                                      student),
               log=lambda m: typer.echo(m, err=True))
     drop = (report.teacher - report.after) * 100
     typer.echo(f"{report.metric}: original {report.teacher:.4f}, branch model before "
-               f"{report.before:.4f}, after {report.after:.4f} (drop {drop:.2f} points); "
+               f"{report.before:.4f}, refitted {report.reconstructed:.4f}, after "
+               f"{report.after:.4f} (drop {drop:.2f} points); "
                f"wrote {out}")
     if drop > max_accuracy_drop:
         typer.echo(f"the branch model loses {drop:.2f} points, more than --max-accuracy-drop "

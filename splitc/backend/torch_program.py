@@ -28,7 +28,7 @@ from splitc.passes.ir import (
 from splitc.passes.split.branch import unique_names
 
 
-def _pads(padding) -> tuple[int, int, int, int]:
+def pads(padding) -> tuple[int, int, int, int]:
     p = [int(v) for v in padding]
     if len(p) == 2:
         p = p + p
@@ -36,7 +36,7 @@ def _pads(padding) -> tuple[int, int, int, int]:
 
 
 def _conv2d(x, w, a):
-    top, left, bottom, right = _pads(a.padding)
+    top, left, bottom, right = pads(a.padding)
     pad = (top, left)
     if (top, left) != (bottom, right):
         x, pad = F.pad(x, (left, right, top, bottom)), (0, 0)
@@ -46,7 +46,7 @@ def _conv2d(x, w, a):
 
 def _pool(kind):
     def run(x, a):
-        top, left, bottom, right = _pads(a.padding)
+        top, left, bottom, right = pads(a.padding)
         k, s = [int(v) for v in a.pool_size], [int(v) for v in a.strides]
         if kind == "max":
             x = F.pad(x, (left, right, top, bottom), value=-math.inf)
@@ -272,13 +272,16 @@ class TorchProgram(torch.nn.Module):
             env = self.run(torch.from_numpy(np.ascontiguousarray(x[:limit], np.float32)))
         return {k: v.numpy() for k, v in env.items() if isinstance(v, torch.Tensor)}
 
-    def run(self, *inputs: torch.Tensor,
-            override: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def run(self, *inputs: torch.Tensor, override: dict[str, torch.Tensor] | None = None,
+            until: str | None = None) -> dict[str, torch.Tensor]:
         """Every variable of ``main``, by name; ``override`` replaces the named variables'
-        values as they are computed (to run part of the model elsewhere)."""
+        values as they are computed (to run part of the model elsewhere); ``until``: stop
+        once that variable is computed."""
         env = dict(zip(self.inputs, inputs, strict=True))
         override = override or {}
         for var, name, args, attrs, shape in self.steps:
+            if until is not None and until in env:
+                break
             vals = []
             for kind, ref in args:
                 if kind == "var":

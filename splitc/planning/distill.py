@@ -8,6 +8,14 @@ logits (:func:`logits`): softening probabilities again would flatten the targets
 uniform and leave the student's gradients vanishing. ``hints`` (a branch model's parts and
 their counterparts in the original, :func:`splitc.passes.split.branch.hints`) add a loss per
 part: its mean squared distance to the teacher's channels, over their variance.
+
+Before training, :func:`reconstruct` refits each cut layer of a branch plan in closed form:
+a cut convolution or matmul computes its branch's output channels from its branch's inputs
+only, and the weights that best give the teacher's values of those channels from what the
+student feeds them (least squares on sampled positions, pulled towards the teacher's own
+weights) are a far better start than the teacher's weights with the other branches' inputs
+dropped (channel pruning's reconstruction step, He et al., ICCV 2017, applied layer after
+layer so each fit sees the inputs the refitted layers before it give).
 """
 
 from __future__ import annotations
@@ -21,8 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from splitc.backend.torch_program import TorchProgram
+from splitc.backend.torch_program import TorchProgram, pads
 from splitc.errors import SplitcError
+from splitc.passes.split.branch import BranchPlan
 
 
 @dataclass
@@ -36,6 +45,8 @@ class Report:
     epochs: int
     seconds: float
     device: str
+    #: after :func:`reconstruct`, before training (None: no plan was given to refit)
+    reconstructed: float | None = None
 
 
 def top1(program: torch.nn.Module, x: np.ndarray, device, batch: int = 256) -> np.ndarray:
@@ -76,15 +87,113 @@ def logits(program: TorchProgram) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: program.run(x)[var].reshape(len(x), -1)
 
 
+#: Ops of a cut layer that :func:`reconstruct` refits: (weight argument, output channel axis).
+_REFIT = {"nn.conv2d": 1, "matmul": -1}
+
+
+@dataclass
+class Refit:
+    """One cut layer's part refitted: its squared error against the teacher's channels on
+    the fit's samples, relative to their energy, with the teacher's weights and refitted."""
+
+    part: str
+    error_before: float
+    error_after: float
+
+
+def _refit_parts(student: TorchProgram, plan: BranchPlan) -> list[tuple[str, str, np.ndarray]]:
+    """(part, original layer, its channels) for each cut convolution (NCHW, OIHW, ungrouped)
+    and matmul of ``plan`` in ``student``, in the student's order."""
+    steps = {s[0]: (i, s) for i, s in enumerate(student.steps)}
+    out = []
+    for var in plan.branched:
+        b = np.asarray(plan.branches[var])
+        for g in range(plan.k):
+            i, step = steps.get(f"{var}_b{g}", (None, None))
+            if step is None or step[1] not in _REFIT or [a[0] for a in step[2]] != ["var",
+                                                                                    "param"]:
+                continue
+            a = step[3]
+            if step[1] == "nn.conv2d" and (a.data_layout != "NCHW" or a.kernel_layout != "OIHW"
+                                           or int(a.groups) != 1):
+                continue
+            out.append((i, step[0], var, np.flatnonzero(b == g)))
+    return [(part, var, chans) for _, part, var, chans in sorted(out, key=lambda o: o[0])]
+
+
+def reconstruct(teacher: TorchProgram, student: TorchProgram, plan: BranchPlan,
+                x: np.ndarray, *, samples: int = 128, rows: int = 16384,
+                ridge: float = 1e-2, seed: int = 0) -> list[Refit]:
+    """Refit the cut layers of ``student`` (the branch model of ``plan``) on ``x``, in place
+    (module docstring). Each part's weights ``W`` minimise ``|A W - T|^2 + lam |W - W0|^2``:
+    ``A`` the patches the student feeds it (at most ``rows`` of them, drawn from the first
+    ``samples`` examples), ``T`` the teacher's values of its channels there, ``W0`` the
+    teacher's weights, ``lam`` ``ridge`` x the mean of ``A``'s squared column norms. The fit
+    never raises the error on its samples (``W0`` is a candidate)."""
+    parts = _refit_parts(student, plan)
+    if not parts:
+        return []
+    rng = np.random.default_rng(seed)
+    device = next(student.parameters()).device
+    xs = torch.from_numpy(np.ascontiguousarray(x[:samples], np.float32)).to(device)
+    steps = {s[0]: s for s in student.steps}
+    out = []
+    with torch.no_grad():
+        t_env = teacher.run(xs)
+        s_env, current = None, None
+        for part, var, chans in parts:
+            step = steps[part]
+            src, key = step[2][0][1], step[2][1][1]
+            if current != var or src not in s_env:  # (one layer's parts do not feed each
+                s_env = student.run(xs, until=part)  # other: their inputs are reused)
+                current = var
+            weight = student.weights[key]
+            axis = _REFIT[step[1]]
+            target = t_env[var].index_select(axis, torch.from_numpy(chans).to(device))
+            if step[1] == "matmul":
+                a = s_env[src].reshape(-1, weight.shape[0])
+                t = target.reshape(-1, weight.shape[1])
+                w0 = weight.double()
+            else:
+                att = step[3]
+                top, left, bottom, right = pads(att.padding)
+                xin = F.pad(s_env[src], (left, right, top, bottom))
+                a = F.unfold(xin, tuple(weight.shape[2:]),
+                             dilation=[int(d) for d in att.dilation],
+                             stride=[int(s) for s in att.strides])  # (N, C*kh*kw, L)
+                a = a.transpose(1, 2).reshape(-1, a.shape[1])
+                t = target.permute(0, 2, 3, 1).reshape(-1, weight.shape[0])
+                w0 = weight.reshape(weight.shape[0], -1).t().double()
+            if len(a) > rows:
+                pick = torch.from_numpy(rng.choice(len(a), rows, replace=False)).to(device)
+                a, t = a[pick], t[pick]
+            a, t = a.double(), t.double()
+            gram = a.t() @ a
+            lam = ridge * float(gram.diagonal().mean()) + 1e-12
+            eye = torch.eye(len(gram), dtype=gram.dtype, device=device)
+            w = torch.linalg.solve(gram + lam * eye, a.t() @ t + lam * w0)
+            energy = float((t ** 2).sum()) + 1e-30
+            before = float(((a @ w0 - t) ** 2).sum()) / energy
+            after = float(((a @ w - t) ** 2).sum()) / energy
+            if after < before:
+                new = w if step[1] == "matmul" else w.t().reshape(weight.shape)
+                weight.copy_(new.to(weight.dtype))
+            out.append(Refit(part, before, min(before, after)))
+    return out
+
+
 def distill(teacher: TorchProgram, student: TorchProgram, x: np.ndarray,
             y: np.ndarray | None = None, *, epochs: int = 30, lr: float = 2e-3,
             batch: int = 64, temperature: float = 4.0, val_fraction: float = 0.2,
             seed: int = 0, log: Callable[[str], None] = print,
             progress: Callable[[float, str], None] | None = None,
-            hints: Sequence = (), hint_weight: float = 1.0) -> Report:
+            hints: Sequence = (), hint_weight: float = 1.0,
+            plan: BranchPlan | None = None) -> Report:
     """Train ``student`` to match ``teacher`` (soft targets at ``temperature``, plus the
     labels ``y`` when given, plus ``hint_weight`` x the mean loss of the ``hints``: the
-    module docstring) on ``x``; report held-out accuracy before and after.
+    module docstring) on ``x``; report held-out accuracy before and after. With the branch
+    ``plan`` the student is of, its cut layers are first refitted (:func:`reconstruct`, on
+    the training examples); ``epochs=0`` then only refits.
     ``progress(fraction done, text)`` is told after every epoch (the CLI's rich bar)."""
     if len(x) < 10:
         raise SplitcError(f"distillation needs data: got {len(x)} examples")
@@ -107,6 +216,15 @@ def distill(teacher: TorchProgram, student: TorchProgram, x: np.ndarray,
 
     teacher_score = float((t_val == ref).mean())
     before = score(student)
+    reconstructed = None
+    if plan is not None:
+        refits = reconstruct(teacher, student, plan, x[train], seed=seed)
+        reconstructed = score(student)
+        if refits:
+            log(f"refitted {len(refits)} parts of cut layers: squared error against the "
+                f"teacher's channels {np.mean([r.error_before for r in refits]):.3f} -> "
+                f"{np.mean([r.error_after for r in refits]):.3f} (mean, relative); "
+                f"{metric} {before:.4f} -> {reconstructed:.4f}")
     opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs))
     xt = torch.from_numpy(x[train]).to(device)
@@ -155,7 +273,7 @@ def distill(teacher: TorchProgram, student: TorchProgram, x: np.ndarray,
     student.cpu()
     teacher.cpu()
     report = Report(metric, teacher_score, before, after, epochs, time.monotonic() - t0,
-                    str(device))
+                    str(device), reconstructed)
     log(f"{metric} on {n_val} held-out examples: teacher {teacher_score:.4f}, branch model "
         f"before distillation {before:.4f}, after {after:.4f} ({epochs} epochs, "
         f"{report.seconds:.1f} s on {device})")

@@ -249,7 +249,8 @@ def search_policy(mod: tvm.IRModule, k: int, x: np.ndarray, y: np.ndarray | None
             log(f"policy {label}: exact, {nbytes:,} bytes at sync points{priced}")
             return plan, None, trials
         student = TorchProgram(BranchRewrite(plan)(mod))
-        report = distill(teacher, student, x, y, epochs=epochs, log=lambda _m: None)
+        report = distill(teacher, student, x, y, epochs=epochs, log=lambda _m: None,
+                         plan=plan)
         drop = (report.teacher - report.after) * 100
         trials.append(PolicyTrial(label, kept, nbytes, latency if cluster else None, report))
         log(f"policy {label}: {len(plan.branched)} layers cut, {nbytes:,} bytes at sync "
