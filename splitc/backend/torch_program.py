@@ -273,15 +273,19 @@ class TorchProgram(torch.nn.Module):
         return {k: v.numpy() for k, v in env.items() if isinstance(v, torch.Tensor)}
 
     def run(self, *inputs: torch.Tensor, override: dict[str, torch.Tensor] | None = None,
-            until: str | None = None) -> dict[str, torch.Tensor]:
+            until: str | None = None, env: dict[str, torch.Tensor] | None = None
+            ) -> dict[str, torch.Tensor]:
         """Every variable of ``main``, by name; ``override`` replaces the named variables'
         values as they are computed (to run part of the model elsewhere); ``until``: stop
-        once that variable is computed."""
-        env = dict(zip(self.inputs, inputs, strict=True))
+        once that variable is computed; ``env``: values already computed (not computed
+        again: a run continued)."""
+        env = {**dict(zip(self.inputs, inputs, strict=True)), **(env or {})}
         override = override or {}
         for var, name, args, attrs, shape in self.steps:
             if until is not None and until in env:
                 break
+            if var in env:
+                continue
             vals = []
             for kind, ref in args:
                 if kind == "var":

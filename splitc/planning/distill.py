@@ -137,16 +137,17 @@ def reconstruct(teacher: TorchProgram, student: TorchProgram, plan: BranchPlan,
     device = next(student.parameters()).device
     xs = torch.from_numpy(np.ascontiguousarray(x[:samples], np.float32)).to(device)
     steps = {s[0]: s for s in student.steps}
+    order = {s[0]: i for i, s in enumerate(student.steps)}
     out = []
     with torch.no_grad():
         t_env = teacher.run(xs)
-        s_env, current = None, None
+        s_env: dict[str, torch.Tensor] = {}
         for part, var, chans in parts:
             step = steps[part]
             src, key = step[2][0][1], step[2][1][1]
-            if current != var or src not in s_env:  # (one layer's parts do not feed each
-                s_env = student.run(xs, until=part)  # other: their inputs are reused)
-                current = var
+            # what comes before this part does not depend on the weights refitted so far
+            # beyond what is already computed: continue the run up to it
+            s_env = student.run(xs, until=part, env=s_env)
             weight = student.weights[key]
             axis = _REFIT[step[1]]
             target = t_env[var].index_select(axis, torch.from_numpy(chans).to(device))
@@ -178,6 +179,7 @@ def reconstruct(teacher: TorchProgram, student: TorchProgram, plan: BranchPlan,
             if after < before:
                 new = w if step[1] == "matmul" else w.t().reshape(weight.shape)
                 weight.copy_(new.to(weight.dtype))
+                s_env = {v: t for v, t in s_env.items() if order.get(v, -1) < order[part]}
             out.append(Refit(part, before, min(before, after)))
     return out
 
