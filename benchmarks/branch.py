@@ -57,11 +57,12 @@ from splitc.passes.split.branch import (  # noqa: E402
     BranchRewrite,
     analyse,
     hints,
+    keep_where_cuts_hurt,
     plan_branches,
     sync_candidates,
 )
 from splitc.planning import strategies  # noqa: E402
-from splitc.planning.distill import distill, reconstruct, top1  # noqa: E402
+from splitc.planning.distill import cut_losses, distill, reconstruct, top1  # noqa: E402
 from splitc.planning.extract import extract  # noqa: E402
 from splitc.runtime.client import connect  # noqa: E402
 
@@ -346,9 +347,11 @@ def teachers_benchmark(args) -> int:
           + {"cut": " + hints at the outputs of cut layers",
              "all": " + hints at every partitioned tensor", "none": ""}[args.hints]
           + f", Adam 2e-3, batch {args.batch}, {torch.get_num_threads()} torch thread(s); "
-          f"policies: no sync, "
-          f"and the cheapest sync points whose bytes stay within {args.budget:.0%} of "
-          f"channel-parallel's (fixed before measuring); accuracies on the test examples "
+          f"policies: no sync; the cheapest sync points whose bytes stay within "
+          f"{args.budget:.0%} of channel-parallel's; within the same bytes, the sync points "
+          f"whose cut layers the refit leaves furthest from the teacher per byte "
+          f"(splitc.passes.split.branch.keep_where_cuts_hurt, on the training examples); "
+          f"fixed before measuring; accuracies on the test examples "
           f"(another seed than training); latency: local workers on loopback, 1 TVM thread "
           f"each, {os.cpu_count()} cores, median of {args.repeats}")
     rows = []
@@ -376,11 +379,17 @@ def teachers_benchmark(args) -> int:
             krows, channel = exact_rows(imported, source, k, work, *test, args.repeats,
                                         teacher_acc, tag=f"{name}-", inflight=1)
             ana = analyse(imported.mod, k, activations=acts)
-            budget = cheapest_within(ana, int(args.budget * channel))
-            for label, sync in (("branch, no sync", "none"),
-                                (f"branch, cheapest {len(budget)} sync points kept", budget)):
+            limit = int(args.budget * channel)
+            budget = cheapest_within(ana, limit)
+            loss = cut_losses(program, imported.mod, plan_branches(imported.mod, k, "none",
+                                                                   analysis=ana), train[0])
+            guided = keep_where_cuts_hurt(ana, loss, limit)
+            for label, sync, tag in (
+                    ("branch, no sync", "none", "none"),
+                    (f"branch, cheapest {len(budget)} sync points kept", budget, "budget"),
+                    (f"branch, {len(guided)} sync points where cuts hurt most", guided,
+                     "guided")):
                 bplan = plan_branches(imported.mod, k, sync, analysis=ana)
-                tag = "none" if sync == "none" else "budget"
                 krows.append(branch_row(imported, source, bplan, label, work, train, test,
                                         epochs=epochs, repeats=args.repeats,
                                         teacher=teacher_acc, temperature=args.temperature,

@@ -19,12 +19,13 @@ from splitc.passes.split.branch import (
     analyse,
     branch_devices,
     hints,
+    keep_where_cuts_hurt,
     plan_branches,
     sync_candidates,
 )
 from splitc.passes.split.channel import ChannelSplit, plan_channel
 from splitc.planning.cluster import Cluster
-from splitc.planning.distill import distill, logits_var, reconstruct
+from splitc.planning.distill import cut_losses, distill, logits_var, reconstruct
 from splitc.planning.extract import extract
 from splitc.planning.strategies.branch import branch_split
 
@@ -236,6 +237,26 @@ def test_refit_of_the_cut_layers_brings_the_student_to_the_teacher():
     report = distill(teacher, student, x, epochs=0, plan=plan, log=lambda _m: None)
     assert report.reconstructed is not None and report.after == report.reconstructed
     assert distance() < 0.5 * far, (distance(), far)
+
+
+def test_sync_points_go_where_cuts_hurt_most_within_the_bytes():
+    """The measured policy: each cut layer's loss is what its refitted parts leave against
+    the teacher; the sync points kept are those losing most per byte, within the limit."""
+    model = frontend.load("resnet18", tiny=True)
+    ana = analyse(model.mod, 2)
+    cands = {c.layer: c.gather_bytes for c in sync_candidates(ana)}
+    x = np.random.default_rng(5).standard_normal((64, 3, 32, 32)).astype("float32")
+    loss = cut_losses(TorchProgram(model.mod), model.mod,
+                      plan_branches(model.mod, 2, "none", analysis=ana), x)
+    assert loss and set(loss) <= set(cands) and all(v >= 0 for v in loss.values())
+    assert keep_where_cuts_hurt(ana, loss, 0) == frozenset()
+    assert keep_where_cuts_hurt(ana, loss, sum(cands.values())) == frozenset(cands)
+    limit = sum(cands.values()) // 3
+    kept = keep_where_cuts_hurt(ana, loss, limit)
+    assert kept and sum(cands[c] for c in kept) <= limit
+    # a layer whose cut loses far more than the rest is the first kept
+    worst = max(cands, key=cands.get)
+    assert keep_where_cuts_hurt(ana, {**loss, worst: 1e9}, cands[worst]) == {worst}
 
 
 def test_hints_match_the_parts_of_cut_layers_to_the_teachers_channels():

@@ -806,6 +806,24 @@ def choose_sync(ana: Analysis, max_dropped: float) -> frozenset[str]:
     return frozenset(c.layer for c in cands if c.layer not in cut)
 
 
+def keep_where_cuts_hurt(ana: Analysis, loss: Mapping[str, float], limit: int
+                         ) -> frozenset[str]:
+    """A transmission policy from measured damage: keep as sync points the candidates whose
+    cut loses most per byte that keeping them sends (``loss`` by layer: the error a cut layer
+    leaves against the original's channels, :func:`splitc.planning.distill.cut_losses`; a
+    candidate not in it counts its dropped weight mass), while the bytes stay within
+    ``limit`` (greedy, by loss per byte)."""
+    cands = sync_candidates(ana)
+    order = sorted(cands, key=lambda c: -loss.get(c.layer, c.dropped_mass)
+                   / max(c.gather_bytes, 1))
+    keep, spent = [], 0
+    for c in order:
+        if spent + c.gather_bytes <= limit:
+            keep.append(c.layer)
+            spent += c.gather_bytes
+    return frozenset(keep)
+
+
 @dataclass(frozen=True)
 class BranchPlan:
     """What :class:`BranchRewrite` applies: K, the branch of every channel of every

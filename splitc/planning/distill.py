@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from splitc.backend.torch_program import TorchProgram, pads
 from splitc.errors import SplitcError
-from splitc.passes.split.branch import BranchPlan
+from splitc.passes.split.branch import BranchPlan, BranchRewrite
 
 
 @dataclass
@@ -97,6 +97,7 @@ class Refit:
     the fit's samples, relative to their energy, with the teacher's weights and refitted."""
 
     part: str
+    layer: str        # the original's layer it is a part of
     error_before: float
     error_after: float
 
@@ -180,8 +181,22 @@ def reconstruct(teacher: TorchProgram, student: TorchProgram, plan: BranchPlan,
                 new = w if step[1] == "matmul" else w.t().reshape(weight.shape)
                 weight.copy_(new.to(weight.dtype))
                 s_env = {v: t for v, t in s_env.items() if order.get(v, -1) < order[part]}
-            out.append(Refit(part, before, min(before, after)))
+            out.append(Refit(part, var, before, min(before, after)))
     return out
+
+
+def cut_losses(teacher: TorchProgram, mod, plan: BranchPlan, x: np.ndarray,
+               **kwargs) -> dict[str, float]:
+    """What cutting each layer of ``plan`` (the original ``mod``'s branch plan) costs, measured:
+    the relative squared error its refitted parts leave against the teacher's channels on
+    ``x`` (:func:`reconstruct`, on a fresh branch model; the mean over its parts), by layer.
+    For :func:`~splitc.passes.split.branch.keep_where_cuts_hurt`: cut every candidate
+    (``plan_branches(mod, k, "none")``) to price them all."""
+    student = TorchProgram(BranchRewrite(plan)(mod))
+    by_layer: dict[str, list[float]] = {}
+    for r in reconstruct(teacher, student, plan, x, **kwargs):
+        by_layer.setdefault(r.layer, []).append(r.error_after)
+    return {layer: float(np.mean(v)) for layer, v in by_layer.items()}
 
 
 def distill(teacher: TorchProgram, student: TorchProgram, x: np.ndarray,

@@ -37,12 +37,13 @@ from splitc.passes.split.branch import (
     BranchSplit,
     analyse,
     branch_devices,
+    keep_where_cuts_hurt,
     plan_branches,
     sync_candidates,
 )
 from splitc.planning.cluster import Cluster
 from splitc.planning.cost import DeviceSpeed, estimate
-from splitc.planning.distill import Report, distill
+from splitc.planning.distill import Report, cut_losses, distill
 from splitc.planning.extract import extract
 from splitc.planning.registry import Context, Split, Strategy, register
 
@@ -222,7 +223,10 @@ def search_policy(mod: tvm.IRModule, k: int, x: np.ndarray, y: np.ndarray | None
 
     The channels are partitioned with the weights and the co-firing of activations on ``x``.
     Candidate policies: no sync point, the mass budgets of
-    :func:`~splitc.passes.split.branch.choose_sync`, every sync point (exact, always within). With
+    :func:`~splitc.passes.split.branch.choose_sync`, for each of those the sync points within
+    the same bytes where cutting hurts most as measured by refitting the cut layers
+    (:func:`~splitc.passes.split.branch.keep_where_cuts_hurt`), every sync point (exact,
+    always within). With
     a ``cluster`` each is priced by the cost model (:func:`splitc.planning.cost.estimate` on its
     extracted plan) and tried from the lowest predicted latency up, else from the fewest
     bytes up. Each is distilled on ``x`` (``y``: labels, optional) and measured. Returns
@@ -230,10 +234,17 @@ def search_policy(mod: tvm.IRModule, k: int, x: np.ndarray, y: np.ndarray | None
     teacher = TorchProgram(mod)
     ana = analyse(mod, k, activations=teacher.activations(x))
     cost = {c.layer: c.gather_bytes for c in sync_candidates(ana)}
+    loss = cut_losses(teacher, mod, plan_branches(mod, k, "none", analysis=ana), x)
+    mass = [(f"mass budget {b}", plan_branches(mod, k, b, analysis=ana)) for b in budgets]
+    guided = []
+    for b, (_, plan) in zip(budgets, mass, strict=True):
+        limit = sum(cost[c] for c in set(cost) - plan.branched)
+        guided.append((f"where cuts hurt, {limit:,} bytes (as mass budget {b})",
+                       keep_where_cuts_hurt(ana, loss, limit)))
     seen, policies = set(), []
-    for label, sync in [("no sync", "none"), *[(f"mass budget {b}", b) for b in budgets],
-                        ("every sync kept", "all")]:
-        plan = plan_branches(mod, k, sync, analysis=ana)
+    for label, sync in [("no sync", "none"), *mass, *guided, ("every sync kept", "all")]:
+        plan = sync if isinstance(sync, BranchPlan) else plan_branches(mod, k, sync,
+                                                                        analysis=ana)
         if plan.branched in seen:
             continue
         seen.add(plan.branched)
