@@ -202,6 +202,20 @@ class Message:
         return sum(a.nbytes for a in self.arrays)
 
 
+#: Byte alignment of received tensors: what TVM needs to take an array without copying it
+#: (``tvm.runtime.from_dlpack``; numpy's own allocations are aligned to 16).
+ALIGNMENT = 64
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    """``np.empty(shape, dtype)`` starting on an :data:`ALIGNMENT`-byte boundary."""
+    dt = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    raw = np.empty(nbytes + ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    return raw[start:start + nbytes].view(dt).reshape(shape)
+
+
 class BufferPool:
     """Receive buffers reused across requests, per (shape, dtype); at most ``depth`` kept per
     key. Only give back arrays nothing else refers to any more."""
@@ -212,7 +226,7 @@ class BufferPool:
 
     def take(self, shape: tuple[int, ...], dtype: str) -> np.ndarray:
         free = self._free.get((tuple(shape), dtype))
-        return free.pop() if free else np.empty(shape, dtype)
+        return free.pop() if free else aligned_empty(shape, dtype)
 
     def give(self, array: np.ndarray) -> None:
         free = self._free[(array.shape, _NAME.get(array.dtype) or str(array.dtype))]
@@ -353,7 +367,7 @@ def recv(sock: zmq.Socket, *, route: bool = False,
     ``route``: the socket is a ROUTER (the first frame is the sender's routing id; the
     message's ``origin`` says which connection and key it came from).
     ``specs``: the tensors this side accepts, by name (shape and dtype must match); their
-    frames are read with ``recv_into`` into ``alloc(shape, dtype)`` (default ``np.empty``).
+    frames are read with ``recv_into`` into ``alloc(shape, dtype)`` (default :func:`aligned_empty`).
     Without specs, frames are wrapped zero-copy (read-only arrays).
     """
     origin = Origin()
@@ -363,7 +377,7 @@ def recv(sock: zmq.Socket, *, route: bool = False,
         route_id, origin = frame.bytes, _origin(frame)
     try:
         # the header is the first frame on a DEALER: it gets the caller's flags (NOBLOCK)
-        msg = _recv_rest(sock, route_id, specs, alloc or np.empty, 0 if route else flags,
+        msg = _recv_rest(sock, route_id, specs, alloc or aligned_empty, 0 if route else flags,
                          origin.sizes)
     except WireError as e:
         e.route, e.origin = route_id, origin
