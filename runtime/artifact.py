@@ -57,9 +57,20 @@ class TvmPieces:
         args = [self._arg(x) for x in inputs]
         args += self._weights[piece.name]
         out = self._funcs[piece.name](*args)
-        if len(piece.outputs) == 1:
-            return [out.numpy()]
-        return [out[i].numpy() for i in range(len(piece.outputs))]
+        outs = [out] if len(piece.outputs) == 1 else [out[i] for i in range(len(piece.outputs))]
+        return [self._out(o, inputs) for o in outs]
+
+    @staticmethod
+    def _out(tensor, inputs: list[np.ndarray]) -> np.ndarray:
+        """An output as numpy without a copy (TVM's memory, aligned: the next piece takes it
+        as it is), unless it is an input handed back (a buffer the worker reuses)."""
+        try:
+            arr = np.from_dlpack(tensor)
+        except Exception:  # (a dtype numpy does not take through DLPack)
+            return tensor.numpy()
+        if any(np.may_share_memory(arr, x) for x in inputs):
+            return arr.copy()
+        return arr
 
 
 class _FpgaDevice:
