@@ -272,16 +272,32 @@ class TorchProgram(torch.nn.Module):
             env = self.run(torch.from_numpy(np.ascontiguousarray(x[:limit], np.float32)))
         return {k: v.numpy() for k, v in env.items() if isinstance(v, torch.Tensor)}
 
+    def last_uses(self) -> list[list[str]]:
+        """Per step, the variables no later step reads."""
+        if not hasattr(self, "_frees"):
+            last: dict[str, int] = {}
+            for i, (_var, _name, args, _attrs, _shape) in enumerate(self.steps):
+                for kind, ref in args:
+                    for r in ([ref] if kind == "var" else ref if kind == "tuple" else []):
+                        last[r] = i
+            self._frees: list[list[str]] = [[] for _ in self.steps]
+            for r, i in last.items():
+                self._frees[i].append(r)
+        return self._frees
+
     def run(self, *inputs: torch.Tensor, override: dict[str, torch.Tensor] | None = None,
-            until: str | None = None, env: dict[str, torch.Tensor] | None = None
-            ) -> dict[str, torch.Tensor]:
+            until: str | None = None, env: dict[str, torch.Tensor] | None = None,
+            keep: set[str] | None = None) -> dict[str, torch.Tensor]:
         """Every variable of ``main``, by name; ``override`` replaces the named variables'
         values as they are computed (to run part of the model elsewhere); ``until``: stop
         once that variable is computed; ``env``: values already computed (not computed
-        again: a run continued)."""
+        again: a run continued); ``keep``: keep only these variables, the outputs and what
+        later steps still read (the rest is freed once read for the last time)."""
         env = {**dict(zip(self.inputs, inputs, strict=True)), **(env or {})}
         override = override or {}
-        for var, name, args, attrs, shape in self.steps:
+        frees = self.last_uses() if keep is not None else None
+        keep = None if keep is None else {*keep, *self.outputs}
+        for i, (var, name, args, attrs, shape) in enumerate(self.steps):
             if until is not None and until in env:
                 break
             if var in env:
@@ -304,6 +320,10 @@ class TorchProgram(torch.nn.Module):
                 env[var] = vals[0]
             else:
                 env[var] = OPS[name](vals, attrs, shape)
+            if frees is not None:
+                for r in frees[i]:
+                    if r not in keep:
+                        env.pop(r, None)
         return env
 
     def to_module(self) -> tvm.IRModule:

@@ -122,6 +122,22 @@ def _refit_parts(student: TorchProgram, plan: BranchPlan) -> list[tuple[str, str
     return [(part, var, chans) for _, part, var, chans in sorted(out, key=lambda o: o[0])]
 
 
+def _patches(step, weight: torch.Tensor, x: torch.Tensor, target: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of a cut layer's least-squares fit on a few examples: what its weights
+    multiply (a matmul's input rows, a convolution's unfolded patches) and the teacher's
+    values of its channels there."""
+    if step[1] == "matmul":
+        return x.reshape(-1, weight.shape[0]), target.reshape(-1, weight.shape[1])
+    att = step[3]
+    top, left, bottom, right = pads(att.padding)
+    a = F.unfold(F.pad(x, (left, right, top, bottom)), tuple(weight.shape[2:]),
+                 dilation=[int(d) for d in att.dilation],
+                 stride=[int(s) for s in att.strides])  # (N, C*kh*kw, L)
+    return (a.transpose(1, 2).reshape(-1, a.shape[1]),
+            target.permute(0, 2, 3, 1).reshape(-1, weight.shape[0]))
+
+
 def reconstruct(teacher: TorchProgram, student: TorchProgram, plan: BranchPlan,
                 x: np.ndarray, *, samples: int = 128, rows: int = 16384,
                 ridge: float = 1e-2, seed: int = 0) -> list[Refit]:
@@ -139,37 +155,36 @@ def reconstruct(teacher: TorchProgram, student: TorchProgram, plan: BranchPlan,
     xs = torch.from_numpy(np.ascontiguousarray(x[:samples], np.float32)).to(device)
     steps = {s[0]: s for s in student.steps}
     order = {s[0]: i for i, s in enumerate(student.steps)}
+    last = {r: i for i, refs in enumerate(student.last_uses()) for r in refs}
+    srcs = [steps[part][2][0][1] for part, _, _ in parts]
+    per_example = max(1, rows // len(xs))
     out = []
     with torch.no_grad():
-        t_env = teacher.run(xs)
+        # only what the fits read is kept: every value of a 224x224 network on 128
+        # examples (teacher and student) took more than 24 GB
+        t_env = teacher.run(xs, keep={var for _, var, _ in parts})
         s_env: dict[str, torch.Tensor] = {}
-        for part, var, chans in parts:
+        for n, (part, var, chans) in enumerate(parts):
             step = steps[part]
             src, key = step[2][0][1], step[2][1][1]
             # what comes before this part does not depend on the weights refitted so far
             # beyond what is already computed: continue the run up to it
-            s_env = student.run(xs, until=part, env=s_env)
+            s_env = student.run(xs, until=part, env=s_env, keep=set(srcs[n:]))
             weight = student.weights[key]
             axis = _REFIT[step[1]]
             target = t_env[var].index_select(axis, torch.from_numpy(chans).to(device))
-            if step[1] == "matmul":
-                a = s_env[src].reshape(-1, weight.shape[0])
-                t = target.reshape(-1, weight.shape[1])
-                w0 = weight.double()
-            else:
-                att = step[3]
-                top, left, bottom, right = pads(att.padding)
-                xin = F.pad(s_env[src], (left, right, top, bottom))
-                a = F.unfold(xin, tuple(weight.shape[2:]),
-                             dilation=[int(d) for d in att.dilation],
-                             stride=[int(s) for s in att.strides])  # (N, C*kh*kw, L)
-                a = a.transpose(1, 2).reshape(-1, a.shape[1])
-                t = target.permute(0, 2, 3, 1).reshape(-1, weight.shape[0])
-                w0 = weight.reshape(weight.shape[0], -1).t().double()
-            if len(a) > rows:
-                pick = torch.from_numpy(rng.choice(len(a), rows, replace=False)).to(device)
-                a, t = a[pick], t[pick]
-            a, t = a.double(), t.double()
+            a, t = [], []
+            for i in range(0, len(xs), 8):  # (patches unfolded a few examples at a time)
+                ai, ti = _patches(step, weight, s_env[src][i:i + 8], target[i:i + 8])
+                m = per_example * min(8, len(xs) - i)
+                if len(ai) > m:
+                    pick = torch.from_numpy(rng.choice(len(ai), m, replace=False)).to(device)
+                    ai, ti = ai[pick], ti[pick]
+                a.append(ai.double())
+                t.append(ti.double())
+            a, t = torch.cat(a), torch.cat(t)
+            w0 = (weight if step[1] == "matmul" else
+                  weight.reshape(weight.shape[0], -1).t()).double()
             gram = a.t() @ a
             lam = ridge * float(gram.diagonal().mean()) + 1e-12
             eye = torch.eye(len(gram), dtype=gram.dtype, device=device)
@@ -181,6 +196,9 @@ def reconstruct(teacher: TorchProgram, student: TorchProgram, plan: BranchPlan,
                 new = w if step[1] == "matmul" else w.t().reshape(weight.shape)
                 weight.copy_(new.to(weight.dtype))
                 s_env = {v: t for v, t in s_env.items() if order.get(v, -1) < order[part]}
+            for done in set(srcs[:n + 1]) - set(srcs[n + 1:]):
+                if last.get(done, -1) <= order[part]:  # nothing still to run reads it
+                    s_env.pop(done, None)
             out.append(Refit(part, var, before, min(before, after)))
     return out
 
