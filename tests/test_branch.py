@@ -237,6 +237,11 @@ def test_refit_of_the_cut_layers_brings_the_student_to_the_teacher():
     report = distill(teacher, student, x, epochs=0, plan=plan, log=lambda _m: None)
     assert report.reconstructed is not None and report.after == report.reconstructed
     assert distance() < 0.5 * far, (distance(), far)
+    # training that only does harm is not kept: the held-out split picks the start
+    student = TorchProgram(BranchRewrite(plan)(model.mod))
+    report = distill(teacher, student, x, epochs=2, lr=50.0, plan=plan, log=lambda _m: None)
+    assert report.kept_epoch == 0 and report.after == report.reconstructed, report
+    assert distance() < 0.5 * far, (distance(), far)
 
 
 def test_sync_points_go_where_cuts_hurt_most_within_the_bytes():
