@@ -13,6 +13,7 @@ import numpy as np
 from .fpga import KIND as FPGA_KIND
 from .fpga import FpgaPieces
 from .plan import Device, Piece, Plan, PlanError, sha256_file
+from .wire import ALIGNMENT
 
 
 class TvmPieces:
@@ -46,7 +47,7 @@ class TvmPieces:
         """An input as a TVM tensor: the array itself where TVM can take it (C-contiguous,
         writable, 64-byte aligned, as the worker's receive buffers are: a copy cost 15 us a
         tensor, most of a small piece's time), else a copy."""
-        if x.flags.c_contiguous and x.flags.writeable and x.ctypes.data % 64 == 0:
+        if x.flags.c_contiguous and x.flags.writeable and x.ctypes.data % ALIGNMENT == 0:
             try:
                 return self._from_dlpack(x)
             except Exception:  # (a dtype DLPack does not carry): copied below
