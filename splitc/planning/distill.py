@@ -89,7 +89,7 @@ def logits(program: TorchProgram) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: program.run(x)[var].reshape(len(x), -1)
 
 
-#: Ops of a cut layer that :func:`reconstruct` refits: (weight argument, output channel axis).
+#: Ops of a cut layer that :func:`reconstruct` refits, with the axis of their output channels.
 _REFIT = {"nn.conv2d": 1, "matmul": -1}
 
 
