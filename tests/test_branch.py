@@ -390,3 +390,34 @@ def test_policy_search_takes_the_fewest_bytes_within_the_limit():
     assert trials[-1].label == "every sync kept" and student is None
     assert plan.branched == frozenset() and len(trials) >= 3
     assert [t.gather_bytes for t in trials] == sorted(t.gather_bytes for t in trials)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_the_bounded_swap_search_picks_the_full_matrix_swap(dense, monkeypatch):
+    # sparse affinities between atoms (weights only) take the bounded path; dense ones (co-firing)
+    # can defeat the bound and fall back; either way the swap is the full matrix's argmax
+    from splitc.passes.split import branch as B
+
+    sizes = []
+    rate = B._swap_gains
+    monkeypatch.setattr(B, "_swap_gains",
+                        lambda dd, p, sub: sizes.append(len(p)) or rate(dd, p, sub))
+    rng = np.random.default_rng(3)
+    for trial in range(20):
+        n, k = 600, 4
+        dd = rng.random((n, k)) * rng.random()
+        p = rng.integers(0, k, n)
+        if dense:
+            sub = rng.random((n, n)) * 0.5
+        else:
+            sub = np.zeros((n, n))
+            i, j = rng.integers(0, n, 40), rng.integers(0, n, 40)
+            sub[i, j] = rng.random(40)
+        sub = sub + sub.T
+        if trial % 5 == 0:  # ties: repeated rows
+            dd[1::2] = dd[::2][: len(dd[1::2])]
+        full = rate(dd, p, sub)
+        ia, ib = np.unravel_index(np.argmax(full), full.shape)
+        assert B._best_swap(dd, p, sub, k, top=8) == (ia, ib, full[ia, ib])
+    # the sparse case never needed the n x n matrix
+    assert dense or max(sizes) < 600

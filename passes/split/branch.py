@@ -78,6 +78,8 @@ from splitc.passes.split.outline import OutlinePieces
 #: Balanced swaps: at most this many per class of interchangeable atoms and round; classes
 #: larger than MAX_CLASS keep the contiguous partition (the gain matrix is MAX_CLASS^2).
 MAX_SWAPS, MAX_CLASS = 256, 2048
+#: :func:`_best_swap` rates exactly this many atoms per branch pair and side before bounding.
+SWAP_TOP = 32
 #: Element-wise ops beyond :data:`~splitc.passes.ops.UNARY_ELEMENTWISE` that keep channels.
 UNARY_MORE = {"nn.gelu_tanh", "nn.softplus", "nn.leakyrelu", "sin", "cos", "sign",
               "nn.hardswish", "nn.hardsigmoid", "nn.selu", "nn.elu", "reciprocal"}
@@ -708,14 +710,10 @@ def _refine(ana: Analysis, rounds: int, activations: dict[str, np.ndarray]) -> N
             if len(idx) < 2 or len(idx) > MAX_CLASS:
                 continue
             idx = np.array(idx)
-            sub = aff[idx][:, idx].toarray()
+            sub = aff[:, idx][idx].toarray()  # columns first: CSC slices them fast
             for _swap in range(min(len(idx), MAX_SWAPS)):
-                p = branch[idx]
-                gain = (d[idx][:, p] - d[idx, p][:, None] + d[idx][:, p].T - d[idx, p][None, :]
-                        - 2 * sub)
-                gain[p[:, None] == p[None, :]] = -np.inf
-                ia, ib = np.unravel_index(np.argmax(gain), gain.shape)
-                if not gain[ia, ib] > 1e-12:
+                ia, ib, best = _best_swap(d[idx], branch[idx], sub, k)
+                if not best > 1e-12:
                     break
                 a, b = idx[ia], idx[ib]
                 ga, gb = branch[a], branch[b]
@@ -726,6 +724,57 @@ def _refine(ana: Analysis, rounds: int, activations: dict[str, np.ndarray]) -> N
                 improved = True
         if not improved:
             break
+
+
+def _swap_gains(dd: np.ndarray, p: np.ndarray, sub: np.ndarray) -> np.ndarray:
+    """``gain[i, j]``: the affinity inside branches gained by swapping atoms ``i`` and ``j``
+    (``dd[i, g]``: atom ``i``'s affinity to branch ``g``; ``p``: their branches; ``sub``: the
+    affinity between them); ``-inf`` where both are in one branch."""
+    gain = dd[:, p] - dd[np.arange(len(p)), p][:, None] + dd[:, p].T \
+        - dd[np.arange(len(p)), p][None, :] - 2 * sub
+    gain[p[:, None] == p[None, :]] = -np.inf
+    return gain
+
+
+def _best_swap(dd: np.ndarray, p: np.ndarray, sub: np.ndarray, k: int,
+               top: int = SWAP_TOP) -> tuple[int, int, float]:
+    """The swap :func:`_swap_gains` rates highest (the first in row-major order on ties),
+    without building the ``n x n`` matrix when it need not: affinities are non-negative, so
+    swapping ``i`` (branch g) with ``j`` (branch h) gains at most ``u_i + v_j`` (their gains
+    in affinity to the other branch, ``sub`` ignored). Only the ``top`` atoms of each branch
+    by ``u`` or ``v``, for each pair of branches, are rated exactly; when the best of them beats
+    every bound on the rest, it is the answer; otherwise the full matrix decides."""
+    n = len(p)
+    if n <= 4 * top:
+        gain = _swap_gains(dd, p, sub)
+        ia, ib = np.unravel_index(np.argmax(gain), gain.shape)
+        return int(ia), int(ib), float(gain[ia, ib])
+    members = [np.flatnonzero(p == g) for g in range(k)]
+    picked, bounds = [], []
+    for g in range(k):
+        for h in range(g + 1, k):
+            ig, jh = members[g], members[h]
+            if not len(ig) or not len(jh):
+                continue
+            u = dd[ig, h] - dd[ig, g]
+            v = dd[jh, g] - dd[jh, h]
+            ou, ov = np.argsort(-u, kind="stable"), np.argsort(-v, kind="stable")
+            picked += [ig[ou[:top]], jh[ov[:top]]]
+            rest_u = u[ou[top]] if len(u) > top else -np.inf
+            rest_v = v[ov[top]] if len(v) > top else -np.inf
+            bounds.append(max(rest_u + v[ov[0]], u[ou[0]] + rest_v))
+    if not picked:
+        return 0, 0, -np.inf
+    s = np.unique(np.concatenate(picked))
+    gain = _swap_gains(dd[s], p[s], sub[np.ix_(s, s)])
+    ia, ib = np.unravel_index(np.argmax(gain), gain.shape)
+    best = float(gain[ia, ib])
+    slack = 1e-9 * (1.0 + float(np.abs(dd).max()))
+    if bounds and best <= max(bounds) + slack:
+        gain = _swap_gains(dd, p, sub)
+        ia, ib = np.unravel_index(np.argmax(gain), gain.shape)
+        return int(ia), int(ib), float(gain[ia, ib])
+    return int(s[ia]), int(s[ib]), best
 
 
 def _cofiring(ana: Analysis, activations: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
