@@ -744,11 +744,13 @@ def _best_swap(dd: np.ndarray, p: np.ndarray, sub: np.ndarray, k: int,
     in affinity to the other branch, ``sub`` ignored). Only the ``top`` atoms of each branch
     by ``u`` or ``v``, for each pair of branches, are rated exactly; when the best of them beats
     every bound on the rest, it is the answer; otherwise the full matrix decides."""
-    n = len(p)
-    if n <= 4 * top:
+    def full() -> tuple[int, int, float]:
         gain = _swap_gains(dd, p, sub)
         ia, ib = np.unravel_index(np.argmax(gain), gain.shape)
         return int(ia), int(ib), float(gain[ia, ib])
+
+    if len(p) <= 4 * top:
+        return full()
     members = [np.flatnonzero(p == g) for g in range(k)]
     picked, bounds = [], []
     for g in range(k):
@@ -771,9 +773,7 @@ def _best_swap(dd: np.ndarray, p: np.ndarray, sub: np.ndarray, k: int,
     best = float(gain[ia, ib])
     slack = 1e-9 * (1.0 + float(np.abs(dd).max()))
     if bounds and best <= max(bounds) + slack:
-        gain = _swap_gains(dd, p, sub)
-        ia, ib = np.unravel_index(np.argmax(gain), gain.shape)
-        return int(ia), int(ib), float(gain[ia, ib])
+        return full()
     return int(s[ia]), int(s[ib]), best
 
 
