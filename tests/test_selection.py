@@ -21,6 +21,7 @@ HOST = targets.get("host")
 MODELS = {
     "conv-3x3": lambda: conv_module(16, 32, 14, 3, 1, 1),
     "conv-1x1-stride2": lambda: conv_module(32, 64, 9, 1, 2, 0),
+    "conv-1x1-wide": lambda: conv_module(320, 32, 7, 1, 1, 0),  # chunks of 128: 128, 128, 64
     "conv-prime-width": lambda: conv_module(16, 24, 13, 3, 1, 1),
     "depthwise": lambda: conv_module(24, 24, 11, 3, 2, 1, groups=24),
     "grouped": lambda: conv_module(64, 64, 9, 3, 1, 1, groups=16),
@@ -61,6 +62,8 @@ def test_every_candidate_gives_the_plain_answer(case, registers, monkeypatch):
         assert found and found[0][0] == Knobs(), found
         if case != "matmul-odd":  # (its one padded vector leaves the tiles nothing to vary)
             assert len(found) >= 2, [k.label for k, _ in found]
+        if case == "conv-1x1-wide":  # more input channels than a chunk: summed in chunks
+            assert any(k.ic_chunk for k, _ in found), [k.label for k, _ in found]
         for knobs, sch in found:
             got = _run(build_kernel(sch.mod, target), func, inputs)
             np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4,
