@@ -60,10 +60,12 @@ def test_winograd_matmuls_are_neon(target, tmp_path):
     assert len(re.findall(pattern, kernel)) >= 8, kernel[:3000]
 
 
+@pytest.mark.parametrize("model", ["conv-3x3", "conv-1x1-wide"])
 @pytest.mark.parametrize("target", list(CASES))
-def test_every_selection_candidate_is_neon(target, tmp_path):
+def test_every_selection_candidate_is_neon(target, model, tmp_path):
     """What the selection may pick on a board: each distinct candidate of the conv kernel,
-    cross-compiled as `splitc tune --rpc` sends it, keeps its hot loop in NEON."""
+    cross-compiled as `splitc tune --rpc` sends it, keeps its hot loop in NEON (the wide
+    1x1 convolution's include the input channels summed in chunks)."""
     from tvm.s_tir import meta_schedule as ms
 
     from splitc.backend.build import has_reduction
@@ -75,11 +77,16 @@ def test_every_selection_candidate_is_neon(target, tmp_path):
         pytest.skip(f"{objdump} is missing: run scripts/setup.sh")
     spec = targets.get(target)
     tvm_target = spec.tvm_target()
-    fused = kernels(conv_module(16, 32, 8, 3, 1, 1), tvm_target)
+    module = conv_module(16, 32, 8, 3, 1, 1) if model == "conv-3x3" else \
+        conv_module(320, 32, 7, 1, 1, 0)
+    fused = kernels(module, tvm_target)
     (conv,) = [t.dispatched[0]["main"] for t in ms.relax_integration.extract_tasks(
         fused, tvm_target) if has_reduction(t.dispatched[0]["main"])]
     found = candidates(conv, tvm_target)
-    assert len(found) >= 3, [k.label for k, _ in found]
+    assert len(found) >= 3 or (model == "conv-1x1-wide" and len(found) >= 2), \
+        [k.label for k, _ in found]
+    if model == "conv-1x1-wide":
+        assert any(k.ic_chunk for k, _ in found), [k.label for k, _ in found]
     for i, (knobs, sch) in enumerate(found):
         lib = spec.export_library(build_kernel(sch.mod, tvm_target), tmp_path / f"{i}.so")
         kernel = kernel_disassembly(objdump, lib, "main")
