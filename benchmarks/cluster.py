@@ -68,7 +68,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
-from common import cpu_name, interleaved, ort_runner, save_figure  # noqa: E402
+from common import cpu_name, interleaved, keep_cores_awake, ort_runner, save_figure  # noqa: E402
 
 from splitc import frontend, targets  # noqa: E402
 from splitc.driver import compile_model, measure_runtime_cost  # noqa: E402
@@ -91,6 +91,8 @@ BURST = "16kb"
 #: moves packets by DMA. Jumbo frames (9000, which 1 Gbit/s switches carry) cut that to 0.3 ms
 #: (measured with an idle-priority spinner on the sender's core).
 MTU = 9000
+#: Where a saved report's earlier runs begin (the same configuration, older code).
+EARLIER = "# earlier runs of the same configuration (older code or emulation):"
 NETNS_PREFIX = "splitcb"  # + the lab number: runs with different --lab can share a machine
 SUBNET = "10.231"  # .(7 + lab).host
 
@@ -254,6 +256,22 @@ def delayed(self, *args):
     return True
 
 
+def poll_ms(self):
+    """The loop's wait: until the next held send falls due. ZeroMQ's poll counts whole
+    milliseconds, so the last fraction of one is slept (a poll of 0 ms there spun the loop
+    some 130 times per held send, and that CPU was dilated as message handling: 4x the
+    runtime's measured cost per message); a message arriving meanwhile waits for it, under
+    a millisecond."""
+    if not OUTBOX:
+        return 100
+    left = OUTBOX[0][0] - time.perf_counter()
+    if left >= 1e-3:
+        return min(100, int(left * 1e3))
+    if left > 0:
+        time.sleep(left)
+    return 0
+
+
 stats = worker.Worker.stats
 
 
@@ -272,8 +290,7 @@ worker.Worker.stats = with_emulation
 if DELAY > 0:
     worker.Worker._send_outputs = delayed
     worker.Worker.each_turn = lambda self: flush()
-    worker.Worker.poll_ms = lambda self: (
-        max(0, min(100, int((OUTBOX[0][0] - time.perf_counter()) * 1e3))) if OUTBOX else 100)
+    worker.Worker.poll_ms = poll_ms
 sys.exit(worker.main(sys.argv[1:]))
 '''
 
@@ -506,6 +523,7 @@ def main() -> int:
 
     n = args.devices
     factors = parse_factors(args.slowdown, n)
+    awake = keep_cores_awake()  # (profiles, ONNX Runtime and every row alike)
     shapes = {"input": (1, 3, args.image_size, args.image_size)} if args.image_size else None
     work = args.out or Path(tempfile.mkdtemp(prefix="splitc-cluster-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -545,8 +563,8 @@ def main() -> int:
         f"CPU {cpu} (LLVM cpu {targets.host_cpu()}), {len(cores)} cores")
     say(f"# devices: {'time-dilated' if args.emulation == 'dilated' else 'repeated pieces'}, "
         f"slowdown {', '.join(f'{f:g}' for f in factors)}: each piece runs once and its "
-        "outputs leave when F x its thread CPU time has passed"
-        if args.emulation == "dilated" else "")
+        f"outputs leave when F x its thread CPU time has passed; {awake}"
+        if args.emulation == "dilated" else f"# {awake}")
     say(f"# splitc on this core: {table['flops_per_second'] / 1e9:.2f} GFLOP/s (profiled), "
         f"the runtime {table['seconds_per_message'] * 1e6:.0f} us of CPU per message + "
         f"{table['runtime_seconds_per_byte'] * 1e12:.0f} ps per byte (measured); the cost "
@@ -612,7 +630,14 @@ def main() -> int:
         args.save.mkdir(parents=True, exist_ok=True)
         stem = (f"cluster-{args.model}{'-tiny' if args.tiny else ''}-"
                 f"{x[0].shape[-1]}-n{n}-F{factors[0]:g}-{targets.host_cpu()}")
-        (args.save / f"{stem}.txt").write_text("\n".join(out_lines) + "\n")
+        report_file = args.save / f"{stem}.txt"
+        text = "\n".join(out_lines) + "\n"
+        if report_file.exists():  # every table kept: the earlier ones below, as comments
+            earlier = [line if line.startswith("#") else f"# {line}"
+                       for line in report_file.read_text().splitlines()
+                       if not line.startswith(EARLIER)]
+            text += f"\n{EARLIER}\n" + "\n".join(earlier) + "\n"
+        report_file.write_text(text)
         (args.save / f"{stem}.json").write_text(json.dumps(rows, indent=1, default=str))
         plot(rows, args.save / stem, label, n, one_device)
         print(f"# wrote {args.save / stem}.txt, .json, .png, .svg")
