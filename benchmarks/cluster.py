@@ -647,8 +647,8 @@ def main() -> int:
 
 
 def report(rows, say, n, factors, one_device, must_cross, bandwidth, validate) -> None:
-    single = next(r["latency"] for r in rows if r["config"].startswith("splitc, 1 device")
-                  and r.get("mode", "") != "repeat")
+    single = next((r["latency"] for r in rows if r["config"].startswith("splitc, 1 device")
+                   and r.get("mode", "") != "repeat"), None)  # (None: --configs without one)
     ideal = one_device / sum(factors[0] / f for f in factors) + must_cross / bandwidth
     say(f"{'config':<44} {'latency ms':>10} {'req/s':>6} {'speedup':>7} {'bytes/inf':>12} "
         f"{'weights MB':>10} {'predicted':>9} {'err':>5} {'busy ms':>8} {'wait ms':>8} "
@@ -666,7 +666,8 @@ def report(rows, say, n, factors, one_device, must_cross, bandwidth, validate) -
             return format(value, fmt) if measured else ""
 
         say(f"{r['config']:<44} {r['latency'] * 1e3:>10.1f} {r['throughput']:>6.2f} "
-            f"{single / r['latency']:>6.2f}x {r['bytes']:>12,} "
+            f"{'' if single is None else format(single / r['latency'], '6.2f') + 'x':>7} "
+            f"{r['bytes']:>12,} "
             f"{r.get('weights', 0) / 1e6:>10.1f} "
             f"{'' if pred is None else format(pred * 1e3, '.1f'):>9} {err:>5} "
             f"{num((busy or 0) * 1e3, '.1f'):>8} "
@@ -706,8 +707,9 @@ def report(rows, say, n, factors, one_device, must_cross, bandwidth, validate) -
                 a, b = pair["dilated"]["latency"], pair["repeat"]["latency"]
                 say(f"dilated vs repeat, {name}: {a * 1e3:.1f} vs {b * 1e3:.1f} ms "
                     f"({(a - b) / b * 100:+.1f} %)")
-    say(f"ideal on {n} devices: {ideal * 1e3:.1f} ms ({single / ideal:.2f}x); goal for auto: "
-        f">= {0.8 * n:.1f}x over one device")
+    say(f"ideal on {n} devices: {ideal * 1e3:.1f} ms"
+        + ("" if single is None else f" ({single / ideal:.2f}x)")
+        + f"; goal for auto: >= {0.8 * n:.1f}x over one device")
     if errors:
         say(f"cost model mean abs error: {np.mean(errors) * 100:.1f} % over {len(errors)} rows "
             "(goal <= 15 %)")
@@ -726,9 +728,11 @@ def plot(rows, stem: Path, label: str, n: int, one_device: float) -> None:
     pos = np.arange(len(shown))
     ax.barh(pos - 0.2, [r["latency"] * 1e3 for r in shown], 0.4, label="measured")
     ax.barh(pos + 0.2, [(r["predicted"] or 0) * 1e3 for r in shown], 0.4, label="predicted")
-    single = next(r["latency"] for r in shown if r["config"].startswith("splitc, 1 device"))
-    ax.axvline(single / (0.8 * n) * 1e3, color="green", linestyle="--",
-               label=f"goal: 0.8 x {n} over one device")
+    single = next((r["latency"] for r in shown
+                   if r["config"].startswith("splitc, 1 device")), None)
+    if single is not None:
+        ax.axvline(single / (0.8 * n) * 1e3, color="green", linestyle="--",
+                   label=f"goal: 0.8 x {n} over one device")
     ax.set_yticks(pos, names)
     ax.invert_yaxis()
     ax.set_xlabel("latency per request (ms)")
