@@ -236,9 +236,10 @@ class Worker:
         self.events: deque = deque(maxlen=EVENTS_KEPT)
         self.events_base = 0
         #: recv / sent: per peer [tensors, bytes, messages]; loop_cpu_s: the serving thread's
-        #: CPU time handling what the loop woke up for, pieces included (piece_cpu_s): the
-        #: rest is what the runtime itself costs (`splitc profile` fits its cost per message
-        #: and per byte from these)
+        #: CPU time handling what the loop woke up for, pieces included (piece_cpu_s); the
+        #: stats' thread_cpu_s adds the polls between turns (waking up for a message costs
+        #: the thread too): less the pieces, that is what the runtime itself costs (`splitc
+        #: profile` fits its cost per message and per byte from it)
         self.counters = {"recv": defaultdict(lambda: [0, 0, 0]),
                          "sent": defaultdict(lambda: [0, 0, 0]),
                          "pieces_run": 0, "requests_done": 0, "errors": 0, "expired": 0,
@@ -884,6 +885,7 @@ class Worker:
                 # many requests that arrive back to back)
                 "piece_cpu_s": c["piece_cpu_s"], "loop_cpu_s": c["loop_cpu_s"] + (
                     0.0 if self._turn_cpu is None else time.thread_time() - self._turn_cpu),
+                "thread_cpu_s": time.thread_time(),  # (stats run on the serving thread)
                 "pending": len(self.session.requests) if self.session else 0,
                 "memory": memory}
 

@@ -371,7 +371,9 @@ def measure_runtime_cost(target: str = "host", requests: int = 40, log: Log = la
     and per byte of it, beside its pieces, on this machine: local workers serve ``model``
     (default the tiny ResNet-18) whole (one worker) and split two ways by rows (two workers,
     many smaller messages), and report their own counters (the serving thread's CPU time,
-    its pieces', its messages and their bytes); the two rates are fitted over the workers.
+    polls included, its pieces', its messages and their bytes); the two rates are fitted over
+    the workers. (The polls add 0-5 % back to back; a device idle between its messages, as
+    a time-dilated one is, spends 10-30 % of its runtime CPU in them.)
     Returns the table's ``seconds_per_message``, ``runtime_seconds_per_byte`` and how they
     were measured."""
     if target_registry.get(target).cross_compiler:
@@ -398,7 +400,7 @@ def measure_runtime_cost(target: str = "host", requests: int = 40, log: Log = la
             for dev, s in after.items():
                 b = before[dev]
                 rows.append((_grown(s, b, "messages"), _grown(s, b, "bytes"),
-                             (s["loop_cpu_s"] - b["loop_cpu_s"])
+                             (s["thread_cpu_s"] - b["thread_cpu_s"])
                              - (s["piece_cpu_s"] - b["piece_cpu_s"])))
     tell(1.0, "done")
     counts, nbytes, cpu = (np.array(c, dtype=float) for c in zip(*rows, strict=True))
