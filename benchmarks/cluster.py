@@ -172,7 +172,7 @@ from splitc.runtime.artifact import DeviceArtifact
 
 mode, F, DELAY = sys.argv.pop(1), float(sys.argv.pop(1)), float(sys.argv.pop(1))
 EMU = {"pieces": 0, "piece_cpu_s": 0.0, "calibrated_s": 0.0, "dilated_s": 0.0, "late": 0,
-       "late_s": 0.0, "delayed": 0, "runtime_cpu_s": 0.0}
+       "late_s": 0.0, "delayed": 0, "runtime_cpu_s": 0.0, "repeats_cpu_s": 0.0}
 CALIBRATED = {}  # piece -> its thread CPU time run alone (warm), measured before serving
 OUTBOX = collections.deque()  # (due, worker, arguments of Worker._send_outputs)
 send_outputs = worker.Worker._send_outputs
@@ -244,8 +244,10 @@ def repeated(self, piece, inputs):  # the method dilation replaced (a core per d
     for _ in range(round(F) - 1):
         run(self, piece, inputs)
     out = run(self, piece, inputs)
+    cpu = time.thread_time() - c0
     EMU["pieces"] += 1
-    EMU["piece_cpu_s"] += (time.thread_time() - c0) / round(F)
+    EMU["piece_cpu_s"] += cpu / round(F)
+    EMU["repeats_cpu_s"] += cpu - cpu / round(F)  # (not the runtime's: the F-1 extra runs)
     EMU["dilated_s"] += time.perf_counter() - w0
     return out
 
@@ -464,7 +466,8 @@ def measure(out: Path, x, reference, nets, port0: int, repeats: int, inflight: i
     # the runtime's CPU the dilation did not stretch: ZeroMQ's I/O threads, and the serving
     # thread's work after a request's last piece
     runtime_cpu = {d: per_request(d, "process_cpu_s") - piece_cpu[d]
-                   - per_request(d, "runtime_cpu_s") for d in after}
+                   - per_request(d, "runtime_cpu_s") - per_request(d, "repeats_cpu_s")
+                   for d in after}
     late = sum(per_request(d, "late_s") for d in after)
     weights = max(sum(p.weight_bytes for p in plan.pieces_on(d.name)) for d in plan.devices)
     return {"latency": statistics.median(times), "throughput": throughput, "rel_err": err,
