@@ -352,6 +352,7 @@ def test_half_finished_requests_from_a_stranger_are_refused(cluster):
     spec = plan.tensors[transfer.tensor]
     frame = np.zeros(spec.shape, spec.dtype)
     sid = leaked_session(cluster, "dev1")
+    before = cluster.session.worker_stats()["dev1"]
     sock = cluster.stranger("dev1")
     for i in range(1024):  # dev0's half of 1,024 requests; the client's half never comes
         wire.send(sock, wire.header(wire.TENSORS, src="dev0", session=sid,
@@ -362,8 +363,16 @@ def test_half_finished_requests_from_a_stranger_are_refused(cluster):
     while sock.poll(100):
         replies.append(wire.recv(sock).head)
     sock.close(linger=0)
-    assert replies and all(r["kind"] == wire.ERROR for r in replies)
-    assert cluster.session.worker_stats()["dev1"]["pending"] == 0
+    after = cluster.session.worker_stats()["dev1"]
+    # Refused one by one, or the connection reset by the guard once more than a stranger
+    # may queue was unread (with the answers still queued to it: on a loaded machine the
+    # reset can come before the stranger has read any of them, so none need arrive).
+    refusals = after["refused"] - before["refused"]
+    resets = (after["memory"]["closed"]["over_budget"]
+              - before["memory"]["closed"]["over_budget"])
+    assert refusals + resets >= 1, (after, replies)
+    assert all(r["kind"] == wire.ERROR for r in replies), replies
+    assert after["pending"] == 0 and after["pieces_run"] == before["pieces_run"]
     assert cluster.exact()
 
 
