@@ -16,6 +16,7 @@ import numpy as np
 import tvm
 import tvm_ffi
 from tvm import relax
+from tvm.relax.expr import _update_type  # (the FFI's UpdateType: no public name in 0.27)
 
 from splitc.errors import SplitcError
 
@@ -130,6 +131,16 @@ def substitute(expr: relax.Expr, vmap: Mapping[relax.Var, relax.Expr]) -> relax.
     if isinstance(expr, relax.Call):
         return relax.Call(expr.op, [substitute(a, vmap) for a in expr.args], expr.attrs,
                           expr.ty_args)
+    return expr
+
+
+def typed(expr: relax.Expr, ty: relax.Type) -> relax.Expr:
+    """``expr`` (a new call) told its type, so that the block builder does not infer it:
+    TVM 0.27 infers a convolution's or a pooling's in about 0.5 ms (it parses their layouts
+    each time), and splitting ResNet-50 eight ways emits thousands of them (5 of the 14 s
+    ``--strategy auto`` took). Only for a type known exactly: the binding's it re-emits with
+    arguments of the same types, or that binding's with the rows of a tile."""
+    _update_type(expr, ty)
     return expr
 
 
@@ -280,6 +291,13 @@ class _LiftConstants(relax.PyExprMutator):
         self.params.append(var)
         self.consts.append(const)
         return var
+
+    def visit_call_(self, call):
+        # (built here, typed: the default mutator has each call's type inferred again)
+        args = [self.visit_expr(a) for a in call.args]
+        if all(a.same_as(b) for a, b in zip(args, call.args, strict=True)):
+            return call
+        return typed(relax.Call(call.op, args, call.attrs, call.ty_args), call.ty)
 
 
 def lift_constants(func: relax.Function

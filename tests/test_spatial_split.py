@@ -293,6 +293,45 @@ def test_awkward_shapes_exact(height, n):
     assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
+def mistyped(mod: tvm.IRModule) -> list[str]:
+    """Every operator call in ``mod`` whose binding's type is not the one TVM infers for it
+    anew (the splits give the calls they build their types, instead of having TVM infer
+    them: see :func:`splitc.passes.ir.typed`)."""
+    bb, wrong = relax.BlockBuilder(), []
+    for gv, func in mod.functions.items():
+        if not isinstance(func, relax.Function):
+            continue
+        for block in func.body.blocks:
+            for b in block.bindings:
+                v = b.value
+                if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op):
+                    fresh = bb.normalize(relax.Call(v.op, v.args, v.attrs, v.ty_args))
+                    try:
+                        tvm.ir.assert_structural_equal(b.var.ty, fresh.ty)
+                    except ValueError:
+                        wrong.append(f"{gv.name_hint}: {b.var.name} is {b.var.ty}, "
+                                     f"inferred {fresh.ty}")
+    return wrong
+
+
+@pytest.mark.parametrize("strategy", ["spatial", "channel", "hybrid"])
+@pytest.mark.parametrize("height", [15, 17])
+def test_the_types_a_split_gives_its_calls_are_those_tvm_infers(strategy, height):
+    """Tiles (strides, dilation, ceil-mode pools cut to a row range), channel slices (grouped
+    and depthwise too), re-emitted pieces and their lifted weights."""
+    from splitc.planning import strategies  # noqa: F401  (registers them)
+    from splitc.planning.extract import extract
+    from splitc.planning.registry import Context, get
+
+    mod = awkward(height)
+    proposals = list(get(strategy).candidates(mod, Context(3)))
+    assert proposals
+    for p in proposals:
+        assert mistyped(p.module) == []
+        for piece in extract(p.module).modules.values():
+            assert mistyped(piece) == []
+
+
 @functools.cache
 def imported_cnn(tmp_dir: str) -> tvm.IRModule:
     """A small torch CNN through ONNX, as splitc imports models (bias adds, folded BN)."""

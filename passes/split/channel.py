@@ -32,6 +32,7 @@ from splitc.passes.ir import (
     output_vars,
     static_shape,
     substitute,
+    typed,
     var_inputs,
 )
 from splitc.passes.ops import (
@@ -150,7 +151,10 @@ class ChannelRewriter:
     def _on_home(self, var, call) -> _Full:
         device = self.home.get(var.name, 0)
         vmap = {v: self.full_on(v, device) for v in var_inputs(call) if v in self.state}
-        return _Full(self.emit(substitute(call, vmap), var.name, device), device)
+        value = substitute(call, vmap)  # (on whole tensors: of the binding's type)
+        if isinstance(value, relax.Call) and isinstance(var.ty, relax.TensorType):
+            value = typed(value, var.ty)
+        return _Full(self.emit(value, var.name, device), device)
 
     def _split_layer(self, var, call, name):
         if var.name not in self.plan.layers or name not in ("nn.conv2d", "matmul"):
@@ -175,21 +179,25 @@ class ChannelRewriter:
                     x = self.emit(relax.op.strided_slice(
                         x, axes=[1], begin=[lo // per_out * per_in], end=[hi // per_out * per_in]),
                         f"{var.name}_in{k}", k)
-                value = self._conv_slice(call, x, w, lo, hi)
+                value = self._conv_slice(var, call, x, w, lo, hi)
             parts.append(self.emit(value, f"{var.name}_c{k}", k))
         return _Split(axis, bounds, tuple(parts))
 
-    def _conv_slice(self, call, x, w, lo, hi):
-        """Output channels ``lo:hi`` of a (grouped) conv2d whose input ``x`` holds exactly the
-        input channels those output channels read."""
+    def _conv_slice(self, var, call, x, w, lo, hi):
+        """Output channels ``lo:hi`` of ``var``, a (grouped) conv2d, whose input ``x`` holds
+        exactly the input channels those output channels read."""
         a = call.attrs
-        groups = int(a.groups)
-        out_per_group = w.shape[0] // groups
-        return relax.op.nn.conv2d(
+        groups = (hi - lo) // (w.shape[0] // int(a.groups)) if int(a.groups) > 1 else 1
+        conv = relax.op.nn.conv2d(
             x, relax.const(w[lo:hi]), strides=a.strides, padding=a.padding,
-            dilation=a.dilation, groups=(hi - lo) // out_per_group if groups > 1 else 1,
-            data_layout=a.data_layout, kernel_layout=a.kernel_layout, out_layout=a.out_layout,
-            out_dtype=a.out_dtype)
+            dilation=a.dilation, groups=groups, data_layout=a.data_layout,
+            kernel_layout=a.kernel_layout, out_layout=a.out_layout, out_dtype=a.out_dtype)
+        nchw = str(a.data_layout) == "NCHW" and str(a.out_layout) in ("NCHW", "")
+        if nchw and static_shape(x)[1] == w.shape[1] * groups:  # its type, as inferred
+            shape = list(static_shape(var))
+            shape[1] = hi - lo
+            conv = typed(conv, relax.TensorType(shape, var.ty.dtype))
+        return conv
 
     def _grouped_conv(self, var, call, name):
         """A grouped conv on channel slices that fall on group boundaries stays local."""
@@ -206,7 +214,7 @@ class ChannelRewriter:
         bounds = tuple((lo // in_per_group * out_per_group, hi // in_per_group * out_per_group)
                        for lo, hi in st.bounds)
         parts = tuple(
-            self.emit(self._conv_slice(call, x, w, lo, hi),
+            self.emit(self._conv_slice(var, call, x, w, lo, hi),
                       f"{var.name}_c{k}", k)
             for k, ((lo, hi), x) in enumerate(zip(bounds, st.parts, strict=True)))
         return _Split(1, bounds, parts)

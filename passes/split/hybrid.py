@@ -28,12 +28,12 @@ from splitc.passes.split.channel import ChannelPlan, ChannelRewriter, plan_chann
 from splitc.passes.split.outline import OutlinePieces
 from splitc.passes.split.spatial import (
     MAX_HALO_OVERHEAD,
+    RowGeometry,
     SpatialPlan,
     SpatialRewriter,
     _height,
     check_plan,
     plan_spatial,
-    segment_outputs,
 )
 
 
@@ -116,11 +116,9 @@ def boundaries(mod: tvm.IRModule, n_devices: int, max_overhead: float = MAX_HALO
     ``r`` in ``rows_per_device`` (tiles of a row or two recompute their halo many times over,
     and every tile reads all the weights, which late layers have most of). Distinct, in
     order; none where every segment stays tall enough."""
-    func = mod["main"]
-    bindings = list(main_block(mod).bindings)
+    geo = RowGeometry(list(main_block(mod).bindings), mod["main"])
     segments = plan_spatial(mod, n_devices, max_overhead, shares).segments
-    heights = [min((_height(v) or 0) for v in segment_outputs(bindings, s, e, func))
-               for s, e in segments]
+    heights = [min((_height(v) or 0) for v in geo.outputs(s, e)) for s, e in segments]
     found = []
     for r in sorted(rows_per_device):
         for (start, _), h in zip(segments, heights, strict=True):

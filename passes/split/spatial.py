@@ -48,6 +48,7 @@ from splitc.passes.ir import (
     output_vars,
     static_shape,
     substitute,
+    typed,
     var_inputs,
 )
 from splitc.passes.ops import (
@@ -133,14 +134,24 @@ def _window(call: relax.Call, axis: int) -> tuple[int, int, int, int, int]:
 def _floor_size(call: relax.Call, axis: int) -> int:
     """Output size along ``axis`` of a windowed op without ``ceil_mode``."""
     kernel, stride, dilation, before, after = _window(call, axis)
-    size = static_shape(call.args[0])[2 + axis]
-    return (size + before + after - (kernel - 1) * dilation - 1) // stride + 1
+    return _windows(static_shape(call.args[0])[2 + axis], kernel, stride, dilation,
+                    before + after)
+
+
+def _windows(size: int, kernel: int, stride: int, dilation: int, padding: int) -> int:
+    """How many windows fit ``size`` rows (or columns) padded by ``padding`` in all."""
+    return (size + padding - (kernel - 1) * dilation - 1) // stride + 1
 
 
 def input_rows(call: relax.Call, out: Rows, in_height: int) -> tuple[Rows, int, int]:
     """Input rows a windowed op needs for output rows ``out``, and the tile's top and bottom
     padding: the window's overhang past the image border, none inside it."""
     kernel, stride, dilation, pad, _ = _window(call, 0)
+    return _window_rows(kernel, stride, dilation, pad, out, in_height)
+
+
+def _window_rows(kernel: int, stride: int, dilation: int, pad: int, out: Rows,
+                 in_height: int) -> tuple[Rows, int, int]:
     lo = out[0] * stride - pad
     hi = (out[1] - 1) * stride - pad + (kernel - 1) * dilation + 1
     return (max(lo, 0), min(hi, in_height)), max(0, -lo), max(0, hi - in_height)
@@ -167,12 +178,35 @@ def operand_rows(call: relax.Call, index: int, operand: relax.Expr, out: Rows) -
     ``None`` means the operand has no rows (scalars, vectors, attributes). Weights and
     per-channel operands (one row) are needed whole.
     """
+    read = _read(call, index, operand)
+    return None if read is None else _rows_read(read, out)
+
+
+#: How an operand's rows follow from its reader's output rows (:func:`_read`): the rows of a
+#: window ``(size, kernel, stride, dilation, top padding)``, all ``size`` rows
+#: ``(size, None, ...)``, or the same rows ``(size, 0, ...)``.
+_Read = tuple[int, int | None, int, int, int]
+
+
+def _read(call: relax.Call, index: int, operand: relax.Expr) -> _Read | None:
     size = _row_size(operand)
     if size is None:
         return None
     if op_name(call) in WINDOWED:
-        return input_rows(call, out, size)[0] if index == 0 else (0, size)
-    return (0, 1) if size == 1 else out
+        if index == 0:
+            kernel, stride, dilation, pad, _ = _window(call, 0)
+            return (size, kernel, stride, dilation, pad)
+        return (size, None, 0, 0, 0)
+    return (size, None, 0, 0, 0) if size == 1 else (size, 0, 0, 0, 0)
+
+
+def _rows_read(read: _Read, out: Rows) -> Rows:
+    size, kernel, stride, dilation, pad = read
+    if kernel is None:
+        return (0, size)
+    if kernel == 0:
+        return out
+    return _window_rows(kernel, stride, dilation, pad, out, size)[0]
 
 
 def row_local(binding: relax.VarBinding) -> bool:
@@ -211,28 +245,59 @@ def _union(a: Rows | None, b: Rows) -> Rows:
     return b if a is None else (min(a[0], b[0]), max(a[1], b[1]))
 
 
-def tile_needs(bindings: list[relax.VarBinding], own: dict[relax.Var, Rows]
-               ) -> dict[relax.Var, Rows]:
-    """Backwards through a segment: the rows of every tensor one tile must have, given the
-    rows ``own`` it must produce of the segment's outputs. Tensors read from outside the
-    segment are included (the rows the tile must receive)."""
-    need: dict[relax.Var, Rows] = dict(own)
-    for b in reversed(bindings):
-        rows = need.get(b.var)
-        if rows is None:
-            continue
-        for j, arg in enumerate(_operands(b.value)):
-            want = operand_rows(b.value, j, arg, rows)
-            if isinstance(arg, relax.Var) and want is not None:
-                need[arg] = _union(need.get(arg), want)
-    return need
+class RowGeometry:
+    """What the row arithmetic asks of ``main``'s bindings again and again, read from the IR
+    once: each binding's FLOPs and rows, how the rows of each variable it reads follow from
+    its output rows, and where each variable is last read. :func:`plan_spatial` sizes a
+    segment by trying every length (tens of thousands of questions on ResNet-50 at eight
+    devices: read from the IR each time, they took seconds of ``--strategy auto``)."""
 
+    def __init__(self, bindings: list[relax.VarBinding], func: relax.Function):
+        self.bindings = bindings
+        last: dict[relax.Var, int] = {}
+        for i, b in enumerate(bindings):
+            for v in var_inputs(b.value):
+                last[v] = i
+        for v in output_vars(func):
+            last[v] = len(bindings)
+        self.last_read = [last.get(b.var, -1) for b in bindings]
+        self.flops = [op_flops(b.value, static_shape(b.var)) for b in bindings]
+        self.height = [_height(b.var) for b in bindings]
+        self.reads = [[(arg, read) for j, arg in enumerate(_operands(b.value))
+                       if isinstance(arg, relax.Var)
+                       and (read := _read(b.value, j, arg)) is not None]
+                      for b in bindings]
 
-def segment_outputs(bindings: list[relax.VarBinding], start: int, end: int,
-                    func: relax.Function) -> list[relax.Var]:
-    """Variables defined in ``bindings[start:end]`` and read after it (or returned)."""
-    later = {v for b in bindings[end:] for v in var_inputs(b.value)} | set(output_vars(func))
-    return [b.var for b in bindings[start:end] if b.var in later]
+    def outputs(self, start: int, end: int) -> list[relax.Var]:
+        """Variables defined in ``bindings[start:end]`` and read after it (or returned)."""
+        return [self.bindings[i].var for i in range(start, end) if self.last_read[i] >= end]
+
+    def needs(self, start: int, end: int, own: dict[relax.Var, Rows]
+              ) -> dict[relax.Var, Rows]:
+        """Backwards through the segment ``[start, end)``: the rows of every tensor one tile
+        must have, given the rows ``own`` it must produce of the segment's outputs. Tensors
+        read from outside the segment are included (the rows the tile must receive)."""
+        need: dict[relax.Var, Rows] = dict(own)
+        for i in range(end - 1, start - 1, -1):
+            rows = need.get(self.bindings[i].var)
+            if rows is None:
+                continue
+            for arg, read in self.reads[i]:
+                need[arg] = _union(need.get(arg), _rows_read(read, rows))
+        return need
+
+    def tiled_flops(self, start: int, end: int, n_devices: int,
+                    shares: tuple[float, ...] = ()) -> tuple[float, float]:
+        """(FLOPs of all tiles together, FLOPs untiled) of the segment ``[start, end)``."""
+        outs = self.outputs(start, end)
+        tiled = 0.0
+        for k in range(n_devices):
+            need = self.needs(start, end, own_rows(outs, n_devices, k, shares))
+            for i in range(start, end):
+                rows = need.get(self.bindings[i].var)
+                if rows is not None:
+                    tiled += self.flops[i] * (rows[1] - rows[0]) / self.height[i]
+        return tiled, float(sum(self.flops[start:end]))
 
 
 def own_rows(outputs: list[relax.Var], n_devices: int, k: int,
@@ -252,26 +317,16 @@ def own_rows(outputs: list[relax.Var], n_devices: int, k: int,
 def tiled_flops(bindings: list[relax.VarBinding], start: int, end: int, func: relax.Function,
                 n_devices: int, shares: tuple[float, ...] = ()) -> tuple[float, float]:
     """(FLOPs of all tiles together, FLOPs untiled) of the segment ``[start, end)``."""
-    seg = bindings[start:end]
-    outs = segment_outputs(bindings, start, end, func)
-    full = [op_flops(b.value, static_shape(b.var)) for b in seg]
-    tiled = 0.0
-    for k in range(n_devices):
-        need = tile_needs(seg, own_rows(outs, n_devices, k, shares))
-        for b, flops in zip(seg, full, strict=True):
-            if b.var in need:
-                lo, hi = need[b.var]
-                tiled += flops * (hi - lo) / _height(b.var)
-    return tiled, float(sum(full))
+    return RowGeometry(bindings, func).tiled_flops(start, end, n_devices, shares)
 
 
-def _tileable(bindings, start, end, func) -> bool:
+def _tileable(geo: RowGeometry, start: int, end: int) -> bool:
     """A segment worth tiling: it has a windowed op and hands on only tensors of at least two
     rows. One with fewer rows than devices is tiled over as many devices as it has rows (the
     rest idle): ResNet-50's last stage has 7 rows at 224x224, and 7 tiles beat one device."""
-    outs = segment_outputs(bindings, start, end, func)
+    outs = geo.outputs(start, end)
     return (bool(outs) and all(_height(v) >= 2 for v in outs)
-            and any(op_name(b.value) in WINDOWED for b in bindings[start:end]))
+            and any(op_name(b.value) in WINDOWED for b in geo.bindings[start:end]))
 
 
 def plan_spatial(mod: tvm.IRModule, n_devices: int,
@@ -293,6 +348,7 @@ def plan_spatial(mod: tvm.IRModule, n_devices: int,
         raise SplitcError("a spatial split needs at least one device")
     func = mod["main"]
     bindings = list(main_block(mod).bindings)
+    geo = RowGeometry(bindings, func)
     local = [row_local(b) for b in bindings]
     segments = []
     i = 0
@@ -302,11 +358,11 @@ def plan_spatial(mod: tvm.IRModule, n_devices: int,
             continue
         end = i + 1
         while end < len(bindings) and local[end]:
-            tiled, plain = tiled_flops(bindings, i, end + 1, func, n_devices, shares)
+            tiled, plain = geo.tiled_flops(i, end + 1, n_devices, shares)
             if plain and tiled > max_overhead * plain:
                 break
             end += 1
-        while end > i and not _tileable(bindings, i, end, func):
+        while end > i and not _tileable(geo, i, end):
             end -= 1
         if end == i:
             i += 1
@@ -364,28 +420,37 @@ def _row_slice(value: relax.Expr, lo: int, hi: int) -> relax.Expr:
 
 
 def _tile_call(call: relax.Call, args: list[relax.Expr], rows: Rows,
-               out_shape: tuple[int, ...]) -> relax.Expr:
-    """``call`` on tile operands ``args``, computing output rows ``rows``."""
+               out: relax.Var) -> relax.Expr:
+    """``call`` on tile operands ``args``, computing output rows ``rows`` of ``out``."""
     name = op_name(call)
     if name not in WINDOWED:
         return relax.Call(call.op, args, call.attrs, call.ty_args)
     a = call.attrs
+    out_shape = static_shape(out)
     _, top, bottom = input_rows(call, rows, _height(call.args[0]))
     left, right = int(a.padding[1]), int(a.padding[3])
     if name == "nn.conv2d":
-        return relax.op.nn.conv2d(
+        tile = relax.op.nn.conv2d(
             args[0], args[1], strides=a.strides, padding=[top, left, bottom, right],
             dilation=a.dilation, groups=a.groups, data_layout=a.data_layout,
             kernel_layout=a.kernel_layout, out_layout=a.out_layout, out_dtype=a.out_dtype)
-    if a.ceil_mode:  # pad the last column window instead (rows: input_rows already does)
-        kernel, stride, dilation, _, _ = _window(call, 1)
-        reach = (out_shape[3] - 1) * stride + (kernel - 1) * dilation + 1
-        right = max(right, reach - static_shape(call.args[0])[3] - left)
-    pool = relax.op.nn.max_pool2d if name == "nn.max_pool2d" else relax.op.nn.avg_pool2d
-    return pool(args[0], pool_size=a.pool_size, strides=a.strides,
-                padding=[top, left, bottom, right], dilation=a.dilation, ceil_mode=False,
-                count_include_pad=a.count_include_pad, layout=a.layout,
-                out_layout=a.out_layout)
+    else:
+        if a.ceil_mode:  # pad the last column window instead (rows: input_rows already does)
+            kernel, stride, dilation, _, _ = _window(call, 1)
+            reach = (out_shape[3] - 1) * stride + (kernel - 1) * dilation + 1
+            right = max(right, reach - static_shape(call.args[0])[3] - left)
+        pool = relax.op.nn.max_pool2d if name == "nn.max_pool2d" else relax.op.nn.avg_pool2d
+        tile = pool(args[0], pool_size=a.pool_size, strides=a.strides,
+                    padding=[top, left, bottom, right], dilation=a.dilation, ceil_mode=False,
+                    count_include_pad=a.count_include_pad, layout=a.layout,
+                    out_layout=a.out_layout)
+    # its type, as the op's inference would give it (which takes ~0.5 ms: see typed)
+    shape = static_shape(args[0])
+    size = [_windows(shape[2 + axis], *_window(call, axis)[:3], pad)
+            for axis, pad in ((0, top + bottom), (1, left + right))]
+    if size == [rows[1] - rows[0], out_shape[3]]:
+        tile = typed(tile, relax.TensorType([*out_shape[:2], *size], out.ty.dtype))
+    return tile
 
 
 class SpatialRewriter:
@@ -520,14 +585,14 @@ class SpatialRewriter:
         lo, hi = group
         shares = self.plan.shares[lo:hi] if self.plan.shares else ()
         seg = bindings[start:end]
-        outs = segment_outputs(bindings, start, end, func)
+        outs = self.geo.outputs(start, end)
         tiles: dict[relax.Var, list[_Tile]] = {v: [] for v in outs}
         for j in range(hi - lo):
             k = lo + j  # the device
             own = own_rows(outs, hi - lo, j, shares)
             if not own:
                 continue
-            need = tile_needs(seg, own)
+            need = self.geo.needs(start, end, own)
             have: dict[relax.Var, tuple[relax.Var, Rows]] = {}
             for b in seg:
                 rows = need.get(b.var)
@@ -535,8 +600,7 @@ class SpatialRewriter:
                     continue
                 operands = [self._tile_operand(arg, operand_rows(b.value, j, arg, rows), have, k)
                             for j, arg in enumerate(_operands(b.value))]
-                value = _tile_call(b.value, _with_operands(b.value, operands), rows,
-                                   static_shape(b.var))
+                value = _tile_call(b.value, _with_operands(b.value, operands), rows, b.var)
                 have[b.var] = (self.emit(value, f"{b.var.name}_t{k}", k), rows)
             for v, rows in own.items():
                 tiles[v].append(_Tile(rows, have[v][1], have[v][0], k))
@@ -546,6 +610,7 @@ class SpatialRewriter:
     def run(self, mod: tvm.IRModule) -> tvm.IRModule:
         func = mod["main"]
         bindings = list(main_block(mod).bindings)
+        self.geo = RowGeometry(bindings, func)
         ends = dict(self.plan.segments)
         groups = {s: self.plan.group(i) for i, (s, _) in enumerate(self.plan.segments)}
         self.reserved = {p.name for p in func.params} | {b.var.name for b in bindings}
