@@ -144,6 +144,17 @@ def typed(expr: relax.Expr, ty: relax.Type) -> relax.Expr:
     return expr
 
 
+def rebound(expr: relax.Expr, vmap: Mapping[relax.Var, relax.Expr], ty: relax.Type
+            ) -> relax.Expr:
+    """A binding's value ``expr`` with its variables replaced by others of the same types
+    (:func:`substitute`): a call keeps the binding's type ``ty``, told rather than inferred
+    (:func:`typed`)."""
+    new = substitute(expr, vmap)
+    if isinstance(new, relax.Call) and isinstance(ty, relax.TensorType):
+        new = typed(new, ty)
+    return new
+
+
 def constants(expr: relax.Expr) -> list[tvm.ir.GenericConst]:
     """The tensor constants (weights) an expression reads directly.
 

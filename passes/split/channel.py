@@ -30,8 +30,8 @@ from splitc.passes.ir import (
     main_block,
     op_name,
     output_vars,
+    rebound,
     static_shape,
-    substitute,
     typed,
     var_inputs,
 )
@@ -151,10 +151,7 @@ class ChannelRewriter:
     def _on_home(self, var, call) -> _Full:
         device = self.home.get(var.name, 0)
         vmap = {v: self.full_on(v, device) for v in var_inputs(call) if v in self.state}
-        value = substitute(call, vmap)  # (on whole tensors: of the binding's type)
-        if isinstance(value, relax.Call) and isinstance(var.ty, relax.TensorType):
-            value = typed(value, var.ty)
-        return _Full(self.emit(value, var.name, device), device)
+        return _Full(self.emit(rebound(call, vmap, var.ty), var.name, device), device)
 
     def _split_layer(self, var, call, name):
         if var.name not in self.plan.layers or name not in ("nn.conv2d", "matmul"):

@@ -45,8 +45,8 @@ from splitc.passes.ir import (
     copy_helpers,
     main_block,
     output_vars,
+    rebound,
     substitute,
-    typed,
     var_inputs,
 )
 
@@ -153,11 +153,7 @@ def build_split_module(mod: tvm.IRModule, groups: list[PieceGroup]) -> tvm.IRMod
             with bb.dataflow():
                 for b in g.bindings:
                     emit = bb.emit_output if b.var in g.outputs else bb.emit
-                    # (the parameters have their arguments' types: so has each call)
-                    value = substitute(b.value, vmap)
-                    if isinstance(value, relax.Call) and isinstance(b.var.ty, relax.TensorType):
-                        value = typed(value, b.var.ty)
-                    vmap[b.var] = emit(value, name_hint=b.var.name)
+                    vmap[b.var] = emit(rebound(b.value, vmap, b.var.ty), name_hint=b.var.name)
             outs = [vmap[v] for v in g.outputs]
             gvars[g.name] = bb.emit_func_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))
 
