@@ -136,7 +136,7 @@ def substitute(expr: relax.Expr, vmap: Mapping[relax.Var, relax.Expr]) -> relax.
 
 def typed(expr: relax.Expr, ty: relax.Type) -> relax.Expr:
     """``expr`` (a new call) told its type, so that the block builder does not infer it:
-    TVM 0.27 infers a convolution's or a pooling's in about 0.5 ms (it parses their layouts
+    TVM 0.27 infers a convolution's or a pooling's in 0.4-0.65 ms (it parses their layouts
     each time), and splitting ResNet-50 eight ways emits thousands of them (5 of the 14 s
     ``--strategy auto`` took). Only for a type known exactly: the binding's it re-emits with
     arguments of the same types, or that binding's with the rows of a tile."""

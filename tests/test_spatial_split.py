@@ -13,11 +13,11 @@ from splitc.errors import SplitcError
 from splitc.passes.ir import CLIENT, main_block
 from splitc.passes.split.spatial import (
     MAX_HALO_OVERHEAD,
+    RowGeometry,
     SpatialPlan,
     SpatialSplit,
     plan_spatial,
     row_local,
-    tiled_flops,
 )
 
 from .helpers import run_module
@@ -208,15 +208,16 @@ def test_segments_stop_growing_at_the_halo_budget():
     """Every fused conv adds a halo row per tile boundary: a long chain becomes several
     segments, each within the budget and each too costly to extend by one more binding."""
     mod = conv_chain(8, 16)
-    func, bindings = mod["main"], list(main_block(mod).bindings)
+    bindings = list(main_block(mod).bindings)
+    geo = RowGeometry(bindings, mod["main"])
     plan = plan_spatial(mod, 4)
     assert len(plan.segments) > 1
     assert plan.segments[0][0] == 0 and plan.segments[-1][1] == len(bindings) - 1  # not mean
     for (start, end), (nxt, _) in zip(plan.segments, plan.segments[1:], strict=False):
         assert end == nxt
-        tiled, plain = tiled_flops(bindings, start, end, func, 4)
+        tiled, plain = geo.tiled_flops(start, end, 4)
         assert tiled <= MAX_HALO_OVERHEAD * plain
-        tiled, plain = tiled_flops(bindings, start, end + 1, func, 4)
+        tiled, plain = geo.tiled_flops(start, end + 1, 4)
         assert tiled > MAX_HALO_OVERHEAD * plain
 
 

@@ -314,12 +314,6 @@ def own_rows(outputs: list[relax.Var], n_devices: int, k: int,
     return own
 
 
-def tiled_flops(bindings: list[relax.VarBinding], start: int, end: int, func: relax.Function,
-                n_devices: int, shares: tuple[float, ...] = ()) -> tuple[float, float]:
-    """(FLOPs of all tiles together, FLOPs untiled) of the segment ``[start, end)``."""
-    return RowGeometry(bindings, func).tiled_flops(start, end, n_devices, shares)
-
-
 def _tileable(geo: RowGeometry, start: int, end: int) -> bool:
     """A segment worth tiling: it has a windowed op and hands on only tensors of at least two
     rows. One with fewer rows than devices is tiled over as many devices as it has rows (the
