@@ -547,9 +547,9 @@ def main() -> int:
     # the tile term fitted on tiles of this N (a thin tile runs further below the rates)
     table = profiler.measure(args.model, "host", tiny=args.tiny, input_shapes=shapes, number=2,
                              tile_ways=n)
-    # what a message costs the serving thread (messages of 0.1 to 600 kB; the runtime's, not
-    # the model's)
-    table.update(measure_runtime_cost("host"))
+    # what a message costs the serving thread, on this model's messages
+    table.update(measure_runtime_cost("host", model=args.model, tiny=args.tiny,
+                                      input_shapes=shapes))
     tables = [slowed(table, f) for f in factors]
     speeds = [DeviceSpeed.from_profile(t, f"profile x {f:g}") for t, f in zip(tables, factors,
                                                                             strict=True)]

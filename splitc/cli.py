@@ -332,7 +332,7 @@ def profile(
     with progress_bar(f"profiling {target}") as tell:
         table = profiler.measure(model, target, tiny=tiny, progress=tell, tile_ways=tile_ways)
     with progress_bar(f"measuring the runtime on {target}") as tell:
-        table.update(measure_runtime_cost(target, progress=tell))
+        table.update(measure_runtime_cost(target, progress=tell, model=model, tiny=tiny))
     path = profiler.save(table, output)
     typer.echo(profiler.describe(table))
     typer.echo(f"wrote {path}")

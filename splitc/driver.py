@@ -361,44 +361,35 @@ def device_modules(out_dir: str | Path) -> dict[str, tvm.IRModule]:
 #: The model whose plans :func:`measure_runtime_cost` serves: small, so that the runtime's own
 #: work is a large share of a request's, and splitting it spatially makes many messages.
 RUNTIME_COST_MODEL = "resnet18"
-#: How much wider and taller than the tiny model's own input :func:`measure_runtime_cost` also
-#: serves it whole: 32x32 -> 224x224, a 600 kB input message beside its 12 kB one, so that the
-#: per-byte term is measured on messages of very different sizes, not fitted through noise.
-RUNTIME_COST_SCALE = 7
 
 
 def measure_runtime_cost(target: str = "host", requests: int = 40, log: Log = lambda _m: None,
-                         progress: Progress | None = None) -> dict:
+                         progress: Progress | None = None, model: str = RUNTIME_COST_MODEL,
+                         tiny: bool = True,
+                         input_shapes: Mapping[str, Sequence[int]] | None = None) -> dict:
     """The CPU the ZeroMQ runtime's serving thread spends per message it sends or receives
-    and per byte of it, beside its pieces, on this machine. Local workers serve the tiny
-    ResNet-18 whole at its own input (2 messages of 12 kB per request) and at a 7x larger one
-    (a 600 kB input), and split two ways by rows (two workers, 18-19 messages of 0.1-3 kB);
-    each reports its own counters (the serving thread's CPU time, polls included, its pieces',
-    its messages and their bytes), and the two rates are fitted over the workers, each
-    weighed by its relative error. The runtime's cost is its own, not the model's: the same
-    fit prices every model's messages. (The polls add 0-5 % back to back; a device idle
-    between its messages, as a time-dilated one is, spends 10-30 % of its runtime CPU in
-    them.) Returns the table's ``seconds_per_message``, ``runtime_seconds_per_byte`` and how
-    they were measured."""
+    and per byte of it, beside its pieces, on this machine: local workers serve ``model``
+    (default the tiny ResNet-18) whole (one worker) and split two ways by rows (two workers,
+    many smaller messages), and report their own counters (the serving thread's CPU time,
+    polls included, its pieces', its messages and their bytes); the two rates are fitted over
+    the workers. (The polls add 0-5 % back to back; a device idle between its messages, as
+    a time-dilated one is, spends 10-30 % of its runtime CPU in them.)
+    Returns the table's ``seconds_per_message``, ``runtime_seconds_per_byte`` and how they
+    were measured."""
     if target_registry.get(target).cross_compiler:
         raise SplitcError(f"measuring the runtime runs it here; {target} code does not run on "
                           "this machine")
     tell = progress or (lambda _f, _what: None)
-    model = RUNTIME_COST_MODEL
-    imported = frontend.load(model, tiny=True)
-    name, shape = imported.input_names[0], list(imported.input_shapes[0])
-    larger = [*shape[:-2], *(d * RUNTIME_COST_SCALE for d in shape[-2:])]
-    runs = (("pipeline", 1, shape), ("pipeline", 1, larger), ("spatial", 2, shape))
+    imported = frontend.load(model, input_shapes, tiny=tiny)
+    x = imported.random_inputs()
     rows = []  # per worker: (messages, their bytes, the runtime's CPU beside its pieces)
     with tempfile.TemporaryDirectory(prefix="splitc-runtime-cost-") as tmp:
-        for i, (strategy, n, size) in enumerate(runs):
-            what = f"{model} {'x'.join(map(str, size[-2:]))} on {n} worker(s)"
-            tell(i / len(runs), f"compiling {what}")
-            out = Path(tmp) / f"{strategy}-{n}-{size[-1]}"
-            compile_model(model, out, [target] * n, strategy, tiny=True,
-                          input_shapes={name: size})
-            x = frontend.load(model, {name: size}, tiny=True).random_inputs()
-            tell((i + 0.5) / len(runs), f"serving {requests} requests: {what}")
+        for i, (strategy, n) in enumerate((("pipeline", 1), ("spatial", 2))):
+            tell(i / 2, f"compiling {model} for {n} worker(s)")
+            out = Path(tmp) / f"{strategy}-{n}"
+            compile_model(model, out, [target] * n, strategy, tiny=tiny,
+                          input_shapes=input_shapes)
+            tell(i / 2 + 0.25, f"serving {requests} requests on {n} local worker(s)")
             with connect(out, timeout=120) as session:
                 for _ in range(3):
                     session.infer(*x)  # warm
@@ -413,29 +404,19 @@ def measure_runtime_cost(target: str = "host", requests: int = 40, log: Log = la
                              - (s["piece_cpu_s"] - b["piece_cpu_s"])))
     tell(1.0, "done")
     counts, nbytes, cpu = (np.array(c, dtype=float) for c in zip(*rows, strict=True))
-    per_message, per_byte = fit_message_cost(counts, nbytes, cpu)
-    messages, mean_size = int(counts.sum()), nbytes / np.maximum(counts, 1)
+    # seconds = messages x per message + bytes x per byte, fitted over the workers; a negative
+    # per-byte term (noise on messages of one size) is dropped
+    (per_message, per_byte), *_ = np.linalg.lstsq(np.stack([counts, nbytes], 1), cpu, rcond=None)
+    if per_byte < 0 or per_message < 0:
+        per_message, per_byte = float(cpu.sum() / max(counts.sum(), 1)), 0.0
+    messages = int(counts.sum())
     log(f"the runtime: {per_message * 1e6:.0f} us of CPU per message + {per_byte * 1e12:.0f} ps "
         f"per byte ({messages} messages, {cpu.sum() * 1e3:.1f} ms beside the pieces)")
     return {"seconds_per_message": float(per_message),
             "runtime_seconds_per_byte": float(per_byte),
-            "runtime_measured_on": f"the tiny {model} at {shape[-1]} and {larger[-1]} pixels "
-                                   f"on 1 and 2 local workers, {messages} messages of "
-                                   f"{int(mean_size.min()):,} to {int(mean_size.max()):,} "
-                                   "bytes on average per worker"}
-
-
-def fit_message_cost(counts: np.ndarray, nbytes: np.ndarray, cpu: np.ndarray
-                     ) -> tuple[float, float]:
-    """Seconds per message and per byte such that ``counts x per message + nbytes x per byte``
-    matches ``cpu`` (one entry per worker) with the least relative error; where the per-byte
-    term comes out negative (noise on messages of one size), every second is the messages'."""
-    weight = 1 / np.maximum(cpu, 1e-9)
-    (per_message, per_byte), *_ = np.linalg.lstsq(
-        np.stack([counts * weight, nbytes * weight], 1), cpu * weight, rcond=None)
-    if per_byte < 0 or per_message < 0:
-        return float(cpu.sum() / max(counts.sum(), 1)), 0.0
-    return float(per_message), float(per_byte)
+            "runtime_measured_on": f"{'the tiny ' if tiny else ''}{model} on 1 and 2 local "
+                                   f"workers, {messages} messages of {int(nbytes.sum()):,} "
+                                   "bytes"}
 
 
 def _grown(after: dict, before: dict, key: str) -> int:

@@ -4,7 +4,6 @@ import dataclasses
 import json
 import os
 
-import numpy as np
 import pytest
 
 from splitc import frontend
@@ -417,20 +416,3 @@ def test_splitc_profile_measures_the_runtime_too(tmp_path):
     table = json.loads(out.read_text())
     assert 0 < table["seconds_per_message"] < 0.05 and table["runtime_seconds_per_byte"] >= 0
     assert "of CPU per message" in run.stdout and f"wrote {out}" in run.stdout
-
-
-def test_the_runtimes_rates_are_fitted_over_messages_of_different_sizes():
-    """Per message and per byte are told apart by workers whose messages differ in size and
-    number (as measure_runtime_cost's do); a fit that makes bytes cost negative gives every
-    second to the messages."""
-    from splitc.driver import fit_message_cost
-
-    counts = np.array([2.0, 2.0, 19.0, 18.0])
-    nbytes = np.array([12e3, 600e3, 13e3, 14e3])
-    cpu = counts * 150e-6 + nbytes * 0.5e-9
-    per_message, per_byte = fit_message_cost(counts, nbytes, cpu)
-    assert per_message == pytest.approx(150e-6) and per_byte == pytest.approx(0.5e-9)
-    # the large message cheaper than the small ones: noise, not a negative cost per byte
-    per_message, per_byte = fit_message_cost(np.array([2.0, 2.0]), np.array([1e3, 600e3]),
-                                             np.array([400e-6, 300e-6]))
-    assert (per_message, per_byte) == (pytest.approx(700e-6 / 4), 0.0)
