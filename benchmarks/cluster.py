@@ -164,34 +164,74 @@ def sh_quiet(*cmd: str) -> None:
 #: The emulated board: a worker whose pieces are time-dilated (or, ``repeat``, run F times)
 #: and whose sends are held ``DELAY`` (the link's one-way delay), through the worker's
 #: emulation hooks (``Worker.poll_ms`` / ``Worker.each_turn``); nothing else changes.
+#: What holding the sends costs the serving thread itself (the loop's turns that only a held
+#: send's timer woke, and the sleeps before them) is the emulation's, not the board's (its
+#: kernel holds a delayed link's packets): it is counted apart and not dilated. The sends
+#: are the board's wherever they run, in the loop or while a piece's dilation waits.
 EMULATED_WORKER = r'''
-import collections, resource, sys, time
+import collections, resource, sys, threading, time
 import numpy
+import zmq
 from splitc.runtime import worker
 from splitc.runtime.artifact import DeviceArtifact
 
 mode, F, DELAY = sys.argv.pop(1), float(sys.argv.pop(1)), float(sys.argv.pop(1))
 EMU = {"pieces": 0, "piece_cpu_s": 0.0, "calibrated_s": 0.0, "dilated_s": 0.0, "late": 0,
-       "late_s": 0.0, "delayed": 0, "runtime_cpu_s": 0.0, "repeats_cpu_s": 0.0}
+       "late_s": 0.0, "delayed": 0, "runtime_cpu_s": 0.0, "repeats_cpu_s": 0.0,
+       "delay_cpu_s": 0.0, "sends_in_waits_cpu_s": 0.0}
 CALIBRATED = {}  # piece -> its thread CPU time run alone (warm), measured before serving
 OUTBOX = collections.deque()  # (due, worker, arguments of Worker._send_outputs)
 send_outputs = worker.Worker._send_outputs
+# the serving thread's loop: a poll armed by a held send's timer, and the turn it woke
+TIMER = {"thread": None, "armed": False, "turn": None, "sends": 0.0}
+WAITING = [False]  # in a dilation's wait (no loop turn is running)
 
 
 def flush():
     now = time.perf_counter()
     while OUTBOX and OUTBOX[0][0] <= now:
         _, w, args = OUTBOX.popleft()
+        c = time.thread_time()
         send_outputs(w, *args)
+        spent = time.thread_time() - c
+        if WAITING[0]:
+            EMU["sends_in_waits_cpu_s"] += spent
+        elif TIMER["turn"] is not None:
+            TIMER["sends"] += spent
 
 
 def wait_until(t):  # sleeping, but sending what falls due meanwhile
-    while True:
-        flush()
-        now = time.perf_counter()
-        if now >= t:
-            return
-        time.sleep(max(0.0, min(t, OUTBOX[0][0] if OUTBOX else t) - now))
+    WAITING[0] = True
+    try:
+        while True:
+            flush()
+            now = time.perf_counter()
+            if now >= t:
+                return
+            time.sleep(max(0.0, min(t, OUTBOX[0][0] if OUTBOX else t) - now))
+    finally:
+        WAITING[0] = False
+
+
+poll = zmq.Poller.poll
+
+
+def timed_poll(self, timeout=None):
+    """The serving loop's poll, telling the turns a held send's timer woke (no message came)
+    from the rest; other threads' polls (the guard's) pass through."""
+    if threading.get_ident() != TIMER["thread"]:
+        return poll(self, timeout)
+    c = time.thread_time()
+    if TIMER["turn"] is not None:  # a timer's turn ends: its CPU but the sends is the delay's
+        EMU["delay_cpu_s"] += c - TIMER["turn"] - TIMER["sends"]
+        TIMER["turn"] = None
+    armed, TIMER["armed"] = TIMER["armed"], False
+    events = poll(self, timeout)
+    if armed and not events:
+        now = time.thread_time()
+        EMU["delay_cpu_s"] += now - c
+        TIMER["turn"], TIMER["sends"] = now, 0.0
+    return events
 
 
 run = DeviceArtifact.run
@@ -212,12 +252,14 @@ def calibrate(self):
         CALIBRATED[piece.name] = sorted(times)[1]
 
 
-LAST = {"cpu": None}  # this thread's CPU clock when its last piece ended
+LAST = {"cpu": None}  # this thread's CPU clock (and the delay's, the waits' sends) when
+# its last piece ended
 
 
 def dilated(self, piece, inputs):
     if LAST["cpu"] is not None:  # the runtime's work since (messages in and out), F x too
-        handled = time.thread_time() - LAST["cpu"]
+        handled = (time.thread_time() - LAST["cpu"] - (EMU["delay_cpu_s"] - LAST["delay"])
+                   + EMU["sends_in_waits_cpu_s"] - LAST["waits"])
         EMU["runtime_cpu_s"] += handled
         wait_until(time.perf_counter() + (F - 1) * handled)
     w0, c0 = time.perf_counter(), time.thread_time()
@@ -235,7 +277,8 @@ def dilated(self, piece, inputs):
     EMU["pieces"] += 1
     EMU["piece_cpu_s"] += cpu
     EMU["dilated_s"] += time.perf_counter() - w0
-    LAST["cpu"] = time.thread_time()
+    LAST.update(cpu=time.thread_time(), delay=EMU["delay_cpu_s"],
+                waits=EMU["sends_in_waits_cpu_s"])
     return out
 
 
@@ -266,11 +309,14 @@ def poll_ms(self):
     a millisecond."""
     if not OUTBOX:
         return 100
+    TIMER["thread"], TIMER["armed"] = threading.get_ident(), True
     left = OUTBOX[0][0] - time.perf_counter()
     if left >= 1e-3:
         return min(100, int(left * 1e3))
     if left > 0:
+        c = time.thread_time()
         time.sleep(left)
+        EMU["delay_cpu_s"] += time.thread_time() - c
     return 0
 
 
@@ -293,6 +339,7 @@ if DELAY > 0:
     worker.Worker._send_outputs = delayed
     worker.Worker.each_turn = lambda self: flush()
     worker.Worker.poll_ms = poll_ms
+    zmq.Poller.poll = timed_poll
 sys.exit(worker.main(sys.argv[1:]))
 '''
 
@@ -465,15 +512,17 @@ def measure(out: Path, x, reference, nets, port0: int, repeats: int, inflight: i
     piece_cpu = {d: per_request(d, "piece_cpu_s") for d in after}
     # the runtime's CPU the dilation did not stretch: ZeroMQ's I/O threads, and the serving
     # thread's work after a request's last piece
+    delay_cpu = {d: per_request(d, "delay_cpu_s") for d in after}  # the emulation's own
     runtime_cpu = {d: per_request(d, "process_cpu_s") - piece_cpu[d]
                    - per_request(d, "runtime_cpu_s") - per_request(d, "repeats_cpu_s")
-                   for d in after}
+                   - delay_cpu[d] for d in after}
     late = sum(per_request(d, "late_s") for d in after)
     weights = max(sum(p.weight_bytes for p in plan.pieces_on(d.name)) for d in plan.devices)
     return {"latency": statistics.median(times), "throughput": throughput, "rel_err": err,
             "bytes": plan.transfer_bytes, "weights": weights, "busy": max(busy.values()),
             "busy_by_device": busy, "pieces_by_device": pieces,
             "handling_by_device": handling, "runtime_cpu": max(runtime_cpu.values()),
+            "delay_cpu_by_device": delay_cpu,
             "late_share": late / max(sum(busy.values()), 1e-9), "load": load,
             "cpu_vs_alone": shared if mode == "dilated" else None, "plan": plan}
 
@@ -700,7 +749,10 @@ def report(rows, say, n, factors, one_device, must_cross, bandwidth, validate) -
                     f"busiest ({d}): pieces {pieces * 1e3:.1f} vs {predicted * 1e3:.1f} ms "
                     f"predicted, message handling {r['handling_by_device'][d] * 1e3:.1f} vs "
                     f"{(r['predicted_busy'][d] - predicted) * 1e3:.1f} ms; "
-                    f"pieces' CPU beside the other devices / alone: {r['cpu_vs_alone']:.2f}")
+                    f"pieces' CPU beside the other devices / alone: {r['cpu_vs_alone']:.2f}"
+                    + (f"; holding its sends (the delay's loop turns, not dilated) "
+                       f"{r['delay_cpu_by_device'][d] * 1e3:.2f} ms of CPU"
+                       if r["delay_cpu_by_device"].get(d) else ""))
     if validate:
         by = {}
         for r in rows:
