@@ -316,7 +316,8 @@ def poll_ms(self):
     if left > 0:
         c = time.thread_time()
         time.sleep(left)
-        EMU["delay_cpu_s"] += time.thread_time() - c
+        if TIMER["turn"] is None:  # (in a timer's turn, the turn counts it)
+            EMU["delay_cpu_s"] += time.thread_time() - c
     return 0
 
 
