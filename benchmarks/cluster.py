@@ -422,6 +422,7 @@ def slowed(table: dict, k: float) -> dict:
     return {**table, "flops_per_second": table["flops_per_second"] / k,
             **{key: table[key] * k for key in ("seconds_per_weight_byte", "seconds_per_byte",
                                                "call_overhead", "tile_seconds_per_flop",
+                                               "channel_seconds_per_byte",
                                                "seconds_per_message",
                                                "runtime_seconds_per_byte")},
             "slowdown": k}

@@ -97,6 +97,13 @@ def test_estimate_is_the_stated_formula():
     spatial = dataclasses.replace(plan, strategy="spatial")
     assert estimate(spatial, cluster, tiles).latency - est.latency == pytest.approx(
         1e-10 * (2_000_000 + 1_000_000))
+    # a channel split's pieces cost more per byte in or out, a pipeline's or tiles' do not
+    divided = [dataclasses.replace(s, channel_seconds_per_byte=1e-8) for s in speeds]
+    assert estimate(plan, cluster, divided).latency == pytest.approx(est.latency)
+    assert estimate(spatial, cluster, divided).latency == pytest.approx(est.latency)
+    channel = dataclasses.replace(plan, strategy="channel")
+    assert estimate(channel, cluster, divided).latency - est.latency == pytest.approx(
+        1e-8 * (4000 + 1000 + 1000 + 40))
     # the runtime's serving thread handles every message, on the device that sends it and on
     # the one that receives it: x into dev0, a out of dev0 and into dev1, y out of dev1
     talking = [dataclasses.replace(s, seconds_per_message=1e-4, runtime_seconds_per_byte=1e-8)
@@ -277,14 +284,18 @@ def test_profile_table_gives_the_cost_model_its_speed(tmp_path, monkeypatch):
     assert table["seconds_per_weight_byte"] >= 0 and 0 <= table["fit_error"] < 1
     assert table["tile_seconds_per_flop"] >= 0
     assert "pieces of 2-way spatial splits" in table["fitted_on"]
+    # and one device's pieces of a channel split, which move many bytes per FLOP
+    assert "pieces of a 2-way channel split" in table["fitted_on"]
+    assert table["channel_seconds_per_byte"] >= 0
+    assert "a channel split's pieces" in profiler.describe(table)
     assert f"fitted on {table['fitted_on']}" in profiler.describe(table)
     path = profiler.save(table)
     speed = device_speed(ClusterDevice("h", "host", 2**30))
     assert str(path) in speed.source
     assert (speed.flops_per_second, speed.seconds_per_byte, speed.seconds_per_weight_byte,
-            speed.tile_seconds_per_flop) == (
+            speed.tile_seconds_per_flop, speed.channel_seconds_per_byte) == (
         table["flops_per_second"], table["seconds_per_byte"], table["seconds_per_weight_byte"],
-        table["tile_seconds_per_flop"])
+        table["tile_seconds_per_flop"], table["channel_seconds_per_byte"])
     # a board's table is read as it is; one of the previous format is stale and ignored
     board = ClusterDevice("pi", "rpi4", 2**30)
     profiler.save({**table, "target": "rpi4"})

@@ -93,6 +93,10 @@ class DeviceSpeed:
     tile_seconds_per_flop: float = 0.0  # a spatial split's pieces: a few rows at a time
     seconds_per_message: float = DEFAULT_SECONDS_PER_MESSAGE  # the runtime's, sent or received
     runtime_seconds_per_byte: float = DEFAULT_RUNTIME_SECONDS_PER_BYTE  # of those messages
+    #: a channel split's pieces: each byte in or out of one costs this more (each reads its
+    #: layer's whole gathered input to write a slice of the channels); measured by
+    #: `splitc profile`, 0 where not (a board priced from published figures)
+    channel_seconds_per_byte: float = 0.0
 
     def message_seconds(self, nbytes: float) -> float:
         """The runtime's CPU for one message of ``nbytes`` (sending it, or receiving it)."""
@@ -106,7 +110,8 @@ class DeviceSpeed:
                    table.get("seconds_per_byte", DEFAULT_SECONDS_PER_BYTE),
                    table.get("seconds_per_weight_byte", 0.0),
                    table.get("tile_seconds_per_flop", 0.0),
-                   *table_message_seconds(table))
+                   *table_message_seconds(table),
+                   table.get("channel_seconds_per_byte", 0.0))
 
     @classmethod
     def from_published(cls, published: PublishedSpeed) -> DeviceSpeed:
@@ -124,13 +129,16 @@ class DeviceSpeed:
                    *table_message_seconds({}))
 
     def piece_seconds(self, flops: float, weight_bytes: float, edge_bytes: float,
-                      tiled: bool = False) -> float:
+                      tiled: bool = False, divided: bool = False) -> float:
         """One call of a piece with these FLOPs, weights, and bytes in and out (``tiled``: a
-        piece of a spatial split, its layers computed a few rows at a time)."""
+        piece of a spatial split, its layers computed a few rows at a time; ``divided``: a
+        piece of a channel split, its layer's output channels divided)."""
         return (flops * (1 / self.flops_per_second
                          + (self.tile_seconds_per_flop if tiled else 0.0))
                 + weight_bytes * self.seconds_per_weight_byte
-                + self.call_overhead + edge_bytes * self.seconds_per_byte)
+                + self.call_overhead
+                + edge_bytes * (self.seconds_per_byte
+                                + (self.channel_seconds_per_byte if divided else 0.0)))
 
 
 def table_message_seconds(table: dict) -> tuple[float, float]:
@@ -291,6 +299,7 @@ def estimate(plan: Plan, cluster: Cluster, speeds: list[DeviceSpeed] | None = No
     # a spatial split's pieces compute their layers a few rows at a time (its few untiled
     # pieces, a classifier head say, are priced alike)
     tiled = plan.strategy in TILED_STRATEGIES and len(plan.devices) > 1
+    divided = plan.strategy == "channel" and len(plan.devices) > 1
     # where each tensor goes: the devices of the pieces that read it, and the caller
     wanted: dict[str, set[str | None]] = defaultdict(set)
     for p in plan.pieces:
@@ -349,7 +358,7 @@ def estimate(plan: Plan, cluster: Cluster, speeds: list[DeviceSpeed] | None = No
         if piece_seconds and p.name in piece_seconds:
             run = piece_seconds[p.name]
         else:
-            run = speed[p.device].piece_seconds(p.flops, p.weight_bytes, edge, tiled)
+            run = speed[p.device].piece_seconds(p.flops, p.weight_bytes, edge, tiled, divided)
         if timeline is not None:
             waited = [t for t in p.inputs if ready[(t, p.device)] > free[p.device]]
             if start > free[p.device] and waited:

@@ -2,7 +2,8 @@
 
 The cost model prices a piece call as ``FLOPs / rate + weight bytes x per_weight_byte +
 boundary bytes x per_byte + call overhead`` (+ FLOPs x tile_seconds_per_flop in a spatial
-split's pieces). The three rates are fitted (least squares, in relative error) to timings of
+split's pieces, + boundary bytes x channel_seconds_per_byte in a channel split's). The three
+rates are fitted (least squares, in relative error) to timings of
 what splits are made of:
 
 * the whole model compiled as one piece, at its input size and at half the rows and columns
@@ -13,7 +14,13 @@ what splits are made of:
   the search tries), timed one after another as a worker runs them: each converts its inputs
   and outputs between layouts, slices and concatenates rows.
   What they took beyond the fitted rates, per FLOP, is the tile term: a layer computed a few
-  rows at a time runs slower than the whole layer.
+  rows at a time runs slower than the whole layer;
+* one device's pieces of the model split as many ways by output channels: each reads the
+  whole gathered input of its layer and writes a slice, so they move many bytes per FLOP
+  (ResNet-50, four ways: 52 MB in and out of one device's pieces for 2 GFLOP), 1.7x what the
+  rates say on one core alone (3.4x in the emulated cluster) and more than the rates fitted
+  with them can take in (the boundary term moved 35 -> 42 ps per byte). What they took
+  beyond the rates, per byte in or out, is the channel term.
 
 Every layer also becomes its own piece (the outline pass with one device per binding), timed
 with TVM's time evaluator: FLOP/s per operator kind, and the fixed cost of a call (the
@@ -43,6 +50,7 @@ from splitc.errors import SplitcError
 from splitc.passes.analysis import profile as binding_costs
 from splitc.passes.codegen.cpu_schedules import CODEGEN
 from splitc.passes.ir import lift_weights, main_block, op_name
+from splitc.passes.split.channel import ChannelSplit, plan_channel
 from splitc.passes.split.outline import OutlinePieces
 from splitc.passes.split.spatial import HALO_CAPS, SpatialSplit, plan_spatial
 from splitc.planning.cost import PROFILE_FORMAT, DeviceSpeed, profile_dir
@@ -105,28 +113,41 @@ def measure(model: str, target: str = "host", *, tiny: bool = False, number: int
             notes.append(f"not the model at {half}: {e}".splitlines()[0])
     tell(0.8, f"timing the pieces of {tile_ways}-way spatial splits")
     spatial = _spatial_runs(imported.mod, spec, number, tile_ways)
+    tell(0.9, f"timing one device's pieces of a {tile_ways}-way channel split")
+    channel = _channel_runs(imported.mod, spec, number, tile_ways)
     tell(1.0, "fitting the rates")
-    runs += spatial
+    whole = len(runs)
+    runs += spatial + channel
     notes.append(f"{len(spatial)} pieces of {tile_ways}-way spatial splits" if spatial else
                  "no spatial split (nothing to tile)")
+    notes.append(f"{len(channel)} pieces of a {tile_ways}-way channel split" if channel else
+                 "no channel split (no layer to divide)")
     runs = [(x, seconds - call) for x, seconds in runs]
     # the whole model counts as WHOLE_MODEL_WEIGHT pieces: the one-device plan, which every
     # split is weighed against, is priced to within a few per cent; the pieces fit as well
     # as three rates allow (ResNet-50's first pieces, with the stem convolution, take ~30 %
     # longer than the rates say)
-    whole = len(runs) - len(spatial)
     rate, per_weight_byte, per_byte = fit_rates(
-        runs, [WHOLE_MODEL_WEIGHT] * whole + [1.0] * len(spatial))
+        runs, [WHOLE_MODEL_WEIGHT] * whole + [1.0] * (len(spatial) + len(channel)))
     # what the spatial split's tiles took beyond the three rates, per FLOP: a layer computed
     # a few rows at a time runs slower than the whole layer (ResNet-50's two-way tiles:
     # ~13 % over the rates that fit the whole model)
     fitted = DeviceSpeed(rate, 0.0, "fit", per_byte, per_weight_byte)
-    tiles = runs[whole:]
+    tiles = runs[whole:whole + len(spatial)]
     tile_seconds_per_flop = max(0.0, sum(t - fitted.piece_seconds(*x) for x, t in tiles)) / \
         max(sum(x[0] for x, _ in tiles), 1)
-    fitted = dataclasses.replace(fitted, tile_seconds_per_flop=tile_seconds_per_flop)
-    error = float(np.mean([abs(fitted.piece_seconds(*x, tiled=i >= whole) - t) / t
-                           for i, (x, t) in enumerate(runs)]))
+    # and what the channel split's pieces took beyond them, per byte in or out: the rates
+    # cannot also fit them (ResNet-50, four ways: 1.7x their price; the extra tracks the
+    # bytes a piece moves, 240-570 ps per byte, better than its FLOPs, 5-36 ps per FLOP)
+    divided = runs[whole + len(spatial):]
+    channel_seconds_per_byte = max(0.0, sum(t - fitted.piece_seconds(*x)
+                                            for x, t in divided)) / \
+        max(sum(x[2] for x, _ in divided), 1)
+    fitted = dataclasses.replace(fitted, tile_seconds_per_flop=tile_seconds_per_flop,
+                                 channel_seconds_per_byte=channel_seconds_per_byte)
+    error = float(np.mean([abs(fitted.piece_seconds(
+        *x, tiled=whole <= i < whole + len(spatial), divided=i >= whole + len(spatial)) - t)
+        / t for i, (x, t) in enumerate(runs)]))
     return {
         "target": target, "model": model + (" (tiny)" if tiny else ""), "codegen": CODEGEN,
         "format": PROFILE_FORMAT,
@@ -136,6 +157,7 @@ def measure(model: str, target: str = "host", *, tiny: bool = False, number: int
         "seconds_per_weight_byte": per_weight_byte,
         "seconds_per_byte": per_byte,
         "tile_seconds_per_flop": tile_seconds_per_flop,
+        "channel_seconds_per_byte": channel_seconds_per_byte,
         "fitted_on": "the whole model, " + ", ".join(notes),
         "fit_error": error,
         "layer_flops_per_second": total_flops / total_seconds,
@@ -177,16 +199,32 @@ def _spatial_runs(mod: tvm.IRModule, spec, number: int, ways: int = 2) -> list[R
     return [run for plan in plans.values() for run in _spatial_pieces(mod, spec, number, plan)]
 
 
+def _channel_runs(mod: tvm.IRModule, spec, number: int, ways: int) -> list[Run]:
+    """The first device's pieces of ``mod`` split ``ways`` ways by output channels (the
+    other devices' are alike), timed as its worker runs them; none where no layer divides."""
+    plan = plan_channel(mod, ways)
+    if not plan.layers:
+        return []
+    return _split_pieces(ChannelSplit(plan)(mod), spec, number, first_device=True)
+
+
 def _spatial_pieces(mod: tvm.IRModule, spec, number: int, plan) -> list[Run]:
-    """The pieces of spatial split ``plan``, each device's timed one after another as its
-    worker runs them (what one piece leaves in the caches is not the next one's), each the
-    median of ``max(number, 3)`` rounds."""
-    ex, vm, weights = _compile_pieces(SpatialSplit(plan)(mod), spec)
+    """The pieces of spatial split ``plan`` (:func:`_split_pieces`)."""
+    return _split_pieces(SpatialSplit(plan)(mod), spec, number)
+
+
+def _split_pieces(split: tvm.IRModule, spec, number: int, first_device: bool = False
+                  ) -> list[Run]:
+    """The pieces of ``split`` (only the first device's: ``first_device``), each device's
+    timed one after another as its worker runs them (what one piece leaves in the caches is
+    not the next one's), each the median of ``max(number, 3)`` rounds."""
+    ex, vm, weights = _compile_pieces(split, spec)
     rng = np.random.default_rng(0)
     tensors = ex.tensors
+    pieces = [p for p in ex.pieces if not first_device or p.device == ex.names[0]]
     calls = [(p, vm[p.name], [tvm.runtime.tensor(rng.random(tensors[t].shape, "float32")
                                                  .astype(tensors[t].dtype)) for t in p.inputs]
-              + [tvm.runtime.tensor(w) for w in weights[p.name]]) for p in ex.pieces]
+              + [tvm.runtime.tensor(w) for w in weights[p.name]]) for p in pieces]
     # one device's pieces after another, as its worker runs them: in plan order the next
     # piece is the same layers' next tile, whose weights the last one left in the caches (on
     # eight-way tiles of ResNet-50 that made them look twice as fast as a worker runs them)
@@ -276,7 +314,9 @@ def describe(table: dict) -> str:
                                       if weights else "") +
              f"{table['call_overhead'] * 1e6:.0f} µs per piece call, "
              f"{table.get('seconds_per_byte', 0) * 1e12:.0f} ps per byte in or out of a piece, "
-             f"tiles {table.get('tile_seconds_per_flop', 0) * 1e12:.2f} ps more per FLOP",
+             f"tiles {table.get('tile_seconds_per_flop', 0) * 1e12:.2f} ps more per FLOP, "
+             f"a channel split's pieces {table.get('channel_seconds_per_byte', 0) * 1e12:.0f} "
+             "ps more per byte in or out",
              f"fitted on {table.get('fitted_on', 'the whole model')}: mean error "
              f"{table.get('fit_error', 0) * 100:.1f} %",
              (f"the runtime: {table['seconds_per_message'] * 1e6:.0f} µs of CPU per message "
