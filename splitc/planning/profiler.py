@@ -196,7 +196,8 @@ def _spatial_runs(mod: tvm.IRModule, spec, number: int, ways: int = 2) -> list[R
         plan = plan_spatial(mod, ways, max_overhead=cap)
         if plan.segments:
             plans.setdefault(plan.segments, plan)
-    return [run for plan in plans.values() for run in _spatial_pieces(mod, spec, number, plan)]
+    return [run for plan in plans.values()
+            for run in _split_pieces(SpatialSplit(plan)(mod), spec, number)]
 
 
 def _channel_runs(mod: tvm.IRModule, spec, number: int, ways: int) -> list[Run]:
@@ -206,11 +207,6 @@ def _channel_runs(mod: tvm.IRModule, spec, number: int, ways: int) -> list[Run]:
     if not plan.layers:
         return []
     return _split_pieces(ChannelSplit(plan)(mod), spec, number, first_device=True)
-
-
-def _spatial_pieces(mod: tvm.IRModule, spec, number: int, plan) -> list[Run]:
-    """The pieces of spatial split ``plan`` (:func:`_split_pieces`)."""
-    return _split_pieces(SpatialSplit(plan)(mod), spec, number)
 
 
 def _split_pieces(split: tvm.IRModule, spec, number: int, first_device: bool = False
