@@ -168,15 +168,20 @@ def measure(model: str, target: str = "host", *, tiny: bool = False, number: int
     }
 
 
-def _compile_pieces(split: tvm.IRModule, spec):
-    """Extract the pieces of ``split`` and compile them all into one module for ``spec``."""
+def _compile_pieces(split: tvm.IRModule, spec, first_device: bool = False):
+    """Extract the pieces of ``split`` and compile them all (or only the first device's)
+    into one module for ``spec``."""
     ex = extract(split)
     module = tvm.IRModule()
-    for dev_mod in ex.modules.values():
+    for device, dev_mod in ex.modules.items():
+        if first_device and device != ex.names[0]:
+            continue
         for gv, func in dev_mod.functions.items():
             if gv.name_hint not in [g.name_hint for g in module.get_global_vars()]:
                 module[gv] = func
-    executable, weights = build(module, spec.tvm_target(), ex.weights,
+    names = {g.name_hint for g in module.get_global_vars()}
+    executable, weights = build(module, spec.tvm_target(),
+                                {k: v for k, v in ex.weights.items() if k in names},
                                 tuning_db=database_for(spec))
     return ex, relax.VirtualMachine(executable, tvm.cpu()), weights
 
@@ -214,7 +219,7 @@ def _split_pieces(split: tvm.IRModule, spec, number: int, first_device: bool = F
     """The pieces of ``split`` (only the first device's: ``first_device``), each device's
     timed one after another as its worker runs them (what one piece leaves in the caches is
     not the next one's), each the median of ``max(number, 3)`` rounds."""
-    ex, vm, weights = _compile_pieces(split, spec)
+    ex, vm, weights = _compile_pieces(split, spec, first_device)
     rng = np.random.default_rng(0)
     tensors = ex.tensors
     pieces = [p for p in ex.pieces if not first_device or p.device == ex.names[0]]
