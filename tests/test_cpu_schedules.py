@@ -257,8 +257,13 @@ def test_register_tile():
 
 
 def test_conv_tile():
-    assert conv_tile(56, 4, registers=16) == (8, 1)    # AVX2: one block, up to 12 columns
-    assert conv_tile(13, 4, registers=16) == (13, 1)
+    # AVX2, armv7: up to 6 columns x 2 blocks (a broadcast input feeds two weight vectors;
+    # 12 x 1 loads 12 inputs per weight vector), as many blocks as 12 accumulators allow
+    assert conv_tile(56, 4, registers=16) == (4, 2)
+    assert conv_tile(56, 48, registers=16) == (4, 3)
+    assert conv_tile(14, 64, registers=16) == (5, 2)   # 5 wastes one column of 14, 4 two
+    assert conv_tile(13, 4, registers=16) == (5, 2)
+    assert conv_tile(7, 32, registers=16) == (7, 1)
     assert conv_tile(56, 4, registers=32) == (8, 2)    # AVX-512: 8 columns x 2 blocks
     assert conv_tile(7, 32, registers=32) == (7, 2)
     assert conv_tile(7, 3, registers=32) == (7, 1)     # 2 does not divide 3 blocks

@@ -83,6 +83,8 @@ def test_conv_tile_knobs():
     assert conv_tile(56, 4, 32, Knobs(columns=14, accumulators=14)) == (14, 1)
     assert conv_tile(56, 8, 16, Knobs(columns=4, accumulators=12)) == (4, 2)  # 3 does not divide
     assert conv_tile(7, 32, 32, Knobs(columns=6, accumulators=24)) == (7, 2)  # 7 <= 6 + slack
+    # the old 16-register default (one block of up to 12 columns) stays a candidate
+    assert conv_tile(56, 32, 16, Knobs(columns=12, accumulators=12)) == (8, 1)
 
 
 def test_host_key_names_the_cpu():

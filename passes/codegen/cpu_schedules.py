@@ -37,17 +37,22 @@ from tvm.target import Target
 
 #: Names this generation of default schedules: speed profiles and schedule selections made
 #: with another are stale (bump it when a rule or a candidate changes).
-CODEGEN = "default-schedules-7"
+CODEGEN = "default-schedules-8"
 
 log = logging.getLogger(__name__)
 _PACKED = re.compile(r"^NCHW(\d+)c$")
 CONV_BLOCKS = ("conv2d_NCHWc", "depthwise_conv2d_NCHWc")
-#: Accumulator vector registers a tile may use on a target with 16 (AVX2, NEON-armv7).
+#: Accumulator vector registers a tile may use on a target with 16 (AVX2, NEON-armv7), and the
+#: most output columns of a conv tile there: up to 6 columns x 2 channel blocks, so that 12 FMAs
+#: load 2 weight vectors and 6 inputs (a 12 x 1 tile loads 1 and 12). On an AVX2-only Zen 3,
+#: 12 x 1 was 1.2-1.6x slower than such tiles on ResNeXt-50's 1x1 convolutions.
 ACCUMULATORS = 12
+COLUMNS = 6
 #: ... and on one with 32 (AVX-512, aarch64): 16 accumulators leave room for the weights the
 #: tile loads and the broadcast input (a 7x2 or 8x2 tile measured 13 % faster on ResNet-50 than
 #: 12x1 on AVX-512; 28 accumulators spilled).
 WIDE_ACCUMULATORS = 16
+WIDE_COLUMNS = 8
 
 
 def _is_arm(target: Target) -> bool:
@@ -101,20 +106,17 @@ def conv_tile(width: int, chunks: int, registers: int, knobs: Knobs | None = Non
               ) -> tuple[int, int]:
     """A convolution's register tile: (output columns, output channel blocks).
 
-    Each input value loaded is broadcast into ``columns x blocks`` accumulators. With 16
-    registers a tile is one block of up to 12 (14) columns. With 32 it is up to 8 (10)
-    columns times as many blocks as 16 accumulators allow, so each broadcast feeds more
-    than one block. ``knobs`` (a :func:`candidate_knobs` entry) change the column limit and
-    the accumulator budget.
+    Each input value loaded is broadcast into ``columns x blocks`` accumulators, and each
+    weight vector loaded feeds ``columns`` of them. Up to :data:`COLUMNS` (8 with 32
+    registers) columns, +2 where that takes the whole row, times as many blocks as the
+    accumulator budget (12 of 16 registers, 16 of 32) allows. ``knobs`` (a
+    :func:`candidate_knobs` entry) change the column limit and the budget.
     """
     knobs = knobs or Knobs()
-    if knobs.columns is None and knobs.accumulators is None:
-        if registers < 32:
-            return register_tile(width, ACCUMULATORS, slack=2), 1
-        columns = register_tile(width, 8, slack=2)
-        return columns, _largest_divisor(chunks, max(1, WIDE_ACCUMULATORS // columns))
-    budget = knobs.accumulators or (WIDE_ACCUMULATORS if registers >= 32 else ACCUMULATORS)
-    columns = register_tile(width, min(budget, knobs.columns or budget), slack=2)
+    wide = registers >= 32
+    budget = knobs.accumulators or (WIDE_ACCUMULATORS if wide else ACCUMULATORS)
+    limit = knobs.columns or (WIDE_COLUMNS if wide else COLUMNS)
+    columns = register_tile(width, min(budget, limit), slack=2)
     return columns, _largest_divisor(chunks, max(1, budget // columns))
 
 
@@ -156,9 +158,10 @@ def candidate_knobs(registers: int) -> list[Knobs]:
                 Knobs(rows_outer=True, vectors=4), Knobs(ic_chunk=128),
                 Knobs(columns=6, accumulators=24, ic_chunk=128)]
     return [Knobs(), Knobs(columns=4, accumulators=12, vectors=2),
-            Knobs(columns=8, accumulators=8, vectors=1), Knobs(columns=6, accumulators=12),
-            Knobs(rows_outer=True), Knobs(ic_chunk=128),
-            Knobs(columns=6, accumulators=12, ic_chunk=128)]
+            Knobs(columns=8, accumulators=8, vectors=1), Knobs(columns=12, accumulators=12),
+            Knobs(columns=3, accumulators=15), Knobs(rows_outer=True),
+            Knobs(columns=4, accumulators=12, rows_outer=True), Knobs(ic_chunk=128),
+            Knobs(columns=4, accumulators=12, ic_chunk=128)]
 
 
 # -- legalization --------------------------------------------------------------------------------
@@ -484,7 +487,6 @@ class PackedConv2d(ScheduleRule):
             loops = sch.get_loops(conv)
             n, occ, oh, ow, ocb = loops[:5]
             reduce = loops[5:]
-            # up to 14 accumulators + weight + broadcast: AVX2's and armv7 NEON's 16 registers
             if depthwise:  # each channel has its own input: a wider tile shares nothing
                 reg = register_tile(_extent(sch, ow), knobs.columns or ACCUMULATORS, slack=2)
                 blocks = 1
