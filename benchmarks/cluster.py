@@ -56,6 +56,7 @@ os.environ.setdefault("TVM_NUM_THREADS", "1")  # before TVM starts its thread po
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
+import inspect  # noqa: E402
 import json  # noqa: E402
 import signal  # noqa: E402
 import statistics  # noqa: E402
@@ -161,6 +162,24 @@ def sh_quiet(*cmd: str) -> None:
     subprocess.run(cmd, capture_output=True)
 
 
+#: How the emulation waits out a link delay or a dilation, in every process it runs (workers,
+#: the echo, the client): asleep until ``HOLD_SPIN`` before the moment, then spinning. A
+#: sleep alone woke 70-100 us late on a Zen 3 VM, once per hop at each end: a 4-byte round
+#: trip with the 0.5 ms delay measured 38 % over size / rate + delay + the messages' cost.
+HOLD_SPIN = 1.5e-4
+
+
+def hold_until(t: float, spin: float = HOLD_SPIN) -> None:
+    left = t - time.perf_counter()
+    if left > spin:
+        time.sleep(left - spin)
+    while time.perf_counter() < t:
+        pass
+
+
+#: ``hold_until`` for the processes the emulation starts (they import only the runtime)
+HOLD = f"import time\nHOLD_SPIN = {HOLD_SPIN}\n" + inspect.getsource(hold_until)
+
 #: The emulated board: a worker whose pieces are time-dilated (or, ``repeat``, run F times)
 #: and whose sends are held ``DELAY`` (the link's one-way delay), through the worker's
 #: emulation hooks (``Worker.poll_ms`` / ``Worker.each_turn``); nothing else changes.
@@ -168,7 +187,7 @@ def sh_quiet(*cmd: str) -> None:
 #: send's timer woke, and the sleeps before them) is the emulation's, not the board's (its
 #: kernel holds a delayed link's packets): it is counted apart and not dilated. The sends
 #: are the board's wherever they run, in the loop or while a piece's dilation waits.
-EMULATED_WORKER = r'''
+EMULATED_WORKER = HOLD + r'''
 import collections, resource, sys, threading, time
 import numpy
 import zmq
@@ -178,7 +197,7 @@ from splitc.runtime.artifact import DeviceArtifact
 mode, F, DELAY = sys.argv.pop(1), float(sys.argv.pop(1)), float(sys.argv.pop(1))
 EMU = {"pieces": 0, "piece_cpu_s": 0.0, "calibrated_s": 0.0, "dilated_s": 0.0, "late": 0,
        "late_s": 0.0, "delayed": 0, "runtime_cpu_s": 0.0, "repeats_cpu_s": 0.0,
-       "delay_cpu_s": 0.0, "sends_in_waits_cpu_s": 0.0}
+       "delay_cpu_s": 0.0, "sends_in_waits_cpu_s": 0.0, "hold_cpu_s": 0.0}
 CALIBRATED = {}  # piece -> its thread CPU time run alone (warm), measured before serving
 OUTBOX = collections.deque()  # (due, worker, arguments of Worker._send_outputs)
 send_outputs = worker.Worker._send_outputs
@@ -208,7 +227,9 @@ def wait_until(t):  # sleeping, but sending what falls due meanwhile
             now = time.perf_counter()
             if now >= t:
                 return
-            time.sleep(max(0.0, min(t, OUTBOX[0][0] if OUTBOX else t) - now))
+            c = time.thread_time()  # (the spin's CPU is the emulation's, not the board's)
+            hold_until(min(t, OUTBOX[0][0] if OUTBOX else t))
+            EMU["hold_cpu_s"] += time.thread_time() - c
     finally:
         WAITING[0] = False
 
@@ -315,7 +336,7 @@ def poll_ms(self):
         return min(100, int(left * 1e3))
     if left > 0:
         c = time.thread_time()
-        time.sleep(left)
+        hold_until(OUTBOX[0][0])
         if TIMER["turn"] is None:  # (in a timer's turn, the turn counts it)
             EMU["delay_cpu_s"] += time.thread_time() - c
     return 0
@@ -344,7 +365,7 @@ if DELAY > 0:
 sys.exit(worker.main(sys.argv[1:]))
 '''
 
-ECHO = r"""
+ECHO = HOLD + r"""
 import sys, time, numpy, zmq
 from splitc.runtime import wire
 delay = float(sys.argv[2])
@@ -354,7 +375,7 @@ sock = ctx.socket(zmq.ROUTER)
 sock.bind(sys.argv[1])
 while True:
     msg = wire.recv(sock, route=True)
-    time.sleep(delay)  # the echo's link delay, as a worker's
+    hold_until(time.perf_counter() + delay)  # the echo's link delay, as a worker's
     wire.send(sock, wire.header(wire.TENSORS, src="echo", rid=msg.rid), [ack], ["ack"],
               route=msg.route)
 """
@@ -378,7 +399,7 @@ def ping_pong(endpoint: str, prefix: list[str], sizes, delay: float, rounds: int
             x, times = np.zeros(max(1, size // 4), dtype="float32"), []
             for _ in range(rounds + 1):  # (the first warms up the connection)
                 t = time.perf_counter()
-                time.sleep(delay)
+                hold_until(t + delay)
                 wire.send(sock, wire.header(wire.TENSORS, src="client", rid=0), [x], ["x"])
                 wire.recv(sock)
                 times.append(time.perf_counter() - t)
@@ -486,7 +507,7 @@ def measure(out: Path, x, reference, nets, port0: int, repeats: int, inflight: i
             times = []
             for _ in range(repeats):
                 t = time.perf_counter()
-                time.sleep(delay)  # the client's link delay
+                hold_until(t + delay)  # the client's link delay
                 session.infer(*x)
                 times.append(time.perf_counter() - t)
             load = psutil.cpu_percent()
@@ -514,17 +535,18 @@ def measure(out: Path, x, reference, nets, port0: int, repeats: int, inflight: i
     piece_cpu = {d: per_request(d, "piece_cpu_s") for d in after}
     # the runtime's CPU the dilation did not stretch: ZeroMQ's I/O threads, and the serving
     # thread's work after a request's last piece
-    delay_cpu = {d: per_request(d, "delay_cpu_s") for d in after}  # the emulation's own
+    delay_cpu = {d: per_request(d, "delay_cpu_s") for d in after}  # the emulation's own,
+    hold_cpu = {d: per_request(d, "hold_cpu_s") for d in after}  # and the dilations' spins
     runtime_cpu = {d: per_request(d, "process_cpu_s") - piece_cpu[d]
                    - per_request(d, "runtime_cpu_s") - per_request(d, "repeats_cpu_s")
-                   - delay_cpu[d] for d in after}
+                   - delay_cpu[d] - hold_cpu[d] for d in after}
     late = sum(per_request(d, "late_s") for d in after)
     weights = max(sum(p.weight_bytes for p in plan.pieces_on(d.name)) for d in plan.devices)
     return {"latency": statistics.median(times), "throughput": throughput, "rel_err": err,
             "bytes": plan.transfer_bytes, "weights": weights, "busy": max(busy.values()),
             "busy_by_device": busy, "pieces_by_device": pieces,
             "handling_by_device": handling, "runtime_cpu": max(runtime_cpu.values()),
-            "delay_cpu_by_device": delay_cpu,
+            "delay_cpu_by_device": delay_cpu, "hold_cpu_by_device": hold_cpu,
             "late_share": late / max(sum(busy.values()), 1e-9), "load": load,
             "cpu_vs_alone": shared if mode == "dilated" else None, "plan": plan}
 
@@ -754,7 +776,10 @@ def report(rows, say, n, factors, one_device, must_cross, bandwidth, validate) -
                     f"pieces' CPU beside the other devices / alone: {r['cpu_vs_alone']:.2f}"
                     + (f"; holding its sends (the delay's loop turns, not dilated) "
                        f"{r['delay_cpu_by_device'][d] * 1e3:.2f} ms of CPU"
-                       if r["delay_cpu_by_device"].get(d) else ""))
+                       if r["delay_cpu_by_device"].get(d) else "")
+                    + (f"; spinning out its dilations' last {HOLD_SPIN * 1e6:.0f} us (not "
+                       f"dilated) {r['hold_cpu_by_device'][d] * 1e3:.2f} ms of CPU"
+                       if r.get("hold_cpu_by_device", {}).get(d) else ""))
     if validate:
         by = {}
         for r in rows:
