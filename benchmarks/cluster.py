@@ -547,6 +547,9 @@ def measure(out: Path, x, reference, nets, port0: int, repeats: int, inflight: i
             "busy_by_device": busy, "pieces_by_device": pieces,
             "handling_by_device": handling, "runtime_cpu": max(runtime_cpu.values()),
             "delay_cpu_by_device": delay_cpu, "hold_cpu_by_device": hold_cpu,
+            # what the dilation stretched: F x each piece's CPU time alone
+            "alone_by_device": {d: factors[plan.device(d).index] * per_request(d, "calibrated_s")
+                                for d in after},
             "late_share": late / max(sum(busy.values()), 1e-9), "load": load,
             "cpu_vs_alone": shared if mode == "dilated" else None, "plan": plan}
 
@@ -768,10 +771,13 @@ def report(rows, say, n, factors, one_device, must_cross, bandwidth, validate) -
             if ratios:
                 d = max(r["busy_by_device"], key=r["busy_by_device"].get)
                 pieces, predicted = r["pieces_by_device"][d], r["predicted_pieces"][d]
+                alone = r["alone_by_device"][d]
                 say(f"busy vs the isolated profile, {r['config']}: "
                     f"{min(ratios):.2f}-{max(ratios):.2f} (measured / predicted per device); "
                     f"busiest ({d}): pieces {pieces * 1e3:.1f} vs {predicted * 1e3:.1f} ms "
-                    f"predicted, message handling {r['handling_by_device'][d] * 1e3:.1f} vs "
+                    f"predicted (F x their CPU time alone: "
+                    f"{alone * 1e3:.1f}), "
+                    f"message handling {r['handling_by_device'][d] * 1e3:.1f} vs "
                     f"{(r['predicted_busy'][d] - predicted) * 1e3:.1f} ms; "
                     f"pieces' CPU beside the other devices / alone: {r['cpu_vs_alone']:.2f}"
                     + (f"; holding its sends (the delay's loop turns, not dilated) "
