@@ -45,7 +45,7 @@ CONV_BLOCKS = ("conv2d_NCHWc", "depthwise_conv2d_NCHWc")
 #: Accumulator vector registers a tile may use on a target with 16 (AVX2, NEON-armv7), and the
 #: most output columns of a conv tile there: up to 6 columns x 2 channel blocks, so that 12 FMAs
 #: load 2 weight vectors and 6 inputs (a 12 x 1 tile loads 1 and 12). On an AVX2-only Zen 3,
-#: 12 x 1 was 1.2-1.6x slower than such tiles on ResNeXt-50's 1x1 convolutions.
+#: 12 x 1 was 1.2-1.9x slower than such tiles on ResNeXt-50's 1x1 convolutions.
 ACCUMULATORS = 12
 COLUMNS = 6
 #: ... and on one with 32 (AVX-512, aarch64): 16 accumulators leave room for the weights the
