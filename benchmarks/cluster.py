@@ -775,8 +775,7 @@ def report(rows, say, n, factors, one_device, must_cross, bandwidth, validate) -
                 say(f"busy vs the isolated profile, {r['config']}: "
                     f"{min(ratios):.2f}-{max(ratios):.2f} (measured / predicted per device); "
                     f"busiest ({d}): pieces {pieces * 1e3:.1f} vs {predicted * 1e3:.1f} ms "
-                    f"predicted (F x their CPU time alone: "
-                    f"{alone * 1e3:.1f}), "
+                    f"predicted (F x their CPU time alone: {alone * 1e3:.1f}), "
                     f"message handling {r['handling_by_device'][d] * 1e3:.1f} vs "
                     f"{(r['predicted_busy'][d] - predicted) * 1e3:.1f} ms; "
                     f"pieces' CPU beside the other devices / alone: {r['cpu_vs_alone']:.2f}"
@@ -785,7 +784,7 @@ def report(rows, say, n, factors, one_device, must_cross, bandwidth, validate) -
                        if r["delay_cpu_by_device"].get(d) else "")
                     + (f"; spinning out its dilations' last {HOLD_SPIN * 1e6:.0f} us (not "
                        f"dilated) {r['hold_cpu_by_device'][d] * 1e3:.2f} ms of CPU"
-                       if r.get("hold_cpu_by_device", {}).get(d) else ""))
+                       if r["hold_cpu_by_device"].get(d) else ""))
     if validate:
         by = {}
         for r in rows:
