@@ -1,6 +1,16 @@
 #!/usr/bin/env bash
-# The test command: set up (if needed), then run the default test suite.
+# The test command: set up (if needed), then run the default test suite: the tests that time
+# nothing two at a time (pytest-xdist, one process per core), then those marked `alone`
+# (heartbeats, timeouts, measured speeds, network namespaces) one at a time on a quiet
+# machine. Arguments go to one plain pytest run instead (`scripts/test.sh -m slow`,
+# `scripts/test.sh tests/test_cli.py`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-exec .venv/bin/python -m pytest -q "$@"
+if [ $# -gt 0 ]; then
+  exec .venv/bin/python -m pytest -q "$@"
+fi
+status=0
+.venv/bin/python -m pytest -q -n 2 -m "not arm and not slow and not alone" || status=$?
+.venv/bin/python -m pytest -q -m "not arm and not slow and alone" || status=$?
+exit $status

@@ -24,12 +24,20 @@ def run_built(mod: tvm.IRModule, *inputs: np.ndarray, schedules: bool = True) ->
     return out.numpy() if hasattr(out, "numpy") else out[0].numpy()
 
 
-def one_per_row(rows, choices) -> list:
+def one_per_row(rows, choices, default_rows=None) -> list:
     """The cross product ``rows`` x ``choices`` as pytest params (each row's values, then the
     choice), where one choice per row is in the default run — in turn along the rows, so
-    every choice is still covered — and the rest are marked ``slow`` (``-m slow``)."""
+    every choice is still covered — and the rest are marked ``slow`` (``-m slow``).
+    ``default_rows``: only these rows have a choice in the default run (the turn goes along
+    them); the others are all ``slow``."""
     import pytest
 
-    return [pytest.param(*(row if isinstance(row, tuple) else (row,)), choice,
-                         marks=() if j == i % len(choices) else (pytest.mark.slow,))
-            for i, row in enumerate(rows) for j, choice in enumerate(choices)]
+    params, turn = [], 0
+    for row in rows:
+        default = default_rows is None or row in default_rows
+        for j, choice in enumerate(choices):
+            params.append(pytest.param(
+                *(row if isinstance(row, tuple) else (row,)), choice,
+                marks=() if default and j == turn % len(choices) else (pytest.mark.slow,)))
+        turn += default
+    return params

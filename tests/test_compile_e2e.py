@@ -39,10 +39,15 @@ def compile_and_run(name, strategy, n, out):
 EXACT = sorted(s.name for s in strategies.all_strategies() if s.exact)
 
 
-# the default run takes one device count per model and strategy (2, 3, 4 in turn); -m slow
-# runs the rest of the cross product
-@pytest.mark.parametrize("name, strategy, n", one_per_row(
-    [(name, strategy) for name in zoo.names() for strategy in EXACT], [2, 3, 4]))
+# the default run takes half the pairs, in a checkerboard over models x strategies (every
+# model under two strategies, every strategy on three or four models), each at one device
+# count (2, 3, 4 in turn); -m slow runs the rest of the cross product
+PAIRS = [(name, strategy) for name in zoo.names() for strategy in EXACT]
+CHECKERBOARD = {(name, strategy) for m, name in enumerate(zoo.names())
+                for s, strategy in enumerate(EXACT) if (m + s) % 2 == 0}
+
+
+@pytest.mark.parametrize("name, strategy, n", one_per_row(PAIRS, [2, 3, 4], CHECKERBOARD))
 def test_split_equals_onnxruntime(name, strategy, n, tmp_path):
     plan, outputs, reference, stats = compile_and_run(name, strategy, n, tmp_path / "out")
     for y, r in zip(outputs, reference, strict=True):

@@ -31,6 +31,8 @@ from splitc.runtime.plan import Plan, sha256_file
 from .runtime_fixtures import HOST, random_inputs, two_in_two_out
 from .test_faults import Board
 
+pytestmark = pytest.mark.alone  # grace periods and heartbeats are timed: run one at a time
+
 #: seconds a device stays down before the switch, in these tests
 FAILOVER_S = 1.5
 

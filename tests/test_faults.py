@@ -25,6 +25,8 @@ from splitc.runtime.plan import Plan, PlanError, sha256_file
 
 from .runtime_fixtures import random_inputs, reference, write_out
 
+pytestmark = pytest.mark.alone  # heartbeats and timeouts are timed: run one at a time
+
 ROOT = Path(__file__).resolve().parents[1]
 #: libzmq heartbeats notice a silent peer within IVL + TIMEOUT; the issue's goal is 2 s.
 DETECT_S = (wire.HEARTBEAT_IVL_MS + wire.HEARTBEAT_TIMEOUT_MS) / 1e3

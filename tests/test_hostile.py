@@ -37,6 +37,8 @@ from splitc.runtime.plan import Plan, PlanError, sha256_file
 
 from .runtime_fixtures import random_inputs, reference, save_plan, write_out
 
+pytestmark = pytest.mark.alone  # floods, heartbeats and timeouts are timed: run one at a time
+
 FRAME = 1_000_000  # just under the default frame limit (1 MiB): libzmq reads every frame
 
 

@@ -40,7 +40,7 @@ from .helpers import one_per_row
 from .runtime_fixtures import random_inputs, write_out
 from .test_faults import Capture, found
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns, pytest.mark.alone]  # fixed namespace names; links timed
 
 SHAPE = "tbf rate 100mbit burst 32kbit latency 50ms"
 PORT = 5555

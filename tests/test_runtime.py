@@ -24,6 +24,8 @@ from splitc.runtime.plan import Plan, PlanError
 
 from .runtime_fixtures import break_device, random_inputs, reference, write_out
 
+pytestmark = pytest.mark.alone  # timeouts and compute priority are timed: run one at a time
+
 ROOT = Path(__file__).resolve().parents[1]
 PLANS = [("pipeline", 2), ("pipeline", 3), ("channel", 2), ("channel", 3), ("spatial", 2),
          ("stages", 4)]

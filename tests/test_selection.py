@@ -16,6 +16,8 @@ from splitc.passes.codegen.cpu_schedules import Knobs, candidate_knobs, candidat
 from .test_cpu_schedules import conv_module, matmul_module
 from .test_winograd import conv_model
 
+pytestmark = pytest.mark.alone  # candidates are chosen by measured time: run one at a time
+
 HOST = targets.get("host")
 
 MODELS = {
