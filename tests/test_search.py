@@ -179,9 +179,14 @@ def resnet():
     return frontend.load("resnet18", tiny=True).mod
 
 
+def two_hosts(link: Link, memory: float = 2**30) -> Cluster:
+    """Two "host" devices that state their memory and speed (10 GFLOP/s: a cluster of "host"
+    stating none would profile this machine first, 40 s)."""
+    return Cluster(tuple(ClusterDevice(n, "host", memory, 10) for n in "ab"), link)
+
+
 def test_memory_cap_forces_a_split(resnet):
-    roomy = Cluster((ClusterDevice("a", "host", 2**30, 10), ClusterDevice("b", "host", 2**30, 10)),
-                    Link(125e6, 5e-4))
+    roomy = two_hosts(Link(125e6, 5e-4))
     first = search(resnet, roomy)
     weights = sum(p.weight_bytes for p in first.best.plan.pieces)
     cap = 0.75 * weights  # no single device holds all the weights
@@ -195,24 +200,19 @@ def test_memory_cap_forces_a_split(resnet):
 
 
 def test_cluster_too_small_says_by_how_much(resnet):
-    tiny = Cluster((ClusterDevice("a", "host", 1000, 10), ClusterDevice("b", "host", 1000, 10)),
-                   Link(125e6, 5e-4))
+    tiny = two_hosts(Link(125e6, 5e-4), memory=1000)
     with pytest.raises(SplitcError, match=r"cannot hold the model.*by [0-9.,]+ MiB"):
         search(resnet, tiny)
 
 
 def test_slow_link_prefers_a_single_device(resnet):
     """On a very slow network nothing beats keeping every tensor at home."""
-    slow = Cluster((ClusterDevice("a", "host", 2**30, 10), ClusterDevice("b", "host", 2**30, 10)),
-                   Link(1e5, 0.05))
+    slow = two_hosts(Link(1e5, 0.05))
     assert search(resnet, slow).best.label.startswith("single")
 
 
 def test_plan_json_from_auto_round_trips(resnet):
-    # (speeds stated: a uniform cluster of "host" would profile this machine first, 40 s)
-    c = Cluster((ClusterDevice("a", "host", 2**30, 10), ClusterDevice("b", "host", 2**30, 10)),
-                Link(125e6, 5e-4))
-    best = search(resnet, c).best
+    best = search(resnet, two_hosts(Link(125e6, 5e-4))).best
     assert Plan.from_dict(json.loads(best.plan.to_json())) == best.plan
 
 
