@@ -1,6 +1,9 @@
 """Real ARM execution: an x86 worker and an aarch64 worker (qemu-user, in an arm64 root
 filesystem holding only the board runtime) serve one plan, and the answer is the original's.
 
+The armv7 board (no TVM wheel exists for it) runs TVM's C++ RPC server built for armhf by
+``scripts/armhf-rpc.sh``, under qemu-arm.
+
 Marker ``arm``; not in the default run. Build the root filesystem once with
 ``scripts/arm-rootfs.sh`` (root, a few minutes), then ``pytest -m arm``. Timings under
 emulation mean nothing; only the answer is checked.
@@ -140,6 +143,73 @@ def test_tuning_round_trip_through_rpc_to_an_emulated_board(rootfs, tmp_path):
         assert (db / "rpi4" / "winograd.json").read_text().strip()
     finally:
         for p in (agent, tracker):
+            p.terminate()
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+ARMHF_RPC = Path(os.environ.get("SPLITC_ARMHF_RPC", REPO / ".cache" / "armhf-rpc"))
+
+
+def test_selection_through_rpc_on_an_emulated_armv7_board(tmp_path):
+    """`splitc tune --target pynq-z1-arm --rpc`: no armv7 wheel of TVM exists, so the board
+    serves through TVM's C++ RPC server (cross-compiled for armhf by scripts/armhf-rpc.sh),
+    here under qemu-arm; kernels cross-compiled by arm-linux-gnueabihf-g++ are sent through
+    the tracker, loaded and timed there, and the records stored for pynq-z1-arm."""
+    if not (ARMHF_RPC / ".splitc-ready-v1").exists():
+        pytest.skip(f"no armhf TVM RPC server at {ARMHF_RPC}: run scripts/armhf-rpc.sh")
+    qemu = shutil.which("qemu-arm-static") or shutil.which("qemu-arm")
+    if qemu is None:
+        pytest.skip("no qemu-arm (apt-get install qemu-user-static)")
+    import tvm
+
+    from splitc import targets
+    from splitc.backend.tuning import Rpc, tune
+    from splitc.passes.ir import lift_weights
+
+    from .runtime_fixtures import two_in_two_out
+
+    port = 9190 + (os.getpid() + 250) % 500
+    tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host",
+                                "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)],
+                               stderr=subprocess.DEVNULL)
+    work, log = tmp_path / "board", tmp_path / "tvm_rpc.log"  # (its log: read on failure)
+    work.mkdir()
+    server = subprocess.Popen(
+        [qemu, "-L", "/usr/arm-linux-gnueabihf", str(ARMHF_RPC / "bin" / "tvm_rpc"), "server",
+         "--host=127.0.0.1", "--port=9700", "--port-end=9800", f"--tracker=127.0.0.1:{port}",
+         "--key=pynq-z1-arm", f"--work-dir={work}"],
+        env={**os.environ, "LD_LIBRARY_PATH": str(ARMHF_RPC / "lib")},
+        stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        from tvm import rpc
+
+        deadline = time.time() + 120
+        while True:
+            try:
+                if "pynq-z1-arm" in rpc.connect_tracker("127.0.0.1", port).text_summary():
+                    break
+            except (RuntimeError, OSError):
+                pass
+            assert server.poll() is None, log.read_text()
+            assert time.time() < deadline, \
+                f"the armhf RPC server did not register: {log.read_text()}"
+            time.sleep(1)
+        func, _ = lift_weights(two_in_two_out()["main"])
+        db = tmp_path / "db"
+        rows = tune(tvm.IRModule({"main": func}), targets.get("pynq-z1-arm"), db, trials=0,
+                    rpc=Rpc("127.0.0.1", port, "pynq-z1-arm", session_timeout=300),
+                    log=print)
+        # the quick selection ran on the board: several candidates per conv kernel, and the
+        # Winograd-or-direct choice, measured there
+        assert rows and any(r["default_s"] for r in rows), rows
+        assert any(r["candidates"] >= 2 for r in rows), rows
+        assert (db / "pynq-z1-arm" / "database_tuning_record.json").read_text().strip()
+        assert (db / "pynq-z1-arm" / "winograd.json").read_text().strip()
+    finally:
+        for p in (server, tracker):
             p.terminate()
             try:
                 p.wait(timeout=20)
