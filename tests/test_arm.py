@@ -96,10 +96,14 @@ def test_x86_and_aarch64_workers_in_one_plan(rootfs, tmp_path):
         shutil.rmtree(board, ignore_errors=True)
 
 
-def test_tuning_round_trip_through_rpc_to_an_emulated_board(rootfs, tmp_path):
-    """`splitc tune --target rpi4 --rpc`: kernels cross-compiled here, sent through a TVM RPC
-    tracker to the runtime-only tune agent on the (qemu-emulated) aarch64 board, loaded and
-    timed there, and the records stored for rpi4. Times under emulation mean nothing."""
+def tune_through_a_tracker(target: str, board, tmp_path: Path, *, trials: int = 0,
+                           register_s: float = 300) -> None:
+    """``splitc tune --target TARGET --trials TRIALS --rpc`` (the quick selection first, then
+    MetaSchedule's trials) against a board
+    that ``board(tracker)`` (its command line, given the tracker's HOST:PORT) serves to a TVM
+    RPC tracker under the key ``target``:
+    kernels cross-compiled here, sent through the tracker, loaded and timed on the emulated
+    board, and the records stored for ``target``. Times under emulation mean nothing."""
     import tvm
 
     from splitc import targets
@@ -112,102 +116,32 @@ def test_tuning_round_trip_through_rpc_to_an_emulated_board(rootfs, tmp_path):
     tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host",
                                 "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)],
                                stderr=subprocess.DEVNULL)
-    agent = subprocess.Popen(
-        ["chroot", str(rootfs), "/usr/bin/env", "PYTHONPATH=/opt/splitc",
-         "/opt/venv/bin/python", "-m", "splitc.runtime.tune_agent", "--tracker",
-         f"127.0.0.1:{port}", "--key", "rpi4", "--host", "127.0.0.1", "--port", "9600",
-         "--port-end", "9700"], stderr=subprocess.PIPE)
+    log = tmp_path / "board.log"  # (read on failure)
+    server = subprocess.Popen(board(f"127.0.0.1:{port}"), stdout=log.open("w"),
+                              stderr=subprocess.STDOUT)
     try:
         from tvm import rpc
 
-        deadline = time.time() + 300
-        while True:  # the emulated agent takes a while to import TVM
+        deadline = time.time() + register_s
+        while True:  # an emulated board takes a while to start
             try:
-                if "rpi4" in rpc.connect_tracker("127.0.0.1", port).text_summary():
-                    break
-            except (RuntimeError, OSError):
-                pass
-            assert agent.poll() is None, agent.stderr.read().decode()
-            assert time.time() < deadline, "the tune agent did not register"
-            time.sleep(2)
-        func, _ = lift_weights(two_in_two_out()["main"])
-        db = tmp_path / "db"
-        rows = tune(tvm.IRModule({"main": func}), targets.get("rpi4"), db, trials=2,
-                    rpc=Rpc("127.0.0.1", port, "rpi4", session_timeout=300),
-                    log=print)
-        # the quick selection ran on the board: several candidates per conv kernel, and the
-        # Winograd-or-direct choice, measured there
-        assert rows and any(r["default_s"] for r in rows), rows
-        assert any(r["candidates"] >= 2 for r in rows), rows
-        assert (db / "rpi4" / "database_tuning_record.json").read_text().strip()
-        assert (db / "rpi4" / "winograd.json").read_text().strip()
-    finally:
-        for p in (agent, tracker):
-            p.terminate()
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-
-
-ARMHF_RPC = Path(os.environ.get("SPLITC_ARMHF_RPC", REPO / ".cache" / "armhf-rpc"))
-
-
-def test_selection_through_rpc_on_an_emulated_armv7_board(tmp_path):
-    """`splitc tune --target pynq-z1-arm --rpc`: no armv7 wheel of TVM exists, so the board
-    serves through TVM's C++ RPC server (cross-compiled for armhf by scripts/armhf-rpc.sh),
-    here under qemu-arm; kernels cross-compiled by arm-linux-gnueabihf-g++ are sent through
-    the tracker, loaded and timed there, and the records stored for pynq-z1-arm."""
-    if not (ARMHF_RPC / ".splitc-ready-v1").exists():
-        pytest.skip(f"no armhf TVM RPC server at {ARMHF_RPC}: run scripts/armhf-rpc.sh")
-    qemu = shutil.which("qemu-arm-static") or shutil.which("qemu-arm")
-    if qemu is None:
-        pytest.skip("no qemu-arm (apt-get install qemu-user-static)")
-    import tvm
-
-    from splitc import targets
-    from splitc.backend.tuning import Rpc, tune
-    from splitc.passes.ir import lift_weights
-
-    from .runtime_fixtures import two_in_two_out
-
-    port = 9190 + (os.getpid() + 250) % 500
-    tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host",
-                                "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)],
-                               stderr=subprocess.DEVNULL)
-    work, log = tmp_path / "board", tmp_path / "tvm_rpc.log"  # (its log: read on failure)
-    work.mkdir()
-    server = subprocess.Popen(
-        [qemu, "-L", "/usr/arm-linux-gnueabihf", str(ARMHF_RPC / "bin" / "tvm_rpc"), "server",
-         "--host=127.0.0.1", "--port=9700", "--port-end=9800", f"--tracker=127.0.0.1:{port}",
-         "--key=pynq-z1-arm", f"--work-dir={work}"],
-        env={**os.environ, "LD_LIBRARY_PATH": str(ARMHF_RPC / "lib")},
-        stdout=log.open("w"), stderr=subprocess.STDOUT)
-    try:
-        from tvm import rpc
-
-        deadline = time.time() + 120
-        while True:
-            try:
-                if "pynq-z1-arm" in rpc.connect_tracker("127.0.0.1", port).text_summary():
+                if target in rpc.connect_tracker("127.0.0.1", port).text_summary():
                     break
             except (RuntimeError, OSError):
                 pass
             assert server.poll() is None, log.read_text()
-            assert time.time() < deadline, \
-                f"the armhf RPC server did not register: {log.read_text()}"
+            assert time.time() < deadline, f"the board did not register: {log.read_text()}"
             time.sleep(1)
         func, _ = lift_weights(two_in_two_out()["main"])
         db = tmp_path / "db"
-        rows = tune(tvm.IRModule({"main": func}), targets.get("pynq-z1-arm"), db, trials=0,
-                    rpc=Rpc("127.0.0.1", port, "pynq-z1-arm", session_timeout=300),
-                    log=print)
+        rows = tune(tvm.IRModule({"main": func}), targets.get(target), db, trials=trials,
+                    rpc=Rpc("127.0.0.1", port, target, session_timeout=300), log=print)
         # the quick selection ran on the board: several candidates per conv kernel, and the
         # Winograd-or-direct choice, measured there
         assert rows and any(r["default_s"] for r in rows), rows
         assert any(r["candidates"] >= 2 for r in rows), rows
-        assert (db / "pynq-z1-arm" / "database_tuning_record.json").read_text().strip()
-        assert (db / "pynq-z1-arm" / "winograd.json").read_text().strip()
+        assert (db / target / "database_tuning_record.json").read_text().strip()
+        assert (db / target / "winograd.json").read_text().strip()
     finally:
         for p in (server, tracker):
             p.terminate()
@@ -215,3 +149,34 @@ def test_selection_through_rpc_on_an_emulated_armv7_board(tmp_path):
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def test_tuning_round_trip_through_rpc_to_an_emulated_board(rootfs, tmp_path):
+    """`splitc tune --target rpi4 --trials 2 --rpc`: the board runs the runtime-only tune
+    agent (Python, TVM's runtime library) in the arm64 root filesystem."""
+    tune_through_a_tracker("rpi4", lambda tracker: [
+        "chroot", str(rootfs), "/usr/bin/env", "PYTHONPATH=/opt/splitc",
+        "/opt/venv/bin/python", "-m", "splitc.runtime.tune_agent", "--tracker", tracker,
+        "--key", "rpi4", "--host", "127.0.0.1", "--port", "9600", "--port-end", "9700"],
+        tmp_path, trials=2)
+
+
+ARMHF_RPC = Path(os.environ.get("SPLITC_ARMHF_RPC", REPO / ".cache" / "armhf-rpc"))
+
+
+def test_selection_through_rpc_to_an_emulated_armv7_board(tmp_path):
+    """`splitc tune --target pynq-z1-arm --trials 0 --rpc`: no armv7 wheel of TVM exists, so
+    the board serves through TVM's C++ RPC server (cross-compiled for armhf by
+    scripts/armhf-rpc.sh), here under qemu-arm."""
+    if not (ARMHF_RPC / ".splitc-ready-v1").exists():
+        pytest.skip(f"no armhf TVM RPC server at {ARMHF_RPC}: run scripts/armhf-rpc.sh")
+    qemu = shutil.which("qemu-arm-static") or shutil.which("qemu-arm")
+    if qemu is None:
+        pytest.skip("no qemu-arm (apt-get install qemu-user-static)")
+    work = tmp_path / "board"
+    work.mkdir()
+    tune_through_a_tracker("pynq-z1-arm", lambda tracker: [
+        "/usr/bin/env", f"LD_LIBRARY_PATH={ARMHF_RPC / 'lib'}", qemu, "-L",
+        "/usr/arm-linux-gnueabihf", str(ARMHF_RPC / "bin" / "tvm_rpc"), "server",
+        "--host=127.0.0.1", "--port=9700", "--port-end=9800", f"--tracker={tracker}",
+        "--key=pynq-z1-arm", f"--work-dir={work}"], tmp_path, register_s=120)

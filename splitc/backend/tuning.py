@@ -121,7 +121,9 @@ def _require_measurable(spec, rpc: Rpc | None) -> None:
         raise SplitcError(
             f"tuning measures on the device; {spec.name} code does not run here: give --rpc "
             f"TRACKER_HOST:PORT --key KEY, with a board running `splitc tune-agent --tracker "
-            f"TRACKER_HOST:PORT --key KEY` (start a tracker with `python -m "
+            f"TRACKER_HOST:PORT --key KEY` (an armv7 board, for which TVM has no Python "
+            "wheel: TVM's C++ RPC server, `tvm_rpc server --tracker=TRACKER_HOST:PORT "
+            "--key=KEY`, built by scripts/armhf-rpc.sh; start a tracker with `python -m "
             "tvm.exec.rpc_tracker --port 9190`)")
 
 
