@@ -456,6 +456,8 @@ def slowed(table: dict, k: float) -> dict:
                                                "channel_seconds_per_byte",
                                                "seconds_per_message",
                                                "runtime_seconds_per_byte")},
+            **{key: [r * k for r in table.get(key, ())] for key in ("tile_rates",
+                                                                     "channel_rates")},
             "slowdown": k}
 
 

@@ -104,6 +104,17 @@ def test_estimate_is_the_stated_formula():
     channel = dataclasses.replace(plan, strategy="channel")
     assert estimate(channel, cluster, divided).latency - est.latency == pytest.approx(
         1e-8 * (4000 + 1000 + 1000 + 40))
+    # rates fitted to a split's pieces alone price that split's pieces instead (seconds per
+    # FLOP, per weight byte, per byte in or out), and no other plan's
+    fitted = [dataclasses.replace(s, tile_seconds_per_flop=1e-10, tile_rates=(3e-9, 1e-7, 1e-8),
+                                  channel_rates=(4e-9, 0.0, 0.0)) for s in speeds]
+    assert estimate(plan, cluster, fitted).latency == pytest.approx(est.latency)
+    run0, run1 = (3e-9 * 2e6 + 1e-7 * 800 + 1e-8 * 5000 + 1e-4,
+                  3e-9 * 1e6 + 1e-7 * 400 + 1e-8 * 1040 + 1e-4)
+    assert estimate(spatial, cluster, fitted).latency == pytest.approx(
+        send_x + run0 + send_a + run1 + send_y)
+    assert estimate(channel, cluster, fitted).latency == pytest.approx(
+        send_x + 4e-9 * 3e6 + 2e-4 + send_a + send_y)
     # the runtime's serving thread handles every message, on the device that sends it and on
     # the one that receives it: x into dev0, a out of dev0 and into dev1, y out of dev1
     talking = [dataclasses.replace(s, seconds_per_message=1e-4, runtime_seconds_per_byte=1e-8)
@@ -286,6 +297,9 @@ def test_profile_table_gives_the_cost_model_its_speed(tmp_path, monkeypatch):
     assert table["seconds_per_weight_byte"] >= 0 and 0 <= table["fit_error"] < 1
     assert table["tile_seconds_per_flop"] >= 0
     assert "pieces of 2-way spatial splits" in table["fitted_on"]
+    # and the rates fitted to those pieces alone, which price a spatial split's pieces
+    assert len(table["tile_rates"]) == 3 and table["tile_rates"][0] > 0
+    assert "a spatial split's pieces alone" in profiler.describe(table)
     # and one device's pieces of a channel split, which move many bytes per FLOP
     assert "pieces of a 2-way channel split" in table["fitted_on"]
     assert table["channel_seconds_per_byte"] >= 0
@@ -295,9 +309,11 @@ def test_profile_table_gives_the_cost_model_its_speed(tmp_path, monkeypatch):
     speed = device_speed(ClusterDevice("h", "host", 2**30))
     assert str(path) in speed.source
     assert (speed.flops_per_second, speed.seconds_per_byte, speed.seconds_per_weight_byte,
-            speed.tile_seconds_per_flop, speed.channel_seconds_per_byte) == (
+            speed.tile_seconds_per_flop, speed.channel_seconds_per_byte, speed.tile_rates,
+            speed.channel_rates) == (
         table["flops_per_second"], table["seconds_per_byte"], table["seconds_per_weight_byte"],
-        table["tile_seconds_per_flop"], table["channel_seconds_per_byte"])
+        table["tile_seconds_per_flop"], table["channel_seconds_per_byte"],
+        tuple(table["tile_rates"]), tuple(table["channel_rates"]))
     # a board's table is read as it is; one of the previous format is stale and ignored
     board = ClusterDevice("pi", "rpi4", 2**30)
     profiler.save({**table, "target": "rpi4"})

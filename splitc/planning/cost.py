@@ -3,7 +3,9 @@
     piece seconds    = piece FLOPs / device FLOP/s + piece weight bytes / weight bandwidth
                        + per-call overhead
                        + bytes in and out of the piece x seconds per boundary byte
-                       (+ piece FLOPs x tile seconds per FLOP in a spatial split)
+                       (+ piece FLOPs x tile seconds per FLOP in a spatial split; where
+                       `splitc profile` fitted the three rates to a split's pieces alone,
+                       those price that split's pieces instead)
     message seconds  = the runtime's CPU per message + its bytes x the runtime's per byte, on
                        the device that sends it and again on the device that receives it
                        (one serving thread: it runs neither pieces nor other messages
@@ -97,6 +99,14 @@ class DeviceSpeed:
     #: layer's whole gathered input to write a slice of the channels); measured by
     #: `splitc profile`, 0 where not (a board priced from published figures)
     channel_seconds_per_byte: float = 0.0
+    #: seconds per FLOP, per weight byte and per byte in or out fitted to the pieces of
+    #: spatial splits alone (`splitc profile --tile-ways N`), which price a spatial split's
+    #: pieces instead of the rates above plus the tile term where measured: the rates that fit
+    #: the whole model left ResNet-50's 8-way tiles 0-20 % off, by how the tile term's one
+    #: number fell from one profile to the next (0 or 1 ps per FLOP on one Zen 4)
+    tile_rates: tuple[float, ...] = ()
+    #: the same fitted to one device's pieces of a channel split
+    channel_rates: tuple[float, ...] = ()
 
     def message_seconds(self, nbytes: float) -> float:
         """The runtime's CPU for one message of ``nbytes`` (sending it, or receiving it)."""
@@ -111,7 +121,8 @@ class DeviceSpeed:
                    table.get("seconds_per_weight_byte", 0.0),
                    table.get("tile_seconds_per_flop", 0.0),
                    *table_message_seconds(table),
-                   table.get("channel_seconds_per_byte", 0.0))
+                   table.get("channel_seconds_per_byte", 0.0),
+                   tuple(table.get("tile_rates", ())), tuple(table.get("channel_rates", ())))
 
     @classmethod
     def from_published(cls, published: PublishedSpeed) -> DeviceSpeed:
@@ -133,6 +144,11 @@ class DeviceSpeed:
         """One call of a piece with these FLOPs, weights, and bytes in and out (``tiled``: a
         piece of a spatial split, its layers computed a few rows at a time; ``divided``: a
         piece of a channel split, its layer's output channels divided)."""
+        rates = self.tile_rates if tiled else self.channel_rates if divided else ()
+        if rates:
+            per_flop, per_weight_byte, per_byte = rates
+            return (flops * per_flop + weight_bytes * per_weight_byte + edge_bytes * per_byte
+                    + self.call_overhead)
         return (flops * (1 / self.flops_per_second
                          + (self.tile_seconds_per_flop if tiled else 0.0))
                 + weight_bytes * self.seconds_per_weight_byte

@@ -143,8 +143,12 @@ def measure(model: str, target: str = "host", *, tiny: bool = False, number: int
     channel_seconds_per_byte = max(0.0, sum(t - fitted.piece_seconds(*x)
                                             for x, t in divided)) / \
         max(sum(x[2] for x, _ in divided), 1)
+    # and the three rates fitted to each split's pieces alone, which price them where
+    # measured: the one extra term above cannot follow a thin tile's weights and boundary
+    tile_rates, channel_rates = split_rates(tiles), split_rates(divided)
     fitted = dataclasses.replace(fitted, tile_seconds_per_flop=tile_seconds_per_flop,
-                                 channel_seconds_per_byte=channel_seconds_per_byte)
+                                 channel_seconds_per_byte=channel_seconds_per_byte,
+                                 tile_rates=tile_rates, channel_rates=channel_rates)
     error = float(np.mean([abs(fitted.piece_seconds(
         *x, tiled=whole <= i < whole + len(spatial), divided=i >= whole + len(spatial)) - t)
         / t for i, (x, t) in enumerate(runs)]))
@@ -158,6 +162,7 @@ def measure(model: str, target: str = "host", *, tiny: bool = False, number: int
         "seconds_per_byte": per_byte,
         "tile_seconds_per_flop": tile_seconds_per_flop,
         "channel_seconds_per_byte": channel_seconds_per_byte,
+        "tile_rates": list(tile_rates), "channel_rates": list(channel_rates),
         "fitted_on": "the whole model, " + ", ".join(notes),
         "fit_error": error,
         "layer_flops_per_second": total_flops / total_seconds,
@@ -275,6 +280,15 @@ def fit_rates(runs: list[Run], weights: list[float] | None = None
         keep.remove(min(negative, key=lambda k: coef[k]))
 
 
+def split_rates(runs: list[Run]) -> tuple[float, ...]:
+    """Seconds per FLOP, per weight byte and per byte in or out fitted to one split's pieces
+    (:func:`fit_rates`); none for fewer than three pieces."""
+    if len(runs) < 3:
+        return ()
+    rate, per_weight_byte, per_byte = fit_rates(runs)
+    return (1.0 / rate, per_weight_byte, per_byte)
+
+
 def overhead_of(calls: list[float]) -> float:
     return float(np.median(calls)) if calls else 0.0
 
@@ -318,6 +332,11 @@ def describe(table: dict) -> str:
              f"tiles {table.get('tile_seconds_per_flop', 0) * 1e12:.2f} ps more per FLOP, "
              f"a channel split's pieces {table.get('channel_seconds_per_byte', 0) * 1e12:.0f} "
              "ps more per byte in or out",
+             *(f"{what}'s pieces alone: {1 / rates[0] / 1e9:.2f} GFLOP/s, "
+               f"{rates[1] * 1e12:.0f} ps per weight byte, {rates[2] * 1e12:.0f} ps per byte in "
+               "or out (these price them)"
+               for what, rates in (("a spatial split", table.get("tile_rates")),
+                                   ("a channel split", table.get("channel_rates"))) if rates),
              f"fitted on {table.get('fitted_on', 'the whole model')}: mean error "
              f"{table.get('fit_error', 0) * 100:.1f} %",
              (f"the runtime: {table['seconds_per_message'] * 1e6:.0f} µs of CPU per message "
