@@ -358,7 +358,8 @@ stats = worker.Worker.stats
 def with_emulation(self):
     out = stats(self)
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    out["emulation"] = {**EMU, "process_cpu_s": usage.ru_utime + usage.ru_stime}
+    out["emulation"] = {**EMU, "process_cpu_s": usage.ru_utime + usage.ru_stime,
+                        "calibrated": dict(CALIBRATED)}
     return out
 
 
@@ -562,6 +563,9 @@ def measure(out: Path, x, reference, nets, port0: int, repeats: int, inflight: i
             # what the dilation stretched: F x each piece's CPU time alone
             "alone_by_device": {d: factors[plan.device(d).index] * per_request(d, "calibrated_s")
                                 for d in after},
+            # and per piece (what the cost model is given to price the rest alone)
+            "alone_by_piece": {name: factors[plan.device(d).index] * seconds for d in after
+                               for name, seconds in after[d]["emulation"]["calibrated"].items()},
             "late_share": late / max(sum(busy.values()), 1e-9), "load": load,
             "cpu_vs_alone": shared if mode == "dilated" else None, "plan": plan}
 
@@ -704,6 +708,11 @@ def main() -> int:
                 timeline = Timeline() if stem else None
                 on = Cluster(sub.devices[:len(plan.devices)], link)
                 pred = estimate(plan, on, speeds[:len(plan.devices)], timeline=timeline)
+                # the same with each piece at F x its CPU time alone, as the dilation ran it:
+                # what is left of the error is the messages' and the waits'
+                given = estimate(plan, on, speeds[:len(plan.devices)],
+                                 piece_seconds=r.pop("alone_by_piece")) \
+                    if mode == "dilated" else None
                 # the same without the runtime's cost per message: its pieces alone
                 quiet = estimate(plan, on, [dataclasses.replace(
                     s, seconds_per_message=0.0, runtime_seconds_per_byte=0.0)
@@ -713,6 +722,7 @@ def main() -> int:
                 rows.append({"config": f"{name} ({plan.strategy}, {len(plan.devices)} dev)"
                                        + ("" if mode == args.emulation else ", repeat"),
                              "mode": mode, **r, "predicted": pred.latency,
+                             "predicted_given_pieces": given and given.latency,
                              "predicted_busy": pred.device_busy,
                              "predicted_pieces": quiet.device_busy})
     report(rows, say, n, factors, one_device, sum(t.nbytes for t in x)
@@ -812,6 +822,14 @@ def report(rows, say, n, factors, one_device, must_cross, bandwidth, validate) -
     if errors:
         say(f"cost model mean abs error: {np.mean(errors) * 100:.1f} % over {len(errors)} rows "
             "(goal <= 15 %)")
+    given = [(r["config"], r["predicted_given_pieces"], r["latency"]) for r in rows
+             if r.get("predicted_given_pieces")]
+    if given:
+        say("cost model given each piece at F x its CPU time alone (the profile's prices "
+            "replaced by the dilation's; the rest of the error is the messages' and the "
+            "waits'): " + ", ".join(f"{c} {g * 1e3:.1f} ms ({(g - m) / m * 100:+.0f} %)"
+                                    for c, g, m in given)
+            + f"; mean abs error {np.mean([abs(g - m) / m for _, g, m in given]) * 100:.1f} %")
 
 
 def plot(rows, stem: Path, label: str, n: int, one_device: float) -> None:
