@@ -282,11 +282,11 @@ def fit_rates(runs: list[Run], weights: list[float] | None = None
 
 def split_rates(runs: list[Run]) -> tuple[float, ...]:
     """Seconds per FLOP, per weight byte and per byte in or out fitted to one split's pieces
-    (:func:`fit_rates`); none for fewer than three pieces."""
+    (:func:`fit_rates`); none for fewer than three pieces, or pieces without FLOPs."""
     if len(runs) < 3:
         return ()
     rate, per_weight_byte, per_byte = fit_rates(runs)
-    return (1.0 / rate, per_weight_byte, per_byte)
+    return (1.0 / rate, per_weight_byte, per_byte) if rate > 0 else ()
 
 
 def overhead_of(calls: list[float]) -> float:
