@@ -283,16 +283,20 @@ def calibrate(self):
         CALIBRATED[piece.name] = sorted(times)[1]
 
 
-LAST = {"cpu": None}  # this thread's CPU clock (and the delay's, the waits' sends) when
-# its last piece ended
+LAST = {"cpu": None}  # this thread's CPU clock (and the delay's) when its last piece ended,
+# and the waits' sends when its handling was last dilated
 
 
 def dilated(self, piece, inputs):
-    if LAST["cpu"] is not None:  # the runtime's work since (messages in and out), F x too
+    handled = 0.0  # the runtime's work since the last piece (messages in and out), F x too,
+    if LAST["cpu"] is not None:  # with the sends that went out during that piece's waits
         handled = (time.thread_time() - LAST["cpu"] - (EMU["delay_cpu_s"] - LAST["delay"])
                    + EMU["sends_in_waits_cpu_s"] - LAST["waits"])
-        EMU["runtime_cpu_s"] += handled
-        wait_until(time.perf_counter() + (F - 1) * handled)
+    EMU["runtime_cpu_s"] += handled
+    # the sends in the waits from here on count next time (taken at the piece's end, as it
+    # was, this left every send that went out during a wait undilated)
+    LAST["waits"] = EMU["sends_in_waits_cpu_s"]
+    wait_until(time.perf_counter() + (F - 1) * handled)
     w0, c0 = time.perf_counter(), time.thread_time()
     out = run(self, piece, inputs)
     cpu = time.thread_time() - c0
@@ -308,8 +312,7 @@ def dilated(self, piece, inputs):
     EMU["pieces"] += 1
     EMU["piece_cpu_s"] += cpu
     EMU["dilated_s"] += time.perf_counter() - w0
-    LAST.update(cpu=time.thread_time(), delay=EMU["delay_cpu_s"],
-                waits=EMU["sends_in_waits_cpu_s"])
+    LAST.update(cpu=time.thread_time(), delay=EMU["delay_cpu_s"])
     return out
 
 
