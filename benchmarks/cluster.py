@@ -713,8 +713,8 @@ def main() -> int:
                 pred = estimate(plan, on, speeds[:len(plan.devices)], timeline=timeline)
                 # the same with each piece at F x its CPU time alone, as the dilation ran it:
                 # what is left of the error is the messages' and the waits'
-                given = estimate(plan, on, speeds[:len(plan.devices)],
-                                 piece_seconds=r.pop("alone_by_piece")) \
+                alone = r.pop("alone_by_piece")
+                given = estimate(plan, on, speeds[:len(plan.devices)], piece_seconds=alone) \
                     if mode == "dilated" else None
                 # the same without the runtime's cost per message: its pieces alone
                 quiet = estimate(plan, on, [dataclasses.replace(

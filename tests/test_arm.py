@@ -99,11 +99,10 @@ def test_x86_and_aarch64_workers_in_one_plan(rootfs, tmp_path):
 def tune_through_a_tracker(target: str, board, tmp_path: Path, *, trials: int = 0,
                            register_s: float = 300) -> None:
     """``splitc tune --target TARGET --trials TRIALS --rpc`` (the quick selection first, then
-    MetaSchedule's trials) against a board
-    that ``board(tracker)`` (its command line, given the tracker's HOST:PORT) serves to a TVM
-    RPC tracker under the key ``target``:
-    kernels cross-compiled here, sent through the tracker, loaded and timed on the emulated
-    board, and the records stored for ``target``. Times under emulation mean nothing."""
+    MetaSchedule's trials) against a board that ``board(tracker)`` (its command line, given
+    the tracker's HOST:PORT) serves to a TVM RPC tracker under the key ``target``: kernels
+    cross-compiled here, sent through the tracker, loaded and timed on the emulated board,
+    and the records stored for ``target``. Times under emulation mean nothing."""
     import tvm
 
     from splitc import targets
