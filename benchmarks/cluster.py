@@ -25,8 +25,9 @@ share two cores and stay honest while the machine is not saturated. The run chec
 piece whose real run took longer than F x its CPU time alone was starved (it waited for a core)
 and made late; the table prints the late share per row, and a row with more than 5 % of its
 dilated time late is marked VOID. The runtime's own work is dilated too where it runs on the
-serving thread (receiving, converting and queueing tensors between pieces: F x its CPU time
-before the next piece starts); ZeroMQ's I/O threads are not: each row prints their CPU time per
+serving thread (receiving, converting and queueing tensors, sending: F x its CPU time, waited
+out at the end of each turn of the worker's loop, message by message, as a board's thread
+spends it before it takes the next one); ZeroMQ's I/O threads are not: each row prints their CPU time per
 inference and the most leaving it so flatters the latency ((F-1) x the busiest device's).
 ``--emulation repeat`` is the method dilation replaced, kept as its cross-check (each device
 pinned to its own core runs every piece F times; possible only with N <= cores): ``--validate``
@@ -219,7 +220,7 @@ def flush():
             TIMER["sends"] += spent
 
 
-def wait_until(t):  # sleeping, but sending what falls due meanwhile
+def wait_until(t, spin=HOLD_SPIN):  # sleeping, but sending what falls due meanwhile
     WAITING[0] = True
     try:
         while True:
@@ -228,7 +229,10 @@ def wait_until(t):  # sleeping, but sending what falls due meanwhile
             if now >= t:
                 return
             c = time.thread_time()  # (the spin's CPU is the emulation's, not the board's)
-            hold_until(min(t, OUTBOX[0][0] if OUTBOX else t))
+            if OUTBOX and OUTBOX[0][0] < t:
+                hold_until(OUTBOX[0][0])
+            else:
+                hold_until(t, spin)
             EMU["hold_cpu_s"] += time.thread_time() - c
     finally:
         WAITING[0] = False
@@ -283,20 +287,38 @@ def calibrate(self):
         CALIBRATED[piece.name] = sorted(times)[1]
 
 
-LAST = {"cpu": None}  # this thread's CPU clock (and the delay's) when its last piece ended,
-# and the waits' sends when its handling was last dilated
+MARK = {"cpu": None, "delay": 0.0, "waits": 0.0, "owed": 0.0}
+# MARK: this thread's CPU clock (and the delay's, and the waits' sends) when the runtime's
+# work was last dilated; owed: dilation a late wake-up overshot (negative) or left over
+
+
+def settle():
+    """Dilate the serving thread's work since the last mark (messages taken in, converted,
+    queued; sends that went out during waits), F x its CPU time, here: where a board's
+    thread spends it, message by message, before it takes the next one (waited out only
+    before the next piece, the dilation of every message that piece waited for fell after
+    its last input, serialized behind the wait where a board overlaps it with waiting)."""
+    now = time.thread_time()
+    if MARK["cpu"] is None:
+        MARK.update(cpu=now, delay=EMU["delay_cpu_s"], waits=EMU["sends_in_waits_cpu_s"])
+        return
+    if TIMER["turn"] is not None:  # a held send's timer woke this turn: its CPU but the
+        EMU["delay_cpu_s"] += now - TIMER["turn"] - TIMER["sends"]  # sends is the delay's
+        TIMER["turn"] = None
+    handled = (now - MARK["cpu"] - (EMU["delay_cpu_s"] - MARK["delay"])
+               + EMU["sends_in_waits_cpu_s"] - MARK["waits"])
+    EMU["runtime_cpu_s"] += handled
+    MARK["waits"] = EMU["sends_in_waits_cpu_s"]  # the sends in this wait count next time
+    owed = MARK["owed"] + (F - 1) * handled
+    if owed > 0:  # slept without the final spin (one per message would take the cores);
+        w0 = time.perf_counter()  # a late wake-up is owed back by the next message
+        wait_until(w0 + owed, spin=0.0)
+        owed -= time.perf_counter() - w0
+    MARK.update(cpu=time.thread_time(), delay=EMU["delay_cpu_s"], owed=max(owed, -1e-3))
 
 
 def dilated(self, piece, inputs):
-    handled = 0.0  # the runtime's work since the last piece (messages in and out), F x too,
-    if LAST["cpu"] is not None:  # with the sends that went out during that piece's waits
-        handled = (time.thread_time() - LAST["cpu"] - (EMU["delay_cpu_s"] - LAST["delay"])
-                   + EMU["sends_in_waits_cpu_s"] - LAST["waits"])
-    EMU["runtime_cpu_s"] += handled
-    # the sends in the waits from here on count next time (taken at the piece's end, as it
-    # was, this left every send that went out during a wait undilated)
-    LAST["waits"] = EMU["sends_in_waits_cpu_s"]
-    wait_until(time.perf_counter() + (F - 1) * handled)
+    settle()  # the handling before it (the message that made it ready)
     w0, c0 = time.perf_counter(), time.thread_time()
     out = run(self, piece, inputs)
     cpu = time.thread_time() - c0
@@ -312,8 +334,15 @@ def dilated(self, piece, inputs):
     EMU["pieces"] += 1
     EMU["piece_cpu_s"] += cpu
     EMU["dilated_s"] += time.perf_counter() - w0
-    LAST.update(cpu=time.thread_time(), delay=EMU["delay_cpu_s"])
+    MARK.update(cpu=time.thread_time(), delay=EMU["delay_cpu_s"])
     return out
+
+
+def each_turn(self):
+    if DELAY > 0:
+        flush()
+    if mode == "dilated":
+        settle()
 
 
 def repeated(self, piece, inputs):  # the method dilation replaced (a core per device)
@@ -371,9 +400,9 @@ DeviceArtifact.run = dilated if mode == "dilated" else repeated
 if mode == "dilated":
     worker.Worker.warm_up = calibrate
 worker.Worker.stats = with_emulation
+worker.Worker.each_turn = each_turn
 if DELAY > 0:
     worker.Worker._send_outputs = delayed
-    worker.Worker.each_turn = lambda self: flush()
     worker.Worker.poll_ms = poll_ms
     zmq.Poller.poll = timed_poll
 sys.exit(worker.main(sys.argv[1:]))
@@ -783,7 +812,7 @@ def report(rows, say, n, factors, one_device, must_cross, bandwidth, validate) -
     say("(busy: the busiest device's dilated time in its pieces and its message handling "
         "between them per request; wait: the rest "
         "of the latency; rt cpu: the busiest device's runtime CPU per request that was not "
-        "dilated (ZeroMQ's I/O threads; the serving thread's message handling between pieces "
+        "dilated (ZeroMQ's I/O threads; the serving thread's message handling "
         "is dilated): leaving it so flatters a row by at most (F-1) x it; late: "
         "share of dilated time pieces ran late for want of a core; load: the machine's CPU "
         "use)")
