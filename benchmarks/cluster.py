@@ -27,8 +27,9 @@ and made late; the table prints the late share per row, and a row with more than
 dilated time late is marked VOID. The runtime's own work is dilated too where it runs on the
 serving thread (receiving, converting and queueing tensors, sending: F x its CPU time, waited
 out at the end of each turn of the worker's loop, message by message, as a board's thread
-spends it before it takes the next one); ZeroMQ's I/O threads are not: each row prints their CPU time per
-inference and the most leaving it so flatters the latency ((F-1) x the busiest device's).
+spends it before it takes the next one); ZeroMQ's I/O threads are not: each row prints their
+CPU time per inference and the most leaving it so flatters the latency ((F-1) x the busiest
+device's).
 ``--emulation repeat`` is the method dilation replaced, kept as its cross-check (each device
 pinned to its own core runs every piece F times; possible only with N <= cores): ``--validate``
 runs every row both ways.
@@ -488,7 +489,8 @@ def slowed(table: dict, k: float) -> dict:
                                                "call_overhead", "tile_seconds_per_flop",
                                                "channel_seconds_per_byte",
                                                "seconds_per_message",
-                                               "runtime_seconds_per_byte")},
+                                               "runtime_seconds_per_byte",
+                                               "runtime_seconds_per_piece")},
             **{key: [r * k for r in table.get(key, ())] for key in ("tile_rates",
                                                                      "channel_rates")},
             "slowdown": k}
@@ -694,7 +696,8 @@ def main() -> int:
         if args.emulation == "dilated" else f"# {awake}")
     say(f"# splitc on this core: {table['flops_per_second'] / 1e9:.2f} GFLOP/s (profiled), "
         f"the runtime {table['seconds_per_message'] * 1e6:.0f} us of CPU per message + "
-        f"{table['runtime_seconds_per_byte'] * 1e12:.0f} ps per byte (measured); the cost "
+        f"{table['runtime_seconds_per_byte'] * 1e12:.0f} ps per byte + "
+        f"{table['runtime_seconds_per_piece'] * 1e6:.0f} us per piece run (measured); the cost "
         "model is given each device's profile scaled by its F")
     with ExitStack() as stack:
         nets = None
@@ -745,9 +748,10 @@ def main() -> int:
                 alone = r.pop("alone_by_piece")
                 given = estimate(plan, on, speeds[:len(plan.devices)], piece_seconds=alone) \
                     if mode == "dilated" else None
-                # the same without the runtime's cost per message: its pieces alone
+                # the same without the runtime's cost: its pieces alone
                 quiet = estimate(plan, on, [dataclasses.replace(
-                    s, seconds_per_message=0.0, runtime_seconds_per_byte=0.0)
+                    s, seconds_per_message=0.0, runtime_seconds_per_byte=0.0,
+                    runtime_seconds_per_piece=0.0)
                     for s in speeds[:len(plan.devices)]])
                 if timeline is not None:
                     timeline.write(stem.with_suffix(".predicted.json"), f"{out.name}, predicted")

@@ -239,12 +239,14 @@ class Worker:
         #: CPU time handling what the loop woke up for, pieces included (piece_cpu_s); the
         #: stats' thread_cpu_s adds the polls between turns (waking up for a message costs
         #: the thread too): less the pieces, that is what the runtime itself costs (`splitc
-        #: profile` fits its cost per message and per byte from it)
+        #: profile` fits its cost per message and per byte from it); message_cpu_s: the part
+        #: of it spent taking messages in and sending them (the rest goes with the pieces:
+        #: finding what a message made ready, routing and keeping the outputs)
         self.counters = {"recv": defaultdict(lambda: [0, 0, 0]),
                          "sent": defaultdict(lambda: [0, 0, 0]),
                          "pieces_run": 0, "requests_done": 0, "errors": 0, "expired": 0,
                          "orphaned": 0, "refused": 0, "compute_s": 0.0, "piece_cpu_s": 0.0,
-                         "loop_cpu_s": 0.0}
+                         "loop_cpu_s": 0.0, "message_cpu_s": 0.0}
         self._turn_cpu: float | None = None  # the thread's CPU clock when this turn began
         self.curve = security.Curve(keys, self.device) if keys else None
         self.insecure = insecure
@@ -396,6 +398,7 @@ class Worker:
         for _ in range(limit):
             if not self.router.getsockopt(zmq.EVENTS) & wire.POLLIN:
                 return  # (cheaper than waiting for zmq.Again)
+            c0 = time.thread_time()
             try:
                 msg = wire.recv(self.router, route=True, specs=self.specs,
                                 alloc=self.pool.take, flags=zmq.NOBLOCK)
@@ -418,6 +421,7 @@ class Worker:
             # after a piece ran, a client's connection held all its requests in flight
             # against a stranger's budget while the first one ran, and was reset)
             self._account(msg.origin, sender)
+            self.counters["message_cpu_s"] += time.thread_time() - c0
             try:
                 self._handle(msg, sender)
             except Refused as e:
@@ -763,6 +767,13 @@ class Worker:
 
     def _send_outputs(self, rid: int, piece: str, names, arrays,
                       deadline: float | None) -> bool:
+        c0 = time.thread_time()
+        try:
+            return self._send_each(rid, piece, names, arrays, deadline)
+        finally:
+            self.counters["message_cpu_s"] += time.thread_time() - c0
+
+    def _send_each(self, rid: int, piece: str, names, arrays, deadline: float | None) -> bool:
         by_dst: dict[str, list[tuple[str, np.ndarray]]] = defaultdict(list)
         for name, a in zip(names, arrays, strict=True):
             for dst in self.routes.get(name, ()):
@@ -883,7 +894,8 @@ class Worker:
                 "refused": c["refused"], "compute_s": c["compute_s"],
                 # (asked mid-turn, as stats are, with the turn so far: one turn may run
                 # many requests that arrive back to back)
-                "piece_cpu_s": c["piece_cpu_s"], "loop_cpu_s": c["loop_cpu_s"] + (
+                "piece_cpu_s": c["piece_cpu_s"], "message_cpu_s": c["message_cpu_s"],
+                "loop_cpu_s": c["loop_cpu_s"] + (
                     0.0 if self._turn_cpu is None else time.thread_time() - self._turn_cpu),
                 "thread_cpu_s": time.thread_time(),  # (stats run on the serving thread)
                 "pending": len(self.session.requests) if self.session else 0,

@@ -367,29 +367,34 @@ def measure_runtime_cost(target: str = "host", requests: int = 40, log: Log = la
                          progress: Progress | None = None, model: str = RUNTIME_COST_MODEL,
                          tiny: bool = True,
                          input_shapes: Mapping[str, Sequence[int]] | None = None) -> dict:
-    """The CPU the ZeroMQ runtime's serving thread spends per message it sends or receives
-    and per byte of it, beside its pieces, on this machine: local workers serve ``model``
-    (default the tiny ResNet-18) whole (one worker) and split two ways by rows (two workers,
-    many smaller messages), and report their own counters (the serving thread's CPU time,
-    polls included, its pieces', its messages and their bytes); the two rates are fitted over
-    the workers. (The polls add 0-5 % back to back; a device idle between its messages, as
-    a time-dilated one is, spends 10-30 % of its runtime CPU in them.)
-    Returns the table's ``seconds_per_message``, ``runtime_seconds_per_byte`` and how they
-    were measured."""
+    """The CPU the ZeroMQ runtime's serving thread spends per message it sends or receives,
+    per byte of them and per piece it runs, beside the pieces themselves, on this machine:
+    local workers serve ``model`` (default the tiny ResNet-18) whole (one worker) and split
+    by rows two and four ways, and report their own counters: the serving thread's CPU time
+    (polls included), its pieces', the part spent taking messages in and sending them, its
+    messages, their bytes and its pieces run. The cost per message and per byte is fitted
+    over the workers to the messages' part; the rest (finding what a message made ready,
+    routing and keeping outputs, the polls) is priced per piece run. (The polls add 0-5 %
+    back to back; a device idle between its messages, as a time-dilated one is, spends
+    10-30 % of its runtime CPU in them.)
+    Returns the table's ``seconds_per_message``, ``runtime_seconds_per_byte``,
+    ``runtime_seconds_per_piece`` and how they were measured."""
     if target_registry.get(target).cross_compiler:
         raise SplitcError(f"measuring the runtime runs it here; {target} code does not run on "
                           "this machine")
     tell = progress or (lambda _f, _what: None)
     imported = frontend.load(model, input_shapes, tiny=tiny)
     x = imported.random_inputs()
-    rows = []  # per worker: (messages, their bytes, the runtime's CPU beside its pieces)
+    # per worker: messages, their bytes, pieces run, CPU on messages, the rest beside pieces
+    rows = []
+    layouts = (("pipeline", 1), ("spatial", 2), ("spatial", 4))
     with tempfile.TemporaryDirectory(prefix="splitc-runtime-cost-") as tmp:
-        for i, (strategy, n) in enumerate((("pipeline", 1), ("spatial", 2))):
-            tell(i / 2, f"compiling {model} for {n} worker(s)")
+        for i, (strategy, n) in enumerate(layouts):
+            tell(i / len(layouts), f"compiling {model} for {n} worker(s)")
             out = Path(tmp) / f"{strategy}-{n}"
             compile_model(model, out, [target] * n, strategy, tiny=tiny,
                           input_shapes=input_shapes)
-            tell(i / 2 + 0.25, f"serving {requests} requests on {n} local worker(s)")
+            tell((i + 0.5) / len(layouts), f"serving {requests} requests on {n} local worker(s)")
             with connect(out, timeout=120) as session:
                 for _ in range(3):
                     session.infer(*x)  # warm
@@ -399,24 +404,32 @@ def measure_runtime_cost(target: str = "host", requests: int = 40, log: Log = la
                 after = session.worker_stats()
             for dev, s in after.items():
                 b = before[dev]
+                on_messages = s["message_cpu_s"] - b["message_cpu_s"]
                 rows.append((_grown(s, b, "messages"), _grown(s, b, "bytes"),
+                             s["pieces_run"] - b["pieces_run"], on_messages,
                              (s["thread_cpu_s"] - b["thread_cpu_s"])
-                             - (s["piece_cpu_s"] - b["piece_cpu_s"])))
+                             - (s["piece_cpu_s"] - b["piece_cpu_s"]) - on_messages))
     tell(1.0, "done")
-    counts, nbytes, cpu = (np.array(c, dtype=float) for c in zip(*rows, strict=True))
-    # seconds = messages x per message + bytes x per byte, fitted over the workers; a negative
-    # per-byte term (noise on messages of one size) is dropped
-    (per_message, per_byte), *_ = np.linalg.lstsq(np.stack([counts, nbytes], 1), cpu, rcond=None)
+    counts, nbytes, pieces, on_messages, rest = (np.array(c, dtype=float)
+                                                 for c in zip(*rows, strict=True))
+    # messages' CPU = messages x per message + bytes x per byte, fitted over the workers; a
+    # negative per-byte term (noise on messages of one size) is dropped
+    (per_message, per_byte), *_ = np.linalg.lstsq(np.stack([counts, nbytes], 1), on_messages,
+                                                  rcond=None)
     if per_byte < 0 or per_message < 0:
-        per_message, per_byte = float(cpu.sum() / max(counts.sum(), 1)), 0.0
+        per_message, per_byte = float(on_messages.sum() / max(counts.sum(), 1)), 0.0
+    per_piece = max(0.0, float(rest.sum() / max(pieces.sum(), 1)))
     messages = int(counts.sum())
     log(f"the runtime: {per_message * 1e6:.0f} us of CPU per message + {per_byte * 1e12:.0f} ps "
-        f"per byte ({messages} messages, {cpu.sum() * 1e3:.1f} ms beside the pieces)")
+        f"per byte + {per_piece * 1e6:.0f} us per piece ({messages} messages, "
+        f"{int(pieces.sum())} pieces, {(on_messages.sum() + rest.sum()) * 1e3:.1f} ms beside "
+        "the pieces)")
     return {"seconds_per_message": float(per_message),
             "runtime_seconds_per_byte": float(per_byte),
-            "runtime_measured_on": f"{'the tiny ' if tiny else ''}{model} on 1 and 2 local "
+            "runtime_seconds_per_piece": per_piece,
+            "runtime_measured_on": f"{'the tiny ' if tiny else ''}{model} on 1, 2 and 4 local "
                                    f"workers, {messages} messages of {int(nbytes.sum()):,} "
-                                   "bytes"}
+                                   f"bytes, {int(pieces.sum())} pieces"}
 
 
 def _grown(after: dict, before: dict, key: str) -> int:

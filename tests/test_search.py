@@ -125,6 +125,14 @@ def test_estimate_is_the_stated_formula():
         2e-4 + 1e-8 * (4000 + 1000))
     assert slower.device_busy["dev1"] - est.device_busy["dev1"] == pytest.approx(
         2e-4 + 1e-8 * (1000 + 40))
+    # and spends some around every piece it runs (finding it ready, routing its outputs)
+    dispatching = [dataclasses.replace(s, runtime_seconds_per_piece=3e-4) for s in speeds]
+    slower = estimate(plan, cluster, dispatching)
+    assert slower.latency - est.latency == pytest.approx(2 * 3e-4)
+    assert slower.device_busy["dev0"] - est.device_busy["dev0"] == pytest.approx(3e-4)
+    given = {"dev0_p0": 0.01, "dev1_p0": 0.02}  # (pieces priced by their kind pay it too)
+    assert (estimate(plan, cluster, dispatching, piece_seconds=given).latency
+            - estimate(plan, cluster, speeds, piece_seconds=given).latency) == pytest.approx(6e-4)
 
 
 def test_messages_leaving_together_share_the_senders_link():
@@ -338,6 +346,7 @@ def test_the_runtimes_cost_per_message_is_measured_and_priced(tmp_path, monkeypa
     monkeypatch.setenv("SPLITC_CACHE", str(tmp_path))
     measured = measure_runtime_cost("host", requests=10)
     assert 1e-6 < measured["seconds_per_message"] < 0.05
+    assert 0 < measured["runtime_seconds_per_piece"] < 0.05
     assert "messages" in measured["runtime_measured_on"]
     table = {"target": "host", "model": "m", "codegen": cost.CODEGEN,
              "format": cost.PROFILE_FORMAT, "flops_per_second": 1e11, "call_overhead": 1e-5,
@@ -345,16 +354,21 @@ def test_the_runtimes_cost_per_message_is_measured_and_priced(tmp_path, monkeypa
     profiler.save(table)
     host = ClusterDevice("h", "host", 2**30)
     unmeasured = cost.device_speed(host)
-    assert (unmeasured.seconds_per_message, unmeasured.runtime_seconds_per_byte) == (
-        cost.DEFAULT_SECONDS_PER_MESSAGE, cost.DEFAULT_RUNTIME_SECONDS_PER_BYTE)
+    assert (unmeasured.seconds_per_message, unmeasured.runtime_seconds_per_byte,
+            unmeasured.runtime_seconds_per_piece) == (
+        cost.DEFAULT_SECONDS_PER_MESSAGE, cost.DEFAULT_RUNTIME_SECONDS_PER_BYTE,
+        cost.DEFAULT_RUNTIME_SECONDS_PER_PIECE)
     assert "not measured" in profiler.describe(table)
     profiler.save({**table, **measured})
     speed = cost.device_speed(host)
-    assert (speed.seconds_per_message, speed.runtime_seconds_per_byte) == (
-        measured["seconds_per_message"], measured["runtime_seconds_per_byte"])
+    assert (speed.seconds_per_message, speed.runtime_seconds_per_byte,
+            speed.runtime_seconds_per_piece) == (
+        measured["seconds_per_message"], measured["runtime_seconds_per_byte"],
+        measured["runtime_seconds_per_piece"])
     assert speed.message_seconds(1000) == pytest.approx(
         measured["seconds_per_message"] + 1000 * measured["runtime_seconds_per_byte"])
     assert "per message" in profiler.describe({**table, **measured})
+    assert "per piece run" in profiler.describe({**table, **measured})
     slow = cost.device_speed(ClusterDevice("pi", "rpi4", 2**30, gflops=10.0))
     assert slow.seconds_per_message == cost.DEFAULT_SECONDS_PER_MESSAGE
     assert slow.tile_seconds_per_flop == pytest.approx(cost.TILE_OVERHEAD / 10e9)

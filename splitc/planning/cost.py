@@ -69,6 +69,14 @@ TILE_OVERHEAD = 0.13
 #: table from `splitc profile` run on it prices that; without one, these flatter the board.
 DEFAULT_SECONDS_PER_MESSAGE = 80e-6
 DEFAULT_RUNTIME_SECONDS_PER_BYTE = 0.6e-9
+#: CPU seconds the serving thread spends per piece it runs, besides the piece and its messages
+#: (finding the pieces a message made ready, checking the client is still there, routing and
+#: keeping the outputs, its polls): 88-101 us on the tiny ResNet-18, 214 us on ResNet-50 224
+#: on a Zen 4 core, measured apart from the messages' part since 2026-12-07. Charged to the
+#: messages of 1- and 2-worker splits before, it made a message cost 283-324 us there and
+#: overpriced ResNet-50's 8-way tiles (3.8 messages a piece) by half. Unmeasured, 0: the
+#: defaults above were measured with it folded into the messages.
+DEFAULT_RUNTIME_SECONDS_PER_PIECE = 0.0
 #: Seconds a piece call costs besides its FLOPs when no profile says otherwise (the VM call).
 DEFAULT_CALL_OVERHEAD = 50e-6
 #: Seconds per byte a piece reads or writes at its boundary: a piece converts its inputs into
@@ -107,6 +115,8 @@ class DeviceSpeed:
     tile_rates: tuple[float, ...] = ()
     #: the same fitted to one device's pieces of a channel split
     channel_rates: tuple[float, ...] = ()
+    #: the runtime's, per piece it runs (see DEFAULT_RUNTIME_SECONDS_PER_PIECE)
+    runtime_seconds_per_piece: float = DEFAULT_RUNTIME_SECONDS_PER_PIECE
 
     def message_seconds(self, nbytes: float) -> float:
         """The runtime's CPU for one message of ``nbytes`` (sending it, or receiving it)."""
@@ -122,7 +132,8 @@ class DeviceSpeed:
                    table.get("tile_seconds_per_flop", 0.0),
                    *table_message_seconds(table),
                    table.get("channel_seconds_per_byte", 0.0),
-                   tuple(table.get("tile_rates", ())), tuple(table.get("channel_rates", ())))
+                   tuple(table.get("tile_rates", ())), tuple(table.get("channel_rates", ())),
+                   table.get("runtime_seconds_per_piece", DEFAULT_RUNTIME_SECONDS_PER_PIECE))
 
     @classmethod
     def from_published(cls, published: PublishedSpeed) -> DeviceSpeed:
@@ -382,8 +393,9 @@ def estimate(plan: Plan, cluster: Cluster, speeds: list[DeviceSpeed] | None = No
                               free[p.device], start, 0)
             timeline.span(p.device, "compute", p.name, start, start + run, 0,
                           flops=p.flops, weight_bytes=p.weight_bytes)
-        free[p.device] = start + run
-        busy[p.device] += run
+        dispatch = speed[p.device].runtime_seconds_per_piece  # the serving thread's, around it
+        free[p.device] = start + run + dispatch
+        busy[p.device] += run + dispatch
         free[p.device] = send(p.device, free[p.device], p.outputs)
     latency = max(ready[(e.tensor, None)] for e in plan.outputs)
     period = max(list(busy.values()) + list(link_busy.values()))

@@ -348,7 +348,8 @@ def describe(table: dict) -> str:
              f"{table.get('fit_error', 0) * 100:.1f} %",
              (f"the runtime: {table['seconds_per_message'] * 1e6:.0f} µs of CPU per message "
               f"sent or received + {table.get('runtime_seconds_per_byte', 0) * 1e12:.0f} ps "
-              f"per byte of it (measured on {table.get('runtime_measured_on', '?')})"
+              f"per byte of it + {table.get('runtime_seconds_per_piece', 0) * 1e6:.0f} µs per "
+              f"piece run (measured on {table.get('runtime_measured_on', '?')})"
               if "seconds_per_message" in table else
               "the runtime's cost per message: not measured (the cost model's default)"),
              f"{'op':<24} {'GFLOP/s':>9} {'ms':>9}"]
