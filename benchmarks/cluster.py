@@ -425,35 +425,43 @@ while True:
 """
 
 
-def ping_pong(endpoint: str, prefix: list[str], sizes, delay: float, rounds: int = 20
-              ) -> list[float]:
-    """Median round trip of a message of each size through the runtime's wire format, from
-    the client (here) to an echo in the first namespace answering with 4 bytes; both sides
-    hold their sends ``delay``, as the emulated devices do."""
+def ping_pong(prefix: list[str], cases, rounds: int = 40) -> list[float]:
+    """Median round trip of each case (endpoint, size, delay): a message of that size through
+    the runtime's wire format, from the client (here) to an echo in the first namespace
+    answering with 4 bytes, both sides holding their sends ``delay`` as the emulated devices
+    do (one echo per endpoint). The cases take turns round by round, so that each sees the
+    machine as the others do (measured one after another, the 4-byte round trip with and
+    without the delay came from different moments of a noisy VM: the table's 4-byte row
+    read +13 to +28 % in three runs of one evening)."""
     import zmq
 
-    server = subprocess.Popen([*prefix, sys.executable, "-c", ECHO, endpoint, str(delay)])
+    delays = {endpoint: delay for endpoint, _, delay in cases}
+    servers = [subprocess.Popen([*prefix, sys.executable, "-c", ECHO, endpoint, str(delay)])
+               for endpoint, delay in delays.items()]
     ctx = zmq.Context()
     try:
-        sock = wire.tune(ctx.socket(zmq.DEALER))
-        sock.connect(endpoint)
-        sock.setsockopt(zmq.RCVTIMEO, 10_000)
-        medians = []
-        for size in sizes:
-            x, times = np.zeros(max(1, size // 4), dtype="float32"), []
-            for _ in range(rounds + 1):  # (the first warms up the connection)
+        socks = {}
+        for endpoint in delays:
+            sock = socks[endpoint] = wire.tune(ctx.socket(zmq.DEALER))
+            sock.connect(endpoint)
+            sock.setsockopt(zmq.RCVTIMEO, 10_000)
+        payloads = [np.zeros(max(1, size // 4), dtype="float32") for _, size, _ in cases]
+        times: list[list[float]] = [[] for _ in cases]
+        for _ in range(rounds + 1):  # (the first warms up the connections)
+            for (endpoint, _, delay), x, got in zip(cases, payloads, times, strict=True):
                 t = time.perf_counter()
                 hold_until(t + delay)
-                wire.send(sock, wire.header(wire.TENSORS, src="client", rid=0), [x], ["x"])
-                wire.recv(sock)
-                times.append(time.perf_counter() - t)
+                wire.send(socks[endpoint], wire.header(wire.TENSORS, src="client", rid=0),
+                          [x], ["x"])
+                wire.recv(socks[endpoint])
+                got.append(time.perf_counter() - t)
                 t = time.perf_counter() + 1e-3  # a fresh tbf bucket, spun not slept
                 while time.perf_counter() < t:
                     pass
-            medians.append(statistics.median(times[1:]))
-        return medians
+        return [statistics.median(got[1:]) for got in times]
     finally:
-        server.kill()
+        for server in servers:
+            server.kill()
         ctx.destroy(linger=0)
 
 
@@ -461,24 +469,25 @@ def link_table(nets, rate: float, delay: float) -> tuple[Link, list[str]]:
     """The emulated link as the cost model is told it, and the table that checks it: the
     bandwidth fitted over message sizes, the cost of a message from a 4-byte round trip
     without the delay; then 4 B and 600 kB round trips with the delay against size / rate
-    + delay each way + that cost."""
-    endpoint = (f"tcp://{nets.address(0)}:5590" if nets else "tcp://127.0.0.1:5590")
+    + delay each way + that cost (all measured turn about)."""
+    host = nets.address(0) if nets else "127.0.0.1"
     prefix = nets.prefix(0) if nets else []
     sizes = (4, 131_072, 262_144, 524_288, 1_048_576)
-    plain = ping_pong(endpoint, prefix, sizes, 0.0)
+    checked = (4, 600_000) if delay else ()
+    got = ping_pong(prefix, [(f"tcp://{host}:5590", size, 0.0) for size in sizes]
+                    + [(f"tcp://{host}:5591", size, delay) for size in checked])
+    plain = got[:len(sizes)]
     slope = np.polyfit(np.array(sizes, float), np.array(plain), 1)[0]
     measured_rate = 1 / slope if nets else 2e9
     per_message = plain[0] / 2
     lines = [f"# link: {measured_rate * 8 / 1e6:,.0f} Mbit/s measured with the runtime's "
              f"messages (tbf {rate * 8 / 1e6:,.0f} Mbit/s), {per_message * 1e6:.0f} us per "
              "message (half a 4-byte round trip), + the delay"]
-    if delay:
-        got = ping_pong(endpoint.replace("5590", "5591"), prefix, (4, 600_000), delay)
-        for size, t in zip((4, 600_000), got, strict=True):
-            want = size / measured_rate + 4 / measured_rate + 2 * delay + 2 * per_message
-            lines.append(f"#   ping-pong {size:>7,} B: {t * 1e3:7.3f} ms measured, "
-                         f"{want * 1e3:7.3f} ms = size / rate + 2 x {delay * 1e3:g} ms + 2 "
-                         f"messages' cost ({(t - want) / want * 100:+.1f} %)")
+    for size, t in zip(checked, got[len(sizes):], strict=True):
+        want = size / measured_rate + 4 / measured_rate + 2 * delay + 2 * per_message
+        lines.append(f"#   ping-pong {size:>7,} B: {t * 1e3:7.3f} ms measured, "
+                     f"{want * 1e3:7.3f} ms = size / rate + 2 x {delay * 1e3:g} ms + 2 "
+                     f"messages' cost ({(t - want) / want * 100:+.1f} %)")
     return Link(measured_rate, per_message + delay), lines
 
 
