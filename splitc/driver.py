@@ -35,7 +35,7 @@ from splitc.errors import SplitcError
 from splitc.frontend.data import check_examples, load_data
 from splitc.planning import fallback, strategies
 from splitc.planning.cluster import Cluster
-from splitc.planning.cost import DeviceSpeed
+from splitc.planning.cost import DEFAULT_RUNTIME_SECONDS_PER_BYTE, DeviceSpeed
 from splitc.planning.extract import Extracted, extract
 from splitc.planning.profiler import Progress
 from splitc.planning.search import search
@@ -361,6 +361,9 @@ def device_modules(out_dir: str | Path) -> dict[str, tvm.IRModule]:
 #: The model whose plans :func:`measure_runtime_cost` serves: small, so that the runtime's own
 #: work is a large share of a request's, and splitting it spatially makes many messages.
 RUNTIME_COST_MODEL = "resnet18"
+#: The mean message size (bytes) some worker's messages must reach for the runtime's cost per
+#: byte to be fitted rather than taken from the cost model's default.
+BYTES_TO_PRICE = 64 << 10
 
 
 def measure_runtime_cost(target: str = "host", requests: int = 40, log: Log = lambda _m: None,
@@ -413,11 +416,18 @@ def measure_runtime_cost(target: str = "host", requests: int = 40, log: Log = la
     counts, nbytes, pieces, on_messages, rest = (np.array(c, dtype=float)
                                                  for c in zip(*rows, strict=True))
     # messages' CPU = messages x per message + bytes x per byte, fitted over the workers; a
-    # negative per-byte term (noise on messages of one size) is dropped
-    (per_message, per_byte), *_ = np.linalg.lstsq(np.stack([counts, nbytes], 1), on_messages,
-                                                  rcond=None)
-    if per_byte < 0 or per_message < 0:
-        per_message, per_byte = float(on_messages.sum() / max(counts.sum(), 1)), 0.0
+    # negative per-byte term (noise on messages of one size) is dropped. Where no worker's
+    # messages average BYTES_TO_PRICE, their bytes cannot tell a per-byte cost from the noise
+    # (the tiny model's, a few hundred bytes, made one of 6-13 ns, a copy's 10-50x, from the
+    # one worker whose input is 12 kB): the default's is taken and the messages priced on it
+    told = float((nbytes / np.maximum(counts, 1)).max()) >= BYTES_TO_PRICE
+    if told:
+        (per_message, per_byte), *_ = np.linalg.lstsq(np.stack([counts, nbytes], 1),
+                                                      on_messages, rcond=None)
+    if not told or per_byte < 0 or per_message < 0:
+        per_byte = DEFAULT_RUNTIME_SECONDS_PER_BYTE if not told else 0.0
+        per_message = max(0.0, float((on_messages - nbytes * per_byte).sum()
+                                     / max(counts.sum(), 1)))
     per_piece = max(0.0, float(rest.sum() / max(pieces.sum(), 1)))
     messages = int(counts.sum())
     log(f"the runtime: {per_message * 1e6:.0f} us of CPU per message + {per_byte * 1e12:.0f} ps "
@@ -429,7 +439,9 @@ def measure_runtime_cost(target: str = "host", requests: int = 40, log: Log = la
             "runtime_seconds_per_piece": per_piece,
             "runtime_measured_on": f"{'the tiny ' if tiny else ''}{model} on 1, 2 and 4 local "
                                    f"workers, {messages} messages of {int(nbytes.sum()):,} "
-                                   f"bytes, {int(pieces.sum())} pieces"}
+                                   f"bytes, {int(pieces.sum())} pieces"
+                                   + ("" if told else "; per byte the default's (messages too "
+                                      "small to tell)")}
 
 
 def _grown(after: dict, before: dict, key: str) -> int:
