@@ -9,9 +9,9 @@ handling its messages, the rest of the latency (waiting for tensors and the netw
 runtime's own CPU time per inference, and the ideal (one device's compute / N + the bytes
 that must cross / bandwidth); then, per row, the busiest device's pieces and message
 handling each against the cost model's (which term is wrong). The cost model is given this
-machine's profile (its tile term fitted on N-way tiles) and the runtime's cost per message
-measured on the model, each scaled by F; ``--trace DIR`` writes every row's measured and
-predicted timelines.
+machine's profile (its tile term fitted on N-way tiles) and the runtime's cost per message,
+per byte and per piece run measured on the model, each scaled by F; ``--trace DIR`` writes
+every row's measured and predicted timelines.
 
 **Devices: time dilation** (DieCast, NSDI 2008). A device of slowdown F runs each piece once
 and releases the piece's outputs, and starts its next piece, only when F x the piece's CPU time
