@@ -27,7 +27,9 @@ and made late; the table prints the late share per row, and a row with more than
 dilated time late is marked VOID. The runtime's own work is dilated too where it runs on the
 serving thread (receiving, converting and queueing tensors, sending: F x its CPU time, waited
 out at the end of each turn of the worker's loop, message by message, as a board's thread
-spends it before it takes the next one); ZeroMQ's I/O threads are not: each row prints their
+spends it before it takes the next one; that CPU time scaled, as the pieces' is by their
+calibration, to what it would take alone, by the ratio of the device's pieces' CPU alone to
+beside the other devices); ZeroMQ's I/O threads are not: each row prints their
 CPU time per inference and the most leaving it so flatters the latency ((F-1) x the busiest
 device's).
 ``--emulation repeat`` is the method dilation replaced, kept as its cross-check (each device
@@ -199,7 +201,8 @@ from splitc.runtime.artifact import DeviceArtifact
 mode, F, DELAY = sys.argv.pop(1), float(sys.argv.pop(1)), float(sys.argv.pop(1))
 EMU = {"pieces": 0, "piece_cpu_s": 0.0, "calibrated_s": 0.0, "dilated_s": 0.0, "late": 0,
        "late_s": 0.0, "delayed": 0, "runtime_cpu_s": 0.0, "repeats_cpu_s": 0.0,
-       "delay_cpu_s": 0.0, "sends_in_waits_cpu_s": 0.0, "hold_cpu_s": 0.0}
+       "delay_cpu_s": 0.0, "sends_in_waits_cpu_s": 0.0, "hold_cpu_s": 0.0,
+       "runtime_alone_s": 0.0}
 CALIBRATED = {}  # piece -> its thread CPU time run alone (warm), measured before serving
 OUTBOX = collections.deque()  # (due, worker, arguments of Worker._send_outputs)
 send_outputs = worker.Worker._send_outputs
@@ -309,8 +312,14 @@ def settle():
     handled = (now - MARK["cpu"] - (EMU["delay_cpu_s"] - MARK["delay"])
                + EMU["sends_in_waits_cpu_s"] - MARK["waits"])
     EMU["runtime_cpu_s"] += handled
+    # as it would run alone: by the slowdown this device's own pieces show beside the other
+    # devices (their CPU time / theirs calibrated alone), which the pieces' dilation leaves
+    # out by calibrating them and the runtime's cannot (1.13-1.59 at N=8 and 16, and the
+    # runtime measured 1.3-1.4x its price there)
+    alone = handled * (EMU["calibrated_s"] / EMU["piece_cpu_s"] if EMU["piece_cpu_s"] else 1.0)
+    EMU["runtime_alone_s"] += alone
     MARK["waits"] = EMU["sends_in_waits_cpu_s"]  # the sends in this wait count next time
-    owed = MARK["owed"] + (F - 1) * handled
+    owed = MARK["owed"] + F * alone - handled
     if owed > 0:  # slept without the final spin (one per message would take the cores);
         w0 = time.perf_counter()  # a late wake-up is owed back by the next message
         wait_until(w0 + owed, spin=0.0)
@@ -583,8 +592,8 @@ def measure(out: Path, x, reference, nets, port0: int, repeats: int, inflight: i
     # busy: a device's dilated time in its pieces and in handling messages between them (F x
     # the serving thread's CPU there), as the cost model's busy time counts both
     pieces = {d: per_request(d, "dilated_s") for d in after}
-    handling = {d: factors[plan.device(d).index] * per_request(d, "runtime_cpu_s")
-                for d in after}
+    handling = {d: factors[plan.device(d).index] * per_request(
+        d, "runtime_alone_s" if mode == "dilated" else "runtime_cpu_s") for d in after}
     busy = {d: pieces[d] + handling[d] for d in after}
     calibrated = sum(per_request(d, "calibrated_s") for d in after)
     shared = sum(per_request(d, "piece_cpu_s") for d in after) / max(calibrated, 1e-12)
