@@ -245,15 +245,20 @@ def wait_until(t, spin=HOLD_SPIN):  # sleeping, but sending what falls due meanw
 poll = zmq.Poller.poll
 
 
+def end_timer_turn(now):
+    """A turn that only a held send's timer woke ends: its CPU but the sends is the delay's."""
+    if TIMER["turn"] is not None:
+        EMU["delay_cpu_s"] += now - TIMER["turn"] - TIMER["sends"]
+        TIMER["turn"] = None
+
+
 def timed_poll(self, timeout=None):
     """The serving loop's poll, telling the turns a held send's timer woke (no message came)
     from the rest; other threads' polls (the guard's) pass through."""
     if threading.get_ident() != TIMER["thread"]:
         return poll(self, timeout)
     c = time.thread_time()
-    if TIMER["turn"] is not None:  # a timer's turn ends: its CPU but the sends is the delay's
-        EMU["delay_cpu_s"] += c - TIMER["turn"] - TIMER["sends"]
-        TIMER["turn"] = None
+    end_timer_turn(c)
     armed, TIMER["armed"] = TIMER["armed"], False
     events = poll(self, timeout)
     if armed and not events:
@@ -298,7 +303,8 @@ MARK = {"cpu": None, "delay": 0.0, "waits": 0.0, "owed": 0.0}
 
 def settle():
     """Dilate the serving thread's work since the last mark (messages taken in, converted,
-    queued; sends that went out during waits), F x its CPU time, here: where a board's
+    queued; sends that went out during waits), F x its CPU time as it would take alone, here:
+    where a board's
     thread spends it, message by message, before it takes the next one (waited out only
     before the next piece, the dilation of every message that piece waited for fell after
     its last input, serialized behind the wait where a board overlaps it with waiting)."""
@@ -306,9 +312,7 @@ def settle():
     if MARK["cpu"] is None:
         MARK.update(cpu=now, delay=EMU["delay_cpu_s"], waits=EMU["sends_in_waits_cpu_s"])
         return
-    if TIMER["turn"] is not None:  # a held send's timer woke this turn: its CPU but the
-        EMU["delay_cpu_s"] += now - TIMER["turn"] - TIMER["sends"]  # sends is the delay's
-        TIMER["turn"] = None
+    end_timer_turn(now)
     handled = (now - MARK["cpu"] - (EMU["delay_cpu_s"] - MARK["delay"])
                + EMU["sends_in_waits_cpu_s"] - MARK["waits"])
     EMU["runtime_cpu_s"] += handled
@@ -592,8 +596,8 @@ def measure(out: Path, x, reference, nets, port0: int, repeats: int, inflight: i
     # busy: a device's dilated time in its pieces and in handling messages between them (F x
     # the serving thread's CPU there), as the cost model's busy time counts both
     pieces = {d: per_request(d, "dilated_s") for d in after}
-    handling = {d: factors[plan.device(d).index] * per_request(
-        d, "runtime_alone_s" if mode == "dilated" else "runtime_cpu_s") for d in after}
+    handling = {d: factors[plan.device(d).index] * per_request(d, "runtime_alone_s")
+                for d in after}  # (0 under ``repeat``: its runtime runs at this core's speed)
     busy = {d: pieces[d] + handling[d] for d in after}
     calibrated = sum(per_request(d, "calibrated_s") for d in after)
     shared = sum(per_request(d, "piece_cpu_s") for d in after) / max(calibrated, 1e-12)
