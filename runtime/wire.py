@@ -116,8 +116,9 @@ DEFAULT_DEADLINE_S = 60.0
 #: under HEARTBEAT_TIMEOUT_MS (150 MB at 1 Gbit/s, 15 MB at 100 Mbit/s).
 HEARTBEAT_IVL_MS = 400
 HEARTBEAT_TIMEOUT_MS = 1200
-#: zmq.POLLIN as a plain int (the enum's ``&`` is slow on the hot path)
-POLLIN = int(zmq.POLLIN)
+#: zmq.POLLIN and zmq.SNDMORE as plain ints (the enums' ``&`` and ``|`` are slow on the hot
+#: path: ``0 | zmq.SNDMORE`` builds a new enum member)
+POLLIN, SNDMORE = int(zmq.POLLIN), int(zmq.SNDMORE)
 
 PING, PONG, SETUP, READY = "ping", "pong", "setup", "ready"
 TENSORS, ERROR, DROP, STATS = "tensors", "error", "drop", "stats"
@@ -265,11 +266,12 @@ def send(sock: zmq.Socket, head: dict, arrays: Sequence[np.ndarray] = (),
             {"name": n, "dtype": _NAME.get(a.dtype) or str(a.dtype), "shape": list(a.shape)}
             for n, a in zip(names, arrays, strict=True)]}
     raw = json.dumps(head, separators=(",", ":")).encode()
+    flags = int(flags)  # (zmq.NOBLOCK | SNDMORE would build enum members, frame after frame)
     if route is not None:
-        sock.send(route, flags | zmq.SNDMORE)
-    sock.send(raw, flags | (zmq.SNDMORE if arrays else 0))
+        sock.send(route, flags | SNDMORE)
+    sock.send(raw, flags | (SNDMORE if arrays else 0))
     for i, a in enumerate(arrays):
-        more = zmq.SNDMORE if i + 1 < len(arrays) else 0
+        more = SNDMORE if i + 1 < len(arrays) else 0
         # a flat byte view: works for 0-d and bool arrays alike
         sock.send(a.reshape(-1).view(np.uint8), flags | more, copy=a.nbytes < COPY_THRESHOLD)
     return sum(a.nbytes for a in arrays)

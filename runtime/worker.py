@@ -175,6 +175,14 @@ class _Served:
     expect: dict[str, set[str]]       # tensor -> who sends it here
     routes: dict[str, list[str]]      # tensor -> where it goes
     specs: dict                       # tensor -> its spec, for what arrives
+    consumers: dict[str, list[int]] = field(default_factory=dict)  # tensor -> pieces taking it
+    unfed: tuple[int, ...] = ()       # pieces taking no tensor (run with a request's first)
+
+    def __post_init__(self):
+        for i, p in enumerate(self.pieces):
+            for t in p.inputs:
+                self.consumers.setdefault(t, []).append(i)
+        self.unfed = tuple(i for i, p in enumerate(self.pieces) if not p.inputs)
 
     @property
     def plan(self):
@@ -296,6 +304,7 @@ class Worker:
         self.artifact, self.plan, self.digest = served.artifact, served.plan, served.digest
         self.pieces, self.expect, self.routes, self.specs = (served.pieces, served.expect,
                                                              served.routes, served.specs)
+        self.consumers, self.unfed = served.consumers, served.unfed
 
     # -- memory ----------------------------------------------------------------------------
     def warm_up(self) -> None:
@@ -677,7 +686,7 @@ class Worker:
         counter[1] += msg.nbytes
         counter[2] += 1
         now = time.monotonic()
-        self._event("r", rid, f"{src}|{','.join(msg.names)}", now, now, msg.nbytes)
+        self._event("r", rid, (src, msg.names), now, now, msg.nbytes)
         if rid in s.dropped:
             for a in msg.arrays:
                 self.pool.give(a)
@@ -695,7 +704,7 @@ class Worker:
                 raise wire.WireError(f"request {rid}: {name!r} arrived twice", msg.head)
             req.have[name] = a
             req.received.append(a)
-        self._run_ready(rid, req)
+        self._run_ready(rid, req, msg.names)
 
     def _deadline(self, deadline) -> tuple[float, float | None]:
         """(when this worker gives up on a request, the deadline to forward) for a request
@@ -718,39 +727,47 @@ class Worker:
                 self.counters["expired"] += 1
                 self._forget(rid)
 
-    def _run_ready(self, rid: int, req: _Request) -> None:
-        progress = True
-        while progress:
-            progress = False
-            for piece in self.pieces:
-                if piece.name in req.done or not all(t in req.have for t in piece.inputs):
-                    continue
-                if time.monotonic() > req.expires:
-                    self.counters["expired"] += 1  # the client gave up on it already
-                    self._forget(rid)
-                    return
+    def _run_ready(self, rid: int, req: _Request, arrived: list[str]) -> None:
+        """Run, in the plan's order, every piece that the tensors ``arrived`` (and what those
+        pieces make) leave with all its inputs. Only the pieces taking a tensor just come are
+        looked at: a message costs the pieces it feeds, not all of the device's."""
+        consumers, pieces = self.consumers, self.pieces
+        todo = {i for t in arrived for i in consumers.get(t, ())}.union(self.unfed)
+        checked = False
+        while todo:
+            i = min(todo)
+            todo.discard(i)
+            piece = pieces[i]
+            if piece.name in req.done or not all(t in req.have for t in piece.inputs):
+                continue
+            if time.monotonic() > req.expires:
+                self.counters["expired"] += 1  # the client gave up on it already
+                self._forget(rid)
+                return
+            if not checked:  # (once per message: a TCP_INFO call a piece was measurable)
+                checked = True
                 if not guard.established(self.session.client_fd):
                     # the client's connection is gone (a frozen worker thawed: the client
                     # failed these requests long ago): nobody will take the answers
                     self._orphan()
                     return
-                t0, m0, c0 = time.perf_counter(), time.monotonic(), time.thread_time()
-                try:
-                    outs = self.artifact.run(piece, [req.have[t] for t in piece.inputs])
-                except Exception as e:
-                    self._fail(f"{type(e).__name__}: {e}".strip(), rid=rid, piece=piece.name)
-                    self._forget(rid)
-                    return
-                self.counters["compute_s"] += time.perf_counter() - t0
-                self.counters["piece_cpu_s"] += time.thread_time() - c0
-                self._event("c", rid, piece.name, m0, time.monotonic(), 0)
-                self.counters["pieces_run"] += 1
-                req.done.add(piece.name)
-                req.have.update(zip(piece.outputs, outs, strict=True))
-                if not self._send_outputs(rid, piece.name, piece.outputs, outs, req.deadline):
-                    self._forget(rid)
-                    return
-                progress = True
+            t0, m0, c0 = time.perf_counter(), time.monotonic(), time.thread_time()
+            try:
+                outs = self.artifact.run(piece, [req.have[t] for t in piece.inputs])
+            except Exception as e:
+                self._fail(f"{type(e).__name__}: {e}".strip(), rid=rid, piece=piece.name)
+                self._forget(rid)
+                return
+            self.counters["compute_s"] += time.perf_counter() - t0
+            self.counters["piece_cpu_s"] += time.thread_time() - c0
+            self._event("c", rid, piece.name, m0, time.monotonic(), 0)
+            self.counters["pieces_run"] += 1
+            req.done.add(piece.name)
+            req.have.update(zip(piece.outputs, outs, strict=True))
+            if not self._send_outputs(rid, piece.name, piece.outputs, outs, req.deadline):
+                self._forget(rid)
+                return
+            todo.update(j for t in piece.outputs for j in consumers.get(t, ()))
         if len(req.done) == len(self.pieces):
             self.counters["requests_done"] += 1
             self.session.requests.pop(rid, None)
@@ -800,7 +817,7 @@ class Worker:
             counter[0] += len(items)
             counter[1] += n
             counter[2] += 1
-            self._event("s", rid, f"{dst}|{','.join(names_)}", sent, sent, n)
+            self._event("s", rid, (dst, names_), sent, sent, n)
         return True
 
     def _forget(self, rid: int) -> None:
@@ -856,12 +873,22 @@ class Worker:
         if client is not None and (to_client or route == client):
             self._send(client, self._head(wire.ERROR, **fields))
 
-    def _event(self, kind: str, rid, what: str, t0: float, t1: float, nbytes: int) -> None:
+    def _event(self, kind: str, rid, what, t0: float, t1: float, nbytes: int) -> None:
+        """Log one event as it is: a piece's name, or (peer, tensor names) for a message,
+        made into text only when a page is asked for (three events a piece, most never
+        read)."""
         if len(self.events) == self.events.maxlen:
             self.events_base += 1
+        self.events.append((kind, rid, what, t0, t1, nbytes))
+
+    @staticmethod
+    def _event_text(event: tuple) -> tuple:
+        kind, rid, what, t0, t1, nbytes = event
+        if not isinstance(what, str):
+            what = f"{what[0]}|{','.join(what[1])}"
         if len(what) > 2000:  # (a message of very many tensors: named in part)
             what = what[:2000] + "..."
-        self.events.append((kind, rid, what, round(t0, 6), round(t1, 6), nbytes))
+        return kind, rid, what, round(t0, 6), round(t1, 6), nbytes
 
     def event_page(self, start) -> dict:
         """Events numbered ``start`` on, as many as fit in EVENTS_PAGE_BYTES of the reply's
@@ -869,6 +896,7 @@ class Worker:
         start = max(int(start) if isinstance(start, int) else 0, self.events_base)
         page, size = [], 0
         for e in itertools.islice(self.events, start - self.events_base, None):
+            e = self._event_text(e)
             size += len(e[2]) + 64
             if page and size > EVENTS_PAGE_BYTES:
                 break
