@@ -570,3 +570,17 @@ def _running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_a_worker_indexes_its_pieces_by_the_tensors_they_take():
+    """What a message makes ready is found from the tensors it carries (the index the worker
+    builds with the plan), not by looking at every piece: each tensor names the pieces taking
+    it, in run order, and pieces taking no tensor run with a request's first message."""
+    from splitc.runtime.plan import Piece
+    from splitc.runtime.worker import _Served
+
+    pieces = [Piece("p0", "dev0", ("x",), ("a",)), Piece("p1", "dev0", ("a", "h"), ("b",)),
+              Piece("p2", "dev0", (), ("c",)), Piece("p3", "dev0", ("a", "c"), ("y",))]
+    served = _Served("", None, "digest", pieces, {}, {}, {})
+    assert served.consumers == {"x": [0], "a": [1, 3], "h": [1], "c": [3]}
+    assert served.unfed == (2,)
