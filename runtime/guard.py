@@ -53,9 +53,13 @@ idle priority, the helper moves libzmq's I/O threads to idle priority too, until
 after the pressure ends (going back needs CAP_SYS_NICE; without it they stay there until the
 worker restarts, and it says so). Measured on the 40 x 64 flood of issue 27 (two cores): a
 thread's account peaked at 340 MiB against a 159 MiB bound (900 MiB on one core), the helper
-at 130 MiB on either. Where the helper cannot work (no pidfd_getfd, a ptrace policy that
-forbids it), the account runs as a thread (:class:`Thread`, connections from the socket
-monitor) and the worker runs its pieces at normal priority, saying so.
+at 130 MiB on either. Not enough where other busy processes share the cores: with two
+CPU-bound processes beside the flood, an idle-priority serving thread passed the bound in 3
+of 9 runs (160-214 MiB against 158), a normal-priority one in none of 9 (``--compute-priority
+normal``, which the worker's help advises for a shared board). Where the helper cannot
+work (no pidfd_getfd, a ptrace policy that forbids it), the account runs as a thread
+(:class:`Thread`, connections from the socket monitor) and the worker runs its pieces at
+normal priority, saying so.
 
 Limits: Linux and TCP only (``TCP_INFO``'s byte counters, Linux 4.1+); elsewhere
 :func:`available` is false and the worker says it runs without the account. The account sees
