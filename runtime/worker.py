@@ -744,7 +744,7 @@ class Worker:
                 self.counters["expired"] += 1  # the client gave up on it already
                 self._forget(rid)
                 return
-            if not checked:  # (once per message: a TCP_INFO call a piece was measurable)
+            if not checked:  # (once per message, not per piece: it is a system call)
                 checked = True
                 if not guard.established(self.session.client_fd):
                     # the client's connection is gone (a frozen worker thawed: the client
