@@ -304,10 +304,10 @@ MARK = {"cpu": None, "delay": 0.0, "waits": 0.0, "owed": 0.0}
 def settle():
     """Dilate the serving thread's work since the last mark (messages taken in, converted,
     queued; sends that went out during waits), F x its CPU time as it would take alone, here:
-    where a board's
-    thread spends it, message by message, before it takes the next one (waited out only
-    before the next piece, the dilation of every message that piece waited for fell after
-    its last input, serialized behind the wait where a board overlaps it with waiting)."""
+    where a board's thread spends it, message by message, before it takes the next one
+    (waited out only before the next piece, the dilation of every message that piece waited
+    for fell after its last input, serialized behind the wait where a board overlaps it with
+    waiting)."""
     now = time.thread_time()
     if MARK["cpu"] is None:
         MARK.update(cpu=now, delay=EMU["delay_cpu_s"], waits=EMU["sends_in_waits_cpu_s"])

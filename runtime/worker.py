@@ -670,13 +670,14 @@ class Worker:
     # -- requests --------------------------------------------------------------------------
     def _tensors(self, msg: wire.Message, sender: str | None) -> None:
         s, rid, src = self.session, msg.rid, msg.src
+        names = msg.names  # (a list built from the header at each call)
         if sender is None:
             raise Refused("tensors from the client come only over the connection that set "
                           "the session up", "refused", rid)
         if self.curve is not None and src != sender:
             raise Refused(f"the message says it is from {src!r}, its key is {sender}'s",
                           "refused", rid)
-        for name in msg.names:
+        for name in names:
             if sender not in self.expect[name]:
                 raise Refused(f"{self.device} takes {name!r} from "
                               f"{' or '.join(sorted(self.expect[name]))}, not {sender!r}",
@@ -686,7 +687,7 @@ class Worker:
         counter[1] += msg.nbytes
         counter[2] += 1
         now = time.monotonic()
-        self._event("r", rid, (src, msg.names), now, now, msg.nbytes)
+        self._event("r", rid, (src, names), now, now, msg.nbytes)
         if rid in s.dropped:
             for a in msg.arrays:
                 self.pool.give(a)
@@ -699,12 +700,12 @@ class Worker:
                 raise wire.WireError(f"{self.device} holds {MAX_PENDING} unfinished requests "
                                      "already", msg.head)
             req = s.requests[rid] = _Request(*self._deadline(msg.head.get("deadline")))
-        for name, a in zip(msg.names, msg.arrays, strict=True):
+        for name, a in zip(names, msg.arrays, strict=True):
             if name in req.have:
                 raise wire.WireError(f"request {rid}: {name!r} arrived twice", msg.head)
             req.have[name] = a
             req.received.append(a)
-        self._run_ready(rid, req, msg.names)
+        self._run_ready(rid, req, names)
 
     def _deadline(self, deadline) -> tuple[float, float | None]:
         """(when this worker gives up on a request, the deadline to forward) for a request
