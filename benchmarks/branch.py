@@ -307,6 +307,11 @@ SHIPPED = {s.name: s for s in (
 )}
 
 
+#: the transmission policies a teacher's rows try: no sync point; the cheapest within the
+#: budget; within the same bytes, those whose cuts the refit leaves furthest from the teacher
+POLICIES = ("none", "budget", "guided")
+
+
 def cheapest_within(ana, limit: int) -> frozenset[str]:
     """The transmission policy that keeps the cheapest sync points while their bytes (each
     candidate's ``gather_bytes``) stay within ``limit``."""
@@ -338,6 +343,11 @@ def teachers_benchmark(args) -> int:
                                   [int(v) for v in args.batch.split(",")], strict=True),
                      strict=True))
     names = [n for n in names if SHIPPED[n].onnx() is not None]
+    policies = set(args.policies.split(","))
+    if policies - set(POLICIES):
+        print(f"unknown policy {', '.join(sorted(policies - set(POLICIES)))}; known: "
+              f"{', '.join(POLICIES)}")
+        return 2
     work = args.out or Path(tempfile.mkdtemp(prefix="splitc-branch-teachers-"))
     work.mkdir(parents=True, exist_ok=True)
     print(("# cut layers refitted to the teacher by least squares on the training examples "
@@ -347,11 +357,15 @@ def teachers_benchmark(args) -> int:
           + {"cut": " + hints at the outputs of cut layers",
              "all": " + hints at every partitioned tensor", "none": ""}[args.hints]
           + f", Adam 2e-3, batch {args.batch}, {torch.get_num_threads()} torch thread(s); "
-          f"policies: no sync; the cheapest sync points whose bytes stay within "
-          f"{args.budget:.0%} of channel-parallel's; within the same bytes, the sync points "
-          f"whose cut layers the refit leaves furthest from the teacher per byte "
-          f"(splitc.passes.split.branch.keep_where_cuts_hurt, on the training examples); "
-          f"fixed before measuring; accuracies on the test examples "
+          "policies: " + "; ".join(text for tag, text in (
+              ("none", "no sync"),
+              ("budget", f"the cheapest sync points whose bytes stay within {args.budget:.0%} "
+                         "of channel-parallel's"),
+              ("guided", "within the same bytes, the sync points whose cut layers the refit "
+                         "leaves furthest from the teacher per byte (splitc.passes.split."
+                         "branch.keep_where_cuts_hurt, on the training examples)"))
+              if tag in policies)
+          + "; fixed before measuring; accuracies on the test examples "
           f"(another seed than training); latency: local workers on loopback, 1 TVM thread "
           f"each, {os.cpu_count()} cores, median of {args.repeats}")
     rows = []
@@ -389,6 +403,8 @@ def teachers_benchmark(args) -> int:
                     (f"branch, cheapest {len(budget)} sync points kept", budget, "budget"),
                     (f"branch, {len(guided)} sync points where cuts hurt most", guided,
                      "guided")):
+                if tag not in policies:
+                    continue
                 bplan = plan_branches(imported.mod, k, sync, analysis=ana)
                 krows.append(branch_row(imported, source, bplan, label, work, train, test,
                                         epochs=epochs, repeats=args.repeats,
@@ -471,6 +487,10 @@ def main() -> int:
     ap.add_argument("--budget", type=float, default=0.1,
                     help="with --teachers: the byte budget of the second policy, as a "
                          "fraction of channel-parallel's bytes")
+    ap.add_argument("--policies", default=",".join(POLICIES),
+                    help="with --teachers: which branch plans to distil: none (no sync "
+                         "point), budget (the cheapest sync points within --budget), guided "
+                         "(those where cuts hurt most, within the same bytes)")
     ap.add_argument("--temperature", type=float, default=4.0)
     ap.add_argument("--batch", default="64,16",
                     help="with --teachers: distillation batch per teacher (hints hold every "
