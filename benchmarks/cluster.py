@@ -559,6 +559,35 @@ class Workers:
                 p.kill()
 
 
+def cpu_split(procs, since: dict | None = None) -> dict:
+    """Who used the machine's CPU: the emulated devices' processes, this process (the client),
+    the kernel's interrupt handling (the links' packets, shaped and bridged) and everything
+    else; as the CPU seconds so far, or with ``since`` (an earlier call's), as each one's
+    percent of all cores over the time between."""
+    def used(times) -> float:
+        return times.user + times.system
+
+    devices = 0.0
+    for p in procs:
+        try:
+            devices += used(psutil.Process(p.pid).cpu_times())
+        except psutil.Error:  # (gone: its exit is reported by the session)
+            pass
+    machine = psutil.cpu_times()
+    now = {"wall": time.perf_counter(), "devices": devices,
+           "client": used(psutil.Process().cpu_times()),
+           "interrupts": machine.irq + machine.softirq,
+           "all": sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
+           - getattr(machine, "guest", 0.0) - getattr(machine, "guest_nice", 0.0)}
+    if since is None:
+        return now
+    cores = psutil.cpu_count() * (now["wall"] - since["wall"]) / 100
+    share = {k: (now[k] - since[k]) / cores for k in ("devices", "client", "interrupts", "all")}
+    share["other"] = max(0.0, share.pop("all") - share["devices"] - share["client"]
+                         - share["interrupts"])
+    return share
+
+
 def measure(out: Path, x, reference, nets, port0: int, repeats: int, inflight: int,
             mode: str, factors, delay: float, cores, trace: Path | None = None) -> dict:
     """One row: latency and throughput of the plan in ``out`` on emulated boards, with what
@@ -573,6 +602,7 @@ def measure(out: Path, x, reference, nets, port0: int, repeats: int, inflight: i
                       for a, b in zip(y, reference, strict=True))
             before = session.worker_stats()
             psutil.cpu_percent()
+            cpu0 = cpu_split(workers.procs)
             times = []
             for _ in range(repeats):
                 t = time.perf_counter()
@@ -580,6 +610,7 @@ def measure(out: Path, x, reference, nets, port0: int, repeats: int, inflight: i
                 session.infer(*x)
                 times.append(time.perf_counter() - t)
             load = psutil.cpu_percent()
+            split = cpu_split(workers.procs, since=cpu0)
             after = session.worker_stats()
             if trace is not None:  # the measured timeline of the last requests
                 session.timeline().write(trace, f"{out.name}, measured")
@@ -623,6 +654,7 @@ def measure(out: Path, x, reference, nets, port0: int, repeats: int, inflight: i
             "alone_by_piece": {name: factors[plan.device(d).index] * seconds for d in after
                                for name, seconds in after[d]["emulation"]["calibrated"].items()},
             "late_share": late / max(sum(busy.values()), 1e-9), "load": load,
+            "load_split": split,
             "cpu_vs_alone": shared if mode == "dilated" else None, "plan": plan}
 
 
@@ -865,6 +897,13 @@ def report(rows, say, n, factors, one_device, must_cross, bandwidth, validate) -
                     + (f"; spinning out its dilations' last {HOLD_SPIN * 1e6:.0f} us (not "
                        f"dilated) {r['hold_cpu_by_device'][d] * 1e3:.2f} ms of CPU"
                        if r["hold_cpu_by_device"].get(d) else ""))
+    split = [r for r in rows if r.get("load_split")]
+    if split:
+        say("who used the CPU during the timed requests, in % of all cores (devices: the "
+            "emulated boards' processes; client: this benchmark's; interrupts: the kernel's, "
+            "for the links' packets; other: the rest of the machine):")
+    for r in split:
+        say(f"  {r['config']}: " + ", ".join(f"{k} {v:.1f}" for k, v in r["load_split"].items()))
     if validate:
         by = {}
         for r in rows:
