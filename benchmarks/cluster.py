@@ -561,9 +561,10 @@ class Workers:
 
 def cpu_split(procs, since: dict | None = None) -> dict:
     """Who used the machine's CPU: the emulated devices' processes, this process (the client),
-    the kernel's interrupt handling (the links' packets, shaped and bridged) and everything
-    else; as the CPU seconds so far, or with ``since`` (an earlier call's), as each one's
-    percent of all cores over the time between."""
+    the kernel's interrupt handling (the links' packets, shaped and bridged), the time the
+    hypervisor gave this VM's cores to others (steal) and everything else; as the CPU seconds
+    so far, or with ``since`` (an earlier call's), as each one's percent of all cores over the
+    time between (the kernel counts in ticks of 10 ms: a row's five requests span 1-3 s)."""
     def used(times) -> float:
         return times.user + times.system
 
@@ -577,14 +578,16 @@ def cpu_split(procs, since: dict | None = None) -> dict:
     now = {"wall": time.perf_counter(), "devices": devices,
            "client": used(psutil.Process().cpu_times()),
            "interrupts": machine.irq + machine.softirq,
+           "steal": getattr(machine, "steal", 0.0),
            "all": sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
            - getattr(machine, "guest", 0.0) - getattr(machine, "guest_nice", 0.0)}
     if since is None:
         return now
     cores = psutil.cpu_count() * (now["wall"] - since["wall"]) / 100
-    share = {k: (now[k] - since[k]) / cores for k in ("devices", "client", "interrupts", "all")}
+    share = {k: (now[k] - since[k]) / cores
+             for k in ("devices", "client", "interrupts", "steal", "all")}
     share["other"] = max(0.0, share.pop("all") - share["devices"] - share["client"]
-                         - share["interrupts"])
+                         - share["interrupts"] - share["steal"])
     return share
 
 
@@ -901,7 +904,8 @@ def report(rows, say, n, factors, one_device, must_cross, bandwidth, validate) -
     if split:
         say("who used the CPU during the timed requests, in % of all cores (devices: the "
             "emulated boards' processes; client: this benchmark's; interrupts: the kernel's, "
-            "for the links' packets; other: the rest of the machine):")
+            "for the links' packets; steal: the hypervisor's, given to other machines; other: "
+            "the rest of this machine):")
     for r in split:
         say(f"  {r['config']}: " + ", ".join(f"{k} {v:.1f}" for k, v in r["load_split"].items()))
     if validate:
