@@ -60,6 +60,7 @@ os.environ.setdefault("TVM_NUM_THREADS", "1")  # before TVM starts its thread po
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
+import hashlib  # noqa: E402
 import inspect  # noqa: E402
 import json  # noqa: E402
 import signal  # noqa: E402
@@ -658,6 +659,8 @@ def measure(out: Path, x, reference, nets, port0: int, repeats: int, inflight: i
                                for name, seconds in after[d]["emulation"]["calibrated"].items()},
             "late_share": late / max(sum(busy.values()), 1e-9), "load": load,
             "load_split": split,
+            # (two rows of one plan: auto's choice is often another row's plan, byte for byte)
+            "plan_digest": hashlib.sha256((out / "plan.json").read_bytes()).hexdigest()[:16],
             "cpu_vs_alone": shared if mode == "dilated" else None, "plan": plan}
 
 
@@ -698,7 +701,7 @@ def main() -> int:
     ap.add_argument("--validate", action="store_true",
                     help="also run every row with --emulation repeat and compare (N <= cores)")
     ap.add_argument("--configs", default=",".join(c[0] for c in CONFIGS),
-                    help="which rows: " + ",".join(c[0] for c in CONFIGS))
+                    help="which rows, run in this order: " + ",".join(c[0] for c in CONFIGS))
     ap.add_argument("--out", type=Path, default=None, help="keep artifacts here")
     ap.add_argument("--save", type=Path, default=None,
                     help="write the report, JSON and plots here (benchmarks/results)")
@@ -709,6 +712,11 @@ def main() -> int:
 
     n = args.devices
     factors = parse_factors(args.slowdown, n)
+    configs = [c.strip() for c in args.configs.split(",")]
+    unknown = sorted(set(configs) - {c[0] for c in CONFIGS})
+    if unknown or len(set(configs)) < len(configs):
+        sys.exit(f"--configs takes each of {','.join(c[0] for c in CONFIGS)} at most once, "
+                 f"not {args.configs!r}")
     awake = keep_cores_awake()  # (profiles, ONNX Runtime and every row alike)
     shapes = {"input": (1, 3, args.image_size, args.image_size)} if args.image_size else None
     work = args.out or Path(tempfile.mkdtemp(prefix="splitc-cluster-"))
@@ -780,9 +788,10 @@ def main() -> int:
             f"candidates; chose {result.best.label}")
         rows = [{"config": f"ONNX Runtime, 1 device (x {factors[0]:g})", "latency": ort,
                  "throughput": 1 / ort, "bytes": 0, "predicted": None}]
-        wanted = {c.strip() for c in args.configs.split(",")}
+        by_key = {c[0]: c for c in CONFIGS}
+        wanted = [by_key[c] for c in configs]  # (in the order given: rows run one by one)
         modes = [args.emulation] + (["repeat"] if args.validate else [])
-        for i, (_, name, strategy, devices) in enumerate(c for c in CONFIGS if c[0] in wanted):
+        for i, (_, name, strategy, devices) in enumerate(wanted):
             devices = devices or n
             out = work / f"{strategy}-{devices}"
             sub = Cluster(cluster.devices[:devices], link)
@@ -920,6 +929,7 @@ def report(rows, say, n, factors, one_device, must_cross, bandwidth, validate) -
     say(f"ideal on {n} devices: {ideal * 1e3:.1f} ms"
         + ("" if single is None else f" ({single / ideal:.2f}x)")
         + f"; goal for auto: >= {0.8 * n:.1f}x over one device")
+    auto_verdict(rows, say)
     if errors:
         say(f"cost model mean abs error: {np.mean(errors) * 100:.1f} % over {len(errors)} rows "
             "(goal <= 15 %)")
@@ -931,6 +941,28 @@ def report(rows, say, n, factors, one_device, must_cross, bandwidth, validate) -
             "waits'): " + ", ".join(f"{c} {g * 1e3:.1f} ms ({(g - m) / m * 100:+.0f} %)"
                                     for c, g, m in given)
             + f"; mean abs error {np.mean([abs(g - m) / m for _, g, m in given]) * 100:.1f} %")
+
+
+def auto_verdict(rows, say) -> None:
+    """``auto`` against the other splitc rows of the run: the goal is the fastest of them or
+    within 5 % of it. Where ``auto`` chose another row's plan (the same ``plan.json``), the
+    two rows measured one plan twice, and their gap is this run's row-to-row spread."""
+    measured = [r for r in rows if r.get("plan_digest") and r.get("mode") != "repeat"]
+    auto = next((r for r in measured if r["config"].startswith("auto ")), None)
+    others = [r for r in measured if r is not auto]
+    if auto is None or not others:
+        return
+    best = min(others, key=lambda r: r["latency"])
+    same = [r for r in others if r["plan_digest"] == auto["plan_digest"]]
+    gap = (auto["latency"] - best["latency"]) / best["latency"]
+    met = gap <= 0.05 or best in same
+    say(f"auto vs the fastest other row ({best['config']}, {best['latency'] * 1e3:.1f} ms): "
+        f"{auto['latency'] * 1e3:.1f} ms ({gap * 100:+.1f} %)"
+        + "".join(f"; auto's plan is {r['config']}'s (the same plan.json), measured there "
+                  f"{r['latency'] * 1e3:.1f} ms: one plan's two rows "
+                  f"{abs(auto['latency'] - r['latency']) / r['latency'] * 100:.1f} % apart "
+                  f"(this run's row-to-row spread)" for r in same)
+        + f"; goal (the fastest row's plan, or within 5 % of it): {'met' if met else 'NOT met'}")
 
 
 def plot(rows, stem: Path, label: str, n: int, one_device: float) -> None:
