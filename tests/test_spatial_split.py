@@ -16,6 +16,7 @@ from splitc.passes.split.spatial import (
     RowGeometry,
     SpatialPlan,
     SpatialSplit,
+    home_after,
     plan_spatial,
     row_local,
 )
@@ -146,12 +147,31 @@ def test_rows_a_neighbour_waits_for_leave_before_the_next_segment():
 
 
 def test_fewer_rows_than_devices_uses_as_many_devices_as_rows():
-    """Eight rows over ten devices: eight tiles of one row, two devices idle."""
+    """Eight rows over ten devices: eight tiles of one row on devices 0-7; what follows the
+    segment (here the gathering of the output) runs on the last device that owns no rows
+    (9), which waits through the segment rather than queueing the gather behind a tile."""
     before = conv_relu_conv()
     plan = plan_spatial(before, 10)
     assert plan.segments
     after = SpatialSplit(plan)(before)
-    assert set(pieces_by_device(after).values()) == set(range(8)) | {CLIENT}
+    assert set(pieces_by_device(after).values()) == set(range(8)) | {9, CLIENT}
+    x = RNG.standard_normal((1, 2, 8, 8)).astype(F32)
+    np.testing.assert_allclose(run_module(after, x), run_module(before, x), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_home_after_a_segment_is_a_device_without_rows():
+    """The home device after a segment: the group's last device that owns none of its output
+    rows (it holds no weights of the segment and waits through it) and is no slower than the
+    group's first, else the group's first."""
+    assert home_after((0, 8), set(range(7))) == 7
+    assert home_after((0, 10), set(range(8))) == 9
+    assert home_after((0, 4), set(range(4))) == 0
+    assert home_after((4, 8), {4, 5, 6, 7}) == 4
+    assert home_after((4, 8), {4, 5}) == 7
+    # by speed: never a slower device than the first (3:1 shares leave the slow one rowless)
+    assert home_after((0, 2), {0}, (3.0, 1.0)) == 0
+    assert home_after((0, 3), {0}, (3.0, 3.0, 1.0)) == 1
 
 
 @I.ir_module

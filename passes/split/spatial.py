@@ -13,9 +13,10 @@ they were computed, concatenated where they are used). A whole tensor that a til
 part is sliced where it lives, so only the rows travel; a model input is cut by the caller
 (device :data:`~splitc.passes.ir.CLIENT`), which sends each device just the rows its tile
 reads. Layers that are not row-local (reshapes, dense layers) run on one *home* device
-(device 0 unless segments are tiled over device groups) on whole tensors, gathering
-(concatenating along the rows) what they read; a mean, sum or max over the rows (a global
-pool) is instead reduced on each tile, and only the partial results travel.
+(device 0 at the start; after a segment, a device of its group that owns none of its rows
+when its tiles run out of rows, else the group's first: :func:`home_after`) on whole tensors,
+gathering (concatenating along the rows) what they read; a mean, sum or max over the rows (a
+global pool) is instead reduced on each tile, and only the partial results travel.
 
 Row-local ops: NCHW ``conv2d`` (any stride, padding, dilation, groups), NCHW max/avg pooling
 (``ceil_mode`` too, except an average that counts padding where ``ceil_mode`` adds a window),
@@ -86,9 +87,9 @@ class SpatialPlan:
     ``groups`` (one ``(lo, hi)`` per segment; default ``(0, n_devices)`` for all) tiles each
     segment over devices ``lo .. hi-1`` only: segments on disjoint groups form a pipeline of
     spatially split stages (each stage's rows regrouped at the hand-over), which keeps every
-    device busy with requests in flight. Bindings in no segment run on the *home* device: the
-    first device of the last segment's group before them (of the first segment's group at the
-    start), which also gathers the outputs.
+    device busy with requests in flight. Bindings in no segment run on the *home* device
+    (:func:`home_after` the last segment before them; the first segment's group's first device
+    at the start), which also gathers the outputs.
     """
 
     n_devices: int
@@ -99,6 +100,22 @@ class SpatialPlan:
     def group(self, i: int) -> tuple[int, int]:
         """The devices ``lo .. hi-1`` that tile segment ``i``."""
         return self.groups[i] if self.groups else (0, self.n_devices)
+
+
+def home_after(group: tuple[int, int], owners: set[int], shares: tuple[float, ...] = ()
+               ) -> int:
+    """The device that runs what follows a segment tiled over ``group`` (and gathers, or
+    combines a global pool's partial results): the last of the group's devices that own none
+    of its output rows and are no slower than the group's first (by ``shares``, the devices'
+    speeds, where given), where there is one (the tiles ran out of rows: that device waits
+    through the segment, and holds the weights of none of its layers), else the first."""
+    lo, hi = group
+
+    def share(k: int) -> float:
+        return shares[k] if shares else 1.0
+
+    idle = [k for k in range(lo, hi) if k not in owners and share(k) >= share(lo)]
+    return idle[-1] if idle else lo
 
 
 # -- row geometry ------------------------------------------------------------------------------
@@ -538,7 +555,8 @@ class SpatialRewriter:
     def row_reduction(self, b: relax.VarBinding) -> relax.Var | None:
         """``mean``, ``sum`` or ``max`` over the rows of a tiled tensor (a global average pool,
         say): each tile reduces its own rows where it lives and only the partial results
-        travel to device 0, which combines them. None if ``b`` is not such a reduction."""
+        travel to the home device, which combines them. None if ``b`` is not such a
+        reduction."""
         call = b.value
         name = op_name(call) if isinstance(call, relax.Call) else None
         if name not in ("mean", "sum", "max") or not isinstance(call.args[0], relax.Var) \
@@ -575,7 +593,9 @@ class SpatialRewriter:
 
     # -- one segment ---------------------------------------------------------------------
     def segment(self, func: relax.Function, bindings: list[relax.VarBinding], start: int,
-                end: int, group: tuple[int, int]) -> None:
+                end: int, group: tuple[int, int]) -> set[int]:
+        """Tile bindings ``start .. end-1`` over the devices of ``group``; returns the
+        devices that own rows of the segment's outputs."""
         lo, hi = group
         shares = self.plan.shares[lo:hi] if self.plan.shares else ()
         seg = bindings[start:end]
@@ -599,6 +619,7 @@ class SpatialRewriter:
             for v, rows in own.items():
                 tiles[v].append(_Tile(rows, have[v][1], have[v][0], k))
         self.tiles.update(tiles)
+        return {t.device for ts in tiles.values() for t in ts}
 
     # -- the whole function --------------------------------------------------------------
     def run(self, mod: tvm.IRModule) -> tvm.IRModule:
@@ -618,8 +639,8 @@ class SpatialRewriter:
                 while i < len(bindings):
                     if i in ends:
                         self.stage += 1
-                        self.segment(func, bindings, i, ends[i], groups[i])
-                        self.home = groups[i][0]
+                        owners = self.segment(func, bindings, i, ends[i], groups[i])
+                        self.home = home_after(groups[i], owners, self.plan.shares)
                         self.stage += 1  # what follows the segment, on the home device
                         i = ends[i]
                         continue
