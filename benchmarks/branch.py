@@ -425,9 +425,13 @@ def teachers_benchmark(args) -> int:
     return 0
 
 
+EARLIER = "# earlier runs (other teachers, K, sizes or code), newest first:"
+
+
 def saved(args, benchmark) -> int:
     """Run ``benchmark(args)`` under a header naming the date, the command and the CPU; with
-    ``args.save``, also write what it prints to ``branch-teachers-<LLVM cpu>.txt`` there."""
+    ``args.save``, also write what it prints to ``branch-teachers-<LLVM cpu>.txt`` there, above
+    the runs the file already holds."""
     from common import cpu_name
 
     from splitc import targets
@@ -455,7 +459,12 @@ def saved(args, benchmark) -> int:
         rc = benchmark(args)
     args.save.mkdir(parents=True, exist_ok=True)
     path = args.save / f"branch-teachers-{mcpu}.txt"
-    path.write_text(out.getvalue())
+    text = out.getvalue()
+    if path.exists():  # every run kept: the earlier ones below, as comments
+        earlier = [line if line.startswith("#") else f"# {line}"
+                   for line in path.read_text().splitlines() if line != EARLIER]
+        text += f"\n{EARLIER}\n" + "\n".join(earlier) + "\n"
+    path.write_text(text)
     print(f"# wrote {path}")
     return rc
 
@@ -500,7 +509,7 @@ def main() -> int:
                          "outputs of cut layers or of every partitioned tensor")
     ap.add_argument("--save", type=Path, default=None,
                     help="with --teachers: also write the output to "
-                         "DIR/branch-teachers-<LLVM cpu>.txt")
+                         "DIR/branch-teachers-<LLVM cpu>.txt, above the runs it holds")
     args = ap.parse_args()
     if args.teachers:
         args.epochs = args.epochs or "4,2"
