@@ -24,6 +24,7 @@ against).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from tvm import relax, s_tir
 from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 from tvm.s_tir import dlight
 
-from splitc.backend.tuning_db import apply_database, winograd_tiles
+from splitc.backend.tuning_db import apply_database, locked, winograd_tiles
 from splitc.passes.codegen.cpu_schedules import (
     RowSoftmax,
     default_rules,
@@ -189,8 +190,9 @@ def build(module: tvm.IRModule, target: tvm.target.Target,
     pieces, transforms = split_transforms(lifted)
     if transforms:
         weights = _transform_weights(lifted, transforms, weights)
-    executable = tvm.compile(pieces, target=reassociating(target),
-                             relax_pipeline=relax_pipeline(target, log, tuning_db))
+    with locked(tuning_db, shared=True, log=log) if tuning_db is not None else nullcontext():
+        executable = tvm.compile(pieces, target=reassociating(target),  # (reads its records)
+                                 relax_pipeline=relax_pipeline(target, log, tuning_db))
     return executable, weights
 
 

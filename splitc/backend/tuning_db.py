@@ -11,8 +11,12 @@ Without ``--tuning-db`` a build uses the schedules selected on this CPU
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import tvm
@@ -57,6 +61,47 @@ def database_for(spec: target_registry.TargetSpec, root: str | Path | None = Non
                           f"(expected {Path(root) / target_key(spec)}/database_*.json; "
                           f"`splitc tune --target {spec.name} --db {root}` makes them)")
     return None
+
+
+#: In a database folder: the lock that splitc processes sharing it take (:func:`locked`).
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def locked(folder: Path, *, shared: bool = False,
+           log: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold ``folder``'s lock: exclusive while records are written (selection, tuning), shared
+    while a build reads them. Every splitc process on a machine shares the selection cache, and
+    TVM's JSON database appends its records a line at a time: a compile that read the files
+    while another process wrote them failed in TVM's parser. ``log`` is told when the lock is
+    held elsewhere and this process waits. The databases the project ships, and any folder
+    where no lock file can be made (read-only), are read unlocked: nothing writes there."""
+    folder = Path(folder)
+    if shared and folder.resolve().is_relative_to(SHIPPED.resolve()):
+        yield
+        return
+    try:
+        if not shared:
+            folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / LOCK_FILE, "a+")  # noqa: SIM115 (held across the yield)
+    except OSError as e:
+        if shared and e.errno in (errno.EACCES, errno.EROFS, errno.ENOENT, errno.EPERM):
+            yield
+            return
+        raise SplitcError(f"cannot lock the schedule database {folder}: {e.strerror}") from None
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    with handle:
+        try:
+            fcntl.flock(handle, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if log is not None:
+                log(f"waiting for {folder}: another splitc process is "
+                    f"{'writing schedules there' if shared else 'using it'}")
+            fcntl.flock(handle, mode)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def apply_database(folder: Path) -> tvm.transform.Pass:
