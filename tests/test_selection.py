@@ -248,3 +248,48 @@ def test_two_compiles_at_once_share_the_selection_cache(tmp_path):
         r = subprocess.run([sys.executable, "-m", "splitc.cli", "run", str(tmp_path / f"out{i}"),
                             "--check"], env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-2000:]
+
+
+def _spoil(folder):
+    """A database TVM cannot read: a workload line cut short (as a crash mid-append leaves it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "database_workload.json").write_text('["0x1234", {"nodes": [\n')
+    (folder / "database_tuning_record.json").write_text("")
+
+
+def test_an_unreadable_selection_is_moved_aside_and_selected_again(tmp_path, monkeypatch):
+    """The selection cache is a cache: a database there that TVM cannot read (two processes
+    appended to it at once before splitc locked it) is moved aside with a warning and the
+    kernels are selected again, rather than every compile failing in TVM's parser."""
+    monkeypatch.setenv("SPLITC_CACHE", str(tmp_path))
+    folder = selection_root() / target_key(HOST)
+    _spoil(folder)
+    messages = []
+    rows = tune(matmul_module(8, 16, 32), HOST, None, 0, log=messages.append)
+    assert rows and not any(r["reused"] for r in rows), rows
+    warned = [m for m in messages if m.startswith("warning: the schedules selected in")]
+    assert warned and "could not be read" in warned[0], messages
+    aside = list(folder.parent.glob(f"{folder.name}.unreadable-*"))
+    assert len(aside) == 1 and (aside[0] / "database_workload.json").exists()
+    assert database_for(HOST) == folder
+
+
+def test_an_unreadable_database_the_user_gave_is_an_error_naming_it(tmp_path):
+    """`splitc tune --db` and `splitc compile --tuning-db` into a database TVM cannot read: a
+    clear error naming the folder (exit 2), not TVM's parser error, and nothing moved."""
+    from splitc.backend.build import build
+    from splitc.errors import SplitcError
+
+    folder = tmp_path / target_key(HOST)
+    _spoil(folder)
+    with pytest.raises(SplitcError, match="cannot be read"):
+        tune(matmul_module(8, 16, 32), HOST, tmp_path, 0, log=lambda _m: None)
+    assert (folder / "database_workload.json").exists()
+    with pytest.raises(SplitcError, match=str(folder)):
+        build(matmul_module(8, 16, 32), HOST.tvm_target(), tuning_db=folder)
+
+    from .test_cli import assert_user_error, splitc
+
+    r = splitc("compile", "mlp", "--tiny", "-o", tmp_path / "out", "--devices", "host",
+               "--tuning-db", tmp_path)
+    assert_user_error(r, "cannot be read", str(folder))

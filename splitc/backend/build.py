@@ -33,7 +33,7 @@ from tvm import relax, s_tir
 from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 from tvm.s_tir import dlight
 
-from splitc.backend.tuning_db import apply_database, locked, winograd_tiles
+from splitc.backend.tuning_db import apply_database, locked, readable, winograd_tiles
 from splitc.passes.codegen.cpu_schedules import (
     RowSoftmax,
     default_rules,
@@ -191,8 +191,13 @@ def build(module: tvm.IRModule, target: tvm.target.Target,
     if transforms:
         weights = _transform_weights(lifted, transforms, weights)
     with locked(tuning_db, shared=True, log=log) if tuning_db is not None else nullcontext():
-        executable = tvm.compile(pieces, target=reassociating(target),  # (reads its records)
-                                 relax_pipeline=relax_pipeline(target, log, tuning_db))
+        try:
+            executable = tvm.compile(pieces, target=reassociating(target),  # (reads records)
+                                     relax_pipeline=relax_pipeline(target, log, tuning_db))
+        except Exception:
+            if tuning_db is not None:
+                readable(tuning_db)  # (the cause named, if it is the database)
+            raise
     return executable, weights
 
 

@@ -43,6 +43,7 @@ from splitc import targets as target_registry
 from splitc.backend.build import has_reduction, legalize_passes, pack, split_transforms
 from splitc.backend.tuning_db import (
     locked,
+    open_database,
     save_winograd_tiles,
     selection_root,
     target_key,
@@ -205,17 +206,18 @@ def tune(module: tvm.IRModule, spec: target_registry.TargetSpec, root: str | Pat
     work = Path(root if root is not None else selection_root()) / target_key(spec)
     try:
         with locked(work, log=log):  # (other splitc processes read and write it too)
-            return _select_and_tune(module, spec, work, trials, log, rpc, progress)
+            database = open_database(work, cache=root is None, log=log)
+            return _select_and_tune(module, spec, work, database, trials, log, rpc, progress)
     finally:  # (also when a measurement fails: the pools' processes would outlive this one)
         _stop_pools()
 
 
-def _select_and_tune(module, spec, work: Path, trials, log, rpc, progress) -> list[dict]:
+def _select_and_tune(module, spec, work: Path, database, trials, log, rpc, progress
+                     ) -> list[dict]:
     from tvm.s_tir import meta_schedule as ms
 
     target = spec.tvm_target()
     measurer = functools.cache(lambda: _measurer(spec, rpc))
-    database = ms.database.JSONDatabase(work_dir=str(work))
     where = f"through RPC ({rpc.host}:{rpc.port}, key {rpc.key})" if rpc else "on this machine"
     start = time.perf_counter()
     tiles = winograd_tiles(work)

@@ -16,6 +16,7 @@ import errno
 import fcntl
 import json
 import re
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -102,6 +103,60 @@ def locked(folder: Path, *, shared: bool = False,
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+#: TVM's files in a database folder (the records refer to the workloads by line number)
+DATABASE_FILES = ("database_workload.json", "database_tuning_record.json")
+
+
+def _unreadable(folder: Path) -> str | None:
+    """Why TVM cannot read the database in ``folder`` (None: it can)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    try:
+        ms.database.JSONDatabase(work_dir=str(folder))
+    except Exception as e:  # (TVM raises RuntimeError with its check's text)
+        text = " ".join(str(e).split()).removeprefix("parallel_for_dynamic error with ")
+        if not text or text == "(not rendered)":  # (TVM lost its own message)
+            return "TVM's reader failed on its records"
+        return text[:200]
+    return None
+
+
+def open_database(folder: Path, *, cache: bool, log: Callable[[str], None]):
+    """TVM's JSON database in ``folder``, to select or tune into (hold :func:`locked`). One
+    that TVM cannot read (records that name the wrong workloads, as two processes appending
+    at once left them before splitc locked the folder, or a file cut short) is, in the
+    selection cache (``cache``: it is measured again on demand), moved aside into
+    ``<folder>.unreadable-<time>`` with a warning and begun again; a database the user gave
+    is an error that names it."""
+    from tvm.s_tir import meta_schedule as ms
+
+    folder = Path(folder)
+    why = _unreadable(folder)
+    if why is not None:
+        if not cache:
+            raise SplitcError(f"the tuning database {folder} cannot be read: {why} (written by "
+                              "two processes at once, or cut short?); give another, or tune "
+                              "again into an empty folder")
+        aside = folder.with_name(f"{folder.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+        aside.mkdir(parents=True, exist_ok=True)
+        for name in (*DATABASE_FILES, WINOGRAD_FILE):
+            if (folder / name).exists():
+                (folder / name).replace(aside / name)
+        log(f"warning: the schedules selected in {folder} could not be read ({why}); moved "
+            f"to {aside}, selecting again")
+    return ms.database.JSONDatabase(work_dir=str(folder))
+
+
+def readable(folder: Path) -> None:
+    """Raise a :class:`SplitcError` naming ``folder`` if TVM cannot read its database (a
+    build that failed with one: TVM's own error says neither which file nor why)."""
+    why = _unreadable(folder)
+    if why is not None:
+        raise SplitcError(f"the tuning database {folder} cannot be read: {why} (written by two "
+                          "processes at once, or cut short?); delete it to select the "
+                          "schedules again, or give another")
 
 
 def apply_database(folder: Path) -> tvm.transform.Pass:
