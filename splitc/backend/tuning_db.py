@@ -109,18 +109,17 @@ def locked(folder: Path, *, shared: bool = False,
 DATABASE_FILES = ("database_workload.json", "database_tuning_record.json")
 
 
-def _unreadable(folder: Path) -> str | None:
-    """Why TVM cannot read the database in ``folder`` (None: it can)."""
-    from tvm.s_tir import meta_schedule as ms
+def _reason(error: Exception) -> str:
+    """What TVM's database reader said, in one line."""
+    text = " ".join(str(error).split()).removeprefix("parallel_for_dynamic error with ")
+    if not text or text == "(not rendered)":  # (TVM lost its own message)
+        return "TVM's reader failed on its records"
+    return text[:200]
 
-    try:
-        ms.database.JSONDatabase(work_dir=str(folder))
-    except Exception as e:  # (TVM raises RuntimeError with its check's text)
-        text = " ".join(str(e).split()).removeprefix("parallel_for_dynamic error with ")
-        if not text or text == "(not rendered)":  # (TVM lost its own message)
-            return "TVM's reader failed on its records"
-        return text[:200]
-    return None
+
+def _cannot_read(folder: Path, why: str, advice: str) -> SplitcError:
+    return SplitcError(f"the tuning database {folder} cannot be read: {why} (written by two "
+                       f"processes at once, or cut short?); {advice}")
 
 
 def open_database(folder: Path, *, cache: bool, log: Callable[[str], None]):
@@ -133,30 +132,32 @@ def open_database(folder: Path, *, cache: bool, log: Callable[[str], None]):
     from tvm.s_tir import meta_schedule as ms
 
     folder = Path(folder)
-    why = _unreadable(folder)
-    if why is not None:
-        if not cache:
-            raise SplitcError(f"the tuning database {folder} cannot be read: {why} (written by "
-                              "two processes at once, or cut short?); give another, or tune "
-                              "again into an empty folder")
-        aside = folder.with_name(f"{folder.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
-        aside.mkdir(parents=True, exist_ok=True)
-        for name in (*DATABASE_FILES, WINOGRAD_FILE):
-            if (folder / name).exists():
-                (folder / name).replace(aside / name)
-        log(f"warning: the schedules selected in {folder} could not be read ({why}); moved "
-            f"to {aside}, selecting again")
+    try:
+        return ms.database.JSONDatabase(work_dir=str(folder))
+    except Exception as e:  # (TVM raises RuntimeError with its check's text)
+        why = _reason(e)
+    if not cache:
+        raise _cannot_read(folder, why, "give another, or tune again into an empty folder")
+    aside = folder.with_name(f"{folder.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+    aside.mkdir(parents=True, exist_ok=True)
+    for name in (*DATABASE_FILES, WINOGRAD_FILE):
+        if (folder / name).exists():
+            (folder / name).replace(aside / name)
+    log(f"warning: the schedules selected in {folder} could not be read ({why}); moved to "
+        f"{aside}, selecting again")
     return ms.database.JSONDatabase(work_dir=str(folder))
 
 
 def readable(folder: Path) -> None:
-    """Raise a :class:`SplitcError` naming ``folder`` if TVM cannot read its database (a
-    build that failed with one: TVM's own error says neither which file nor why)."""
-    why = _unreadable(folder)
-    if why is not None:
-        raise SplitcError(f"the tuning database {folder} cannot be read: {why} (written by two "
-                          "processes at once, or cut short?); delete it to select the "
-                          "schedules again, or give another")
+    """Raise a :class:`SplitcError` naming ``folder`` if TVM cannot read its database (after
+    a build failed with one: TVM's own error says neither which file nor why)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    try:
+        ms.database.JSONDatabase(work_dir=str(folder))
+    except Exception as e:
+        raise _cannot_read(folder, _reason(e), "delete it to select the schedules again, or "
+                                               "give another") from None
 
 
 def apply_database(folder: Path) -> tvm.transform.Pass:
