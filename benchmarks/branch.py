@@ -172,6 +172,11 @@ def exact_rows(imported, source, k: int, work: Path, x, y, repeats: int, teacher
     return rows, channel
 
 
+def _progress(message: str) -> None:
+    """A long distillation's epochs, on stderr: not part of the saved results."""
+    print(f"# {time.strftime('%H:%M')} {message}", file=sys.stderr, flush=True)
+
+
 def branch_row(imported, source, bplan, label: str, work: Path, train, test, *,
                epochs: int, repeats: int, teacher: float, temperature: float = 4.0,
                out_name: str, inflight: int = 4, analysis=None, hint: str = "none",
@@ -197,7 +202,8 @@ def branch_row(imported, source, bplan, label: str, work: Path, train, test, *,
             refitted = float((top1(student, xte, "cpu") == yte).mean())
         if epochs:
             distill(original, student, xtr, ytr, epochs=epochs, temperature=temperature,
-                    log=lambda _m: None, progress=None, hints=parts, batch=batch)
+                    log=_progress, progress=lambda _f, m: _progress(f"{label}: {m}"),
+                    hints=parts, batch=batch)
     seconds = time.monotonic() - t0
     after = float((top1(student, xte, "cpu") == yte).mean())
     out = work / out_name
