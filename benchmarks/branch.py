@@ -56,6 +56,7 @@ from splitc.driver import compile_imported, write_extracted  # noqa: E402
 from splitc.passes.split.branch import (  # noqa: E402
     BranchRewrite,
     analyse,
+    channel_axes,
     hints,
     keep_where_cuts_hurt,
     plan_branches,
@@ -391,19 +392,21 @@ def teachers_benchmark(args) -> int:
         print(f"# {name}: {spec.task} ({spec.pip}, {path.name}); {ntrain} training / {ntest} "
               f"test examples rendered in {render_s:.0f} s, {epochs} epochs; teacher test top-1 "
               f"{teacher_acc:.4f}", flush=True)
-        acts = program.activations(train[0], limit=128)
         for k in [int(v) for v in args.branches.split(",")]:
             t0 = time.monotonic()
             # one request at a time, as measured (infer_many lost the workers' connections
             # then: the memory guard's crediting race, fixed since in runtime/worker.py)
             krows, channel = exact_rows(imported, source, k, work, *test, args.repeats,
                                         teacher_acc, tag=f"{name}-", inflight=1)
-            ana = analyse(imported.mod, k, activations=acts)
+            ana = analyse(imported.mod, k, samples=program.channel_samples(
+                train[0], channel_axes(imported.mod, k), limit=128))
             limit = int(args.budget * channel)
             budget = cheapest_within(ana, limit)
-            loss = cut_losses(program, imported.mod, plan_branches(imported.mod, k, "none",
-                                                                   analysis=ana), train[0])
-            guided = keep_where_cuts_hurt(ana, loss, limit)
+            guided = frozenset()
+            if "guided" in policies:  # (the refit of every cut layer is minutes at 224x224)
+                loss = cut_losses(program, imported.mod,
+                                  plan_branches(imported.mod, k, "none", analysis=ana), train[0])
+                guided = keep_where_cuts_hurt(ana, loss, limit)
             for label, sync, tag in (
                     ("branch, no sync", "none", "none"),
                     (f"branch, cheapest {len(budget)} sync points kept", budget, "budget"),

@@ -18,6 +18,7 @@ from splitc.passes.split.branch import (
     BranchRewrite,
     analyse,
     branch_devices,
+    channel_axes,
     hints,
     keep_where_cuts_hurt,
     plan_branches,
@@ -118,8 +119,31 @@ def test_channels_that_fire_together_share_a_branch():
     mod = bind(Before, w1=W1, b1=B1, w2=np.ones_like(W2), w3=np.ones_like(W3))
     a, b = RNG.standard_normal((2, 64, 1, 6, 6)).astype("float32")
     r = np.concatenate([a, b, b * 2 + 1, a * 3], axis=1)
-    got = analyse(mod, 2, activations={"r": r}).branches("r")
+    samples = {"r": np.moveaxis(r, 1, -1).reshape(-1, 4)}
+    got = analyse(mod, 2, samples=samples).branches("r")
     assert got[0] == got[3] != got[1] == got[2]
+
+
+def test_channel_samples_are_rows_of_the_values_and_keep_to_the_cap():
+    """The co-firing samples of a partitioned tensor are its channel vectors at evenly spaced
+    examples and positions, a chunk of examples at a time, at most about ``rows`` of them;
+    no more than what ``analyse`` reads is kept."""
+    model = frontend.load("resnet18", tiny=True)
+    program = TorchProgram(model.mod)
+    x = np.random.default_rng(1).standard_normal((10, 3, 32, 32)).astype("float32")
+    axes = channel_axes(model.mod, 2)
+    samples = program.channel_samples(x, axes, limit=6, rows=100, chunk=4)
+    assert set(samples) == set(axes)
+    with torch.no_grad():
+        env = program.run(torch.from_numpy(x[:6]))
+    for var, axis in axes.items():
+        full = env[var].movedim(axis, -1).reshape(-1, env[var].shape[axis]).numpy()
+        got = samples[var]
+        assert got.shape[1] == full.shape[1] and 2 <= len(got) <= 100 + 2, var
+        # every sample is one of the tensor's channel vectors on those six examples
+        # (to rounding: the chunks are other batch sizes than the one run here)
+        nearest = np.abs(got[:, None, :] - full[None, :, :]).max(axis=2).min(axis=1)
+        assert nearest.max() <= 1e-5 * (np.abs(full).max() + 1), var
 
 
 def test_rewrite_before_expected():

@@ -609,12 +609,20 @@ class Analysis:
         return out
 
 
+def channel_axes(mod: tvm.IRModule, k: int) -> dict[str, int]:
+    """The partitioned tensors of ``main`` (``k`` branches) and their channel axes: whose
+    channel samples :func:`analyse` reads."""
+    return dict(Structure(mod, k).axis)
+
+
 def analyse(mod: tvm.IRModule, k: int, refine_rounds: int = 4,
-            activations: dict[str, np.ndarray] | None = None) -> Analysis:
+            samples: dict[str, np.ndarray] | None = None) -> Analysis:
     """Structure, classes, atoms and the knowledge partition of ``main`` into ``k`` branches.
 
-    ``activations``: variable name -> its values on calibration data (``[N, ...]``), for the
-    co-firing edges; any subset of the variables."""
+    ``samples``: variable name -> its channel vectors on calibration data (``[rows, C]``, one
+    row per example and position; :meth:`~splitc.backend.torch_program.TorchProgram.
+    channel_samples` of :func:`channel_axes`), for the co-firing edges; any subset of the
+    variables."""
     if k < 2:
         raise SplitcError("a branch split needs at least 2 branches (devices)")
     st = Structure(mod, k)
@@ -654,11 +662,11 @@ def analyse(mod: tvm.IRModule, k: int, refine_rounds: int = 4,
                 branch[a[i]] = g
                 held[g] += size[a[i]]
     ana = Analysis(k, st, offset, atom, branch)
-    _refine(ana, refine_rounds, activations or {})
+    _refine(ana, refine_rounds, samples or {})
     return ana
 
 
-def _refine(ana: Analysis, rounds: int, activations: dict[str, np.ndarray]) -> None:
+def _refine(ana: Analysis, rounds: int, samples: dict[str, np.ndarray]) -> None:
     """Balanced swaps of interchangeable atoms that raise the affinity inside branches."""
     st, k = ana.structure, ana.k
     n = len(ana.branch)
@@ -680,7 +688,7 @@ def _refine(ana: Analysis, rounds: int, activations: dict[str, np.ndarray]) -> N
         rows.append(np.repeat(dst, len(src)))
         cols.append(np.tile(src, len(dst)))
         vals.append(mass.reshape(-1))
-    for var, corr in _cofiring(ana, activations).items():
+    for var, corr in _cofiring(ana, samples).items():
         ids = atoms_of(var)
         rows.append(np.repeat(ids, len(ids)))
         cols.append(np.tile(ids, len(ids)))
@@ -777,19 +785,17 @@ def _best_swap(dd: np.ndarray, p: np.ndarray, sub: np.ndarray, k: int,
     return int(s[ia]), int(s[ib]), best
 
 
-def _cofiring(ana: Analysis, activations: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Per partitioned tensor with calibration activations: |correlation| between its
-    channels over examples and positions, normalised to total 1 (diagonal zero)."""
+def _cofiring(ana: Analysis, samples: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per partitioned tensor with calibration samples: |correlation| between its channels
+    over examples and positions, normalised to total 1 (diagonal zero)."""
     st = ana.structure
     out = {}
-    for var, a in activations.items():
+    for var, a in samples.items():
         if not st.parts(var):
             continue
-        ax = st.axis[var]
-        if a.ndim <= ax or a.shape[ax] != st.channels[var] or st.channels[var] > MAX_CLASS:
+        if a.ndim != 2 or a.shape[1] != st.channels[var] or st.channels[var] > MAX_CLASS:
             continue
-        data = np.moveaxis(a, ax, -1).reshape(-1, a.shape[ax]).astype(np.float64)
-        data = data[:: max(1, len(data) // 20000)]
+        data = a.astype(np.float64)
         std = data.std(axis=0)
         live = std > 1e-12
         corr = np.zeros((data.shape[1], data.shape[1]))

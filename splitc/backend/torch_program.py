@@ -268,11 +268,26 @@ class TorchProgram(torch.nn.Module):
         env = self.run(*inputs, keep=set())
         return [env[o] for o in self.outputs]
 
-    def activations(self, x: np.ndarray, limit: int = 256) -> dict[str, np.ndarray]:
-        """Every variable's value on (up to ``limit`` of) the examples ``x``."""
+    def channel_samples(self, x: np.ndarray, axes: dict[str, int], *, limit: int = 128,
+                        rows: int = 20000, chunk: int = 8) -> dict[str, np.ndarray]:
+        """Per variable named in ``axes`` (name -> its channel axis): at most about ``rows`` of
+        its channel vectors (``[rows, C]``: one per example and position, evenly spaced),
+        from the first ``limit`` examples of ``x``, run ``chunk`` at a time. Only the samples
+        are kept, not the values: every value of a 224x224 network on 128 pages is 7.5 GB."""
+        n = min(limit, len(x))
+        got: dict[str, list[np.ndarray]] = {v: [] for v in axes}
         with torch.no_grad():
-            env = self.run(torch.from_numpy(np.ascontiguousarray(x[:limit], np.float32)))
-        return {k: v.numpy() for k, v in env.items() if isinstance(v, torch.Tensor)}
+            for i in range(0, n, chunk):
+                xs = torch.from_numpy(np.ascontiguousarray(x[i:min(i + chunk, n)], np.float32))
+                env = self.run(xs, keep=set(axes))
+                want = max(1, rows * len(xs) // n)
+                for var, axis in axes.items():
+                    t = env.get(var)
+                    if not isinstance(t, torch.Tensor) or t.ndim <= axis:
+                        continue
+                    flat = t.movedim(axis, -1).reshape(-1, t.shape[axis])
+                    got[var].append(flat[::max(1, len(flat) // want)][:want].numpy().copy())
+        return {v: np.concatenate(parts) for v, parts in got.items() if parts}
 
     def last_uses(self) -> list[list[str]]:
         """Per step, the variables no later step reads."""

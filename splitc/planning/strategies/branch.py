@@ -37,6 +37,7 @@ from splitc.passes.split.branch import (
     BranchSplit,
     analyse,
     branch_devices,
+    channel_axes,
     keep_where_cuts_hurt,
     plan_branches,
     sync_candidates,
@@ -232,7 +233,7 @@ def search_policy(mod: tvm.IRModule, k: int, x: np.ndarray, y: np.ndarray | None
     bytes up. Each is distilled on ``x`` (``y``: labels, optional) and measured. Returns
     ``(plan, trained student module or None, trials)``."""
     teacher = TorchProgram(mod)
-    ana = analyse(mod, k, activations=teacher.activations(x))
+    ana = analyse(mod, k, samples=teacher.channel_samples(x, channel_axes(mod, k), limit=256))
     cost = {c.layer: c.gather_bytes for c in sync_candidates(ana)}
     loss = cut_losses(teacher, mod, plan_branches(mod, k, "none", analysis=ana), x)
     mass = [(f"mass budget {b}", plan_branches(mod, k, b, analysis=ana)) for b in budgets]
