@@ -826,6 +826,7 @@ def main() -> int:
                              "mode": mode, **r, "predicted": pred.latency,
                              "predicted_given_pieces": given and given.latency,
                              "predicted_busy": pred.device_busy,
+                             "predicted_weights": pred.device_weights,
                              "predicted_pieces": quiet.device_busy})
     report(rows, say, n, factors, one_device, sum(t.nbytes for t in x)
            + sum(t.nbytes for t in reference), bandwidth, args.validate)
@@ -888,6 +889,11 @@ def report(rows, say, n, factors, one_device, must_cross, bandwidth, validate) -
         "use)")
     flat = max((r["runtime_cpu"] for r in rows if "runtime_cpu" in r), default=0.0)
     say(f"undilated runtime CPU flatters a row by at most {(factors[0] - 1) * flat * 1e3:.1f} ms")
+    # what one device takes to read all the weights: a split's busiest device reads more than
+    # 1/N of them where its pieces each read a whole layer's (a spatial split's tiles)
+    whole = next((sum(r["predicted_weights"].values()) for r in rows
+                  if r["config"].startswith("splitc, 1 device") and r.get("predicted_weights")),
+                 None)
     for r in rows:
         if "busy_by_device" in r and r.get("mode") != "repeat":
             ratios = [r["busy_by_device"][d] / r["predicted_busy"][d]
@@ -899,7 +905,10 @@ def report(rows, say, n, factors, one_device, must_cross, bandwidth, validate) -
                 say(f"busy vs the isolated profile, {r['config']}: "
                     f"{min(ratios):.2f}-{max(ratios):.2f} (measured / predicted per device); "
                     f"busiest ({d}): pieces {pieces * 1e3:.1f} vs {predicted * 1e3:.1f} ms "
-                    f"predicted (F x their CPU time alone: {alone * 1e3:.1f}), "
+                    f"predicted (F x their CPU time alone: {alone * 1e3:.1f}; reading weights "
+                    f"{r['predicted_weights'].get(d, 0.0) * 1e3:.1f} ms of the prediction"
+                    + (f", one device all of them in {whole * 1e3:.1f}" if whole else "")
+                    + "), "
                     f"message handling {r['handling_by_device'][d] * 1e3:.1f} vs "
                     f"{(r['predicted_busy'][d] - predicted) * 1e3:.1f} ms; "
                     f"pieces' CPU beside the other devices / alone: {r['cpu_vs_alone']:.2f}"

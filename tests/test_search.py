@@ -91,6 +91,10 @@ def test_estimate_is_the_stated_formula():
     # every piece reads its weights once per call (800 and 400 bytes)
     reading = [dataclasses.replace(s, seconds_per_weight_byte=1e-7) for s in speeds]
     assert estimate(plan, cluster, reading).latency - est.latency == pytest.approx(1e-7 * 1200)
+    # ... and the estimate says how much of each device's busy time that is
+    assert estimate(plan, cluster, reading).device_weights == pytest.approx(
+        {"dev0": 1e-7 * 800, "dev1": 1e-7 * 400})
+    assert est.device_weights == {"dev0": 0.0, "dev1": 0.0}
     # a spatial split's pieces (tiles) cost more per FLOP, a pipeline's do not
     tiles = [dataclasses.replace(s, tile_seconds_per_flop=1e-10) for s in speeds]
     assert estimate(plan, cluster, tiles).latency == pytest.approx(est.latency)
@@ -113,6 +117,8 @@ def test_estimate_is_the_stated_formula():
                   3e-9 * 1e6 + 1e-7 * 400 + 1e-8 * 1040 + 1e-4)
     assert estimate(spatial, cluster, fitted).latency == pytest.approx(
         send_x + run0 + send_a + run1 + send_y)
+    assert estimate(spatial, cluster, fitted).device_weights == pytest.approx(
+        {"dev0": 1e-7 * 800, "dev1": 1e-7 * 400})
     assert estimate(channel, cluster, fitted).latency == pytest.approx(
         send_x + 4e-9 * 3e6 + 2e-4 + send_a + send_y)
     # the runtime's serving thread handles every message, on the device that sends it and on

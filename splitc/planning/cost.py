@@ -45,7 +45,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from splitc import cache_root
@@ -118,6 +118,12 @@ class DeviceSpeed:
     #: the runtime's, per piece it runs (see DEFAULT_RUNTIME_SECONDS_PER_PIECE)
     runtime_seconds_per_piece: float = DEFAULT_RUNTIME_SECONDS_PER_PIECE
 
+    def weight_seconds(self, weight_bytes: float, tiled: bool = False,
+                       divided: bool = False) -> float:
+        """What reading a piece's weights adds to one call of it (:meth:`piece_seconds`)."""
+        rates = self.tile_rates if tiled else self.channel_rates if divided else ()
+        return weight_bytes * (rates[1] if rates else self.seconds_per_weight_byte)
+
     def message_seconds(self, nbytes: float) -> float:
         """The runtime's CPU for one message of ``nbytes`` (sending it, or receiving it)."""
         return self.seconds_per_message + nbytes * self.runtime_seconds_per_byte
@@ -157,12 +163,12 @@ class DeviceSpeed:
         piece of a channel split, its layer's output channels divided)."""
         rates = self.tile_rates if tiled else self.channel_rates if divided else ()
         if rates:
-            per_flop, per_weight_byte, per_byte = rates
-            return (flops * per_flop + weight_bytes * per_weight_byte + edge_bytes * per_byte
-                    + self.call_overhead)
+            per_flop, _, per_byte = rates
+            return (flops * per_flop + self.weight_seconds(weight_bytes, tiled, divided)
+                    + edge_bytes * per_byte + self.call_overhead)
         return (flops * (1 / self.flops_per_second
                          + (self.tile_seconds_per_flop if tiled else 0.0))
-                + weight_bytes * self.seconds_per_weight_byte
+                + self.weight_seconds(weight_bytes, tiled, divided)
                 + self.call_overhead
                 + edge_bytes * (self.seconds_per_byte
                                 + (self.channel_seconds_per_byte if divided else 0.0)))
@@ -254,6 +260,9 @@ class Estimate:
     device_busy: dict[str, float]
     device_memory: dict[str, float]
     transfer_bytes: int
+    #: of ``device_busy``, the time its pieces spend reading their weights (a spatial split's
+    #: tiles each read all of a layer's weights: at N=8 most of ResNet-50's, on every device)
+    device_weights: dict[str, float] = field(default_factory=dict)
 
     @property
     def throughput(self) -> float:
@@ -322,6 +331,7 @@ def estimate(plan: Plan, cluster: Cluster, speeds: list[DeviceSpeed] | None = No
     nic: dict[str | None, float] = {d.name: 0.0 for d in plan.devices}  # sender's link free
     nic[None] = 0.0
     busy = {d.name: 0.0 for d in plan.devices}
+    weights = {d.name: 0.0 for d in plan.devices}
     link_busy = {d.name: 0.0 for d in plan.devices}
     # a spatial split's pieces compute their layers a few rows at a time (its few untiled
     # pieces, a classifier head say, are priced alike)
@@ -386,6 +396,7 @@ def estimate(plan: Plan, cluster: Cluster, speeds: list[DeviceSpeed] | None = No
             run = piece_seconds[p.name]
         else:
             run = speed[p.device].piece_seconds(p.flops, p.weight_bytes, edge, tiled, divided)
+            weights[p.device] += speed[p.device].weight_seconds(p.weight_bytes, tiled, divided)
         if timeline is not None:
             waited = [t for t in p.inputs if ready[(t, p.device)] > free[p.device]]
             if start > free[p.device] and waited:
@@ -399,4 +410,4 @@ def estimate(plan: Plan, cluster: Cluster, speeds: list[DeviceSpeed] | None = No
         free[p.device] = send(p.device, free[p.device], p.outputs)
     latency = max(ready[(e.tensor, None)] for e in plan.outputs)
     period = max(list(busy.values()) + list(link_busy.values()))
-    return Estimate(latency, period, busy, device_memory(plan), plan.transfer_bytes)
+    return Estimate(latency, period, busy, device_memory(plan), plan.transfer_bytes, weights)

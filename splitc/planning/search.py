@@ -110,8 +110,10 @@ class SearchResult:
                      "that fit in memory" + (" and whose pieces their devices take"
                                              if any(c.priced for c in self.candidates) else ""))
         for d in b.plan.devices:
-            lines.append(f"  {d.name}: busy {b.estimate.device_busy[d.name] * 1e3:.2f} ms, "
-                         f"memory {b.estimate.device_memory[d.name] / 2**20:.1f} MiB")
+            weights = b.estimate.device_weights.get(d.name, 0.0)
+            lines.append(f"  {d.name}: busy {b.estimate.device_busy[d.name] * 1e3:.2f} ms"
+                         + (f" (reading weights {weights * 1e3:.2f} ms)" if weights else "")
+                         + f", memory {b.estimate.device_memory[d.name] / 2**20:.1f} MiB")
         for t in b.plan.transfers:
             lines.append(f"  {t.src} -> {t.dst}: {t.tensor} {t.nbytes:,} bytes")
         lines += self._explain_priced(cluster, key)
