@@ -227,6 +227,27 @@ def test_distillation_recovers_the_teacher():
     np.testing.assert_allclose(run_module(trained, x[:1]), want, rtol=1e-4, atol=1e-5)
 
 
+def test_a_diverging_distillation_starts_the_epoch_again_at_half_the_rate():
+    """A learning rate the student cannot take (the loss shoots up within a few steps): each
+    time, the epoch starts again from its first weights at half the rate, said in the log,
+    until it trains; the weights kept are never worse on the held-out split than the start."""
+    model = frontend.load("resnet18", tiny=True)
+    plan = plan_branches(model.mod, 2, "none")
+    teacher, student = TorchProgram(model.mod), TorchProgram(BranchRewrite(plan)(model.mod))
+    x = np.random.default_rng(5).standard_normal((80, 3, 32, 32)).astype("float32")
+    said: list[str] = []
+    report = distill(teacher, student, x, epochs=2, lr=50.0, batch=16, log=said.append)
+    again = [m for m in said if "again from the epoch's first weights" in m]
+    assert again and report.final_lr == pytest.approx(50.0 / 2 ** len(again)), said
+    assert all(np.isfinite(v.detach().numpy()).all() for v in student.weights.values())
+    assert report.after >= report.before
+    # a rate it takes: no restart
+    said.clear()
+    student = TorchProgram(BranchRewrite(plan)(model.mod))
+    report = distill(teacher, student, x, epochs=1, lr=1e-4, batch=16, log=said.append)
+    assert report.final_lr == 1e-4 and not any("again" in m for m in said), said
+
+
 def test_refit_of_the_cut_layers_brings_the_student_to_the_teacher():
     """The closed-form refit of each cut layer (no training) never raises a part's error
     against the teacher's channels, lowers it on the whole, and brings the student's output
