@@ -224,7 +224,9 @@ def finetune(
              "module:function returning a torch Dataset.")],
     epochs: Annotated[int, typer.Option(
         min=0, help="Training epochs after the cut layers are refitted (0: refit only).")] = 30,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 2e-3,
+    lr: Annotated[float, typer.Option(help=(
+        "Adam learning rate (halved, and the epoch started again from its first weights, "
+        "each time a step's loss passes 20x the first step's)."))] = 2e-3,
     batch: Annotated[int, typer.Option(min=1)] = 64,
     max_accuracy_drop: Annotated[float, typer.Option(
         help="Points of held-out top-1 the branch model may lose against the original; more "
