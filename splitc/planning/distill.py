@@ -63,9 +63,10 @@ def top1(program: torch.nn.Module, x: np.ndarray, device, batch: int = 256) -> n
     return np.concatenate(out)
 
 
-#: A step whose loss exceeds this many times the first step's has diverged (:func:`distill`);
-#: after MAX_HALVINGS halvings of the learning rate, training gives up.
-DIVERGED, MAX_HALVINGS = 20.0, 10
+#: A step whose loss exceeds DIVERGED times the first step's (or LOSS_FLOOR's, when that is
+#: more: a student that starts equal to its teacher starts near 0) has diverged
+#: (:func:`distill`); after MAX_HALVINGS halvings of the learning rate, training gives up.
+DIVERGED, LOSS_FLOOR, MAX_HALVINGS = 20.0, 0.05, 10
 
 #: Ops that only move a classifier's [N, C] output (followed back from the output to a softmax).
 _MOVES = {"reshape", "flatten", "alias", "squeeze", "expand_dims"}
@@ -321,8 +322,9 @@ of the epoch (or the start) that scored best on the held-out split. With the bra
                 loss = 0.5 * loss + 0.5 * F.cross_entropy(out, yt[idx])
             loss = loss + hint_loss
             value = float(loss.detach())
-            start_loss = value if start_loss is None else start_loss
-            if not math.isfinite(value) or value > DIVERGED * start_loss:
+            if start_loss is None and math.isfinite(value):
+                start_loss = max(value, LOSS_FLOOR)
+            if not math.isfinite(value) or value > DIVERGED * (start_loss or LOSS_FLOOR):
                 diverged = True
                 break
             opt.zero_grad()
@@ -337,8 +339,8 @@ of the epoch (or the start) that scored best on the held-out split. With the bra
                 break
             scale /= 2
             log(f"epoch {epoch + 1}: the loss went to {value:.3g} at step {s + 1} "
-                f"({start_loss:.3g} at the start): again from the epoch's first weights at "
-                f"learning rate {lr * scale:.2g}")
+                f"({start_loss or math.nan:.3g} at the start): again from the epoch's first "
+                f"weights at learning rate {lr * scale:.2g}")
             student.load_state_dict(first)
             opt = torch.optim.Adam(trained, lr=lr * scale)
             continue
