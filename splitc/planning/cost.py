@@ -118,10 +118,14 @@ class DeviceSpeed:
     #: the runtime's, per piece it runs (see DEFAULT_RUNTIME_SECONDS_PER_PIECE)
     runtime_seconds_per_piece: float = DEFAULT_RUNTIME_SECONDS_PER_PIECE
 
+    def _fitted(self, tiled: bool, divided: bool) -> tuple[float, ...]:
+        """The rates fitted to this kind of piece alone, where measured (else empty)."""
+        return self.tile_rates if tiled else self.channel_rates if divided else ()
+
     def weight_seconds(self, weight_bytes: float, tiled: bool = False,
                        divided: bool = False) -> float:
         """What reading a piece's weights adds to one call of it (:meth:`piece_seconds`)."""
-        rates = self.tile_rates if tiled else self.channel_rates if divided else ()
+        rates = self._fitted(tiled, divided)
         return weight_bytes * (rates[1] if rates else self.seconds_per_weight_byte)
 
     def message_seconds(self, nbytes: float) -> float:
@@ -161,7 +165,7 @@ class DeviceSpeed:
         """One call of a piece with these FLOPs, weights, and bytes in and out (``tiled``: a
         piece of a spatial split, its layers computed a few rows at a time; ``divided``: a
         piece of a channel split, its layer's output channels divided)."""
-        rates = self.tile_rates if tiled else self.channel_rates if divided else ()
+        rates = self._fitted(tiled, divided)
         if rates:
             per_flop, _, per_byte = rates
             return (flops * per_flop + self.weight_seconds(weight_bytes, tiled, divided)
