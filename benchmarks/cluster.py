@@ -29,7 +29,8 @@ serving thread (receiving, converting and queueing tensors, sending: F x its CPU
 out at the end of each turn of the worker's loop, message by message, as a board's thread
 spends it before it takes the next one; that CPU time scaled, as the pieces' is by their
 calibration, to what it would take alone, by the ratio of the device's pieces' CPU alone to
-beside the other devices); ZeroMQ's I/O threads are not: each row prints their
+beside the other devices); ZeroMQ's I/O threads and the worker's memory guard (a helper
+process woken by every message it takes in) are not: each row prints their
 CPU time per inference and the most leaving it so flatters the latency ((F-1) x the busiest
 device's).
 ``--emulation repeat`` is the method dilation replaced, kept as its cross-check (each device
@@ -524,7 +525,7 @@ class Workers:
 
     def __init__(self, out: Path, plan: Plan, nets, port0: int, mode: str, factors,
                  delay: float, cores: list[int] | None):
-        self.procs, self.endpoints = [], {}
+        self.procs, self.endpoints, self.devices = [], {}, []
         for i, dev in enumerate(plan.devices):
             if not plan.pieces_on(dev.name):
                 continue
@@ -542,6 +543,7 @@ class Workers:
                 guard.die_with_parent, signal.SIGTERM) if guard.available() else None)
             self.procs.append(proc)
             self.endpoints[dev.name] = endpoint
+            self.devices.append(dev.name)
             # one at a time: each calibrates its pieces alone before the next starts
             deadline = time.monotonic() + 600
             while not announce.exists():
@@ -549,6 +551,13 @@ class Workers:
                     self.close()
                     sys.exit(f"the emulated {dev.name} did not start (status {proc.poll()})")
                 time.sleep(0.05)
+
+    def guard_cpu(self) -> dict[str, float]:
+        """Each device's memory guard's CPU seconds so far: the worker's helper process
+        (:mod:`splitc.runtime.guard`), woken by every message the worker takes in; a board
+        runs it too, and it is not dilated."""
+        return {dev: children_cpu(p.pid) for dev, p in zip(self.devices, self.procs,
+                                                            strict=True)}
 
     def close(self) -> None:
         for p in self.procs:
@@ -560,8 +569,21 @@ class Workers:
                 p.kill()
 
 
+def children_cpu(pid: int) -> float:
+    """The CPU seconds so far of a process's children (a worker's: its memory guard)."""
+    total = 0.0
+    try:
+        for child in psutil.Process(pid).children():
+            times = child.cpu_times()
+            total += times.user + times.system
+    except psutil.Error:  # (gone: its exit is reported by the session)
+        pass
+    return total
+
+
 def cpu_split(procs, since: dict | None = None) -> dict:
-    """Who used the machine's CPU: the emulated devices' processes, this process (the client),
+    """Who used the machine's CPU: the emulated devices' processes, their memory guards' helper
+    processes, this process (the client),
     the kernel's interrupt handling (the links' packets, shaped and bridged), the time the
     hypervisor gave this VM's cores to others (steal) and everything else; as the CPU seconds
     so far, or with ``since`` (an earlier call's), as each one's percent of all cores over the
@@ -577,6 +599,7 @@ def cpu_split(procs, since: dict | None = None) -> dict:
             pass
     machine = psutil.cpu_times()
     now = {"wall": time.perf_counter(), "devices": devices,
+           "guards": sum(children_cpu(p.pid) for p in procs),
            "client": used(psutil.Process().cpu_times()),
            "interrupts": machine.irq + machine.softirq,
            "steal": getattr(machine, "steal", 0.0),
@@ -586,9 +609,9 @@ def cpu_split(procs, since: dict | None = None) -> dict:
         return now
     cores = psutil.cpu_count() * (now["wall"] - since["wall"]) / 100
     share = {k: (now[k] - since[k]) / cores
-             for k in ("devices", "client", "interrupts", "steal", "all")}
-    share["other"] = max(0.0, share.pop("all") - share["devices"] - share["client"]
-                         - share["interrupts"] - share["steal"])
+             for k in ("devices", "guards", "client", "interrupts", "steal", "all")}
+    share["other"] = max(0.0, share.pop("all") - share["devices"] - share["guards"]
+                         - share["client"] - share["interrupts"] - share["steal"])
     return share
 
 
@@ -606,7 +629,7 @@ def measure(out: Path, x, reference, nets, port0: int, repeats: int, inflight: i
                       for a, b in zip(y, reference, strict=True))
             before = session.worker_stats()
             psutil.cpu_percent()
-            cpu0 = cpu_split(workers.procs)
+            cpu0, guards0 = cpu_split(workers.procs), workers.guard_cpu()
             times = []
             for _ in range(repeats):
                 t = time.perf_counter()
@@ -615,6 +638,7 @@ def measure(out: Path, x, reference, nets, port0: int, repeats: int, inflight: i
                 times.append(time.perf_counter() - t)
             load = psutil.cpu_percent()
             split = cpu_split(workers.procs, since=cpu0)
+            guards = {d: (t - guards0[d]) / repeats for d, t in workers.guard_cpu().items()}
             after = session.worker_stats()
             if trace is not None:  # the measured timeline of the last requests
                 session.timeline().write(trace, f"{out.name}, measured")
@@ -637,13 +661,13 @@ def measure(out: Path, x, reference, nets, port0: int, repeats: int, inflight: i
     calibrated = sum(per_request(d, "calibrated_s") for d in after)
     shared = sum(per_request(d, "piece_cpu_s") for d in after) / max(calibrated, 1e-12)
     piece_cpu = {d: per_request(d, "piece_cpu_s") for d in after}
-    # the runtime's CPU the dilation did not stretch: ZeroMQ's I/O threads, and the serving
-    # thread's work after a request's last piece
+    # the runtime's CPU the dilation did not stretch: ZeroMQ's I/O threads, the serving
+    # thread's work after a request's last piece, and the memory guard's helper process
     delay_cpu = {d: per_request(d, "delay_cpu_s") for d in after}  # the emulation's own,
     hold_cpu = {d: per_request(d, "hold_cpu_s") for d in after}  # and the dilations' spins
     runtime_cpu = {d: per_request(d, "process_cpu_s") - piece_cpu[d]
                    - per_request(d, "runtime_cpu_s") - per_request(d, "repeats_cpu_s")
-                   - delay_cpu[d] - hold_cpu[d] for d in after}
+                   - delay_cpu[d] - hold_cpu[d] + guards.get(d, 0.0) for d in after}
     late = sum(per_request(d, "late_s") for d in after)
     weights = max(sum(p.weight_bytes for p in plan.pieces_on(d.name)) for d in plan.devices)
     return {"latency": statistics.median(times), "throughput": throughput, "rel_err": err,
@@ -651,6 +675,7 @@ def measure(out: Path, x, reference, nets, port0: int, repeats: int, inflight: i
             "busy_by_device": busy, "pieces_by_device": pieces,
             "handling_by_device": handling, "runtime_cpu": max(runtime_cpu.values()),
             "delay_cpu_by_device": delay_cpu, "hold_cpu_by_device": hold_cpu,
+            "guard_cpu_by_device": guards,
             # what the dilation stretched: F x each piece's CPU time alone
             "alone_by_device": {d: factors[plan.device(d).index] * per_request(d, "calibrated_s")
                                 for d in after},
@@ -883,10 +908,10 @@ def report(rows, say, n, factors, one_device, must_cross, bandwidth, validate) -
     say("(busy: the busiest device's dilated time in its pieces and its message handling "
         "between them per request; wait: the rest "
         "of the latency; rt cpu: the busiest device's runtime CPU per request that was not "
-        "dilated (ZeroMQ's I/O threads; the serving thread's message handling "
-        "is dilated): leaving it so flatters a row by at most (F-1) x it; late: "
-        "share of dilated time pieces ran late for want of a core; load: the machine's CPU "
-        "use)")
+        "dilated (ZeroMQ's I/O threads and the memory guard's helper process; the serving "
+        "thread's message handling is dilated): leaving it so flatters a row by at most "
+        "(F-1) x it; late: share of dilated time pieces ran late for want of a core; load: "
+        "the machine's CPU use)")
     flat = max((r["runtime_cpu"] for r in rows if "runtime_cpu" in r), default=0.0)
     say(f"undilated runtime CPU flatters a row by at most {(factors[0] - 1) * flat * 1e3:.1f} ms")
     # what one device takes to read all the weights: a split's busiest device reads more than
@@ -917,11 +942,15 @@ def report(rows, say, n, factors, one_device, must_cross, bandwidth, validate) -
                        if r["delay_cpu_by_device"].get(d) else "")
                     + (f"; spinning out its dilations' last {HOLD_SPIN * 1e6:.0f} us (not "
                        f"dilated) {r['hold_cpu_by_device'][d] * 1e3:.2f} ms of CPU"
-                       if r["hold_cpu_by_device"].get(d) else ""))
+                       if r["hold_cpu_by_device"].get(d) else "")
+                    + (f"; its memory guard (not dilated) "
+                       f"{r['guard_cpu_by_device'][d] * 1e3:.2f} ms of CPU"
+                       if r.get("guard_cpu_by_device", {}).get(d) else ""))
     split = [r for r in rows if r.get("load_split")]
     if split:
         say("who used the CPU during the timed requests, in % of all cores (devices: the "
-            "emulated boards' processes; client: this benchmark's; interrupts: the kernel's, "
+            "emulated boards' processes; guards: their memory guards' helper processes; "
+            "client: this benchmark's; interrupts: the kernel's, "
             "for the links' packets; steal: the hypervisor's, given to other machines; other: "
             "the rest of this machine):")
     for r in split:
