@@ -17,7 +17,8 @@ every row's measured and predicted timelines.
 and releases the piece's outputs, and starts its next piece, only when F x the piece's CPU time
 has passed since it started. That CPU time is the piece's own, alone: each emulated device
 starts while the others wait and times each of its pieces on its own thread
-(``time.thread_time``, warm, the middle of three runs), as a board's core would run it with its
+(``time.thread_time``, warm, the least of five runs taken in rounds over its pieces, and
+lowered by any served run that took less), as a board's core would run it with its
 caches to itself; pieces that later run beside other devices on these two cores take longer
 (shared caches), and each row prints by how much, but a board would not. N devices then need
 about N/F cores, so at F=10 (a Raspberry Pi 4 core is 1/10 to 1/14 of these) eight devices
@@ -206,6 +207,7 @@ EMU = {"pieces": 0, "piece_cpu_s": 0.0, "calibrated_s": 0.0, "dilated_s": 0.0, "
        "delay_cpu_s": 0.0, "sends_in_waits_cpu_s": 0.0, "hold_cpu_s": 0.0,
        "runtime_alone_s": 0.0}
 CALIBRATED = {}  # piece -> its thread CPU time run alone (warm), measured before serving
+CALIBRATION_ROUNDS = 5
 OUTBOX = collections.deque()  # (due, worker, arguments of Worker._send_outputs)
 send_outputs = worker.Worker._send_outputs
 # the serving thread's loop: a poll armed by a held send's timer, and the turn it woke
@@ -285,17 +287,20 @@ def calibrate(self):
     aligned buffers, as the worker's receive buffers do (a numpy array of 256 kB or more
     starts 16 bytes into its own mapping under the worker's malloc settings: TVM copied it
     into a fresh tensor on every call, and the page faults made ResNet-50's 8-way tiles
-    time 20-40 % slower than the worker runs them)."""
+    time 20-40 % slower than the worker runs them). The least of CALIBRATION_ROUNDS runs,
+    taken in rounds over all the pieces: a slow spell of this machine (the middle of three
+    runs back to back, kept before, put whole devices 30-70 % over their own alone-time in
+    another row of the same plan) must last the whole calibration to bias it."""
     warm_up(self)
-    for piece in self.pieces:
-        inputs = [aligned_zeros(self.plan.tensors[t].shape, self.plan.tensors[t].dtype)
-                  for t in piece.inputs]
-        times = []
-        for _ in range(3):
+    inputs = {piece.name: [aligned_zeros(self.plan.tensors[t].shape,
+                                         self.plan.tensors[t].dtype) for t in piece.inputs]
+              for piece in self.pieces}
+    for _ in range(CALIBRATION_ROUNDS):
+        for piece in self.pieces:
             c0 = time.thread_time()
-            run(self.artifact, piece, inputs)
-            times.append(time.thread_time() - c0)
-        CALIBRATED[piece.name] = sorted(times)[1]
+            run(self.artifact, piece, inputs[piece.name])
+            took = time.thread_time() - c0
+            CALIBRATED[piece.name] = min(CALIBRATED.get(piece.name, took), took)
 
 
 MARK = {"cpu": None, "delay": 0.0, "waits": 0.0, "owed": 0.0}
@@ -339,7 +344,9 @@ def dilated(self, piece, inputs):
     out = run(self, piece, inputs)
     cpu = time.thread_time() - c0
     name = piece if isinstance(piece, str) else piece.name
-    alone = CALIBRATED.get(name, cpu)
+    # alone, a piece takes at most the least it ever took: a run beside the other devices
+    # under its calibration says the calibration was disturbed
+    alone = CALIBRATED[name] = min(CALIBRATED.get(name, cpu), cpu)
     EMU["calibrated_s"] += alone
     due = w0 + F * alone
     late = time.perf_counter() - due
