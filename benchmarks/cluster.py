@@ -576,28 +576,27 @@ class Workers:
                 p.kill()
 
 
+def used(times) -> float:
+    """A process's CPU seconds from its ``cpu_times()``."""
+    return times.user + times.system
+
+
 def children_cpu(pid: int) -> float:
     """The CPU seconds so far of a process's children (a worker's: its memory guard)."""
-    total = 0.0
     try:
-        for child in psutil.Process(pid).children():
-            times = child.cpu_times()
-            total += times.user + times.system
+        return sum(used(child.cpu_times()) for child in psutil.Process(pid).children())
     except psutil.Error:  # (gone: its exit is reported by the session)
-        pass
-    return total
+        return 0.0
 
 
-def cpu_split(procs, since: dict | None = None) -> dict:
+def cpu_split(procs, guards: float, since: dict | None = None) -> dict:
     """Who used the machine's CPU: the emulated devices' processes, their memory guards' helper
     processes, this process (the client),
     the kernel's interrupt handling (the links' packets, shaped and bridged), the time the
     hypervisor gave this VM's cores to others (steal) and everything else; as the CPU seconds
     so far, or with ``since`` (an earlier call's), as each one's percent of all cores over the
-    time between (the kernel counts in ticks of 10 ms: a row's five requests span 1-3 s)."""
-    def used(times) -> float:
-        return times.user + times.system
-
+    time between (the kernel counts in ticks of 10 ms: a row's five requests span 1-3 s).
+    ``guards``: the guards' CPU seconds so far (:meth:`Workers.guard_cpu`, summed)."""
     devices = 0.0
     for p in procs:
         try:
@@ -606,7 +605,7 @@ def cpu_split(procs, since: dict | None = None) -> dict:
             pass
     machine = psutil.cpu_times()
     now = {"wall": time.perf_counter(), "devices": devices,
-           "guards": sum(children_cpu(p.pid) for p in procs),
+           "guards": guards,
            "client": used(psutil.Process().cpu_times()),
            "interrupts": machine.irq + machine.softirq,
            "steal": getattr(machine, "steal", 0.0),
@@ -636,7 +635,8 @@ def measure(out: Path, x, reference, nets, port0: int, repeats: int, inflight: i
                       for a, b in zip(y, reference, strict=True))
             before = session.worker_stats()
             psutil.cpu_percent()
-            cpu0, guards0 = cpu_split(workers.procs), workers.guard_cpu()
+            guards0 = workers.guard_cpu()
+            cpu0 = cpu_split(workers.procs, sum(guards0.values()))
             times = []
             for _ in range(repeats):
                 t = time.perf_counter()
@@ -644,8 +644,9 @@ def measure(out: Path, x, reference, nets, port0: int, repeats: int, inflight: i
                 session.infer(*x)
                 times.append(time.perf_counter() - t)
             load = psutil.cpu_percent()
-            split = cpu_split(workers.procs, since=cpu0)
-            guards = {d: (t - guards0[d]) / repeats for d, t in workers.guard_cpu().items()}
+            guards1 = workers.guard_cpu()
+            split = cpu_split(workers.procs, sum(guards1.values()), since=cpu0)
+            guards = {d: (t - guards0[d]) / repeats for d, t in guards1.items()}
             after = session.worker_stats()
             if trace is not None:  # the measured timeline of the last requests
                 session.timeline().write(trace, f"{out.name}, measured")
