@@ -44,7 +44,7 @@ In a helper process of its own (:class:`Watch`, ``python -m splitc.runtime.guard
 finds the worker's connections in ``/proc/PID/fd`` (listed only when the kernel's counts
 say one may have come: :class:`Accepts`), takes duplicates of them with ``pidfd_getfd(2)``
 (Linux 5.6; the worker allows it with ``PR_SET_PTRACER`` where Yama asks) and reads the
-worker's credits from a pipe. A thread in the worker would need the
+worker's credits from a pipe at each look. A thread in the worker would need the
 interpreter lock, which the serving thread holds while it waits for the CPU when it runs at
 idle priority (the default, ``--compute-priority``): under a flood, the libzmq thread that
 reads the flood at normal priority keeps it waiting, and a thread's account with it. The
@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import fcntl
 import json
 import logging
 import os
@@ -115,8 +116,12 @@ CONTROL_CAP_ANONYMOUS = 64 << 10
 #: ZMTP frame overhead: flags and a 1-byte size up to 255 bytes, an 8-byte size above; a
 #: CurveZMQ MESSAGE command adds its name, nonce, MAC and flags (33 bytes) to every frame.
 CURVE_OVERHEAD = 33
-#: A credit on the pipe from the worker to the helper: socket inode, bytes, role index.
+#: A credit on the pipe from the worker to the helper: socket inode, bytes, role index. The
+#: helper reads them at its looks (every TICK_S at most), so the pipe is made CREDIT_PIPE bytes
+#: (58,000 credits; Linux's default of 64 KiB holds 3,600): a worker that cannot write one
+#: drops it, and the connection looks fuller than it is until the next look.
 CREDIT = struct.Struct("=QQH")
+CREDIT_PIPE = 1 << 20
 _ESTABLISHED, _LISTEN = 1, 10  # tcp_info.tcpi_state
 _UNACKED = 24  # offset of tcpi_unacked (u32): a listening socket's accept queue
 _FIONREAD = 0x541B
@@ -625,6 +630,7 @@ class Watch:
     def __init__(self, pid: int, port: int, config: Config, credits: int, report: int):
         self.pid, self.port, self.account = pid, port, Account(config)
         self.credits, self.report = credits, report
+        os.set_blocking(credits, False)
         self.pidfd = os.pidfd_open(pid)
         self.names = config.names
         self.dups: dict[int, int] = {}       # inode -> our duplicate
@@ -658,15 +664,17 @@ class Watch:
     def run(self) -> None:
         busy = False
         while True:
-            ready, _, _ = select.select([self.credits], [], [],
-                                        TICK_BUSY_S if busy else TICK_S)
+            # (credits wait in the pipe for the next look: waking on each cost a turn per
+            # message the worker took in. The look reads them after the kernel's counts, so
+            # every credit for bytes counted is in; the pipe holds CREDIT_PIPE of them.)
+            time.sleep(TICK_BUSY_S if busy else TICK_S)
             now = time.monotonic()
             if now - self.scanned >= SCAN_S:
                 self.scanned = now
                 if not (self.accepts.quiet(now) and self._kept()) and not self._scan(now):
                     return  # the worker is gone
             readings = {k: _LIBC.read_bytes(fd) for k, fd in self.dups.items()}
-            if ready and not self._read_credits():
+            if not self._read_credits():
                 return  # the worker closed the pipe
             if now - self.rss_at >= TICK_BUSY_S:  # (not on every credit)
                 self.rss_now, self.rss_at = self._rss(), now
@@ -778,7 +786,7 @@ class Watch:
 
     def _read_credits(self) -> bool:
         try:
-            data = os.read(self.credits, 1 << 16)
+            data = os.read(self.credits, CREDIT_PIPE)
         except BlockingIOError:
             return True
         if not data:
@@ -1092,6 +1100,10 @@ def _helper(port: int, config: Config) -> Helper | str:
     except OSError as e:
         return str(e)
     _LIBC.lib.prctl(_PR_SET_PTRACER, proc.pid, 0, 0, 0)  # (where Yama asks for it)
+    try:
+        fcntl.fcntl(proc.stdin.fileno(), fcntl.F_SETPIPE_SZ, CREDIT_PIPE)
+    except OSError as e:  # (over /proc/sys/fs/pipe-max-size, or the user's pipe pages)
+        log.info("memory guard: the credit pipe stays at its default size: %s", e)
     try:
         proc.stdin.write(b"\n")  # (go: it may look at this process now)
         proc.stdin.flush()

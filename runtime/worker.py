@@ -911,7 +911,7 @@ class Worker:
         memory = {**self.memory, "rss": guard.rss(), "guard": g.get("where", ""),
                   "unread": g.get("unread", {}), "peak_held": g.get("peak_held", 0),
                   "closed": {k: g.get(k, 0) for k in ("over_budget", "over_cap", "over_rss")},
-                  "last": g.get("last", []),
+                  "last": g.get("last", []), "credits_dropped": g.get("credits_dropped", 0),
                   "budgets": {**self.budget.roles, "anonymous": self.budget.anonymous}}
         return {"device": self.device,
                 "recv": {k: {"tensors": v[0], "bytes": v[1], "messages": v[2]}

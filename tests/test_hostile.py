@@ -349,6 +349,28 @@ def test_the_helper_lists_the_workers_descriptors_only_when_a_connection_may_hav
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
+def test_a_helper_that_falls_behind_by_four_thousand_messages_loses_no_credit(cluster):
+    """The helper reads the worker's credits at its looks (a wake-up for each cost a look per
+    message), so the pipe is made CREDIT_PIPE bytes: Linux's default 64 KiB holds 3,600
+    credits, and a credit the worker cannot write makes its connection look fuller than it is
+    (a reset, once past the budget)."""
+    board = cluster.boards["dev1"]
+    helper = next(p for p in psutil.Process(board.proc.pid).children()
+                  if "splitc.runtime.guard" in " ".join(p.cmdline()))
+    before = memory(cluster, "dev1")
+    helper.suspend()
+    try:
+        n = sum(1 for _ in cluster.session.infer_many([cluster.x] * 4000, inflight=8))
+    finally:
+        helper.resume()
+    time.sleep(0.1)
+    after = memory(cluster, "dev1")
+    assert n == 4000
+    assert after.get("credits_dropped") == 0, after
+    assert after["closed"] == before["closed"], after
+    assert cluster.exact()
+
+
 def test_forty_connections_of_sixty_four_messages_do_not_grow_the_worker(cluster):
     """The default worker (pieces at idle priority) on a board that runs nothing else. Where
     other busy processes share the board, its serving thread gets no CPU to free what the
