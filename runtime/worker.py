@@ -409,8 +409,8 @@ class Worker:
                 return  # (cheaper than waiting for zmq.Again)
             c0 = time.thread_time()
             try:
-                msg = wire.recv(self.router, route=True, specs=self.specs,
-                                alloc=self.pool.take, flags=zmq.NOBLOCK)
+                msg = wire.recv(self.router, route=True, keys=self.curve is not None,
+                                specs=self.specs, alloc=self.pool.take, flags=zmq.NOBLOCK)
             except zmq.Again:
                 return
             except wire.WireError as e:
