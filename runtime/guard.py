@@ -770,11 +770,12 @@ class Watch:
         dup = _LIBC.getfd(self.pidfd, fd)
         if dup < 0:
             return
-        if os.fstat(dup).st_ino == inode and _listening_on(dup, self.port):
+        same = os.fstat(dup).st_ino == inode  # (not a number the worker reused meanwhile)
+        if same and _listening_on(dup, self.port):
             self.accepts.listeners[inode] = dup  # (its accept queue: Accepts)
             return
         peer = _peer_of(dup)
-        if peer is None or peer[1] != self.port or os.fstat(dup).st_ino != inode:
+        if peer is None or peer[1] != self.port or not same:
             os.close(dup)
             return
         self.dups[inode] = dup
