@@ -371,6 +371,28 @@ def test_a_helper_that_falls_behind_by_four_thousand_messages_loses_no_credit(cl
     assert cluster.exact()
 
 
+def test_the_account_looks_every_2_ms_at_strangers_and_at_peers_over_half_their_budget():
+    """A known peer's messages waiting while the worker computes are not a flood: looked at
+    every TICK_S, not TICK_BUSY_S (every 2 ms through every piece, the helpers took 16 % of
+    two cores beside ResNet-50's eight time-dilated devices)."""
+    config = guard.Config(roles={"client": 1000, "dev1": 1000}, anonymous=500, curve=False,
+                          max_connections=64, max_anonymous=16)
+    account = guard.Account(config)
+    client = account.conns[1] = guard._Conn(1, "10.0.0.2", 0.0, role="client")
+    peer = account.conns[2] = guard._Conn(2, "10.0.0.3", 0.0, role="dev1")
+    client.held, peer.held = 300, 500
+    assert not account.busy()  # (each within half its role's budget)
+    peer.held = 501
+    assert account.busy()
+    peer.held = 0
+    stranger = account.conns[3] = guard._Conn(3, "10.0.0.4", 0.0)
+    assert not account.busy()
+    stranger.held = 1
+    assert account.busy()
+    stranger.held, client.closing = 0, True  # (being reset: watched closely until it goes)
+    assert account.busy()
+
+
 def test_forty_connections_of_sixty_four_messages_do_not_grow_the_worker(cluster):
     """The default worker (pieces at idle priority) on a board that runs nothing else. Where
     other busy processes share the board, its serving thread gets no CPU to free what the
