@@ -532,8 +532,9 @@ def _reset(fd: int) -> None:
             pass
 
 
-def _peer_of(fd: int) -> tuple[str, int] | None:
-    """(peer, local port) of socket ``fd`` (None: not a connected TCP socket)."""
+def _names(fd: int) -> tuple[str | None, int] | None:
+    """(peer, local port) of TCP socket ``fd``; the peer is None for a socket not connected
+    (a listening one). None: not a TCP socket."""
     try:
         sock = socket.socket(fileno=os.dup(fd))
     except OSError:
@@ -542,27 +543,14 @@ def _peer_of(fd: int) -> tuple[str, int] | None:
         if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET,
                                                                   socket.AF_INET6):
             return None
-        host, port = sock.getpeername()[:2]
-        return f"{host}:{port}", sock.getsockname()[1]
+        local = sock.getsockname()[1]
+        try:
+            host, port = sock.getpeername()[:2]
+        except OSError:
+            return None, local
+        return f"{host}:{port}", local
     except OSError:
         return None
-    finally:
-        sock.close()
-
-
-def _listening_on(fd: int, port: int) -> bool:
-    """Whether socket ``fd`` is a TCP socket listening on ``port``."""
-    info = _LIBC.tcp_info(fd)
-    if info is None or info[0] != _LISTEN:
-        return False
-    try:
-        sock = socket.socket(fileno=os.dup(fd))
-    except OSError:
-        return False
-    try:
-        return sock.getsockname()[1] == port
-    except OSError:
-        return False
     finally:
         sock.close()
 
@@ -624,7 +612,7 @@ class Accepts:
         queued = 0
         for fd in self.listeners.values():
             info = _LIBC.tcp_info(fd)
-            if info is None or len(info) < 28:
+            if info is None or len(info) < _UNACKED + 4:
                 return None
             queued += struct.unpack_from("I", info, _UNACKED)[0]
         return queued
@@ -783,16 +771,21 @@ class Watch:
         dup = _LIBC.getfd(self.pidfd, fd)
         if dup < 0:
             return
-        same = os.fstat(dup).st_ino == inode  # (not a number the worker reused meanwhile)
-        if same and _listening_on(dup, self.port):
-            self.accepts.listeners[inode] = dup  # (its accept queue: Accepts)
-            return
-        peer = _peer_of(dup)
-        if peer is None or peer[1] != self.port or not same:
+        names = _names(dup)
+        # (the inode: not a number the worker reused meanwhile)
+        if names is None or names[1] != self.port or os.fstat(dup).st_ino != inode:
             os.close(dup)
             return
+        peer = names[0]
+        if peer is None:
+            info = _LIBC.tcp_info(dup)
+            if info is not None and info[0] == _LISTEN:
+                self.accepts.listeners[inode] = dup  # (its accept queue: Accepts)
+            else:
+                os.close(dup)
+            return
         self.dups[inode] = dup
-        for c, why in self.account.opened(inode, peer[0], now):
+        for c, why in self.account.opened(inode, peer, now):
             self._reset(c, why)
         for nbytes, name, at in self.early.pop(inode, ()):
             if now - at < 10:
@@ -1057,11 +1050,11 @@ class Thread(Guard):
                 return
             fd = event["value"]
             if event["event"] == zmq.EVENT_ACCEPTED:
-                inode, peer = _inode(fd), _peer_of(fd)
+                inode, names = _inode(fd), _names(fd)
                 if inode is None:
                     continue
                 self._fds[inode] = fd
-                for c, why in self.account_.opened(inode, peer[0] if peer else "?",
+                for c, why in self.account_.opened(inode, (names and names[0]) or "?",
                                                    time.monotonic()):
                     self._reset(c, why)
             else:  # disconnected or closed
