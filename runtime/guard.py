@@ -399,21 +399,35 @@ class Account:
         self.conns: dict[int, _Conn] = {}
         self.status = Status()
         self._log = LogLimit(log)
+        self._opened = False
 
-    def opened(self, key: int, peer: str, now: float) -> list[tuple[_Conn, str]]:
-        c = self.conns[key] = _Conn(key, peer, now)
-        open_ = [x for x in self.conns.values() if not x.closing]
-        anonymous = sorted((x for x in open_ if x.role is None), key=lambda x: x.opened)
-        cfg = self.config
-        if len(open_) > cfg.max_connections:
-            self.status.over_cap += 1
-            return [(anonymous[0] if anonymous else c,
-                     f"more than {cfg.max_connections} connections")]
-        if len(anonymous) > cfg.max_anonymous:
-            self.status.over_cap += 1
-            return [(anonymous[0], f"more than {cfg.max_anonymous} connections that have not "
-                                   "shown who they are")]
-        return []
+    def opened(self, key: int, peer: str, now: float) -> None:
+        """A new connection: held to the caps at the next :meth:`check`, after the credits
+        read with it have told who the connections already open are."""
+        self.conns[key] = _Conn(key, peer, now)
+        self._opened = True
+
+    def _crowded(self) -> list[tuple[_Conn, str]]:
+        """The connections to reset to keep within the caps: past ``max_connections``, the
+        oldest that have not shown who they are (else the newest); past ``max_anonymous``,
+        the oldest of those. Judged after the credits (a connection counted before its
+        peer's credits were read looked anonymous: the client's, the oldest, was reset when
+        strangers crowded in before the helper's look)."""
+        cfg, out = self.config, []
+        if not self._opened:  # (only a new connection can pass a cap)
+            return out
+        self._opened = False
+        open_ = sorted((c for c in self.conns.values() if not c.closing), key=lambda c: c.opened)
+        anonymous = [c for c in open_ if c.role is None]
+        for _ in range(len(open_) - cfg.max_connections):
+            c = anonymous.pop(0) if anonymous else open_[-1]
+            open_.remove(c)
+            out.append((c, f"more than {cfg.max_connections} connections"))
+        for c in anonymous[:max(0, len(anonymous) - cfg.max_anonymous)]:
+            out.append((c, f"more than {cfg.max_anonymous} connections that have not shown "
+                           "who they are"))
+        self.status.over_cap += len(out)
+        return out
 
     def closed(self, key: int) -> None:
         self.conns.pop(key, None)
@@ -428,12 +442,14 @@ class Account:
     def check(self, readings: dict[int, int | None], now: float, rss_now: int = 0
               ) -> list[tuple[_Conn, str]]:
         """``readings``: bytes libzmq has read, per connection (read before the credits were
-        taken, so no credit is for bytes not yet counted). Returns what to reset."""
-        cfg, out = self.config, []
+        taken, so no credit is for bytes not yet counted). Returns what to reset: first the
+        connections past the caps, then those over budget."""
+        cfg, out = self.config, self._crowded()
+        going = {c.key for c, _ in out}
         by_role: dict[str, list[_Conn]] = {}
         for key, got in readings.items():
             c = self.conns.get(key)
-            if c is None or c.closing or got is None:
+            if c is None or c.closing or got is None or key in going:
                 continue
             cap = CONTROL_CAP if c.role else CONTROL_CAP_ANONYMOUS
             allowance = HANDSHAKE_ALLOWANCE + min(cap, int((now - c.opened) * CONTROL_RATE))
@@ -455,7 +471,7 @@ class Account:
         self.status.peak_held = max(self.status.peak_held, total)
         if cfg.rss_limit is not None and rss_now > cfg.rss_limit:
             for c in sorted((c for c in self.conns.values() if c.role is None and c.held > 0
-                             and not c.closing and c not in (x for x, _ in out)),
+                             and not c.closing and c not in [x for x, _ in out]),
                             key=lambda c: -c.held):
                 self.status.over_rss += 1
                 out.append((c, f"the worker is above its memory limit ({rss_now >> 20} MiB > "
@@ -785,8 +801,7 @@ class Watch:
                 os.close(dup)
             return
         self.dups[inode] = dup
-        for c, why in self.account.opened(inode, peer, now):
-            self._reset(c, why)
+        self.account.opened(inode, peer, now)
         for nbytes, name, at in self.early.pop(inode, ()):
             if now - at < 10:
                 self.account.credit(inode, nbytes, name)
@@ -828,6 +843,8 @@ def _write(fd: int, data: bytes) -> None:
         os.write(fd, data)
     except BlockingIOError:
         pass  # (the worker reads them when it can; a lost status line is replaced)
+    except BrokenPipeError:
+        pass  # (the worker is gone: the next look finds its credit pipe closed, and ends)
 
 
 class StatusLines:
@@ -1054,9 +1071,7 @@ class Thread(Guard):
                 if inode is None:
                     continue
                 self._fds[inode] = fd
-                for c, why in self.account_.opened(inode, (names and names[0]) or "?",
-                                                   time.monotonic()):
-                    self._reset(c, why)
+                self.account_.opened(inode, (names and names[0]) or "?", time.monotonic())
             else:  # disconnected or closed
                 for inode, known in list(self._fds.items()):
                     if known == fd:

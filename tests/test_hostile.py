@@ -371,6 +371,39 @@ def test_a_helper_that_falls_behind_by_four_thousand_messages_loses_no_credit(cl
     assert cluster.exact()
 
 
+def test_strangers_crowding_in_before_the_helper_looks_do_not_evict_the_client(out, tmp_path):
+    """At the cap of connections that have not shown who they are, the oldest is reset. The
+    client shows who it is by its messages, whose credits wait in the pipe for the helper's
+    next look: that look must read them before it counts the strangers that came meanwhile
+    (counted first, the client still looked anonymous and was the oldest: CI's flood test
+    lost the client's connection when the helper was late)."""
+    c = Cluster(out, tmp_path)
+    try:
+        board = c.boards["dev0"]
+        helper = next(p for p in psutil.Process(board.proc.pid).children()
+                      if "splitc.runtime.guard" in " ".join(p.cmdline()))
+        served = psutil.Process(board.proc.pid)
+        helper.suspend()
+        try:
+            assert close_to(c.session.infer(*c.x), c.want)  # (its credits: in the pipe)
+            before = len(served.net_connections("tcp"))
+            strangers = [c.stranger("dev0") for _ in range(worker.MAX_ANONYMOUS + 4)]
+            for s in strangers:
+                wire.send(s, wire.header(wire.PING, src="stranger"), [], [])
+            deadline = time.monotonic() + 10
+            while len(served.net_connections("tcp")) < before + len(strangers):
+                assert time.monotonic() < deadline, "the worker did not take the strangers"
+                time.sleep(0.01)
+        finally:
+            helper.resume()
+        time.sleep(0.2)
+        assert memory(c, "dev0")["closed"]["over_cap"] >= 4  # (the cap holds: strangers went)
+        assert c.exact()
+        assert not [e for e in c.session.events if "dropped" in e[2]], c.session.events
+    finally:
+        c.close()
+
+
 def test_the_account_looks_every_2_ms_at_strangers_and_at_peers_over_half_their_budget():
     """A known peer's messages waiting while the worker computes are not a flood: looked at
     every TICK_S, not TICK_BUSY_S (every 2 ms through every piece, the helpers took 16 % of
