@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 
+import numpy as np
 import pytest
 
 from splitc import frontend
@@ -192,6 +193,28 @@ def test_rates_fitted_to_whole_model_and_piece_timings():
         r, pw, pb = fit_rates(odd, [100.0 if i == heavy else 1.0 for i in range(len(odd))])
         (f, w, e), t = odd[heavy]
         assert f / r + w * pw + e * pb == pytest.approx(t, rel=0.01)
+
+
+def test_the_whole_model_is_priced_from_its_own_timings_however_many_pieces_beside_it():
+    """The pieces of thin tiles run below the rates that time the whole model; as the tiles
+    grew more (ResNet-50 for 16 devices: 550 pieces beside two whole-model timings), a fixed
+    weight per timing let them outvote the whole model, priced 15 % over its own time."""
+    from splitc.planning.profiler import fit_model_rates
+
+    def whole_model(flops, weights, edge):
+        return flops / 1.2e11 + weights * 2e-11 + edge * 2e-10
+
+    wholes = [((8e9, 1e8, 6e5), whole_model(8e9, 1e8, 6e5)),
+              ((2e9, 1e8, 1.5e5), whole_model(2e9, 1e8, 1.5e5))]
+    rng = np.random.default_rng(0)
+    for n in (10, 80, 600):  # pieces of thin tiles: 30-60 % slower than those rates
+        pieces = []
+        for _ in range(n):
+            x = (rng.uniform(1e6, 5e8), rng.uniform(0, 1e7), rng.uniform(1e4, 1e6))
+            pieces.append((x, whole_model(*x) * rng.uniform(1.3, 1.6)))
+        rate, per_weight, per_byte = fit_model_rates(wholes + pieces, 2)
+        for (f, w, e), t in wholes:
+            assert f / rate + w * per_weight + e * per_byte == pytest.approx(t, rel=0.05), n
 
 
 def search(mod, cluster, **options):
