@@ -3,8 +3,8 @@
 The cost model prices a piece call as ``FLOPs / rate + weight bytes x per_weight_byte +
 boundary bytes x per_byte + call overhead`` (+ FLOPs x tile_seconds_per_flop in a spatial
 split's pieces, + boundary bytes x channel_seconds_per_byte in a channel split's). The three
-rates are fitted (least squares, in relative error) to timings of
-what splits are made of:
+rates are fitted (least squares, in relative error; the whole-model timings weigh as much as
+all the pieces together, :func:`fit_model_rates`) to timings of what splits are made of:
 
 * the whole model compiled as one piece, at its input size and at half the rows and columns
   (a quarter of the FLOPs does not take a quarter of the time: every weight is still read
