@@ -470,8 +470,9 @@ class Account:
                 out.append(self._over(max(conns, key=lambda c: c.held), budget, role))
         self.status.peak_held = max(self.status.peak_held, total)
         if cfg.rss_limit is not None and rss_now > cfg.rss_limit:
+            going = {c.key for c, _ in out}
             for c in sorted((c for c in self.conns.values() if c.role is None and c.held > 0
-                             and not c.closing and c not in [x for x, _ in out]),
+                             and not c.closing and c.key not in going),
                             key=lambda c: -c.held):
                 self.status.over_rss += 1
                 out.append((c, f"the worker is above its memory limit ({rss_now >> 20} MiB > "
