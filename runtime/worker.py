@@ -160,6 +160,8 @@ class _Session:
     pinged: dict[str, float] = field(default_factory=dict)
     requests: dict[int, _Request] = field(default_factory=dict)
     dropped: _Recent = field(default_factory=lambda: _Recent(DROPPED_MEMORY))
+    #: (piece, destination) -> the header of the tensors message it sends there
+    heads: dict[tuple[str, str], wire.TensorsHead] = field(default_factory=dict)
 
 
 @dataclass
@@ -797,17 +799,20 @@ class Worker:
             for dst in self.routes.get(name, ()):
                 by_dst[dst].append((name, a))
         s = self.session
-        extra = {} if deadline is None else {"deadline": deadline}
         for dst, items in by_dst.items():
             names_, arrays_ = [n for n, _ in items], [a for _, a in items]
+            head = s.heads.get((piece, dst))
+            if head is None:  # (the same tensors, every request of the session)
+                head = s.heads[piece, dst] = wire.TensorsHead(self._head(wire.TENSORS),
+                                                              arrays_, names_)
             sent = time.monotonic()  # (before: the I/O thread may deliver it at once)
             try:
                 if dst == wire.CLIENT:
-                    n = wire.send(self.router, self._head(wire.TENSORS, rid=rid), arrays_,
-                                  names_, route=s.client, flags=zmq.NOBLOCK)
+                    n = wire.send(self.router, head.raw(rid), arrays_, route=s.client,
+                                  flags=zmq.NOBLOCK)
                 else:
-                    head = self._head(wire.TENSORS, rid=rid, **extra)
-                    n = wire.send(s.peers[dst], head, arrays_, names_, flags=zmq.NOBLOCK)
+                    n = wire.send(s.peers[dst], head.raw(rid, deadline), arrays_,
+                                  flags=zmq.NOBLOCK)
             except zmq.ZMQError as e:
                 where = "the client" if dst == wire.CLIENT else \
                     f"{dst} at {s.endpoints[dst]}"

@@ -207,6 +207,25 @@ def test_wire_receives_into_the_given_buffer(pair):
     assert msg.arrays[0] is target and np.array_equal(target, x)
 
 
+@pytest.mark.parametrize("deadline", [None, 1234.5678901234, 7, 1e-7, 3.0e15])
+def test_an_encoded_tensors_header_reads_as_the_dict_sent_whole(pair, deadline):
+    a, b = pair
+    x, y = np.arange(6, dtype="float32").reshape(2, 3), np.array([True, False])
+    fixed = wire.header(wire.TENSORS, src="dev1", session="s" * 32, digest="d" * 16)
+    head = wire.TensorsHead(fixed, [x, y], ["x", "y"])
+    for rid in (0, 41, 2**40):
+        wire.send(a, head.raw(rid, deadline), [x, y])
+        got = wire.recv(b, specs={"x": Spec((2, 3), "float32"), "y": Spec((2,), "bool")})
+        extra = {} if deadline is None else {"deadline": deadline}
+        wire.send(a, {**fixed, "rid": rid, **extra}, [x, y], ["x", "y"])
+        whole = wire.recv(b)
+        assert got.head == whole.head and got.rid == rid
+        assert np.array_equal(got.named()["x"], x) and np.array_equal(got.named()["y"], y)
+    with pytest.raises(ValueError, match="request id"):
+        wire.TensorsHead({**fixed, "rid": 1}, [x], ["x"])
+
+
+
 def raw_send(sock, parts):
     sock.send_multipart([p if isinstance(p, bytes) else json.dumps(p).encode() for p in parts])
 
