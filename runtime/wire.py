@@ -266,9 +266,9 @@ class TensorsHead:
     def __init__(self, head: dict, arrays: Sequence[np.ndarray], names: Sequence[str]):
         if "rid" in head or "deadline" in head or head.get("kind") != TENSORS:
             raise ValueError("a tensors header without its request id and deadline")
-        self.fixed = {**head, "tensors": _entries(arrays, names)}
+        fixed = {**head, "tensors": _entries(arrays, names)}
         # (the object's closing brace left off: the request's fields follow)
-        self._prefix = json.dumps(self.fixed, separators=(",", ":"))[:-1].encode()
+        self._prefix = json.dumps(fixed, separators=(",", ":"))[:-1].encode()
 
     def raw(self, rid: int, deadline: float | None = None) -> bytes:
         """The header for request ``rid`` (a deadline in seconds, finite, or none), as

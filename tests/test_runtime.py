@@ -225,7 +225,6 @@ def test_an_encoded_tensors_header_reads_as_the_dict_sent_whole(pair, deadline):
         wire.TensorsHead({**fixed, "rid": 1}, [x], ["x"])
 
 
-
 def raw_send(sock, parts):
     sock.send_multipart([p if isinstance(p, bytes) else json.dumps(p).encode() for p in parts])
 
