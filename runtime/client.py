@@ -246,7 +246,7 @@ class Session:
         producer = {t: p.device for p in plan.pieces for t in p.outputs}
         self._outputs = [e.tensor for e in plan.outputs]
         self._output_device = {t: producer[t] for t in self._outputs if t in producer}
-        self._specs = dict(plan.tensors)
+        self._specs, self._headers = dict(plan.tensors), wire.Headers()
         self._input_specs = [(e, tuple(plan.tensors[e.tensor].shape),
                               np.dtype(plan.tensors[e.tensor].dtype)) for e in plan.inputs]
         self._inputs_of: dict[str, list[str]] = {}  # device -> model input tensors it reads
@@ -771,7 +771,8 @@ class Session:
     def _on_message(self, dev: str, sock: zmq.Socket) -> None:
         while sock.getsockopt(zmq.EVENTS) & wire.POLLIN:
             try:
-                msg = wire.recv(sock, specs=self._specs, flags=zmq.NOBLOCK)
+                msg = wire.recv(sock, specs=self._specs, flags=zmq.NOBLOCK,
+                                headers=self._headers)
             except zmq.Again:
                 return
             except wire.WireError as e:

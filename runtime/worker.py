@@ -116,6 +116,10 @@ MEMORY_MARGIN = 64 << 20
 #: expired requests are looked for this often (s).
 SETUP_PING_S = 0.05
 SWEEP_S = 0.1
+#: Whether the client's connection is still there is asked of the kernel before a message's
+#: pieces run, unless it was there this recently (s): a frozen worker that thaws asks at
+#: once; a busy one asks 20 times a second, not once a message (a system call, ~10 us).
+CLIENT_CHECK_S = 0.05
 
 
 class _Recent:
@@ -162,6 +166,7 @@ class _Session:
     dropped: _Recent = field(default_factory=lambda: _Recent(DROPPED_MEMORY))
     #: (piece, destination) -> the header of the tensors message it sends there
     heads: dict[tuple[str, str], wire.TensorsHead] = field(default_factory=dict)
+    client_seen: float = float("-inf")  # when its connection was last found established
 
 
 @dataclass
@@ -299,9 +304,9 @@ class Worker:
 
     def _use(self, served: _Served) -> None:
         """Serve ``served``'s plan from now on (a setup named it by its digest). The receive
-        buffers kept for the previous plan's tensors are let go."""
+        buffers kept for the previous plan's tensors, and the headers read, are let go."""
         if getattr(self, "current", None) is not served:
-            self.pool = wire.BufferPool()
+            self.pool, self.headers = wire.BufferPool(), wire.Headers()
         self.current = served
         self.artifact, self.plan, self.digest = served.artifact, served.plan, served.digest
         self.pieces, self.expect, self.routes, self.specs = (served.pieces, served.expect,
@@ -412,7 +417,8 @@ class Worker:
             c0 = time.thread_time()
             try:
                 msg = wire.recv(self.router, route=True, keys=self.curve is not None,
-                                specs=self.specs, alloc=self.pool.take, flags=zmq.NOBLOCK)
+                                specs=self.specs, alloc=self.pool.take, flags=zmq.NOBLOCK,
+                                headers=self.headers)
             except zmq.Again:
                 return
             except wire.WireError as e:
@@ -748,12 +754,15 @@ class Worker:
                 self._forget(rid)
                 return
             if not checked:  # (once per message, not per piece: it is a system call)
-                checked = True
-                if not guard.established(self.session.client_fd):
-                    # the client's connection is gone (a frozen worker thawed: the client
-                    # failed these requests long ago): nobody will take the answers
-                    self._orphan()
-                    return
+                checked, s = True, self.session
+                now = time.monotonic()
+                if now - s.client_seen > CLIENT_CHECK_S:
+                    if not guard.established(s.client_fd):
+                        # the client's connection is gone (a frozen worker thawed: the client
+                        # failed these requests long ago): nobody will take the answers
+                        self._orphan()
+                        return
+                    s.client_seen = now
             t0, m0, c0 = time.perf_counter(), time.monotonic(), time.thread_time()
             try:
                 outs = self.artifact.run(piece, [req.have[t] for t in piece.inputs])

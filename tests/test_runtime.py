@@ -225,6 +225,50 @@ def test_an_encoded_tensors_header_reads_as_the_dict_sent_whole(pair, deadline):
         wire.TensorsHead({**fixed, "rid": 1}, [x], ["x"])
 
 
+def _read_whole(raw, specs):
+    """What reading ``raw`` in full gives: (header, entries), or the error's text."""
+    try:
+        head = wire.parse_header(raw)
+        return head, list(wire.tensor_entries(head, specs))
+    except wire.WireError as e:
+        return str(e)
+
+
+def test_a_header_read_again_from_its_known_prefix_is_what_reading_it_whole_gives():
+    x = np.zeros((2, 3), "float32")
+    specs = {"x": Spec((2, 3), "float32")}
+    fixed = wire.header(wire.TENSORS, src="dev1", session="s" * 32, digest="d" * 16)
+    prefix = wire.TensorsHead(fixed, [x], ["x"]).raw(0)[:-len(b',"rid":0}')]
+    raws = [wire.TensorsHead(fixed, [x], ["x"]).raw(rid, deadline)
+            for rid in (0, 41, 2**40, 10**19) for deadline in
+            (None, 1234.5678901234, 7, 1e-7, 3.0e15, -2.5, 1e308)]
+    raws += [prefix + tail for tail in (
+        b',"rid":5,"deadline":1e999}',     # not finite: refused
+        b',"rid":5,"deadline":12}',         # an integer stays one
+        b',"rid":-1}', b',"rid":01}', b',"rid":1.5}', b',"rid":true}',
+        b',"rid":1,"deadline":"soon"}', b',"rid":1,"deadline":NaN}',
+        b',"rid":1,"kind":"ping"}',         # a field after the request's: read whole
+        b',"rid":1} ', b',"rid":1}}')]
+    # the bytes before the request's fields carry a request id of their own: never known
+    twice = json.dumps({**fixed, "rid": 3, "tensors": [
+        {"name": "x", "dtype": "float32", "shape": [2, 3]}]}, separators=(",", ":"))
+    raws += [twice[:-1].encode() + b',"rid":5}'] * 2
+    headers = wire.Headers()
+    for raw in raws * 2:  # the second time from what the first taught it
+        want = _read_whole(raw, specs)
+        try:
+            head, entries = headers.read(raw, specs)
+            got = head, list(entries)
+        except wire.WireError as e:
+            got = str(e)
+        assert got == want, raw
+        assert not isinstance(got, tuple) or type(got[0].get("deadline")) is \
+            type(want[0].get("deadline"))
+    # other specs: the entries are checked again
+    with pytest.raises(wire.WireError, match="plan says"):
+        headers.read(raws[1], {"x": Spec((3, 2), "float32")})
+
+
 def raw_send(sock, parts):
     sock.send_multipart([p if isinstance(p, bytes) else json.dumps(p).encode() for p in parts])
 
