@@ -281,10 +281,11 @@ class TensorsHead:
 
 
 #: The request's own fields at the end of a header as :meth:`TensorsHead.raw` writes them: an
-#: id (a JSON integer) and maybe a deadline (a JSON number).
+#: id (a JSON integer) and maybe a deadline (a JSON number; of a float's length at most, a
+#: longer one is read in full, as ``json.loads`` reads it)
 _REQUEST_FIELDS = re.compile(rb',"rid":(0|[1-9][0-9]{0,17})'
-                             rb'(?:,"deadline":(-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?))?'
-                             rb'}\Z')
+                             rb'(?:,"deadline":(-?(?:0|[1-9][0-9]{0,29})(?:\.[0-9]{1,30})?'
+                             rb'(?:[eE][-+]?[0-9]{1,4})?))?}\Z')
 
 
 class Headers:
