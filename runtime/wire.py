@@ -257,6 +257,11 @@ def _entries(arrays: Sequence[np.ndarray], names: Sequence[str]) -> list[dict]:
             for n, a in zip(names, arrays, strict=True)]
 
 
+#: How a tensors header written once (:class:`TensorsHead`) ends: these fields, then ``}``;
+#: :class:`Headers` reads them back off the end.
+_RID, _DEADLINE = b',"rid":', b',"deadline":'
+
+
 class TensorsHead:
     """The header of the ``tensors`` messages that carry the same tensors to the same peer
     under one session (a piece's outputs to one device: their names, dtypes and shapes are
@@ -275,16 +280,15 @@ class TensorsHead:
         """The header for request ``rid`` (a deadline in seconds, finite, or none), as
         ``json.dumps`` would write it (a float's JSON is its repr)."""
         if deadline is None:
-            return b"%s,\"rid\":%d}" % (self._prefix, rid)
-        return b"%s,\"rid\":%d,\"deadline\":%s}" % (self._prefix, rid,
-                                                        repr(deadline).encode())
+            return b"%s%s%d}" % (self._prefix, _RID, rid)
+        return b"%s%s%d%s%s}" % (self._prefix, _RID, rid, _DEADLINE, repr(deadline).encode())
 
 
 #: The request's own fields at the end of a header as :meth:`TensorsHead.raw` writes them: an
 #: id (a JSON integer) and maybe a deadline (a JSON number; of a float's length at most, a
 #: longer one is read in full, as ``json.loads`` reads it)
-_REQUEST_FIELDS = re.compile(rb',"rid":(0|[1-9][0-9]{0,17})'
-                             rb'(?:,"deadline":(-?(?:0|[1-9][0-9]{0,29})(?:\.[0-9]{1,30})?'
+_REQUEST_FIELDS = re.compile(re.escape(_RID) + rb'(0|[1-9][0-9]{0,17})(?:' + re.escape(_DEADLINE)
+                             + rb'(-?(?:0|[1-9][0-9]{0,29})(?:\.[0-9]{1,30})?'
                              rb'(?:[eE][-+]?[0-9]{1,4})?))?}\Z')
 
 
@@ -313,7 +317,7 @@ class Headers:
         if specs is not self._specs:  # (entries are checked against these specs)
             self._known.clear()
             self._bytes, self._specs = 0, specs
-        cut = raw.rfind(b',"rid":')
+        cut = raw.rfind(_RID)
         tail = _REQUEST_FIELDS.match(raw, cut) if cut > 0 and len(raw) <= MAX_HEADER else None
         known = self._known.get(raw[:cut]) if tail else None
         if known is not None:
